@@ -1,0 +1,8 @@
+"""gputally agent: samples the GPUs of one node and streams the readings to the collector."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("gputally")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+source"

@@ -1,0 +1,7 @@
+"""`python -m gputally.agent` runs the `gputally` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,185 @@
+"""``gputally demo``: a collector process plus a simulated cluster, watched live.
+
+The figures on screen are read from the collector's ``/metrics`` over HTTP, exactly what a
+Prometheus server would scrape, so the demo shows the product as deployed, not internals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from .scenario import Scenario
+from .simulate import run_fleet
+
+MEASURES = ("busy", "sm_active", "allocated")
+_LABELS = {
+    "busy": "busy (NVML utilization.gpu)",
+    "sm_active": "SM active (real work)",
+    "allocated": "allocated (process on GPU)",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _gputally_command() -> list[str]:
+    # The console script installed next to this interpreter; else the module form.
+    script = Path(sys.executable).with_name("gputally")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("gputally")
+    return [found] if found else [sys.executable, "-m", "gputally.agent"]
+
+
+def scrape(url: str, timeout: float = 2.0) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Metric name -> {sorted label pairs -> value}."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text = response.read().decode()
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name][tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def _get(metrics: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, **labels: str) -> float:
+    return metrics.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+
+def _bar(ratio: float, width: int = 30) -> str:
+    filled = round(max(0.0, min(ratio, 1.0)) * width)
+    return "#" * filled + "." * (width - filled)
+
+
+def render(metrics: dict[str, dict[tuple[tuple[str, str], ...], float]], url: str, elapsed: float, scenario: Scenario) -> str:
+    expected = int(_get(metrics, "gputally_cluster_gpus", state="expected"))
+    reporting = int(_get(metrics, "gputally_cluster_gpus", state="reporting"))
+    lost = int(_get(metrics, "gputally_cluster_gpus", state="lost"))
+    window = _get(metrics, "gputally_cluster_window_seconds")
+    lines = [
+        f"gputally demo - {scenario.name}: {scenario.nodes} nodes x {scenario.gpus_per_node} {scenario.gpu_model}   t={elapsed:5.0f}s",
+        f"metrics: {url}",
+        "",
+        f"GPUs: expected {expected}  reporting {reporting}  lost {lost}   "
+        f"coverage {_get(metrics, 'gputally_cluster_coverage_ratio'):6.1%}   window {window:.0f}s",
+        "",
+        "cluster utilization (denominator: the expected GPUs)",
+    ]
+    for measure in MEASURES:
+        ratio = _get(metrics, "gputally_cluster_utilization_ratio", measure=measure)
+        lines.append(f"  {_LABELS[measure]:<28} {ratio:6.1%}  [{_bar(ratio)}]")
+    power = _get(metrics, "gputally_cluster_power_watts")
+    energy = _get(metrics, "gputally_cluster_energy_joules_total")
+    lines += ["", f"power now {power / 1000:7.2f} kW    energy so far {energy / 3.6e6:8.4f} kWh", "", "  node          up   busy  SM act  alloc"]
+    nodes = sorted({dict(k)["node"] for k in metrics.get("gputally_node_up", {})})
+    for node in nodes[:16]:
+        up = "yes" if _get(metrics, "gputally_node_up", node=node) else "NO "
+        figures = [_get(metrics, "gputally_node_utilization_ratio", node=node, measure=m) for m in MEASURES]
+        lines.append(f"  {node:<12} {up}  {figures[0]:5.1%}  {figures[1]:5.1%}  {figures[2]:5.1%}")
+    if len(nodes) > 16:
+        lines.append(f"  ... and {len(nodes) - 16} more nodes")
+    if elapsed < window + 3:
+        lines.append(f"\n(the live window is still filling: figures rise for the first {window:.0f}s)")
+    return "\n".join(lines)
+
+
+def run_demo(scenario: Scenario, args: argparse.Namespace) -> int:
+    grpc_port = args.grpc_port or _free_port()
+    metrics_port = args.metrics_port or _free_port()
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    expected = args.expected_gpus or scenario.total_gpus
+    command = [
+        *_gputally_command(),
+        "collector",
+        f"--grpc-listen=127.0.0.1:{grpc_port}",
+        f"--metrics-listen=127.0.0.1:{metrics_port}",
+        f"--expected-gpus={expected}",
+        f"--window={args.window}",
+        "--lag=2",
+    ]
+    collector = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        if not _wait_ready(f"http://127.0.0.1:{metrics_port}/readyz", collector, 15.0):
+            err = collector.stderr.read() if collector.stderr and collector.poll() is not None else ""
+            print(f"gputally demo: the collector did not start: {err.strip()}", file=sys.stderr)
+            return 1
+        interactive = sys.stdout.isatty() and not args.plain
+        return asyncio.run(_watch(scenario, args, f"127.0.0.1:{grpc_port}", url, interactive))
+    finally:
+        collector.send_signal(signal.SIGTERM)
+        try:
+            collector.wait(10)
+        except subprocess.TimeoutExpired:
+            collector.kill()
+
+
+def _wait_ready(url: str, process: subprocess.Popen[str], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(urllib.error.URLError, OSError):
+            with urllib.request.urlopen(url, timeout=1.0) as response:
+                if response.status == 200:
+                    return True
+        time.sleep(0.1)
+    return False
+
+
+async def _watch(scenario: Scenario, args: argparse.Namespace, target: str, url: str, interactive: bool) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    fleet = asyncio.ensure_future(run_fleet(scenario, target, duration=args.duration, stop=stop))
+    started = time.monotonic()
+    screen = ""
+    if not interactive:
+        print(f"gputally demo: collector metrics at {url}; simulating {scenario.total_gpus} GPUs", flush=True)
+    while not fleet.done():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(fleet), 1.0)
+        if fleet.done():
+            break  # keep the last screen taken while the cluster was running
+        try:
+            metrics = await asyncio.to_thread(scrape, url)
+        except (urllib.error.URLError, OSError) as error:
+            print(f"gputally demo: scrape failed: {error}", file=sys.stderr)
+            continue
+        screen = render(metrics, url, time.monotonic() - started, scenario)
+        if interactive:
+            sys.stdout.write("\x1b[H\x1b[2J" + screen + "\n\n(Ctrl-C to stop)\n")
+            sys.stdout.flush()
+        else:
+            busy = _get(metrics, "gputally_cluster_utilization_ratio", measure="busy")
+            sm = _get(metrics, "gputally_cluster_utilization_ratio", measure="sm_active")
+            alloc = _get(metrics, "gputally_cluster_utilization_ratio", measure="allocated")
+            reporting = int(_get(metrics, "gputally_cluster_gpus", state="reporting"))
+            print(f"t={time.monotonic() - started:5.1f}s reporting={reporting} busy={busy:.3f} sm_active={sm:.3f} allocated={alloc:.3f}", flush=True)
+    stats = fleet.result()
+    if not interactive and screen:
+        print("\n" + screen)
+    print(
+        f"\nsimulated {stats.nodes} nodes: {stats.reports} reports sent, {stats.acked} acknowledged, {stats.dropped} dropped."
+        f"\nThe busy figure counts any kernel running; SM active is the real work. Point Prometheus at {url} "
+        "to keep these figures.",
+        flush=True,
+    )
+    return 0
+

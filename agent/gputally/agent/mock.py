@@ -1,0 +1,327 @@
+"""A fake of the ``pynvml`` functions the NVML backend calls, driven by a scenario and a clock.
+
+``MockNVML`` plays one node of a :class:`~gputally.agent.scenario.Scenario`. It returns the
+same shapes as ``pynvml`` (objects with the same attribute names, bytes where NVML structs hold
+char arrays, integer percentages) and raises the real ``pynvml.NVMLError`` subclasses, so
+that :class:`~gputally.agent.nvml.NvmlBackend` runs unchanged against it. It is a first-class
+backend: ``gputally agent --backend mock`` and ``gputally simulate`` use it on machines with no
+GPU at all.
+
+Time-averaged readings are exact: ``utilization.gpu`` is the mean busy fraction over the last
+second (NVML's own sampling period is 1/6 s to 1 s depending on the product), GPM metrics are
+the mean between the two GPM samples, and the energy counter is the exact integral of power.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import pynvml
+
+from .nvml import gpm_sample_address
+from .scenario import Load, Scenario
+
+Clock = Callable[[], float]
+
+# NVML's own averaging period for utilization.gpu, as the mock models it.
+UTILIZATION_PERIOD_S = 1.0
+# Typical PCI buses of an 8-GPU HGX board, for realistic bus ids.
+_PCI_BUSES = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)
+_UUID_NAMESPACE = uuid.UUID("6b1f7f2e-4d1c-4f55-9a3e-2f6c9d6a1c00")
+_GPM_FIELDS = {
+    pynvml.NVML_GPM_METRIC_SM_UTIL: "sm_active",
+    pynvml.NVML_GPM_METRIC_SM_OCCUPANCY: "sm_occupancy",
+    pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: "tensor_active",
+    pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: "dram_active",
+}
+
+
+class ManualClock:
+    """A clock that only moves when told to: for tests and virtual-time simulation."""
+
+    def __init__(self, start: float = 1_750_000_000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass(frozen=True, slots=True)
+class MockHandle:
+    """Opaque device handle, as NVML's is to its callers."""
+
+    node: int
+    index: int
+
+
+def _raise(code: int) -> None:
+    raise pynvml.NVMLError(code)
+
+
+class MockNVML:
+    """One node's NVML, as a scenario describes it. Implements ``NvmlLibrary``."""
+
+    driver_version = "580.95.05"
+    nvml_version = "13.580.95.05"
+
+    def __init__(self, scenario: Scenario, node: int, clock: Clock, *, start: float | None = None):
+        if not 0 <= node < scenario.nodes:
+            raise ValueError(f"node {node} is not in the scenario (0..{scenario.nodes - 1})")
+        self.scenario = scenario
+        self.node = node
+        self.clock = clock
+        self.start = clock() if start is None else start  # scenario time 0
+        self.profile = scenario.profile
+        self.initialised = False
+        self.calls = 0  # every call made, for tests of the backend's call discipline
+        count = scenario.gpus_per_node
+        self._energy_mj = [self._energy_offset(i) for i in range(count)]
+        self._energy_t = [self.start] * count
+        self._gpm_addresses = itertools.count(0x1000, 0x10)
+        self._gpm_samples: dict[int, tuple[int, float] | None] = {}
+
+    # -- scenario time and physics ---------------------------------------------------------
+
+    def _t(self) -> float:
+        return self.clock() - self.start
+
+    def _load(self, gpu: int, t: float) -> Load:
+        return self.scenario.load_at(self.node, gpu, t)
+
+    def _power_watts(self, load: Load) -> float:
+        if load.power_fraction is None:
+            return self.profile.idle_watts
+        return max(load.power_fraction * self.profile.power_limit_watts, self.profile.idle_watts)
+
+    def _mean(self, gpu: int, value: Callable[[Load], float], t0: float, t1: float) -> float:
+        """Exact mean of a piecewise-constant load property over [t0, t1] (scenario time)."""
+        if t1 <= t0:
+            return value(self._load(gpu, t1))
+        edges = [t0, *self.scenario.breakpoints(self.node, gpu, t0, t1), t1]
+        total = 0.0
+        for a, b in itertools.pairwise(edges):
+            total += value(self._load(gpu, (a + b) / 2)) * (b - a)
+        return total / (t1 - t0)
+
+    def _energy_offset(self, gpu: int) -> int:
+        # A counter that did not start at zero, as on a GPU that has been up for a while.
+        return 1_000_000_000 + (self.node * 131 + gpu * 17) * 1_000_000
+
+    def gpu_uuid(self, gpu: int) -> str:
+        key = f"{self.scenario.name}/{self.scenario.node_name(self.node)}/{gpu}"
+        return f"GPU-{uuid.uuid5(_UUID_NAMESPACE, key)}"
+
+    # -- fault injection -------------------------------------------------------------------
+
+    def _check(self, function: str, handle: MockHandle | None = None) -> None:
+        """Entry of every mocked function: counts the call and applies the faults."""
+        self.calls += 1
+        if not self.initialised:
+            _raise(pynvml.NVML_ERROR_UNINITIALIZED)
+        if handle is not None:
+            self._faults(function, handle)
+
+    def _faults(self, function: str, handle: MockHandle) -> None:
+        t = self._t()
+        for fault in self.scenario.faults:
+            if not (fault.at <= t < fault.until and fault.hits(self.node, handle.index)):
+                continue
+            if fault.kind == "gpu_lost":
+                _raise(pynvml.NVML_ERROR_GPU_IS_LOST)
+            if fault.kind == "unsupported" and fault.function == function:
+                _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            if fault.kind == "no_permission" and fault.function == function:
+                _raise(pynvml.NVML_ERROR_NO_PERMISSION)
+
+    def _gpu(self, function: str, handle: Any) -> int:
+        if not isinstance(handle, MockHandle) or handle.node != self.node:
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        self._check(function, handle)
+        return int(handle.index)
+
+    # -- system ----------------------------------------------------------------------------
+
+    def nvmlInit(self) -> None:
+        self.calls += 1
+        if any(f.kind == "no_driver" and f.hits(self.node) for f in self.scenario.faults):
+            _raise(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+        self.initialised = True
+
+    def nvmlShutdown(self) -> None:
+        self._check("nvmlShutdown")
+        self.initialised = False
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        self._check("nvmlSystemGetDriverVersion")
+        return self.driver_version
+
+    def nvmlSystemGetNVMLVersion(self) -> str:
+        self._check("nvmlSystemGetNVMLVersion")
+        return self.nvml_version
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._check("nvmlDeviceGetCount")
+        return self.scenario.gpus_per_node
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> MockHandle:
+        self._check("nvmlDeviceGetHandleByIndex")
+        if not 0 <= index < self.scenario.gpus_per_node:
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        handle = MockHandle(self.node, index)
+        self._check("nvmlDeviceGetHandleByIndex", handle)
+        return handle
+
+    # -- identity --------------------------------------------------------------------------
+
+    def nvmlDeviceGetUUID(self, handle: Any) -> str:
+        return self.gpu_uuid(self._gpu("nvmlDeviceGetUUID", handle))
+
+    def nvmlDeviceGetSerial(self, handle: Any) -> str:
+        gpu = self._gpu("nvmlDeviceGetSerial", handle)
+        return f"{1650923000000 + self.node * 100 + gpu:013d}"
+
+    def nvmlDeviceGetName(self, handle: Any) -> str:
+        self._gpu("nvmlDeviceGetName", handle)
+        return self.profile.name
+
+    def nvmlDeviceGetPciInfo(self, handle: Any) -> SimpleNamespace:
+        gpu = self._gpu("nvmlDeviceGetPciInfo", handle)
+        bus = _PCI_BUSES[gpu % len(_PCI_BUSES)] + gpu // len(_PCI_BUSES)
+        # NVML's struct holds char arrays, which pynvml hands back as bytes.
+        return SimpleNamespace(busId=f"00000000:{bus:02X}:00.0".encode(), domain=0, bus=bus, device=0)
+
+    # -- telemetry -------------------------------------------------------------------------
+
+    def nvmlDeviceGetMemoryInfo(self, handle: Any) -> SimpleNamespace:
+        gpu = self._gpu("nvmlDeviceGetMemoryInfo", handle)
+        total = self.profile.memory_total_mib * 2**20
+        load = self._load(gpu, self._t())
+        used = self.profile.reserved_mib * 2**20 + int(load.memory_fraction * (total - self.profile.reserved_mib * 2**20))
+        return SimpleNamespace(total=total, used=used, free=total - used)
+
+    def nvmlDeviceGetUtilizationRates(self, handle: Any) -> SimpleNamespace:
+        gpu = self._gpu("nvmlDeviceGetUtilizationRates", handle)
+        t = self._t()
+        t0 = t - UTILIZATION_PERIOD_S
+        busy = self._mean(gpu, lambda load: load.busy, t0, t)
+        memory = self._mean(gpu, lambda load: load.dram_active, t0, t)
+        return SimpleNamespace(gpu=round(busy * 100), memory=round(memory * 100))
+
+    def nvmlDeviceGetPowerUsage(self, handle: Any) -> int:
+        gpu = self._gpu("nvmlDeviceGetPowerUsage", handle)
+        return round(self._power_watts(self._load(gpu, self._t())) * 1000)
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: Any) -> int:
+        self._gpu("nvmlDeviceGetEnforcedPowerLimit", handle)
+        return round(self.profile.power_limit_watts * 1000)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: Any) -> int:
+        gpu = self._gpu("nvmlDeviceGetTotalEnergyConsumption", handle)
+        now = self.clock()
+        last = self._energy_t[gpu]
+        if now > last:
+            mean_watts = self._mean(gpu, self._power_watts, last - self.start, now - self.start)
+            self._energy_mj[gpu] += mean_watts * (now - last) * 1000.0
+            self._energy_t[gpu] = now
+        return int(self._energy_mj[gpu])
+
+    def nvmlDeviceGetClockInfo(self, handle: Any, clock_type: int) -> int:
+        gpu = self._gpu("nvmlDeviceGetClockInfo", handle)
+        if clock_type != pynvml.NVML_CLOCK_SM:
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        busy = self._load(gpu, self._t()).busy > 0
+        return self.profile.max_sm_clock_mhz if busy else self.profile.idle_sm_clock_mhz
+
+    def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int:
+        gpu = self._gpu("nvmlDeviceGetTemperature", handle)
+        if sensor != pynvml.NVML_TEMPERATURE_GPU:
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        power = self._power_watts(self._load(gpu, self._t()))
+        return round(28 + 52 * power / self.profile.power_limit_watts)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[SimpleNamespace]:
+        gpu = self._gpu("nvmlDeviceGetComputeRunningProcesses", handle)
+        load = self._load(gpu, self._t())
+        if load.processes == 0:
+            return []
+        total = self.profile.memory_total_mib * 2**20
+        held = int(load.memory_fraction * (total - self.profile.reserved_mib * 2**20))
+        base_pid = 4000 + self.node * 1000 + gpu * 10
+        return [
+            SimpleNamespace(
+                pid=base_pid + k,
+                usedGpuMemory=held // load.processes,
+                gpuInstanceId=0xFFFFFFFF,
+                computeInstanceId=0xFFFFFFFF,
+            )
+            for k in range(load.processes)
+        ]
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any) -> int:
+        gpu = self._gpu("nvmlDeviceGetCurrentClocksEventReasons", handle)
+        load = self._load(gpu, self._t())
+        if load.busy == 0:
+            return int(pynvml.nvmlClocksEventReasonGpuIdle)
+        if self._power_watts(load) >= 0.98 * self.profile.power_limit_watts:
+            return int(pynvml.nvmlClocksEventReasonSwPowerCap)
+        return 0
+
+    # -- GPM (Hopper and newer) ------------------------------------------------------------
+
+    def nvmlGpmQueryDeviceSupport(self, handle: Any) -> SimpleNamespace:
+        self._gpu("nvmlGpmQueryDeviceSupport", handle)
+        return SimpleNamespace(version=1, isSupportedDevice=int(self.profile.gpm))
+
+    def nvmlGpmSampleAlloc(self) -> Any:
+        self._check("nvmlGpmSampleAlloc")
+        address = next(self._gpm_addresses)
+        self._gpm_samples[address] = None
+        # An opaque pointer, as pynvml returns; it is never dereferenced.
+        return ctypes.cast(ctypes.c_void_p(address), pynvml.c_nvmlGpmSample_t)
+
+    def nvmlGpmSampleFree(self, sample: Any) -> None:
+        self._check("nvmlGpmSampleFree")
+        self._gpm_samples.pop(gpm_sample_address(sample), None)
+
+    def nvmlGpmSampleGet(self, handle: Any, sample: Any) -> Any:
+        gpu = self._gpu("nvmlGpmSampleGet", handle)
+        address = gpm_sample_address(sample)
+        if address not in self._gpm_samples:
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if not self.profile.gpm:
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        self._gpm_samples[address] = (gpu, self._t())
+        return sample
+
+    def nvmlGpmMetricsGet(self, request: Any) -> Any:
+        self._check("nvmlGpmMetricsGet")
+        first = self._gpm_samples.get(gpm_sample_address(request.sample1))
+        second = self._gpm_samples.get(gpm_sample_address(request.sample2))
+        if first is None or second is None or first[0] != second[0] or second[1] <= first[1]:
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        assert first is not None and second is not None
+        gpu, t0, t1 = first[0], first[1], second[1]
+        handle = MockHandle(self.node, gpu)
+        for slot in range(request.numMetrics):
+            metric = request.metrics[slot]
+            name = _GPM_FIELDS.get(metric.metricId)
+            try:
+                self._faults("nvmlGpmMetricsGet", handle)
+            except pynvml.NVMLError as error:
+                metric.nvmlReturn = error.value
+                continue
+            if name is None:
+                metric.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+                continue
+            metric.value = 100.0 * self._mean(gpu, lambda load, n=name: float(getattr(load, n)), t0, t1)
+            metric.nvmlReturn = pynvml.NVML_SUCCESS
+        return request

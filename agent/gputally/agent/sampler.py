@@ -1,0 +1,139 @@
+"""Turns backend readings into protocol messages: one Hello per stream, one Report per tick."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gputally.v1 import telemetry_pb2 as pb
+
+from . import __version__
+from .nvml import GPU_ERROR, GPU_LOST, GpuInfo, GpuReading, NotAvailable, NvmlBackend
+
+PROTOCOL_REVISION = 1
+
+_STATUS = {"ok": pb.GPU_STATUS_OK, GPU_LOST: pb.GPU_STATUS_LOST, GPU_ERROR: pb.GPU_STATUS_ERROR}
+# Reading fields copied into GpuSample fields of the same name.
+_SAMPLE_FIELDS = tuple(
+    name for name in GpuReading.__dataclass_fields__ if name not in ("index", "status", "error")
+)
+
+
+def reading_to_proto(reading: GpuReading) -> pb.GpuSample:
+    """A NotAvailable value is left absent in the message: absent means "not available"."""
+    sample = pb.GpuSample(index=reading.index, status=_STATUS[reading.status], error=reading.error)
+    for name in _SAMPLE_FIELDS:
+        value = getattr(reading, name)
+        if not isinstance(value, NotAvailable):
+            setattr(sample, name, value)
+    return sample
+
+
+def identity_to_proto(info: GpuInfo) -> pb.GpuIdentity:
+    identity = pb.GpuIdentity(
+        index=info.index,
+        uuid=info.uuid,
+        serial=info.serial,
+        model=info.model,
+        pci_bus_id=info.pci_bus_id,
+    )
+    if not isinstance(info.memory_total_bytes, NotAvailable):
+        identity.memory_total_bytes = info.memory_total_bytes
+    if not isinstance(info.power_limit_watts, NotAvailable):
+        identity.power_limit_watts = info.power_limit_watts
+    return identity
+
+
+class Sampler:
+    """Reads the backend once per tick and numbers the reports.
+
+    Each report covers the interval since the previous tick, capped at ``max_gap_factor``
+    sampling intervals: NVML's utilization counters only look back about a second, so time
+    the agent did not sample (a stall, a suspended process) is left uncovered, which the
+    collector counts as unobserved rather than guessing idle or busy.
+    """
+
+    def __init__(
+        self,
+        backend: NvmlBackend,
+        *,
+        node: str | None = None,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.time,
+        max_gap_factor: float = 2.0,
+    ):
+        if interval <= 0:
+            raise ValueError("the sampling interval must be positive")
+        self.backend = backend
+        self.node = node or socket.gethostname()
+        self.interval = interval
+        self.clock = clock
+        self.max_gap = interval * max_gap_factor
+        self.seq = 0
+        self.inventory: list[GpuInfo] = []
+        self._last: float | None = None
+
+    def open(self) -> list[GpuInfo]:
+        self.inventory = self.backend.open()
+        self._last = self.clock()
+        return self.inventory
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def resume(self) -> None:
+        """Start covering time afresh after an outage: the outage stays unobserved."""
+        self._last = self.clock()
+
+    def hello(self, instance_id: int, backend_name: str) -> pb.Hello:
+        return pb.Hello(
+            node=self.node,
+            agent_version=__version__,
+            backend=backend_name,
+            driver_version=self.backend.driver_version,
+            nvml_version=self.backend.nvml_version,
+            instance_id=instance_id,
+            sample_interval_seconds=self.interval,
+            gpus=[identity_to_proto(info) for info in self.inventory],
+            protocol_revision=PROTOCOL_REVISION,
+        )
+
+    def tick(self) -> pb.Report:
+        readings = self.backend.read()
+        now = self.clock()
+        last = self._last if self._last is not None else now - self.interval
+        covered = min(max(now - last, 0.0), self.max_gap)
+        self._last = now
+        self.seq += 1
+        return pb.Report(
+            seq=self.seq,
+            time_unix_nano=int(now * 1e9),
+            interval_seconds=covered,
+            gpus=[reading_to_proto(r) for r in readings],
+        )
+
+
+def snapshot(info: list[GpuInfo], readings: list[GpuReading]) -> dict[str, Any]:
+    """A JSON-ready view of the node: every field, with "not available" spelled out."""
+
+    def value(v: object) -> object:
+        return {"not_available": v.reason} if isinstance(v, NotAvailable) else v
+
+    gpus = []
+    for gpu, reading in zip(info, readings, strict=True):
+        gpus.append(
+            {
+                "index": gpu.index,
+                "uuid": gpu.uuid,
+                "serial": gpu.serial,
+                "model": gpu.model,
+                "pci_bus_id": gpu.pci_bus_id,
+                "memory_total_bytes": value(gpu.memory_total_bytes),
+                "status": reading.status,
+                "error": reading.error,
+                **{name: value(v) for name, v in reading.measurements().items()},
+            }
+        )
+    return {"gpus": gpus}

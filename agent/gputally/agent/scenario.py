@@ -1,0 +1,344 @@
+"""Scenario files: a simulated cluster, what runs on it, and what goes wrong, in TOML.
+
+A scenario says how many nodes and GPUs there are, which workloads run on which share of the
+GPUs and when, and which faults happen. It drives the mock NVML library; nothing else reads it.
+See ``docs/scenarios.md`` for the format and the physics of each workload kind.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Model profiles: what the mock reports for each GPU model. Memory sizes are what NVML
+# reports as total memory on these boards; power limits are the default enforced limits of
+# the SXM/PCIe parts named; SM counts and max SM clocks are from NVIDIA's product briefs.
+
+
+@dataclass(frozen=True, slots=True)
+class ModelProfile:
+    name: str
+    memory_total_mib: int
+    power_limit_watts: float
+    idle_watts: float
+    sm_count: int
+    max_sm_clock_mhz: int
+    idle_sm_clock_mhz: int
+    gpm: bool  # NVML GPM (SM activity) is available on Hopper and newer
+    reserved_mib: int  # memory NVML shows as used on an idle GPU
+
+
+MODELS: dict[str, ModelProfile] = {
+    p.name: p
+    for p in (
+        ModelProfile("NVIDIA H100 80GB HBM3", 81559, 700.0, 70.0, 132, 1980, 345, True, 530),
+        ModelProfile("NVIDIA H200", 143771, 700.0, 75.0, 132, 1980, 345, True, 560),
+        ModelProfile("NVIDIA A100-SXM4-80GB", 81920, 400.0, 55.0, 108, 1410, 210, False, 420),
+        ModelProfile("NVIDIA A100-SXM4-40GB", 40960, 400.0, 52.0, 108, 1410, 210, False, 420),
+        ModelProfile("NVIDIA L40S", 46068, 350.0, 32.0, 142, 2520, 210, False, 470),
+    )
+}
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used; the message says where and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """What one GPU is doing at an instant. Fractions are in [0, 1]."""
+
+    busy: float = 0.0
+    sm_active: float = 0.0
+    sm_occupancy: float = 0.0
+    tensor_active: float = 0.0
+    dram_active: float = 0.0
+    power_fraction: float | None = None  # of the power limit; None: the model's idle power
+    memory_fraction: float = 0.0  # of total memory, held by the workload's processes
+    processes: int = 0
+
+
+IDLE = Load()
+
+# Workload kinds and the defaults of their parameters. "steady" holds its load constant.
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "steady": {
+        "busy": 0.9,
+        "sm_active": 0.5,
+        "power_fraction": 0.7,
+        "memory_fraction": 0.6,
+        "processes": 1,
+    },
+    "idle": {},
+}
+_LOAD_KEYS = {
+    "busy",
+    "sm_active",
+    "sm_occupancy",
+    "tensor_active",
+    "dram_active",
+    "power_fraction",
+    "memory_fraction",
+    "processes",
+}
+_WORKLOAD_KEYS = _LOAD_KEYS | {"kind", "share", "gpus", "start", "end", "name"}
+
+FAULT_KINDS = ("gpu_lost", "unsupported", "no_permission", "no_driver", "node_down")
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    name: str
+    kind: str
+    gpus: int
+    load: Load
+    start: float = 0.0  # seconds from the scenario's start
+    end: float = math.inf
+
+    def active(self, t: float) -> bool:
+        return self.start <= t < self.end
+
+    def overlaps(self, other: Workload) -> bool:
+        return self.start < other.end and other.start < self.end
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    kind: str
+    node: int | None = None  # None: every node
+    gpu: int | None = None  # None: every GPU of the node
+    at: float = 0.0
+    until: float = math.inf
+    function: str = ""  # for unsupported / no_permission: the pynvml function name
+
+    def hits(self, node: int, gpu: int | None = None) -> bool:
+        if self.node is not None and self.node != node:
+            return False
+        return gpu is None or self.gpu is None or self.gpu == gpu
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    nodes: int
+    gpus_per_node: int
+    gpu_model: str
+    workloads: tuple[Workload, ...] = ()
+    faults: tuple[Fault, ...] = ()
+    node_prefix: str = "node"
+    name: str = "scenario"
+    description: str = ""
+    # GPU (node-major position) -> workloads assigned to it, in time order.
+    assignment: dict[int, tuple[Workload, ...]] = field(default_factory=dict)
+
+    @property
+    def total_gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def profile(self) -> ModelProfile:
+        return MODELS[self.gpu_model]
+
+    def node_name(self, node: int) -> str:
+        width = max(2, len(str(self.nodes - 1)))
+        return f"{self.node_prefix}-{node:0{width}d}"
+
+    def workloads_of(self, node: int, gpu: int) -> tuple[Workload, ...]:
+        return self.assignment.get(node * self.gpus_per_node + gpu, ())
+
+    def load_at(self, node: int, gpu: int, t: float) -> Load:
+        for workload in self.workloads_of(node, gpu):
+            if workload.active(t):
+                return workload.load
+        return IDLE
+
+    def breakpoints(self, node: int, gpu: int, t0: float, t1: float) -> list[float]:
+        """Times in (t0, t1) where this GPU's load changes: integrals are exact between them."""
+        points = {
+            edge
+            for w in self.workloads_of(node, gpu)
+            for edge in (w.start, w.end)
+            if t0 < edge < t1
+        }
+        return sorted(points)
+
+
+def _number(value: Any, where: str, *, low: float | None = 0.0, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ScenarioError(f"{where}: expected a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ScenarioError(f"{where}: must be finite, got {value!r}")
+    if low is not None and number < low:
+        raise ScenarioError(f"{where}: must be >= {low:g}, got {value!r}")
+    if high is not None and number > high:
+        raise ScenarioError(f"{where}: must be <= {high:g}, got {value!r}")
+    return number
+
+
+def _integer(value: Any, where: str, *, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ScenarioError(f"{where}: expected an integer, got {value!r}")
+    if value < low:
+        raise ScenarioError(f"{where}: must be >= {low}, got {value!r}")
+    return value
+
+
+def _unknown(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    extra = sorted(set(table) - allowed)
+    if extra:
+        raise ScenarioError(f"{where}: unknown key(s) {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _parse_workload(index: int, raw: Any, total: int) -> Workload:
+    where = f"workload[{index}]"
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{where}: expected a table")
+    _unknown(raw, _WORKLOAD_KEYS, where)
+    kind = raw.get("kind", "steady")
+    if kind not in KIND_DEFAULTS:
+        raise ScenarioError(f"{where}.kind: unknown kind {kind!r}; known: {', '.join(KIND_DEFAULTS)}")
+    if ("share" in raw) == ("gpus" in raw):
+        raise ScenarioError(f"{where}: give exactly one of `share` (a fraction) or `gpus` (a count)")
+    if "share" in raw:
+        share = _number(raw["share"], f"{where}.share", high=1.0)
+        count = round(share * total)
+    else:
+        count = _integer(raw["gpus"], f"{where}.gpus")
+    params = dict(KIND_DEFAULTS[kind])
+    params.update({k: v for k, v in raw.items() if k in _LOAD_KEYS})
+    values: dict[str, Any] = {}
+    for key, value in params.items():
+        if key == "processes":
+            values[key] = _integer(value, f"{where}.processes")
+        else:
+            values[key] = _number(value, f"{where}.{key}", high=1.0)
+    if kind == "steady":
+        # Defaults that follow from the given SM activity, so a file need not spell them out.
+        sm = values.get("sm_active", 0.0)
+        values.setdefault("sm_occupancy", sm * 0.5)
+        values.setdefault("tensor_active", sm * 0.5)
+        values.setdefault("dram_active", sm * 0.4)
+        if values.get("sm_active", 0.0) > values.get("busy", 0.0) + 1e-9:
+            raise ScenarioError(
+                f"{where}: sm_active ({values['sm_active']}) cannot exceed busy ({values['busy']}): "
+                "an SM can only be active while a kernel runs"
+            )
+    start = _number(raw.get("start", 0.0), f"{where}.start")
+    end = _number(raw["end"], f"{where}.end") if "end" in raw else math.inf
+    if end <= start:
+        raise ScenarioError(f"{where}: end ({end:g}) must be after start ({start:g})")
+    name = str(raw.get("name", f"{kind}-{index}"))
+    return Workload(name=name, kind=kind, gpus=count, load=Load(**values), start=start, end=end)
+
+
+def _parse_fault(index: int, raw: Any, nodes: int, gpus_per_node: int) -> Fault:
+    where = f"fault[{index}]"
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{where}: expected a table")
+    _unknown(raw, {"kind", "node", "gpu", "at", "until", "function"}, where)
+    kind = raw.get("kind")
+    if kind not in FAULT_KINDS:
+        raise ScenarioError(f"{where}.kind: expected one of {', '.join(FAULT_KINDS)}, got {kind!r}")
+    node = _integer(raw["node"], f"{where}.node") if "node" in raw else None
+    gpu = _integer(raw["gpu"], f"{where}.gpu") if "gpu" in raw else None
+    if node is not None and node >= nodes:
+        raise ScenarioError(f"{where}.node: {node} is out of range (the cluster has {nodes} nodes)")
+    if gpu is not None and gpu >= gpus_per_node:
+        raise ScenarioError(f"{where}.gpu: {gpu} is out of range ({gpus_per_node} GPUs per node)")
+    function = str(raw.get("function", ""))
+    if kind in ("unsupported", "no_permission") and not function.startswith("nvml"):
+        raise ScenarioError(f"{where}.function: name the pynvml function, e.g. 'nvmlDeviceGetPowerUsage'")
+    at = _number(raw.get("at", 0.0), f"{where}.at")
+    until = _number(raw["until"], f"{where}.until") if "until" in raw else math.inf
+    if until <= at:
+        raise ScenarioError(f"{where}: until ({until:g}) must be after at ({at:g})")
+    return Fault(kind=kind, node=node, gpu=gpu, at=at, until=until, function=function)
+
+
+def _assign(workloads: list[Workload], total: int) -> dict[int, tuple[Workload, ...]]:
+    """Give each workload the lowest-numbered GPUs (node-major) free during its whole time."""
+    taken: dict[int, list[Workload]] = {}
+    for index, workload in enumerate(workloads):
+        chosen = [
+            gpu
+            for gpu in range(total)
+            if not any(other.overlaps(workload) for other in taken.get(gpu, ()))
+        ][: workload.gpus]
+        if len(chosen) < workload.gpus:
+            raise ScenarioError(
+                f"workload[{index}] ({workload.name}) needs {workload.gpus} GPUs but only "
+                f"{len(chosen)} of {total} are free while it runs"
+            )
+        for gpu in chosen:
+            taken.setdefault(gpu, []).append(workload)
+    return {gpu: tuple(sorted(ws, key=lambda w: w.start)) for gpu, ws in taken.items()}
+
+
+def parse(data: dict[str, Any], *, name: str = "scenario") -> Scenario:
+    cluster = data.get("cluster")
+    if not isinstance(cluster, dict):
+        raise ScenarioError("missing [cluster] table (nodes, gpus_per_node, gpu_model)")
+    _unknown(data, {"cluster", "workload", "fault", "description", "name", "expect"}, "scenario")
+    _unknown(cluster, {"nodes", "gpus_per_node", "gpu_model", "node_prefix"}, "cluster")
+    nodes = _integer(cluster.get("nodes"), "cluster.nodes", low=1)
+    gpus_per_node = _integer(cluster.get("gpus_per_node"), "cluster.gpus_per_node", low=1)
+    model = cluster.get("gpu_model", "NVIDIA H100 80GB HBM3")
+    if model not in MODELS:
+        raise ScenarioError(f"cluster.gpu_model: unknown model {model!r}; known: {', '.join(MODELS)}")
+    total = nodes * gpus_per_node
+    raw_workloads = data.get("workload", [])
+    raw_faults = data.get("fault", [])
+    if not isinstance(raw_workloads, list) or not isinstance(raw_faults, list):
+        raise ScenarioError("workloads and faults are arrays of tables: [[workload]], [[fault]]")
+    workloads = [_parse_workload(i, w, total) for i, w in enumerate(raw_workloads)]
+    faults = [_parse_fault(i, f, nodes, gpus_per_node) for i, f in enumerate(raw_faults)]
+    return Scenario(
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        gpu_model=model,
+        workloads=tuple(workloads),
+        faults=tuple(faults),
+        node_prefix=str(cluster.get("node_prefix", "node")),
+        name=str(data.get("name", name)),
+        description=str(data.get("description", "")),
+        assignment=_assign(workloads, total),
+    )
+
+
+def load(path: str | Path) -> Scenario:
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such scenario file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ScenarioError(f"{path}: not valid TOML: {error}") from None
+    try:
+        return parse(data, name=path.stem)
+    except ScenarioError as error:
+        raise ScenarioError(f"{path}: {error}") from None
+
+
+# The scenario used when none is given (also the README's example): 4 nodes x 8 H100, half busy.
+DEFAULT_TOML = """\
+# 4 nodes x 8 GPUs; half of the GPUs run a steady job, the rest are idle
+[cluster]
+nodes = 4
+gpus_per_node = 8
+gpu_model = "NVIDIA H100 80GB HBM3"
+
+[[workload]]
+share = 0.5            # fraction of the cluster's GPUs (or: gpus = 16, an exact count)
+kind = "steady"
+busy = 0.9             # NVML utilization.gpu, as a fraction
+sm_active = 0.6        # SM activity, as a fraction
+power_fraction = 0.8   # of the power limit
+"""
+
+
+def default() -> Scenario:
+    return parse(tomllib.loads(DEFAULT_TOML), name="default")

@@ -1,0 +1,214 @@
+"""Streams reports to the collector over one long-lived gRPC stream.
+
+Sampling never waits for the network: :meth:`Sender.submit` only appends to a bounded outbox.
+The stream sends what is in the outbox in batches, the collector acknowledges sequence numbers,
+and acknowledged reports leave the outbox. After a reconnect everything not yet acknowledged is
+sent again (the collector drops duplicates). When the outbox is full the oldest report is
+dropped and counted: the collector then sees a gap, i.e. unobserved seconds, never invented data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from gputally.v1 import telemetry_pb2 as pb
+from gputally.v1 import telemetry_pb2_grpc as pb_grpc
+
+log = logging.getLogger("gputally.agent.sender")
+
+# gRPC channel options, named and explained once.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    # Ping the collector every 30 s on a quiet stream and give up after 10 s without an
+    # answer, so that a dead collector or a dropped NAT entry is noticed in under a minute.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # Big enough for a batch of hundreds of 8-GPU reports after a long outage.
+    ("grpc.max_send_message_length", 16 * 2**20),
+    ("grpc.max_receive_message_length", 16 * 2**20),
+)
+
+
+@dataclass(slots=True)
+class SenderStats:
+    submitted: int = 0
+    sent: int = 0  # reports written to a stream (a resent report counts again)
+    acked: int = 0
+    rejected: int = 0
+    dropped: int = 0  # lost because the outbox was full
+    connects: int = 0
+    connected: bool = False
+    refused: bool = False  # the collector refused our hello; retried only at the slowest pace
+    last_error: str = ""
+
+
+class CollectorRejectedError(RuntimeError):
+    """The collector ended the stream for a reason retrying will not fix (bad hello, ...)."""
+
+
+class Sender:
+    def __init__(
+        self,
+        target: str,
+        hello: Callable[[], pb.Hello],
+        *,
+        max_buffer: int = 3600,
+        max_batch: int = 256,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        rng: random.Random | None = None,
+        channel_options: tuple[tuple[str, int], ...] = CHANNEL_OPTIONS,
+    ):
+        if max_buffer < 1 or max_batch < 1:
+            raise ValueError("max_buffer and max_batch must be at least 1")
+        self.target = target
+        self._hello = hello
+        self.max_buffer = max_buffer
+        self.max_batch = max_batch
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self._rng = rng or random.Random()
+        self._options = channel_options
+        self.outbox: deque[pb.Report] = deque()
+        self._sent_upto = 0  # highest seq written on the current stream
+        self._wakeup = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._stopping = False
+        self.stats = SenderStats()
+
+    # -- producer side ---------------------------------------------------------------------
+
+    def submit(self, report: pb.Report) -> None:
+        """Queue one report. Never blocks; call it on the sender's event loop."""
+        if len(self.outbox) >= self.max_buffer:
+            self.outbox.popleft()
+            self.stats.dropped += 1
+        self.outbox.append(report)
+        self.stats.submitted += 1
+        self._drained.clear()
+        self._wakeup.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until every queued report is acknowledged (or the timeout passes)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        return not self.outbox
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+
+    # -- stream side -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep a stream open until stop(); reconnect with capped, jittered backoff."""
+        failures = 0
+        while not self._stopping:
+            welcomed = False
+            try:
+                welcomed = await self._session()
+            except CollectorRejectedError as error:
+                # Retrying at once will not help (bad node name, unknown key): say so loudly
+                # and retry only at the slowest pace, in case the collector's policy changes.
+                self.stats.last_error = str(error)
+                self.stats.refused = True
+                failures = 1 << 20
+                log.error("collector refused this agent", extra={"kv": {"collector": self.target, "error": str(error)}})
+            except grpc.aio.AioRpcError as error:
+                self.stats.last_error = f"{error.code().name}: {error.details()}"
+                log.warning(
+                    "stream to collector lost",
+                    extra={"kv": {"collector": self.target, "error": self.stats.last_error}},
+                )
+            finally:
+                self.stats.connected = False
+            if self._stopping:
+                break
+            failures = 1 if welcomed else min(failures + 1, 1 << 20)
+            cap = min(self.backoff_max, self.backoff_initial * 2 ** min(failures - 1, 30))
+            delay = cap / 2 + self._rng.uniform(0, cap / 2)  # jitter: agents don't reconnect in lockstep
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wait_stop(), delay)
+
+    async def _wait_stop(self) -> None:
+        while not self._stopping:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def _session(self) -> bool:
+        """One stream's life. Returns whether the collector welcomed us."""
+        async with grpc.aio.insecure_channel(self.target, options=self._options) as channel:
+            call = pb_grpc.IngestStub(channel).Stream()
+            await call.write(pb.AgentMessage(hello=self._hello()))
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as error:
+                if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
+                    raise CollectorRejectedError(f"{error.code().name}: {error.details()}") from None
+                raise
+            if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
+                raise CollectorRejectedError("the collector did not answer the hello with a welcome")
+            self.stats.connects += 1
+            self.stats.connected = True
+            self.stats.last_error = ""
+            self._on_ack(first.welcome.resume_after_seq, ())
+            self._sent_upto = 0  # a new stream: resend everything not yet acknowledged
+            log.info("connected to collector", extra={"kv": {"collector": self.target}})
+            reader = asyncio.ensure_future(self._read_acks(call))
+            try:
+                await self._write_loop(call, reader)
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await reader
+                call.cancel()
+            return True
+
+    async def _write_loop(self, call: grpc.aio.StreamStreamCall, reader: asyncio.Future[None]) -> None:
+        while not self._stopping:
+            batch = [r for r in self.outbox if r.seq > self._sent_upto][: self.max_batch]
+            if batch:
+                await call.write(pb.AgentMessage(batch=pb.ReportBatch(reports=batch)))
+                self._sent_upto = batch[-1].seq
+                self.stats.sent += len(batch)
+                continue
+            self._wakeup.clear()
+            waiter = asyncio.ensure_future(self._wakeup.wait())
+            done, _ = await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if reader in done:
+                reader.result()  # raises the stream's error, if any
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "collector closed the stream"
+                )
+
+    async def _read_acks(self, call: grpc.aio.StreamStreamCall) -> None:
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                return
+            if message.WhichOneof("body") == "ack":
+                self._on_ack(message.ack.acked_seq, message.ack.rejections)
+
+    def _on_ack(self, acked_seq: int, rejections: object) -> None:
+        for rejection in rejections:  # type: ignore[attr-defined]
+            self.stats.rejected += 1
+            log.error(
+                "collector rejected a report",
+                extra={"kv": {"seq": rejection.seq, "reason": rejection.reason}},
+            )
+        while self.outbox and self.outbox[0].seq <= acked_seq:
+            self.outbox.popleft()
+            self.stats.acked += 1
+        if not self.outbox:
+            self._drained.set()

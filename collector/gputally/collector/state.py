@@ -1,0 +1,377 @@
+"""Cluster state: what every node and GPU has reported, integrated over time.
+
+Two views come out of it:
+
+* **counters** (GPU-seconds per measure, joules) that only grow, so that Prometheus can compute
+  the exact mean over any range with ``increase()``;
+* a **live window**: the cluster ratio of each measure over the last ``window`` seconds, with
+  the declared inventory as the denominator, so a GPU that does not report lowers the figure
+  instead of vanishing from it.
+
+Each report covers ``interval_seconds`` ending at its timestamp. Report times are moved onto
+the collector's clock with a per-stream offset (the smallest receive-minus-send difference
+seen), so agent clock skew does not shift windows. The live window ends ``lag`` seconds in the
+past, to leave time for the newest reports to arrive. Seconds no report covers are unobserved:
+they count as zero in every ratio and lower the coverage; they are never filled in.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gputally.v1 import telemetry_pb2 as pb
+
+# Measures integrated over time, in the order they are exposed.
+MEASURES = ("busy", "allocated", "sm_active", "memory_busy")
+_FRACTIONS = ("busy", "memory_busy", "sm_active", "sm_occupancy", "tensor_active", "dram_active")
+_MAX_NODE_NAME = 253
+_MAX_INTERVAL_S = 3600.0
+
+
+class InvalidMessageError(ValueError):
+    """A hello or report the collector refuses; the message says why."""
+
+
+@dataclass(slots=True)
+class Sample:
+    end: float  # collector clock, seconds
+    seconds: float
+    ok: bool
+    values: tuple[float | None, ...]  # one per MEASURES entry; None: not available
+
+
+@dataclass(slots=True)
+class GpuState:
+    node: str
+    index: int
+    uuid: str
+    model: str
+    status: int = pb.GPU_STATUS_UNSPECIFIED
+    samples: deque[Sample] = field(default_factory=deque)
+    last_energy_mj: int | None = None
+    power_watts: float | None = None
+
+
+@dataclass(slots=True)
+class Counters:
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("observed", *MEASURES), 0.0))
+    energy_joules: float = 0.0
+
+    def add(self, other_seconds: dict[str, float], joules: float) -> None:
+        for key, value in other_seconds.items():
+            self.seconds[key] += value
+        self.energy_joules += joules
+
+
+@dataclass(slots=True)
+class NodeState:
+    name: str
+    instance_id: int = 0
+    last_seq: int = 0
+    session: int = 0  # the stream currently speaking for this node; 0 when none
+    backend: str = ""
+    agent_version: str = ""
+    driver_version: str = ""
+    offset: float = math.inf  # collector clock minus agent clock, per stream
+    last_received: float = 0.0  # collector clock
+    gpus: dict[int, GpuState] = field(default_factory=dict)
+    counters: Counters = field(default_factory=Counters)
+    reports: dict[str, int] = field(default_factory=lambda: {"accepted": 0, "duplicate": 0, "rejected": 0})
+    missed_reports: int = 0  # sequence gaps
+
+
+@dataclass(frozen=True, slots=True)
+class WindowFigures:
+    """One population's figures over the live window."""
+
+    gpus: int  # denominator
+    ratios: dict[str, float]  # measure -> ratio in [0, 1]
+    coverage: float  # observed GPU-seconds / (gpus x window)
+    measured: dict[str, float]  # measure -> share of GPU-seconds where it was available
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    name: str
+    up: bool
+    connected: bool
+    gpus: int
+    reporting: int
+    backend: str
+    last_received: float
+    window: WindowFigures
+    counters: Counters
+    reports: dict[str, int]
+    missed_reports: int
+    power_watts: float
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    time: float
+    window_seconds: float
+    expected: int
+    declared: bool
+    seen: int
+    reporting: int
+    sessions: int
+    window: WindowFigures
+    counters: Counters
+    power_watts: float
+    nodes: list[NodeView]
+    models: dict[str, int]
+
+
+def _check_hello(hello: pb.Hello) -> None:
+    if not hello.node:
+        raise InvalidMessageError("hello: node name is empty")
+    if len(hello.node) > _MAX_NODE_NAME or not hello.node.isprintable() or any(c.isspace() for c in hello.node):
+        raise InvalidMessageError(f"hello: node name {hello.node[:40]!r} is not a printable name without spaces of at most {_MAX_NODE_NAME} characters")
+    indices = [gpu.index for gpu in hello.gpus]
+    if len(set(indices)) != len(indices):
+        raise InvalidMessageError(f"hello from {hello.node}: GPU indices repeat: {sorted(indices)}")
+    uuids = [gpu.uuid for gpu in hello.gpus if gpu.uuid]
+    if len(set(uuids)) != len(uuids):
+        raise InvalidMessageError(f"hello from {hello.node}: GPU UUIDs repeat")
+
+
+def _check_report(node: NodeState, report: pb.Report) -> None:
+    if report.seq == 0:
+        raise InvalidMessageError("seq must be positive")
+    if not (0 < report.interval_seconds <= _MAX_INTERVAL_S) or not math.isfinite(report.interval_seconds):
+        raise InvalidMessageError(f"interval_seconds must be in (0, {_MAX_INTERVAL_S:g}], got {report.interval_seconds!r}")
+    if report.time_unix_nano <= 0:
+        raise InvalidMessageError("time_unix_nano must be positive")
+    seen: set[int] = set()
+    for sample in report.gpus:
+        if sample.index not in node.gpus:
+            raise InvalidMessageError(f"GPU index {sample.index} was not in this node's hello")
+        if sample.index in seen:
+            raise InvalidMessageError(f"GPU index {sample.index} appears twice")
+        seen.add(sample.index)
+        for name in _FRACTIONS:
+            if sample.HasField(name):
+                value = getattr(sample, name)
+                if not (0.0 <= value <= 1.0):
+                    raise InvalidMessageError(f"GPU {sample.index}: {name} must be a fraction in [0, 1], got {value!r}")
+        if sample.HasField("power_watts") and not (0.0 <= sample.power_watts < 1e5):
+            raise InvalidMessageError(f"GPU {sample.index}: power_watts out of range: {sample.power_watts!r}")
+
+
+def _values(sample: pb.GpuSample) -> tuple[float | None, ...]:
+    allocated = None if not sample.HasField("process_count") else float(sample.process_count > 0)
+    return (
+        sample.busy if sample.HasField("busy") else None,
+        allocated,
+        sample.sm_active if sample.HasField("sm_active") else None,
+        sample.memory_busy if sample.HasField("memory_busy") else None,
+    )
+
+
+class ClusterState:
+    """Thread-safe: gRPC sessions write on the event loop, scrapes read from HTTP threads."""
+
+    def __init__(
+        self,
+        *,
+        expected_gpus: int | None = None,
+        window: float = 30.0,
+        lag: float = 3.0,
+        stale_after: float = 15.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        if window <= 0 or lag < 0 or stale_after <= 0:
+            raise ValueError("window and stale_after must be positive and lag not negative")
+        if expected_gpus is not None and expected_gpus < 1:
+            raise ValueError("expected_gpus must be at least 1")
+        self.expected_gpus = expected_gpus
+        self.window = window
+        self.lag = lag
+        self.stale_after = stale_after
+        self.clock = clock
+        self.nodes: dict[str, NodeState] = {}
+        self.counters = Counters()
+        self._lock = threading.Lock()
+        self._sessions = 0
+        self._next_session = 0
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def open_session(self, hello: pb.Hello) -> tuple[int, int]:
+        """Register a stream. Returns (session id, seq to resume after). A node's newer
+        stream supersedes an older one still open (the agent reconnected)."""
+        _check_hello(hello)
+        with self._lock:
+            node = self.nodes.get(hello.node)
+            if node is None:
+                node = self.nodes[hello.node] = NodeState(name=hello.node)
+            if node.instance_id != hello.instance_id:
+                node.instance_id = hello.instance_id
+                node.last_seq = 0
+            self._next_session += 1
+            if node.session == 0:
+                self._sessions += 1
+            node.session = self._next_session
+            node.offset = math.inf
+            node.backend = hello.backend
+            node.agent_version = hello.agent_version
+            node.driver_version = hello.driver_version
+            for identity in hello.gpus:
+                gpu = node.gpus.get(identity.index)
+                if gpu is None or gpu.uuid != identity.uuid:
+                    node.gpus[identity.index] = GpuState(hello.node, identity.index, identity.uuid, identity.model)
+            return node.session, node.last_seq
+
+    def is_current(self, name: str, session: int) -> bool:
+        with self._lock:
+            node = self.nodes.get(name)
+            return node is not None and node.session == session
+
+    def close_session(self, name: str, session: int) -> None:
+        with self._lock:
+            node = self.nodes.get(name)
+            if node is not None and node.session == session:
+                node.session = 0
+                self._sessions -= 1
+
+    # -- ingest ----------------------------------------------------------------------------
+
+    def ingest(self, name: str, report: pb.Report, received: float | None = None) -> str:
+        """Apply one report: "accepted" or "duplicate". Raises InvalidMessageError and then
+        changes nothing, so a bad report never half-applies."""
+        received = self.clock() if received is None else received
+        with self._lock:
+            node = self.nodes[name]
+            try:
+                _check_report(node, report)
+            except InvalidMessageError:
+                node.reports["rejected"] += 1
+                raise
+            if report.seq <= node.last_seq:
+                node.reports["duplicate"] += 1
+                return "duplicate"
+            if node.last_seq and report.seq > node.last_seq + 1:
+                node.missed_reports += report.seq - node.last_seq - 1
+            node.last_seq = report.seq
+            agent_time = report.time_unix_nano / 1e9
+            node.offset = min(node.offset, received - agent_time)
+            end = agent_time + node.offset
+            node.last_received = received
+            seconds = dict.fromkeys(("observed", *MEASURES), 0.0)
+            joules = 0.0
+            dt = report.interval_seconds
+            for proto in report.gpus:
+                gpu = node.gpus[proto.index]
+                gpu.status = proto.status
+                ok = proto.status == pb.GPU_STATUS_OK
+                values = _values(proto) if ok else (None,) * len(MEASURES)
+                gpu.samples.append(Sample(end, dt, ok, values))
+                gpu.power_watts = proto.power_watts if proto.HasField("power_watts") else None
+                if ok:
+                    seconds["observed"] += dt
+                    for measure, value in zip(MEASURES, values, strict=True):
+                        if value is not None:
+                            seconds[measure] += value * dt
+                if proto.HasField("energy_millijoules"):
+                    energy = proto.energy_millijoules
+                    if gpu.last_energy_mj is not None:
+                        # The counter restarts at zero when the driver reloads: then the
+                        # energy since the reload is the new value itself.
+                        delta = energy - gpu.last_energy_mj if energy >= gpu.last_energy_mj else energy
+                        joules += delta / 1000.0
+                    gpu.last_energy_mj = energy
+                self._trim(gpu, received)
+            node.counters.add(seconds, joules)
+            self.counters.add(seconds, joules)
+            node.reports["accepted"] += 1
+            return "accepted"
+
+    def _trim(self, gpu: GpuState, now: float) -> None:
+        horizon = now - self.lag - self.window - 1.0
+        while gpu.samples and gpu.samples[0].end < horizon:
+            gpu.samples.popleft()
+
+    # -- views -----------------------------------------------------------------------------
+
+    def _window(self, gpus: list[GpuState], denominator: int, start: float, end: float) -> WindowFigures:
+        sums = [0.0] * len(MEASURES)
+        measured = [0.0] * len(MEASURES)
+        observed = 0.0
+        for gpu in gpus:
+            for sample in gpu.samples:
+                overlap = min(sample.end, end) - max(sample.end - sample.seconds, start)
+                if overlap <= 0 or not sample.ok:
+                    continue
+                observed += overlap
+                for i, value in enumerate(sample.values):
+                    if value is not None:
+                        sums[i] += value * overlap
+                        measured[i] += overlap
+        capacity = denominator * (end - start)
+        if capacity <= 0:
+            zeros = dict.fromkeys(MEASURES, 0.0)
+            return WindowFigures(denominator, zeros, 0.0, dict(zeros))
+        return WindowFigures(
+            gpus=denominator,
+            ratios={m: min(s / capacity, 1.0) for m, s in zip(MEASURES, sums, strict=True)},
+            coverage=min(observed / capacity, 1.0),
+            measured={m: min(s / capacity, 1.0) for m, s in zip(MEASURES, measured, strict=True)},
+        )
+
+    def view(self, now: float | None = None) -> ClusterView:
+        now = self.clock() if now is None else now
+        end = now - self.lag
+        start = end - self.window
+        with self._lock:
+            all_gpus: list[GpuState] = []
+            nodes: list[NodeView] = []
+            models: dict[str, int] = {}
+            reporting_total = 0
+            power_total = 0.0
+            for node in sorted(self.nodes.values(), key=lambda n: n.name):
+                fresh = node.last_received > 0 and now - node.last_received <= self.stale_after
+                gpus = list(node.gpus.values())
+                reporting = [g for g in gpus if fresh and g.status == pb.GPU_STATUS_OK]
+                power = sum(g.power_watts or 0.0 for g in reporting)
+                reporting_total += len(reporting)
+                power_total += power
+                all_gpus.extend(gpus)
+                for gpu in gpus:
+                    models[gpu.model] = models.get(gpu.model, 0) + 1
+                nodes.append(
+                    NodeView(
+                        name=node.name,
+                        up=fresh and node.session != 0,
+                        connected=node.session != 0,
+                        gpus=len(gpus),
+                        reporting=len(reporting),
+                        backend=node.backend,
+                        last_received=node.last_received,
+                        window=self._window(gpus, len(gpus), start, end),
+                        counters=Counters(dict(node.counters.seconds), node.counters.energy_joules),
+                        reports=dict(node.reports),
+                        missed_reports=node.missed_reports,
+                        power_watts=power,
+                    )
+                )
+            seen = len(all_gpus)
+            expected = self.expected_gpus if self.expected_gpus is not None else seen
+            return ClusterView(
+                time=now,
+                window_seconds=self.window,
+                expected=expected,
+                declared=self.expected_gpus is not None,
+                seen=seen,
+                reporting=reporting_total,
+                sessions=self._sessions,
+                window=self._window(all_gpus, expected, start, end),
+                counters=Counters(dict(self.counters.seconds), self.counters.energy_joules),
+                power_watts=power_total,
+                nodes=nodes,
+                models=models,
+            )

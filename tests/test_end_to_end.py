@@ -1,0 +1,217 @@
+"""End to end over loopback: simulated agents -> gRPC -> collector -> /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gputally.agent import scenario
+from gputally.agent.demo import scrape
+from gputally.agent.mock import MockNVML
+from gputally.agent.node import NodeAgent
+from gputally.agent.nvml import NvmlBackend
+from gputally.agent.sampler import Sampler
+from gputally.agent.simulate import run_fleet
+from gputally.collector import server as ingest
+from gputally.collector.state import ClusterState
+from gputally.v1 import telemetry_pb2 as pb
+from gputally.v1 import telemetry_pb2_grpc as pb_grpc
+
+from .conftest import Collector, free_port
+
+Metrics = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics[name][tuple(sorted(labels.items()))]
+
+
+def run_and_freeze(collector: Collector, duration: float) -> None:
+    """Run the README's scenario for `duration` s, then stop the collector's clock at the
+    newest report so the live window holds only complete seconds."""
+    asyncio.run(run_fleet(scenario.default(), collector.target, duration=duration))
+    newest = max(node.last_received for node in collector.state.nodes.values())
+    collector.state.clock = lambda: newest
+
+
+def test_simulated_cluster_gives_the_scenario_figures(collector_factory: Callable[..., Collector]) -> None:
+    collector = collector_factory(window=3.0, lag=1.5, stale_after=30.0)
+    run_and_freeze(collector, duration=6.0)
+    metrics = scrape(collector.metrics_url)
+    assert value(metrics, "gputally_cluster_gpus", state="expected") == 32
+    assert value(metrics, "gputally_cluster_gpus", state="reporting") == 32
+    assert value(metrics, "gputally_cluster_gpus", state="lost") == 0
+    assert value(metrics, "gputally_cluster_utilization_ratio", measure="busy") == pytest.approx(0.45, abs=0.01)
+    assert value(metrics, "gputally_cluster_utilization_ratio", measure="allocated") == pytest.approx(0.5, abs=0.01)
+    assert value(metrics, "gputally_cluster_utilization_ratio", measure="sm_active") == pytest.approx(0.3, abs=0.01)
+    assert value(metrics, "gputally_cluster_coverage_ratio") == pytest.approx(1.0, abs=0.01)
+    assert value(metrics, "gputally_node_utilization_ratio", node="node-00", measure="busy") == pytest.approx(0.9, abs=0.01)
+    assert value(metrics, "gputally_node_utilization_ratio", node="node-03", measure="busy") == 0.0
+    # The counters give the same figure exactly over the whole run.
+    busy = value(metrics, "gputally_cluster_gpu_seconds_total", measure="busy")
+    observed = value(metrics, "gputally_cluster_gpu_seconds_total", measure="observed")
+    assert busy / observed == pytest.approx(0.45, abs=0.005)
+    # 16 GPUs at 560 W and 16 idle at 70 W: 10,080 W while all report.
+    assert value(metrics, "gputally_cluster_power_watts") == pytest.approx(10_080.0)
+    accepted = sum(n.reports["accepted"] for n in collector.state.nodes.values())
+    assert accepted >= 4 * 5 and all(n.missed_reports == 0 for n in collector.state.nodes.values())
+
+
+def test_declared_inventory_is_the_denominator(collector_factory: Callable[..., Collector]) -> None:
+    collector = collector_factory(expected_gpus=64, window=3.0, lag=1.5, stale_after=30.0)
+    run_and_freeze(collector, duration=5.0)
+    metrics = scrape(collector.metrics_url)
+    assert value(metrics, "gputally_cluster_utilization_ratio", measure="busy") == pytest.approx(0.225, abs=0.01)
+    assert value(metrics, "gputally_cluster_utilization_ratio", measure="sm_active") == pytest.approx(0.15, abs=0.01)
+    assert value(metrics, "gputally_cluster_gpus", state="missing") == 32
+    assert value(metrics, "gputally_cluster_coverage_ratio") == pytest.approx(0.5, abs=0.01)
+
+
+def _agent(target: str, node: int = 0, name: str | None = None, interval: float = 0.2) -> NodeAgent:
+    sc = scenario.default()
+    sampler = Sampler(NvmlBackend(MockNVML(sc, node, time.time)), node=name or sc.node_name(node), interval=interval)
+    sampler.open()
+    return NodeAgent(
+        sampler, target, backend_name="mock", sample_in_thread=False, sender_options={"backoff_initial": 0.05, "backoff_max": 0.2}
+    )
+
+
+def test_agent_keeps_sampling_through_a_collector_restart() -> None:
+    port = free_port()
+    agent = _agent(f"127.0.0.1:{port}")
+
+    async def scenario_run() -> tuple[int, int, int]:
+        states = [ClusterState(), ClusterState()]
+        task = asyncio.ensure_future(agent.run(duration=4.0))
+        server, _ = await ingest.start(states[0], f"127.0.0.1:{port}")
+        await asyncio.sleep(1.0)
+        await server.stop(0)  # the collector goes away; the agent keeps sampling
+        await asyncio.sleep(1.5)
+        assert agent.sender.outbox, "reports should wait in the outbox while the collector is down"
+        server, _ = await ingest.start(states[1], f"127.0.0.1:{port}")
+        await task
+        await server.stop(0)
+        a, b = (s.nodes["node-00"] for s in states)
+        return a.reports["accepted"], b.reports["accepted"], b.last_seq
+
+    accepted_a, accepted_b, last_b = asyncio.run(scenario_run())
+    total = agent.reports
+    assert total >= 15
+    assert agent.sender.stats.dropped == 0 and not agent.sender.outbox
+    assert last_b == total  # the second collector has everything up to the last report
+    assert accepted_a + accepted_b >= total  # nothing lost (a report may arrive at both)
+    assert accepted_a > 0 and accepted_b > 0
+
+
+def test_a_refused_hello_is_not_retried_blindly(collector_factory: Callable[..., Collector]) -> None:
+    collector = collector_factory()
+    agent = _agent(collector.target, name="bad name")
+    asyncio.run(agent.run(duration=0.6))
+    assert "INVALID_ARGUMENT" in agent.sender.stats.last_error
+    assert "without spaces" in agent.sender.stats.last_error
+    assert agent.sender.stats.refused and agent.sender.stats.connects == 0
+    assert collector.state.nodes == {}
+
+
+def test_bad_report_is_rejected_with_a_reason_and_the_stream_goes_on(collector_factory: Callable[..., Collector]) -> None:
+    collector = collector_factory(expected_gpus=1)
+
+    async def talk() -> list[pb.CollectorMessage]:
+        async with grpc.aio.insecure_channel(collector.target) as channel:
+            call = pb_grpc.IngestStub(channel).Stream()
+            hello = pb.Hello(node="raw", instance_id=1, gpus=[pb.GpuIdentity(index=0, uuid="GPU-x")])
+            await call.write(pb.AgentMessage(hello=hello))
+            replies = [await call.read()]
+            good = pb.Report(seq=1, time_unix_nano=time.time_ns(), interval_seconds=1.0, gpus=[pb.GpuSample(index=0, status=1, busy=0.5)])
+            bad = pb.Report(seq=2, time_unix_nano=time.time_ns(), interval_seconds=1.0, gpus=[pb.GpuSample(index=0, status=1, busy=7.0)])
+            also_good = pb.Report(seq=3, time_unix_nano=time.time_ns(), interval_seconds=1.0, gpus=[pb.GpuSample(index=0, status=1, busy=1.0)])
+            await call.write(pb.AgentMessage(batch=pb.ReportBatch(reports=[good, bad, also_good])))
+            replies.append(await call.read())
+            await call.done_writing()
+            return replies
+
+    welcome, ack = asyncio.run(talk())
+    assert welcome.WhichOneof("body") == "welcome" and welcome.welcome.resume_after_seq == 0
+    assert ack.ack.acked_seq == 3
+    assert [(r.seq, "busy must be a fraction" in r.reason) for r in ack.ack.rejections] == [(2, True)]
+    assert collector.state.counters.seconds["busy"] == pytest.approx(1.5)
+
+
+def test_a_stream_that_does_not_start_with_hello_is_refused(collector_factory: Callable[..., Collector]) -> None:
+    collector = collector_factory()
+
+    async def talk() -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(collector.target) as channel:
+            call = pb_grpc.IngestStub(channel).Stream()
+            await call.write(pb.AgentMessage(batch=pb.ReportBatch()))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call.read()
+            assert refused.value.details() == "the first message on a stream must be a Hello"
+            return refused.value.code()
+
+    assert asyncio.run(talk()) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _gputally() -> list[str]:
+    script = Path(sys.executable).with_name("gputally")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gputally.agent"]
+
+
+def test_the_commands_as_processes(tmp_path: Path) -> None:
+    """`gputally collector` and `gputally simulate` as separate processes, as an SRE runs them."""
+    grpc_port, metrics_port = free_port(), free_port()
+    env = {**os.environ, "GPUTALLY_COLLECTOR_WINDOW": "3"}  # configuration by environment
+    collector = subprocess.Popen(
+        [*_gputally(), "collector", f"--grpc-listen=127.0.0.1:{grpc_port}", f"--metrics-listen=127.0.0.1:{metrics_port}", "--lag=1.5"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    simulate = None
+    try:
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                scrape(url)
+                break
+            except OSError:
+                time.sleep(0.1)
+        simulate = subprocess.Popen(
+            [*_gputally(), "simulate", f"--collector=127.0.0.1:{grpc_port}", "--duration=12"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        figures: dict[str, float] = {}
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and simulate.poll() is None:
+            metrics = scrape(url)
+            if value(metrics, "gputally_cluster_coverage_ratio") > 0.999:
+                figures = {m: value(metrics, "gputally_cluster_utilization_ratio", measure=m) for m in ("busy", "allocated", "sm_active")}
+                figures["window"] = value(metrics, "gputally_cluster_window_seconds")
+                figures["reporting"] = value(metrics, "gputally_cluster_gpus", state="reporting")
+                break
+            time.sleep(0.25)
+        assert figures, "the live window never filled"
+        assert figures["window"] == 3.0
+        assert figures["reporting"] == 32
+        assert figures["busy"] == pytest.approx(0.45, abs=0.01)
+        assert figures["allocated"] == pytest.approx(0.5, abs=0.01)
+        assert figures["sm_active"] == pytest.approx(0.3, abs=0.01)
+        _, err = simulate.communicate(timeout=30)
+        assert simulate.returncode == 0, err
+        assert "simulating 4 nodes x 8 GPUs" in err
+    finally:
+        if simulate and simulate.poll() is None:
+            simulate.kill()
+        collector.terminate()
+        collector.wait(15)
+    assert collector.returncode == 0
