@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-
 from gputally.collector import server as ingest
 from gputally.collector.metrics import make_app, make_registry, serve_http
 from gputally.collector.state import ClusterState
@@ -47,7 +46,9 @@ class Collector:
         self._thread.start()
         if not self._started.wait(10):
             raise RuntimeError("collector did not start")
-        self.http, _ = serve_http(make_app(make_registry(self.state), ready=lambda: True), "127.0.0.1:0")
+        self.http, _ = serve_http(
+            make_app(make_registry(self.state), ready=lambda: True), "127.0.0.1:0"
+        )
         self.metrics_url = f"http://127.0.0.1:{self.http.server_port}/metrics"
 
     def _run(self) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from gputally.agent import scenario
 from gputally.agent.demo import scrape
 from gputally.agent.mock import MockNVML
@@ -42,18 +41,28 @@ def run_and_freeze(collector: Collector, duration: float) -> None:
     collector.state.clock = lambda: newest
 
 
-def test_simulated_cluster_gives_the_scenario_figures(collector_factory: Callable[..., Collector]) -> None:
+def test_simulated_cluster_gives_the_scenario_figures(
+    collector_factory: Callable[..., Collector],
+) -> None:
     collector = collector_factory(window=3.0, lag=1.5, stale_after=30.0)
     run_and_freeze(collector, duration=6.0)
     metrics = scrape(collector.metrics_url)
     assert value(metrics, "gputally_cluster_gpus", state="expected") == 32
     assert value(metrics, "gputally_cluster_gpus", state="reporting") == 32
     assert value(metrics, "gputally_cluster_gpus", state="lost") == 0
-    assert value(metrics, "gputally_cluster_utilization_ratio", measure="busy") == pytest.approx(0.45, abs=0.01)
-    assert value(metrics, "gputally_cluster_utilization_ratio", measure="allocated") == pytest.approx(0.5, abs=0.01)
-    assert value(metrics, "gputally_cluster_utilization_ratio", measure="sm_active") == pytest.approx(0.3, abs=0.01)
+    assert value(metrics, "gputally_cluster_utilization_ratio", measure="busy") == pytest.approx(
+        0.45, abs=0.01
+    )
+    assert value(
+        metrics, "gputally_cluster_utilization_ratio", measure="allocated"
+    ) == pytest.approx(0.5, abs=0.01)
+    assert value(
+        metrics, "gputally_cluster_utilization_ratio", measure="sm_active"
+    ) == pytest.approx(0.3, abs=0.01)
     assert value(metrics, "gputally_cluster_coverage_ratio") == pytest.approx(1.0, abs=0.01)
-    assert value(metrics, "gputally_node_utilization_ratio", node="node-00", measure="busy") == pytest.approx(0.9, abs=0.01)
+    assert value(
+        metrics, "gputally_node_utilization_ratio", node="node-00", measure="busy"
+    ) == pytest.approx(0.9, abs=0.01)
     assert value(metrics, "gputally_node_utilization_ratio", node="node-03", measure="busy") == 0.0
     # The counters give the same figure exactly over the whole run.
     busy = value(metrics, "gputally_cluster_gpu_seconds_total", measure="busy")
@@ -69,18 +78,30 @@ def test_declared_inventory_is_the_denominator(collector_factory: Callable[..., 
     collector = collector_factory(expected_gpus=64, window=3.0, lag=1.5, stale_after=30.0)
     run_and_freeze(collector, duration=5.0)
     metrics = scrape(collector.metrics_url)
-    assert value(metrics, "gputally_cluster_utilization_ratio", measure="busy") == pytest.approx(0.225, abs=0.01)
-    assert value(metrics, "gputally_cluster_utilization_ratio", measure="sm_active") == pytest.approx(0.15, abs=0.01)
+    assert value(metrics, "gputally_cluster_utilization_ratio", measure="busy") == pytest.approx(
+        0.225, abs=0.01
+    )
+    assert value(
+        metrics, "gputally_cluster_utilization_ratio", measure="sm_active"
+    ) == pytest.approx(0.15, abs=0.01)
     assert value(metrics, "gputally_cluster_gpus", state="missing") == 32
     assert value(metrics, "gputally_cluster_coverage_ratio") == pytest.approx(0.5, abs=0.01)
 
 
 def _agent(target: str, node: int = 0, name: str | None = None, interval: float = 0.2) -> NodeAgent:
     sc = scenario.default()
-    sampler = Sampler(NvmlBackend(MockNVML(sc, node, time.time)), node=name or sc.node_name(node), interval=interval)
+    sampler = Sampler(
+        NvmlBackend(MockNVML(sc, node, time.time)),
+        node=name or sc.node_name(node),
+        interval=interval,
+    )
     sampler.open()
     return NodeAgent(
-        sampler, target, backend_name="mock", sample_in_thread=False, sender_options={"backoff_initial": 0.05, "backoff_max": 0.2}
+        sampler,
+        target,
+        backend_name="mock",
+        sample_in_thread=False,
+        sender_options={"backoff_initial": 0.05, "backoff_max": 0.2},
     )
 
 
@@ -111,7 +132,9 @@ def test_agent_keeps_sampling_through_a_collector_restart() -> None:
     assert accepted_a > 0 and accepted_b > 0
 
 
-def test_a_refused_hello_is_not_retried_blindly(collector_factory: Callable[..., Collector]) -> None:
+def test_a_refused_hello_is_not_retried_blindly(
+    collector_factory: Callable[..., Collector],
+) -> None:
     collector = collector_factory()
     agent = _agent(collector.target, name="bad name")
     asyncio.run(agent.run(duration=0.6))
@@ -121,18 +144,37 @@ def test_a_refused_hello_is_not_retried_blindly(collector_factory: Callable[...,
     assert collector.state.nodes == {}
 
 
-def test_bad_report_is_rejected_with_a_reason_and_the_stream_goes_on(collector_factory: Callable[..., Collector]) -> None:
+def test_bad_report_is_rejected_with_a_reason_and_the_stream_goes_on(
+    collector_factory: Callable[..., Collector],
+) -> None:
     collector = collector_factory(expected_gpus=1)
 
     async def talk() -> list[pb.CollectorMessage]:
         async with grpc.aio.insecure_channel(collector.target) as channel:
             call = pb_grpc.IngestStub(channel).Stream()
-            hello = pb.Hello(node="raw", instance_id=1, gpus=[pb.GpuIdentity(index=0, uuid="GPU-x")])
+            hello = pb.Hello(
+                node="raw", instance_id=1, gpus=[pb.GpuIdentity(index=0, uuid="GPU-x")]
+            )
             await call.write(pb.AgentMessage(hello=hello))
             replies = [await call.read()]
-            good = pb.Report(seq=1, time_unix_nano=time.time_ns(), interval_seconds=1.0, gpus=[pb.GpuSample(index=0, status=1, busy=0.5)])
-            bad = pb.Report(seq=2, time_unix_nano=time.time_ns(), interval_seconds=1.0, gpus=[pb.GpuSample(index=0, status=1, busy=7.0)])
-            also_good = pb.Report(seq=3, time_unix_nano=time.time_ns(), interval_seconds=1.0, gpus=[pb.GpuSample(index=0, status=1, busy=1.0)])
+            good = pb.Report(
+                seq=1,
+                time_unix_nano=time.time_ns(),
+                interval_seconds=1.0,
+                gpus=[pb.GpuSample(index=0, status=pb.GPU_STATUS_OK, busy=0.5)],
+            )
+            bad = pb.Report(
+                seq=2,
+                time_unix_nano=time.time_ns(),
+                interval_seconds=1.0,
+                gpus=[pb.GpuSample(index=0, status=pb.GPU_STATUS_OK, busy=7.0)],
+            )
+            also_good = pb.Report(
+                seq=3,
+                time_unix_nano=time.time_ns(),
+                interval_seconds=1.0,
+                gpus=[pb.GpuSample(index=0, status=pb.GPU_STATUS_OK, busy=1.0)],
+            )
             await call.write(pb.AgentMessage(batch=pb.ReportBatch(reports=[good, bad, also_good])))
             replies.append(await call.read())
             await call.done_writing()
@@ -141,11 +183,15 @@ def test_bad_report_is_rejected_with_a_reason_and_the_stream_goes_on(collector_f
     welcome, ack = asyncio.run(talk())
     assert welcome.WhichOneof("body") == "welcome" and welcome.welcome.resume_after_seq == 0
     assert ack.ack.acked_seq == 3
-    assert [(r.seq, "busy must be a fraction" in r.reason) for r in ack.ack.rejections] == [(2, True)]
+    assert [(r.seq, "busy must be a fraction" in r.reason) for r in ack.ack.rejections] == [
+        (2, True)
+    ]
     assert collector.state.counters.seconds["busy"] == pytest.approx(1.5)
 
 
-def test_a_stream_that_does_not_start_with_hello_is_refused(collector_factory: Callable[..., Collector]) -> None:
+def test_a_stream_that_does_not_start_with_hello_is_refused(
+    collector_factory: Callable[..., Collector],
+) -> None:
     collector = collector_factory()
 
     async def talk() -> grpc.StatusCode:
@@ -170,7 +216,13 @@ def test_the_commands_as_processes(tmp_path: Path) -> None:
     grpc_port, metrics_port = free_port(), free_port()
     env = {**os.environ, "GPUTALLY_COLLECTOR_WINDOW": "3"}  # configuration by environment
     collector = subprocess.Popen(
-        [*_gputally(), "collector", f"--grpc-listen=127.0.0.1:{grpc_port}", f"--metrics-listen=127.0.0.1:{metrics_port}", "--lag=1.5"],
+        [
+            *_gputally(),
+            "collector",
+            f"--grpc-listen=127.0.0.1:{grpc_port}",
+            f"--metrics-listen=127.0.0.1:{metrics_port}",
+            "--lag=1.5",
+        ],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
@@ -195,7 +247,10 @@ def test_the_commands_as_processes(tmp_path: Path) -> None:
         while time.monotonic() < deadline and simulate.poll() is None:
             metrics = scrape(url)
             if value(metrics, "gputally_cluster_coverage_ratio") > 0.999:
-                figures = {m: value(metrics, "gputally_cluster_utilization_ratio", measure=m) for m in ("busy", "allocated", "sm_active")}
+                figures = {
+                    m: value(metrics, "gputally_cluster_utilization_ratio", measure=m)
+                    for m in ("busy", "allocated", "sm_active")
+                }
                 figures["window"] = value(metrics, "gputally_cluster_window_seconds")
                 figures["reporting"] = value(metrics, "gputally_cluster_gpus", state="reporting")
                 break

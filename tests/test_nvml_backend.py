@@ -6,10 +6,16 @@ import tomllib
 
 import pynvml
 import pytest
-
 from gputally.agent import scenario as scenario_mod
 from gputally.agent.mock import ManualClock, MockNVML
-from gputally.agent.nvml import GPU_LOST, GPU_OK, NotAvailable, NvmlBackend, NvmlUnavailableError, query
+from gputally.agent.nvml import (
+    GPU_LOST,
+    GPU_OK,
+    NotAvailable,
+    NvmlBackend,
+    NvmlUnavailableError,
+    query,
+)
 from gputally.agent.sampler import Sampler, reading_to_proto
 from gputally.v1 import telemetry_pb2 as pb
 
@@ -87,14 +93,16 @@ def test_energy_counter_is_the_integral_of_power() -> None:
 
 
 def test_gpm_metric_is_the_mean_between_two_samples() -> None:
-    toml = ONE_NODE.replace("kind = \"steady\"", "kind = \"steady\"\nend = 0.5")
+    toml = ONE_NODE.replace('kind = "steady"', 'kind = "steady"\nend = 0.5')
     backend, _, clock = make(toml)
     backend.open()  # first GPM sample at t=0
     clock.advance(1.0)
     reading = backend.read()[0]
     # busy with SM activity 0.6 for the first half second, idle after: the mean is 0.3
     assert reading.sm_active == pytest.approx(0.3)
-    assert reading.busy == pytest.approx(0.45)  # utilization.gpu: mean over the last second, rounded %
+    assert reading.busy == pytest.approx(
+        0.45
+    )  # utilization.gpu: mean over the last second, rounded %
 
 
 def test_gpm_is_not_available_on_a100() -> None:
@@ -110,7 +118,9 @@ def test_gpm_is_not_available_on_a100() -> None:
 
 
 def test_gpu_lost_mid_run_is_reported_lost_while_others_keep_reporting() -> None:
-    backend, _, clock = make(ONE_NODE + '\n[[fault]]\nkind = "gpu_lost"\nnode = 0\ngpu = 1\nat = 5\n')
+    backend, _, clock = make(
+        ONE_NODE + '\n[[fault]]\nkind = "gpu_lost"\nnode = 0\ngpu = 1\nat = 5\n'
+    )
     backend.open()
     clock.advance(1.0)
     assert [r.status for r in backend.read()] == [GPU_OK] * 4
@@ -141,7 +151,10 @@ def test_unsupported_field_is_not_available_and_not_asked_again() -> None:
     backend.open()
     clock.advance(1.0)
     first = backend.read()
-    assert all(r.power_watts == NotAvailable("not supported", pynvml.NVML_ERROR_NOT_SUPPORTED) for r in first)
+    assert all(
+        r.power_watts == NotAvailable("not supported", pynvml.NVML_ERROR_NOT_SUPPORTED)
+        for r in first
+    )
     assert first[0].busy == 0.9 and first[0].status == GPU_OK
     calls = lib.calls
     clock.advance(1.0)
@@ -157,18 +170,25 @@ def test_unsupported_field_is_not_available_and_not_asked_again() -> None:
 
 
 def test_no_permission_on_one_field() -> None:
-    toml = ONE_NODE + '\n[[fault]]\nkind = "no_permission"\nfunction = "nvmlDeviceGetComputeRunningProcesses"\ngpu = 0\n'
+    toml = (
+        ONE_NODE
+        + '\n[[fault]]\nkind = "no_permission"\nfunction = "nvmlDeviceGetComputeRunningProcesses"\ngpu = 0\n'
+    )
     backend, _, clock = make(toml)
     backend.open()
     clock.advance(1.0)
     readings = backend.read()
-    assert readings[0].process_count == NotAvailable("no permission", pynvml.NVML_ERROR_NO_PERMISSION)
+    assert readings[0].process_count == NotAvailable(
+        "no permission", pynvml.NVML_ERROR_NO_PERMISSION
+    )
     assert readings[1].process_count == 1
 
 
 def test_no_driver_gives_a_clear_message() -> None:
     backend, _, _ = make(ONE_NODE + '\n[[fault]]\nkind = "no_driver"\n')
-    with pytest.raises(NvmlUnavailableError, match="NVIDIA driver is not installed.*--backend mock"):
+    with pytest.raises(
+        NvmlUnavailableError, match=r"NVIDIA driver is not installed.*--backend mock"
+    ):
         backend.open()
 
 

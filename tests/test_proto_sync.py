@@ -33,6 +33,8 @@ def test_generated_code_matches_proto_sources(tmp_path: Path) -> None:
     for name in generated:
         committed = PROTO_ROOT / name
         assert committed.exists(), f"{name} is generated but not committed: run scripts/gen-proto"
-        assert committed.read_bytes() == (tmp_path / name).read_bytes(), f"{name} is out of date: run scripts/gen-proto"
+        assert committed.read_bytes() == (tmp_path / name).read_bytes(), (
+            f"{name} is out of date: run scripts/gen-proto"
+        )
     committed_generated = sorted(p.relative_to(PROTO_ROOT) for p in PROTO_ROOT.rglob("*_pb2*.py*"))
     assert committed_generated == generated, "stale generated files without a .proto source"

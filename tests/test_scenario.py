@@ -6,7 +6,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from gputally.agent import scenario
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,15 +56,42 @@ def test_workloads_at_different_times_share_gpus() -> None:
     [
         ("", "missing \\[cluster\\]"),
         ("[cluster]\nnodes = 0\ngpus_per_node = 8", "cluster.nodes: must be >= 1"),
-        ("[cluster]\nnodes = 1\ngpus_per_node = 8\ngpu_model = 'GTX 480'", "unknown model 'GTX 480'"),
-        ("[cluster]\nnodes = 1\ngpus_per_node = 8\n[[workload]]\nshare = 1.5", "share: must be <= 1"),
-        ("[cluster]\nnodes = 1\ngpus_per_node = 8\n[[workload]]\ngpus = 9", "needs 9 GPUs but only 8"),
-        ("[cluster]\nnodes = 1\ngpus_per_node = 8\n[[workload]]\ngpus = 1\nkind = 'spin'", "unknown kind 'spin'"),
-        ("[cluster]\nnodes = 1\ngpus_per_node = 8\n[[workload]]\ngpus = 1\nbusy = 0.2\nsm_active = 0.5", "cannot exceed busy"),
-        ("[cluster]\nnodes = 1\ngpus_per_node = 8\n[[workload]]\ngpus = 1\nbussy = 0.2", "unknown key\\(s\\) bussy"),
-        ("[cluster]\nnodes = 1\ngpus_per_node = 8\n[[workload]]\nshare = 0.5\ngpus = 2", "exactly one of"),
-        ("[cluster]\nnodes = 1\ngpus_per_node = 8\n[[fault]]\nkind = 'gpu_lost'\nnode = 3", "node: 3 is out of range"),
-        ("[cluster]\nnodes = 1\ngpus_per_node = 8\n[[fault]]\nkind = 'unsupported'", "name the pynvml function"),
+        (
+            "[cluster]\nnodes = 1\ngpus_per_node = 8\ngpu_model = 'GTX 480'",
+            "unknown model 'GTX 480'",
+        ),
+        (
+            "[cluster]\nnodes = 1\ngpus_per_node = 8\n[[workload]]\nshare = 1.5",
+            "share: must be <= 1",
+        ),
+        (
+            "[cluster]\nnodes = 1\ngpus_per_node = 8\n[[workload]]\ngpus = 9",
+            "needs 9 GPUs but only 8",
+        ),
+        (
+            "[cluster]\nnodes = 1\ngpus_per_node = 8\n[[workload]]\ngpus = 1\nkind = 'spin'",
+            "unknown kind 'spin'",
+        ),
+        (
+            "[cluster]\nnodes = 1\ngpus_per_node = 8\n[[workload]]\ngpus = 1\nbusy = 0.2\nsm_active = 0.5",
+            "cannot exceed busy",
+        ),
+        (
+            "[cluster]\nnodes = 1\ngpus_per_node = 8\n[[workload]]\ngpus = 1\nbussy = 0.2",
+            "unknown key\\(s\\) bussy",
+        ),
+        (
+            "[cluster]\nnodes = 1\ngpus_per_node = 8\n[[workload]]\nshare = 0.5\ngpus = 2",
+            "exactly one of",
+        ),
+        (
+            "[cluster]\nnodes = 1\ngpus_per_node = 8\n[[fault]]\nkind = 'gpu_lost'\nnode = 3",
+            "node: 3 is out of range",
+        ),
+        (
+            "[cluster]\nnodes = 1\ngpus_per_node = 8\n[[fault]]\nkind = 'unsupported'",
+            "name the pynvml function",
+        ),
     ],
 )
 def test_bad_scenarios_say_what_is_wrong(text: str, message: str) -> None:
@@ -78,5 +104,5 @@ def test_unreadable_files_are_reported_with_their_path(tmp_path: Path) -> None:
         scenario.load(tmp_path / "nope.toml")
     broken = tmp_path / "broken.toml"
     broken.write_text("[cluster\n")
-    with pytest.raises(scenario.ScenarioError, match="broken.toml: not valid TOML"):
+    with pytest.raises(scenario.ScenarioError, match=r"broken\.toml: not valid TOML"):
         scenario.load(broken)

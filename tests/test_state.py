@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from gputally.collector.state import ClusterState, InvalidMessageError
 from gputally.v1 import telemetry_pb2 as pb
 
@@ -14,16 +13,25 @@ def hello(node: str = "n1", gpus: int = 2, instance: int = 1) -> pb.Hello:
     return pb.Hello(
         node=node,
         instance_id=instance,
-        gpus=[pb.GpuIdentity(index=i, uuid=f"GPU-{node}-{i}", model="NVIDIA H100 80GB HBM3") for i in range(gpus)],
+        gpus=[
+            pb.GpuIdentity(index=i, uuid=f"GPU-{node}-{i}", model="NVIDIA H100 80GB HBM3")
+            for i in range(gpus)
+        ],
     )
 
 
 def report(seq: int, t: float, *samples: pb.GpuSample, interval: float = 1.0) -> pb.Report:
-    return pb.Report(seq=seq, time_unix_nano=int(t * 1e9), interval_seconds=interval, gpus=list(samples))
+    return pb.Report(
+        seq=seq, time_unix_nano=int(t * 1e9), interval_seconds=interval, gpus=list(samples)
+    )
 
 
-def gpu(index: int, busy: float, sm: float | None = None, procs: int = 1, energy: int | None = None) -> pb.GpuSample:
-    sample = pb.GpuSample(index=index, status=pb.GPU_STATUS_OK, busy=busy, process_count=procs, power_watts=100.0)
+def gpu(
+    index: int, busy: float, sm: float | None = None, procs: int = 1, energy: int | None = None
+) -> pb.GpuSample:
+    sample = pb.GpuSample(
+        index=index, status=pb.GPU_STATUS_OK, busy=busy, process_count=procs, power_watts=100.0
+    )
     if sm is not None:
         sample.sm_active = sm
     if energy is not None:
@@ -31,7 +39,13 @@ def gpu(index: int, busy: float, sm: float | None = None, procs: int = 1, energy
     return sample
 
 
-def feed(state: ClusterState, node: str, seconds: int, *values: tuple[float, float | None], start_seq: int = 1) -> None:
+def feed(
+    state: ClusterState,
+    node: str,
+    seconds: int,
+    *values: tuple[float, float | None],
+    start_seq: int = 1,
+) -> None:
     for k in range(seconds):
         t = T0 + k + 1
         samples = [gpu(i, busy, sm, procs=int(busy > 0)) for i, (busy, sm) in enumerate(values)]
@@ -161,8 +175,17 @@ def test_bad_reports_are_rejected_whole_and_change_nothing(bad: pb.Report, messa
     [
         (pb.Hello(node=""), "node name is empty"),
         (pb.Hello(node="a b"), "without spaces"),
-        (pb.Hello(node="n", gpus=[pb.GpuIdentity(index=0), pb.GpuIdentity(index=0)]), "indices repeat"),
-        (pb.Hello(node="n", gpus=[pb.GpuIdentity(index=0, uuid="U"), pb.GpuIdentity(index=1, uuid="U")]), "UUIDs repeat"),
+        (
+            pb.Hello(node="n", gpus=[pb.GpuIdentity(index=0), pb.GpuIdentity(index=0)]),
+            "indices repeat",
+        ),
+        (
+            pb.Hello(
+                node="n",
+                gpus=[pb.GpuIdentity(index=0, uuid="U"), pb.GpuIdentity(index=1, uuid="U")],
+            ),
+            "UUIDs repeat",
+        ),
     ],
 )
 def test_bad_hellos_are_refused(msg: pb.Hello, message: str) -> None:

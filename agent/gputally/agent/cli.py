@@ -43,7 +43,8 @@ class _Formatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -91,7 +92,9 @@ def _convert(action: argparse.Action, raw: Any, source: str) -> Any:
             return False
         raise ConfigError(f"{source}: expected true or false, got {raw!r}")
     value = raw
-    if action.type is not None and not (isinstance(raw, int | float) and action.type in (int, float)):
+    if action.type is not None and not (
+        isinstance(raw, int | float) and action.type in (int, float)
+    ):
         try:
             value = action.type(raw)  # type: ignore[operator]
         except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
@@ -99,11 +102,15 @@ def _convert(action: argparse.Action, raw: Any, source: str) -> Any:
     elif isinstance(raw, int | float) and action.type is float:
         value = float(raw)
     if action.choices is not None and value not in action.choices:
-        raise ConfigError(f"{source}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+        raise ConfigError(
+            f"{source}: {value!r} is not one of {', '.join(map(str, action.choices))}"
+        )
     return value
 
 
-def config_defaults(parser: argparse.ArgumentParser, command: str, config: str | None) -> dict[str, Any]:
+def config_defaults(
+    parser: argparse.ArgumentParser, command: str, config: str | None
+) -> dict[str, Any]:
     """Defaults for one subcommand from its TOML file and the environment."""
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in _COMMON}
     values: dict[str, Any] = {}
@@ -121,7 +128,9 @@ def config_defaults(parser: argparse.ArgumentParser, command: str, config: str |
                 continue  # another command's table
             dest = key.replace("-", "_")
             if dest not in actions:
-                raise ConfigError(f"{path}: unknown key {key!r} for `gputally {command}`; see `gputally {command} --help`")
+                raise ConfigError(
+                    f"{path}: unknown key {key!r} for `gputally {command}`; see `gputally {command} --help`"
+                )
             values[dest] = _convert(actions[dest], raw, f"{path}: {key}")
     prefix = f"GPUTALLY_{command.upper()}_"
     for dest, action in actions.items():
@@ -133,10 +142,25 @@ def config_defaults(parser: argparse.ArgumentParser, command: str, config: str |
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("configuration and logging")
-    group.add_argument("--config", metavar="FILE", help="TOML file of option values (keys as the long option names)")
-    group.add_argument("--print-config", action="store_true", help="print the effective configuration as TOML and exit")
-    group.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="default: %(default)s")
-    group.add_argument("--log-format", default="logfmt", choices=["logfmt", "json"], help="default: %(default)s")
+    group.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file of option values (keys as the long option names)",
+    )
+    group.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration as TOML and exit",
+    )
+    group.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="default: %(default)s",
+    )
+    group.add_argument(
+        "--log-format", default="logfmt", choices=["logfmt", "json"], help="default: %(default)s"
+    )
 
 
 def _print_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -205,7 +229,11 @@ def _positive(text: str) -> float:
 
 
 def _add_mock_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scenario", metavar="FILE", help="scenario TOML for the mock (default: the built-in 4x8 H100 example)")
+    parser.add_argument(
+        "--scenario",
+        metavar="FILE",
+        help="scenario TOML for the mock (default: the built-in 4x8 H100 example)",
+    )
 
 
 def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
@@ -216,15 +244,55 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         "stream the readings to the collector. Sampling never waits for the network: reports queue in "
         "a bounded outbox (--buffer-reports) while the collector is away.",
     )
-    agent.add_argument("--backend", choices=["nvml", "mock"], default="nvml", help="nvml: real GPUs; mock: a simulated node (default: %(default)s)")
+    agent.add_argument(
+        "--backend",
+        choices=["nvml", "mock"],
+        default="nvml",
+        help="nvml: real GPUs; mock: a simulated node (default: %(default)s)",
+    )
     _add_mock_options(agent)
-    agent.add_argument("--mock-node", type=int, default=0, metavar="N", help="which node of the scenario the mock plays (default: %(default)s)")
-    agent.add_argument("--node", help="node name sent to the collector (default: the hostname; with the mock, the scenario's node name)")
-    agent.add_argument("--collector", default=DEFAULT_COLLECTOR, metavar="HOST:PORT", help="collector gRPC address (default: %(default)s)")
-    agent.add_argument("--interval", type=_positive, default=1.0, metavar="SECONDS", help="sampling interval (default: %(default)s)")
-    agent.add_argument("--buffer-reports", type=int, default=3600, metavar="N", help="reports kept while the collector is unreachable (default: %(default)s)")
-    agent.add_argument("--duration", type=_positive, metavar="SECONDS", help="stop after this long (default: run until interrupted)")
-    agent.add_argument("--once", action="store_true", help="read every GPU once, print the readings and exit (no collector needed)")
+    agent.add_argument(
+        "--mock-node",
+        type=int,
+        default=0,
+        metavar="N",
+        help="which node of the scenario the mock plays (default: %(default)s)",
+    )
+    agent.add_argument(
+        "--node",
+        help="node name sent to the collector (default: the hostname; with the mock, the scenario's node name)",
+    )
+    agent.add_argument(
+        "--collector",
+        default=DEFAULT_COLLECTOR,
+        metavar="HOST:PORT",
+        help="collector gRPC address (default: %(default)s)",
+    )
+    agent.add_argument(
+        "--interval",
+        type=_positive,
+        default=1.0,
+        metavar="SECONDS",
+        help="sampling interval (default: %(default)s)",
+    )
+    agent.add_argument(
+        "--buffer-reports",
+        type=int,
+        default=3600,
+        metavar="N",
+        help="reports kept while the collector is unreachable (default: %(default)s)",
+    )
+    agent.add_argument(
+        "--duration",
+        type=_positive,
+        metavar="SECONDS",
+        help="stop after this long (default: run until interrupted)",
+    )
+    agent.add_argument(
+        "--once",
+        action="store_true",
+        help="read every GPU once, print the readings and exit (no collector needed)",
+    )
     agent.add_argument("--json", action="store_true", help="with --once: print JSON")
     agent.set_defaults(handler=_run_agent)
 
@@ -235,9 +303,25 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         "stream to the collector, exactly as real agents would.",
     )
     _add_mock_options(simulate)
-    simulate.add_argument("--collector", default=DEFAULT_COLLECTOR, metavar="HOST:PORT", help="collector gRPC address (default: %(default)s)")
-    simulate.add_argument("--duration", type=_positive, metavar="SECONDS", help="stop after this long (default: run until interrupted)")
-    simulate.add_argument("--interval", type=_positive, default=1.0, metavar="SECONDS", help="sampling interval (default: %(default)s)")
+    simulate.add_argument(
+        "--collector",
+        default=DEFAULT_COLLECTOR,
+        metavar="HOST:PORT",
+        help="collector gRPC address (default: %(default)s)",
+    )
+    simulate.add_argument(
+        "--duration",
+        type=_positive,
+        metavar="SECONDS",
+        help="stop after this long (default: run until interrupted)",
+    )
+    simulate.add_argument(
+        "--interval",
+        type=_positive,
+        default=1.0,
+        metavar="SECONDS",
+        help="sampling interval (default: %(default)s)",
+    )
     simulate.set_defaults(handler=_run_simulate)
 
     demo = sub.add_parser(
@@ -247,12 +331,37 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         "live in the terminal, read from the collector's /metrics exactly as Prometheus would.",
     )
     _add_mock_options(demo)
-    demo.add_argument("--duration", type=_positive, default=None, metavar="SECONDS", help="stop after this long (default: until Ctrl-C)")
-    demo.add_argument("--window", type=_positive, default=10.0, metavar="SECONDS", help="the collector's live window (default: %(default)s)")
-    demo.add_argument("--expected-gpus", type=int, metavar="N", help="declared inventory (default: the scenario's GPU count)")
-    demo.add_argument("--grpc-port", type=int, default=0, help="collector gRPC port (default: a free port)")
-    demo.add_argument("--metrics-port", type=int, default=0, help="collector /metrics port (default: a free port)")
-    demo.add_argument("--plain", action="store_true", help="print a line per update instead of redrawing the screen")
+    demo.add_argument(
+        "--duration",
+        type=_positive,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this long (default: until Ctrl-C)",
+    )
+    demo.add_argument(
+        "--window",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="the collector's live window (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--expected-gpus",
+        type=int,
+        metavar="N",
+        help="declared inventory (default: the scenario's GPU count)",
+    )
+    demo.add_argument(
+        "--grpc-port", type=int, default=0, help="collector gRPC port (default: a free port)"
+    )
+    demo.add_argument(
+        "--metrics-port", type=int, default=0, help="collector /metrics port (default: a free port)"
+    )
+    demo.add_argument(
+        "--plain",
+        action="store_true",
+        help="print a line per update instead of redrawing the screen",
+    )
     demo.set_defaults(handler=_run_demo)
     return {"agent": agent, "simulate": simulate, "demo": demo}
 
@@ -296,9 +405,16 @@ def _run_agent(args: argparse.Namespace) -> int:
         return _fail(str(error))
     try:
         if args.once:
-            time.sleep(min(args.interval, 1.0))  # GPM and utilization need a short span to average over
+            time.sleep(
+                min(args.interval, 1.0)
+            )  # GPM and utilization need a short span to average over
             readings = backend.read()
-            data = {"node": sampler.node, "backend": args.backend, "driver_version": backend.driver_version, **snapshot(inventory, readings)}
+            data = {
+                "node": sampler.node,
+                "backend": args.backend,
+                "driver_version": backend.driver_version,
+                **snapshot(inventory, readings),
+            }
             if args.json:
                 print(json.dumps(data, indent=2))
             else:
@@ -312,7 +428,12 @@ def _run_agent(args: argparse.Namespace) -> int:
             sample_in_thread=args.backend == "nvml",
             sender_options={"max_buffer": args.buffer_reports},
         )
-        log.info("agent started", extra={"kv": {"node": sampler.node, "gpus": len(inventory), "collector": args.collector}})
+        log.info(
+            "agent started",
+            extra={
+                "kv": {"node": sampler.node, "gpus": len(inventory), "collector": args.collector}
+            },
+        )
         asyncio.run(agent.run(duration=args.duration))
         return 0
     finally:
@@ -327,9 +448,17 @@ def _run_simulate(args: argparse.Namespace) -> int:
         sc = _load_scenario(args.scenario)
     except ScenarioError as error:
         return _fail(str(error))
-    print(f"simulating {sc.nodes} nodes x {sc.gpus_per_node} GPUs ({sc.gpu_model}) -> {args.collector}", file=sys.stderr)
-    stats = asyncio.run(run_fleet(sc, args.collector, duration=args.duration, interval=args.interval))
-    print(f"sent {stats.reports} reports from {stats.nodes} nodes; acknowledged {stats.acked}, dropped {stats.dropped}", file=sys.stderr)
+    print(
+        f"simulating {sc.nodes} nodes x {sc.gpus_per_node} GPUs ({sc.gpu_model}) -> {args.collector}",
+        file=sys.stderr,
+    )
+    stats = asyncio.run(
+        run_fleet(sc, args.collector, duration=args.duration, interval=args.interval)
+    )
+    print(
+        f"sent {stats.reports} reports from {stats.nodes} nodes; acknowledged {stats.acked}, dropped {stats.dropped}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -59,7 +59,9 @@ def scrape(url: str, timeout: float = 2.0) -> dict[str, dict[tuple[tuple[str, st
     return out
 
 
-def _get(metrics: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, **labels: str) -> float:
+def _get(
+    metrics: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, **labels: str
+) -> float:
     return metrics.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
 
 
@@ -68,13 +70,19 @@ def _bar(ratio: float, width: int = 30) -> str:
     return "#" * filled + "." * (width - filled)
 
 
-def render(metrics: dict[str, dict[tuple[tuple[str, str], ...], float]], url: str, elapsed: float, scenario: Scenario) -> str:
+def render(
+    metrics: dict[str, dict[tuple[tuple[str, str], ...], float]],
+    url: str,
+    elapsed: float,
+    scenario: Scenario,
+) -> str:
     expected = int(_get(metrics, "gputally_cluster_gpus", state="expected"))
     reporting = int(_get(metrics, "gputally_cluster_gpus", state="reporting"))
     lost = int(_get(metrics, "gputally_cluster_gpus", state="lost"))
     window = _get(metrics, "gputally_cluster_window_seconds")
     lines = [
-        f"gputally demo - {scenario.name}: {scenario.nodes} nodes x {scenario.gpus_per_node} {scenario.gpu_model}   t={elapsed:5.0f}s",
+        f"gputally demo - {scenario.name}: {scenario.nodes} nodes x {scenario.gpus_per_node} "
+        f"{scenario.gpu_model}   t={elapsed:5.0f}s",
         f"metrics: {url}",
         "",
         f"GPUs: expected {expected}  reporting {reporting}  lost {lost}   "
@@ -87,16 +95,25 @@ def render(metrics: dict[str, dict[tuple[tuple[str, str], ...], float]], url: st
         lines.append(f"  {_LABELS[measure]:<28} {ratio:6.1%}  [{_bar(ratio)}]")
     power = _get(metrics, "gputally_cluster_power_watts")
     energy = _get(metrics, "gputally_cluster_energy_joules_total")
-    lines += ["", f"power now {power / 1000:7.2f} kW    energy so far {energy / 3.6e6:8.4f} kWh", "", "  node          up   busy  SM act  alloc"]
+    lines += [
+        "",
+        f"power now {power / 1000:7.2f} kW    energy so far {energy / 3.6e6:8.4f} kWh",
+        "",
+        "  node          up   busy  SM act  alloc",
+    ]
     nodes = sorted({dict(k)["node"] for k in metrics.get("gputally_node_up", {})})
     for node in nodes[:16]:
         up = "yes" if _get(metrics, "gputally_node_up", node=node) else "NO "
-        figures = [_get(metrics, "gputally_node_utilization_ratio", node=node, measure=m) for m in MEASURES]
+        figures = [
+            _get(metrics, "gputally_node_utilization_ratio", node=node, measure=m) for m in MEASURES
+        ]
         lines.append(f"  {node:<12} {up}  {figures[0]:5.1%}  {figures[1]:5.1%}  {figures[2]:5.1%}")
     if len(nodes) > 16:
         lines.append(f"  ... and {len(nodes) - 16} more nodes")
     if elapsed < window + 3:
-        lines.append(f"\n(the live window is still filling: figures rise for the first {window:.0f}s)")
+        lines.append(
+            f"\n(the live window is still filling: figures rise for the first {window:.0f}s)"
+        )
     return "\n".join(lines)
 
 
@@ -117,7 +134,9 @@ def run_demo(scenario: Scenario, args: argparse.Namespace) -> int:
     collector = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         if not _wait_ready(f"http://127.0.0.1:{metrics_port}/readyz", collector, 15.0):
-            err = collector.stderr.read() if collector.stderr and collector.poll() is not None else ""
+            err = (
+                collector.stderr.read() if collector.stderr and collector.poll() is not None else ""
+            )
             print(f"gputally demo: the collector did not start: {err.strip()}", file=sys.stderr)
             return 1
         interactive = sys.stdout.isatty() and not args.plain
@@ -133,15 +152,16 @@ def run_demo(scenario: Scenario, args: argparse.Namespace) -> int:
 def _wait_ready(url: str, process: subprocess.Popen[str], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
-        with contextlib.suppress(urllib.error.URLError, OSError):
-            with urllib.request.urlopen(url, timeout=1.0) as response:
-                if response.status == 200:
-                    return True
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1.0) as response:
+            if response.status == 200:
+                return True
         time.sleep(0.1)
     return False
 
 
-async def _watch(scenario: Scenario, args: argparse.Namespace, target: str, url: str, interactive: bool) -> int:
+async def _watch(
+    scenario: Scenario, args: argparse.Namespace, target: str, url: str, interactive: bool
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -151,7 +171,10 @@ async def _watch(scenario: Scenario, args: argparse.Namespace, target: str, url:
     started = time.monotonic()
     screen = ""
     if not interactive:
-        print(f"gputally demo: collector metrics at {url}; simulating {scenario.total_gpus} GPUs", flush=True)
+        print(
+            f"gputally demo: collector metrics at {url}; simulating {scenario.total_gpus} GPUs",
+            flush=True,
+        )
     while not fleet.done():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(fleet), 1.0)
@@ -171,7 +194,11 @@ async def _watch(scenario: Scenario, args: argparse.Namespace, target: str, url:
             sm = _get(metrics, "gputally_cluster_utilization_ratio", measure="sm_active")
             alloc = _get(metrics, "gputally_cluster_utilization_ratio", measure="allocated")
             reporting = int(_get(metrics, "gputally_cluster_gpus", state="reporting"))
-            print(f"t={time.monotonic() - started:5.1f}s reporting={reporting} busy={busy:.3f} sm_active={sm:.3f} allocated={alloc:.3f}", flush=True)
+            print(
+                f"t={time.monotonic() - started:5.1f}s reporting={reporting} "
+                f"busy={busy:.3f} sm_active={sm:.3f} allocated={alloc:.3f}",
+                flush=True,
+            )
     stats = fleet.result()
     if not interactive and screen:
         print("\n" + screen)
@@ -182,4 +209,3 @@ async def _watch(scenario: Scenario, args: argparse.Namespace, target: str, url:
         flush=True,
     )
     return 0
-

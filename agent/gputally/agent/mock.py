@@ -19,6 +19,7 @@ import itertools
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from types import SimpleNamespace
 from typing import Any
 
@@ -84,7 +85,7 @@ class MockNVML:
         self.initialised = False
         self.calls = 0  # every call made, for tests of the backend's call discipline
         count = scenario.gpus_per_node
-        self._energy_mj = [self._energy_offset(i) for i in range(count)]
+        self._energy_mj: list[float] = [float(self._energy_offset(i)) for i in range(count)]
         self._energy_t = [self.start] * count
         self._gpm_addresses = itertools.count(0x1000, 0x10)
         self._gpm_samples: dict[int, tuple[int, float] | None] = {}
@@ -197,7 +198,9 @@ class MockNVML:
         gpu = self._gpu("nvmlDeviceGetPciInfo", handle)
         bus = _PCI_BUSES[gpu % len(_PCI_BUSES)] + gpu // len(_PCI_BUSES)
         # NVML's struct holds char arrays, which pynvml hands back as bytes.
-        return SimpleNamespace(busId=f"00000000:{bus:02X}:00.0".encode(), domain=0, bus=bus, device=0)
+        return SimpleNamespace(
+            busId=f"00000000:{bus:02X}:00.0".encode(), domain=0, bus=bus, device=0
+        )
 
     # -- telemetry -------------------------------------------------------------------------
 
@@ -205,7 +208,9 @@ class MockNVML:
         gpu = self._gpu("nvmlDeviceGetMemoryInfo", handle)
         total = self.profile.memory_total_mib * 2**20
         load = self._load(gpu, self._t())
-        used = self.profile.reserved_mib * 2**20 + int(load.memory_fraction * (total - self.profile.reserved_mib * 2**20))
+        used = self.profile.reserved_mib * 2**20 + int(
+            load.memory_fraction * (total - self.profile.reserved_mib * 2**20)
+        )
         return SimpleNamespace(total=total, used=used, free=total - used)
 
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> SimpleNamespace:
@@ -322,6 +327,6 @@ class MockNVML:
             if name is None:
                 metric.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
                 continue
-            metric.value = 100.0 * self._mean(gpu, lambda load, n=name: float(getattr(load, n)), t0, t1)
+            metric.value = 100.0 * self._mean(gpu, attrgetter(name), t0, t1)
             metric.nvmlReturn = pynvml.NVML_SUCCESS
         return request

@@ -204,7 +204,9 @@ class NvmlBackend:
 
     name = "nvml"
 
-    def __init__(self, lib: NvmlLibrary | None = None, *, monotonic: Callable[[], float] | None = None):
+    def __init__(
+        self, lib: NvmlLibrary | None = None, *, monotonic: Callable[[], float] | None = None
+    ):
         self._lib: Any = lib if lib is not None else pynvml
         self._monotonic = monotonic or time.monotonic
         self._gpus: list[_Gpu] = []
@@ -411,7 +413,9 @@ def _init_failure_message(error: pynvml.NVMLError) -> str:
     if code == pynvml.NVML_ERROR_NO_PERMISSION:
         return "no permission to open the NVIDIA devices (/dev/nvidia*); run as a user in the video group."
     if code == pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH:
-        return "the NVML library and the kernel driver versions differ; reload the driver or reboot."
+        return (
+            "the NVML library and the kernel driver versions differ; reload the driver or reboot."
+        )
     return f"NVML could not be initialised: {error}"
 
 

@@ -149,6 +149,9 @@ class Scenario:
         return self.assignment.get(node * self.gpus_per_node + gpu, ())
 
     def load_at(self, node: int, gpu: int, t: float) -> Load:
+        # Before the scenario starts the cluster is as it is at its start: a job that runs
+        # at t=0 was already running when the agent came up.
+        t = max(t, 0.0)
         for workload in self.workloads_of(node, gpu):
             if workload.active(t):
                 return workload.load
@@ -189,7 +192,9 @@ def _integer(value: Any, where: str, *, low: int = 0) -> int:
 def _unknown(table: dict[str, Any], allowed: set[str], where: str) -> None:
     extra = sorted(set(table) - allowed)
     if extra:
-        raise ScenarioError(f"{where}: unknown key(s) {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}")
+        raise ScenarioError(
+            f"{where}: unknown key(s) {', '.join(extra)}; allowed: {', '.join(sorted(allowed))}"
+        )
 
 
 def _parse_workload(index: int, raw: Any, total: int) -> Workload:
@@ -199,9 +204,13 @@ def _parse_workload(index: int, raw: Any, total: int) -> Workload:
     _unknown(raw, _WORKLOAD_KEYS, where)
     kind = raw.get("kind", "steady")
     if kind not in KIND_DEFAULTS:
-        raise ScenarioError(f"{where}.kind: unknown kind {kind!r}; known: {', '.join(KIND_DEFAULTS)}")
+        raise ScenarioError(
+            f"{where}.kind: unknown kind {kind!r}; known: {', '.join(KIND_DEFAULTS)}"
+        )
     if ("share" in raw) == ("gpus" in raw):
-        raise ScenarioError(f"{where}: give exactly one of `share` (a fraction) or `gpus` (a count)")
+        raise ScenarioError(
+            f"{where}: give exactly one of `share` (a fraction) or `gpus` (a count)"
+        )
     if "share" in raw:
         share = _number(raw["share"], f"{where}.share", high=1.0)
         count = round(share * total)
@@ -250,7 +259,9 @@ def _parse_fault(index: int, raw: Any, nodes: int, gpus_per_node: int) -> Fault:
         raise ScenarioError(f"{where}.gpu: {gpu} is out of range ({gpus_per_node} GPUs per node)")
     function = str(raw.get("function", ""))
     if kind in ("unsupported", "no_permission") and not function.startswith("nvml"):
-        raise ScenarioError(f"{where}.function: name the pynvml function, e.g. 'nvmlDeviceGetPowerUsage'")
+        raise ScenarioError(
+            f"{where}.function: name the pynvml function, e.g. 'nvmlDeviceGetPowerUsage'"
+        )
     at = _number(raw.get("at", 0.0), f"{where}.at")
     until = _number(raw["until"], f"{where}.until") if "until" in raw else math.inf
     if until <= at:
@@ -287,7 +298,9 @@ def parse(data: dict[str, Any], *, name: str = "scenario") -> Scenario:
     gpus_per_node = _integer(cluster.get("gpus_per_node"), "cluster.gpus_per_node", low=1)
     model = cluster.get("gpu_model", "NVIDIA H100 80GB HBM3")
     if model not in MODELS:
-        raise ScenarioError(f"cluster.gpu_model: unknown model {model!r}; known: {', '.join(MODELS)}")
+        raise ScenarioError(
+            f"cluster.gpu_model: unknown model {model!r}; known: {', '.join(MODELS)}"
+        )
     total = nodes * gpus_per_node
     raw_workloads = data.get("workload", [])
     raw_faults = data.get("fault", [])

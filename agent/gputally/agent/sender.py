@@ -14,11 +14,11 @@ import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
-
 from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1 import telemetry_pb2_grpc as pb_grpc
 
@@ -82,7 +82,7 @@ class Sender:
         self._wakeup = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
-        self._stopping = False
+        self._stop = asyncio.Event()  # an Event, not a bool: it changes while we await
         self.stats = SenderStats()
 
     # -- producer side ---------------------------------------------------------------------
@@ -104,7 +104,7 @@ class Sender:
         return not self.outbox
 
     def stop(self) -> None:
-        self._stopping = True
+        self._stop.set()
         self._wakeup.set()
 
     # -- stream side -----------------------------------------------------------------------
@@ -112,7 +112,7 @@ class Sender:
     async def run(self) -> None:
         """Keep a stream open until stop(); reconnect with capped, jittered backoff."""
         failures = 0
-        while not self._stopping:
+        while not self._stop.is_set():
             welcomed = False
             try:
                 welcomed = await self._session()
@@ -122,7 +122,10 @@ class Sender:
                 self.stats.last_error = str(error)
                 self.stats.refused = True
                 failures = 1 << 20
-                log.error("collector refused this agent", extra={"kv": {"collector": self.target, "error": str(error)}})
+                log.error(
+                    "collector refused this agent",
+                    extra={"kv": {"collector": self.target, "error": str(error)}},
+                )
             except grpc.aio.AioRpcError as error:
                 self.stats.last_error = f"{error.code().name}: {error.details()}"
                 log.warning(
@@ -131,17 +134,19 @@ class Sender:
                 )
             finally:
                 self.stats.connected = False
-            if self._stopping:
+            if self._stop.is_set():
                 break
             failures = 1 if welcomed else min(failures + 1, 1 << 20)
             cap = min(self.backoff_max, self.backoff_initial * 2 ** min(failures - 1, 30))
-            delay = cap / 2 + self._rng.uniform(0, cap / 2)  # jitter: agents don't reconnect in lockstep
+            delay = cap / 2 + self._rng.uniform(
+                0, cap / 2
+            )  # jitter: agents don't reconnect in lockstep
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wait_stop(), delay)
 
     async def _wait_stop(self) -> None:
-        while not self._stopping:
+        while not self._stop.is_set():
             self._wakeup.clear()
             await self._wakeup.wait()
 
@@ -153,11 +158,18 @@ class Sender:
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as error:
-                if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
-                    raise CollectorRejectedError(f"{error.code().name}: {error.details()}") from None
+                if error.code() in (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                ):
+                    raise CollectorRejectedError(
+                        f"{error.code().name}: {error.details()}"
+                    ) from None
                 raise
             if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
-                raise CollectorRejectedError("the collector did not answer the hello with a welcome")
+                raise CollectorRejectedError(
+                    "the collector did not answer the hello with a welcome"
+                )
             self.stats.connects += 1
             self.stats.connected = True
             self.stats.last_error = ""
@@ -174,8 +186,10 @@ class Sender:
                 call.cancel()
             return True
 
-    async def _write_loop(self, call: grpc.aio.StreamStreamCall, reader: asyncio.Future[None]) -> None:
-        while not self._stopping:
+    async def _write_loop(
+        self, call: grpc.aio.StreamStreamCall, reader: asyncio.Future[None]
+    ) -> None:
+        while not self._stop.is_set():
             batch = [r for r in self.outbox if r.seq > self._sent_upto][: self.max_batch]
             if batch:
                 await call.write(pb.AgentMessage(batch=pb.ReportBatch(reports=batch)))
@@ -183,13 +197,17 @@ class Sender:
                 self.stats.sent += len(batch)
                 continue
             self._wakeup.clear()
-            waiter = asyncio.ensure_future(self._wakeup.wait())
-            done, _ = await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+            waiter: asyncio.Future[Any] = asyncio.ensure_future(self._wakeup.wait())
+            both: set[asyncio.Future[Any]] = {waiter, reader}
+            done, _ = await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             if reader in done:
                 reader.result()  # raises the stream's error, if any
                 raise grpc.aio.AioRpcError(
-                    grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "collector closed the stream"
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    "collector closed the stream",
                 )
 
     async def _read_acks(self, call: grpc.aio.StreamStreamCall) -> None:
@@ -200,8 +218,8 @@ class Sender:
             if message.WhichOneof("body") == "ack":
                 self._on_ack(message.ack.acked_seq, message.ack.rejections)
 
-    def _on_ack(self, acked_seq: int, rejections: object) -> None:
-        for rejection in rejections:  # type: ignore[attr-defined]
+    def _on_ack(self, acked_seq: int, rejections: Iterable[pb.Rejection]) -> None:
+        for rejection in rejections:
             self.stats.rejected += 1
             log.error(
                 "collector rejected a report",

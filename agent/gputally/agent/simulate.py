@@ -47,7 +47,13 @@ def build_fleet(
             return any(f.at <= now - start < f.until for f in outages)
 
         agents.append(
-            NodeAgent(sampler, collector, backend_name="mock", sample_in_thread=False, down=down if outages else None)
+            NodeAgent(
+                sampler,
+                collector,
+                backend_name="mock",
+                sample_in_thread=False,
+                down=down if outages else None,
+            )
         )
     return agents
 

@@ -33,8 +33,18 @@ def _count(text: str) -> int:
 
 
 def add_collector_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--grpc-listen", default="0.0.0.0:9471", metavar="HOST:PORT", help="where agents connect (default: %(default)s)")
-    parser.add_argument("--metrics-listen", default="0.0.0.0:9470", metavar="HOST:PORT", help="/metrics, /healthz, /readyz (default: %(default)s)")
+    parser.add_argument(
+        "--grpc-listen",
+        default="0.0.0.0:9471",
+        metavar="HOST:PORT",
+        help="where agents connect (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        default="0.0.0.0:9470",
+        metavar="HOST:PORT",
+        help="/metrics, /healthz, /readyz (default: %(default)s)",
+    )
     parser.add_argument(
         "--expected-gpus",
         type=_count,
@@ -42,14 +52,34 @@ def add_collector_arguments(parser: argparse.ArgumentParser) -> None:
         help="declared GPU inventory, the denominator of every cluster ratio; without it the denominator is "
         "the GPUs seen so far, and a GPU never seen cannot lower the figure (default: not declared)",
     )
-    parser.add_argument("--window", type=_positive, default=30.0, metavar="SECONDS", help="live window of the _ratio gauges (default: %(default)s)")
     parser.add_argument(
-        "--lag", type=float, default=3.0, metavar="SECONDS", help="the live window ends this long ago, so the newest reports have arrived (default: %(default)s)"
+        "--window",
+        type=_positive,
+        default=30.0,
+        metavar="SECONDS",
+        help="live window of the _ratio gauges (default: %(default)s)",
     )
     parser.add_argument(
-        "--stale-after", type=_positive, default=15.0, metavar="SECONDS", help="a node with no report for this long is not reporting (default: %(default)s)"
+        "--lag",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="the live window ends this long ago, so the newest reports have arrived (default: %(default)s)",
     )
-    parser.add_argument("--grace", type=float, default=5.0, metavar="SECONDS", help="on shutdown, time given to open streams (default: %(default)s)")
+    parser.add_argument(
+        "--stale-after",
+        type=_positive,
+        default=15.0,
+        metavar="SECONDS",
+        help="a node with no report for this long is not reporting (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on shutdown, time given to open streams (default: %(default)s)",
+    )
 
 
 def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
@@ -65,9 +95,16 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
-    state = ClusterState(expected_gpus=args.expected_gpus, window=args.window, lag=args.lag, stale_after=args.stale_after)
+    state = ClusterState(
+        expected_gpus=args.expected_gpus,
+        window=args.window,
+        lag=args.lag,
+        stale_after=args.stale_after,
+    )
     server, grpc_port = await ingest.start(state, args.grpc_listen)
-    http, _ = serve_http(make_app(make_registry(state), ready=lambda: not stop.is_set()), args.metrics_listen)
+    http, _ = serve_http(
+        make_app(make_registry(state), ready=lambda: not stop.is_set()), args.metrics_listen
+    )
     host = args.metrics_listen.rpartition(":")[0] or "0.0.0.0"
     print(
         f"gputally collector: gRPC on {args.grpc_listen.rpartition(':')[0]}:{grpc_port}, "
@@ -76,7 +113,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         flush=True,
     )
     if args.expected_gpus is None:
-        log.warning("no --expected-gpus: ratios use the GPUs seen as the denominator, so GPUs that never report cannot lower them")
+        log.warning(
+            "no --expected-gpus: ratios use the GPUs seen as the denominator, so GPUs that never report cannot lower them"
+        )
     try:
         await stop.wait()
     finally:

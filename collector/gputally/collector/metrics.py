@@ -35,7 +35,11 @@ class ClusterCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         view = self.state.view()
-        yield InfoMetricFamily("gputally_collector_build", "Collector build information.", value={"version": __version__})
+        yield InfoMetricFamily(
+            "gputally_collector_build",
+            "Collector build information.",
+            value={"version": __version__},
+        )
 
         gpus = GaugeMetricFamily(
             "gputally_cluster_gpus",
@@ -80,40 +84,74 @@ class ClusterCollector(Collector):
             value=view.window.coverage,
         )
         yield GaugeMetricFamily(
-            "gputally_cluster_window_seconds", "Length of the live window behind the _ratio gauges.", value=view.window_seconds
+            "gputally_cluster_window_seconds",
+            "Length of the live window behind the _ratio gauges.",
+            value=view.window_seconds,
         )
-        yield GaugeMetricFamily("gputally_cluster_power_watts", "Sum of the latest power readings of reporting GPUs.", value=view.power_watts)
+        yield GaugeMetricFamily(
+            "gputally_cluster_power_watts",
+            "Sum of the latest power readings of reporting GPUs.",
+            value=view.power_watts,
+        )
         seconds = CounterMetricFamily(
             "gputally_cluster_gpu_seconds",
             "GPU-seconds integrated from reports: observed (telemetry present), and each measure weighted by its value.",
             labels=["measure"],
         )
-        for measure, value in view.counters.seconds.items():
-            seconds.add_metric([measure], value)
+        for measure, gpu_seconds in view.counters.seconds.items():
+            seconds.add_metric([measure], gpu_seconds)
         yield seconds
         yield CounterMetricFamily(
-            "gputally_cluster_energy_joules", "Energy drawn by all GPUs, from NVML total-energy counters.", value=view.counters.energy_joules
+            "gputally_cluster_energy_joules",
+            "Energy drawn by all GPUs, from NVML total-energy counters.",
+            value=view.counters.energy_joules,
         )
-        models = GaugeMetricFamily("gputally_cluster_model_gpus", "GPUs seen, by model.", labels=["model"])
+        models = GaugeMetricFamily(
+            "gputally_cluster_model_gpus", "GPUs seen, by model.", labels=["model"]
+        )
         for model, count in sorted(view.models.items()):
             models.add_metric([model], count)
         yield models
 
-        up = GaugeMetricFamily("gputally_node_up", "1 when the node's agent is connected and its telemetry is fresh.", labels=["node"])
-        node_gpus = GaugeMetricFamily("gputally_node_gpus", "GPUs of the node by state.", labels=["node", "state"])
+        up = GaugeMetricFamily(
+            "gputally_node_up",
+            "1 when the node's agent is connected and its telemetry is fresh.",
+            labels=["node"],
+        )
+        node_gpus = GaugeMetricFamily(
+            "gputally_node_gpus", "GPUs of the node by state.", labels=["node", "state"]
+        )
         node_ratio = GaugeMetricFamily(
-            "gputally_node_utilization_ratio", "Node utilization over the live window, over the node's GPUs.", labels=["node", "measure"]
+            "gputally_node_utilization_ratio",
+            "Node utilization over the live window, over the node's GPUs.",
+            labels=["node", "measure"],
         )
-        node_coverage = GaugeMetricFamily("gputally_node_coverage_ratio", "Node coverage over the live window.", labels=["node"])
-        node_seconds = CounterMetricFamily("gputally_node_gpu_seconds", "Node GPU-seconds by measure.", labels=["node", "measure"])
-        node_energy = CounterMetricFamily("gputally_node_energy_joules", "Energy drawn by the node's GPUs.", labels=["node"])
-        node_power = GaugeMetricFamily("gputally_node_power_watts", "Latest power of the node's reporting GPUs.", labels=["node"])
+        node_coverage = GaugeMetricFamily(
+            "gputally_node_coverage_ratio", "Node coverage over the live window.", labels=["node"]
+        )
+        node_seconds = CounterMetricFamily(
+            "gputally_node_gpu_seconds", "Node GPU-seconds by measure.", labels=["node", "measure"]
+        )
+        node_energy = CounterMetricFamily(
+            "gputally_node_energy_joules", "Energy drawn by the node's GPUs.", labels=["node"]
+        )
+        node_power = GaugeMetricFamily(
+            "gputally_node_power_watts",
+            "Latest power of the node's reporting GPUs.",
+            labels=["node"],
+        )
         node_last = GaugeMetricFamily(
-            "gputally_node_last_report_timestamp_seconds", "When the node's latest report arrived (unix time).", labels=["node"]
+            "gputally_node_last_report_timestamp_seconds",
+            "When the node's latest report arrived (unix time).",
+            labels=["node"],
         )
-        node_reports = CounterMetricFamily("gputally_node_reports", "Reports received by outcome.", labels=["node", "result"])
+        node_reports = CounterMetricFamily(
+            "gputally_node_reports", "Reports received by outcome.", labels=["node", "result"]
+        )
         node_missed = CounterMetricFamily(
-            "gputally_node_missed_reports", "Reports never received (gaps in sequence numbers).", labels=["node"]
+            "gputally_node_missed_reports",
+            "Reports never received (gaps in sequence numbers).",
+            labels=["node"],
         )
         for node in view.nodes:
             up.add_metric([node.name], int(node.up))
@@ -122,16 +160,29 @@ class ClusterCollector(Collector):
             for measure in MEASURES:
                 node_ratio.add_metric([node.name, measure], node.window.ratios[measure])
             node_coverage.add_metric([node.name], node.window.coverage)
-            for measure, value in node.counters.seconds.items():
-                node_seconds.add_metric([node.name, measure], value)
+            for measure, gpu_seconds in node.counters.seconds.items():
+                node_seconds.add_metric([node.name, measure], gpu_seconds)
             node_energy.add_metric([node.name], node.counters.energy_joules)
             node_power.add_metric([node.name], node.power_watts)
             node_last.add_metric([node.name], node.last_received)
             for result, count in node.reports.items():
                 node_reports.add_metric([node.name, result], count)
             node_missed.add_metric([node.name], node.missed_reports)
-        yield from (up, node_gpus, node_ratio, node_coverage, node_seconds, node_energy, node_power, node_last, node_reports, node_missed)
-        yield GaugeMetricFamily("gputally_collector_sessions", "Agent streams currently open.", value=view.sessions)
+        yield from (
+            up,
+            node_gpus,
+            node_ratio,
+            node_coverage,
+            node_seconds,
+            node_energy,
+            node_power,
+            node_last,
+            node_reports,
+            node_missed,
+        )
+        yield GaugeMetricFamily(
+            "gputally_collector_sessions", "Agent streams currently open.", value=view.sessions
+        )
 
 
 def make_registry(state: ClusterState) -> CollectorRegistry:
@@ -166,14 +217,19 @@ def make_app(registry: CollectorRegistry, ready: Callable[[], bool]) -> WSGIApp:
             return [b"ok\n"]
         if path == "/readyz":
             ok = ready()
-            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            start_response(
+                "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")]
+            )
             return [b"ready\n" if ok else b"not ready\n"]
         if path == "/metrics":
-            return metrics_app(environ, start_response)
+            body: Iterable[bytes] = metrics_app(environ, start_response)
+            return body
         if path == "/":
             start_response("200 OK", [("Content-Type", "text/html")])
-            return [b'<html><body><h1>gputally collector</h1><a href="/metrics">/metrics</a> '
-                    b'<a href="/healthz">/healthz</a> <a href="/readyz">/readyz</a></body></html>\n']
+            return [
+                b'<html><body><h1>gputally collector</h1><a href="/metrics">/metrics</a> '
+                b'<a href="/healthz">/healthz</a> <a href="/readyz">/readyz</a></body></html>\n'
+            ]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: try /metrics, /healthz or /readyz\n"]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import grpc
-
 from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1 import telemetry_pb2_grpc as pb_grpc
 
@@ -32,27 +31,44 @@ class IngestService(pb_grpc.IngestServicer):
     def __init__(self, state: ClusterState):
         self.state = state
 
-    async def Stream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
+    async def Stream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         first = await context.read()
         if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message on a stream must be a Hello")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first message on a stream must be a Hello"
+            )
         hello = first.hello
         try:
             session, resume = self.state.open_session(hello)
         except InvalidMessageError as error:
-            log.warning("hello refused", extra={"kv": {"peer": context.peer(), "error": str(error)}})
+            log.warning(
+                "hello refused", extra={"kv": {"peer": context.peer(), "error": str(error)}}
+            )
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        log.info("agent connected", extra={"kv": {"node": hello.node, "gpus": len(hello.gpus), "peer": context.peer()}})
+        log.info(
+            "agent connected",
+            extra={"kv": {"node": hello.node, "gpus": len(hello.gpus), "peer": context.peer()}},
+        )
         try:
-            await context.write(pb.CollectorMessage(welcome=pb.Welcome(collector_version=__version__, resume_after_seq=resume)))
+            await context.write(
+                pb.CollectorMessage(
+                    welcome=pb.Welcome(collector_version=__version__, resume_after_seq=resume)
+                )
+            )
             while True:
                 message = await context.read()
                 if message is grpc.aio.EOF:
                     return
                 if not self.state.is_current(hello.node, session):
-                    await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"a newer stream from node {hello.node} replaced this one")
+                    await context.abort(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"a newer stream from node {hello.node} replaced this one",
+                    )
                 if message.WhichOneof("body") != "batch":
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "after the Hello, only report batches may be sent")
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "after the Hello, only report batches may be sent",
+                    )
                 await context.write(pb.CollectorMessage(ack=self._apply(hello.node, message.batch)))
         finally:
             self.state.close_session(hello.node, session)
@@ -65,7 +81,10 @@ class IngestService(pb_grpc.IngestServicer):
                 self.state.ingest(node, report)
             except InvalidMessageError as error:
                 ack.rejections.add(seq=report.seq, reason=str(error))
-                log.warning("report rejected", extra={"kv": {"node": node, "seq": report.seq, "error": str(error)}})
+                log.warning(
+                    "report rejected",
+                    extra={"kv": {"node": node, "seq": report.seq, "error": str(error)}},
+                )
             ack.acked_seq = max(ack.acked_seq, report.seq)
         return ack
 

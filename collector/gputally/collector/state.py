@@ -59,7 +59,9 @@ class GpuState:
 
 @dataclass(slots=True)
 class Counters:
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("observed", *MEASURES), 0.0))
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("observed", *MEASURES), 0.0)
+    )
     energy_joules: float = 0.0
 
     def add(self, other_seconds: dict[str, float], joules: float) -> None:
@@ -81,7 +83,9 @@ class NodeState:
     last_received: float = 0.0  # collector clock
     gpus: dict[int, GpuState] = field(default_factory=dict)
     counters: Counters = field(default_factory=Counters)
-    reports: dict[str, int] = field(default_factory=lambda: {"accepted": 0, "duplicate": 0, "rejected": 0})
+    reports: dict[str, int] = field(
+        default_factory=lambda: {"accepted": 0, "duplicate": 0, "rejected": 0}
+    )
     missed_reports: int = 0  # sequence gaps
 
 
@@ -130,8 +134,14 @@ class ClusterView:
 def _check_hello(hello: pb.Hello) -> None:
     if not hello.node:
         raise InvalidMessageError("hello: node name is empty")
-    if len(hello.node) > _MAX_NODE_NAME or not hello.node.isprintable() or any(c.isspace() for c in hello.node):
-        raise InvalidMessageError(f"hello: node name {hello.node[:40]!r} is not a printable name without spaces of at most {_MAX_NODE_NAME} characters")
+    if (
+        len(hello.node) > _MAX_NODE_NAME
+        or not hello.node.isprintable()
+        or any(c.isspace() for c in hello.node)
+    ):
+        raise InvalidMessageError(
+            f"hello: node name {hello.node[:40]!r} is not a printable name without spaces of at most {_MAX_NODE_NAME} characters"
+        )
     indices = [gpu.index for gpu in hello.gpus]
     if len(set(indices)) != len(indices):
         raise InvalidMessageError(f"hello from {hello.node}: GPU indices repeat: {sorted(indices)}")
@@ -143,8 +153,12 @@ def _check_hello(hello: pb.Hello) -> None:
 def _check_report(node: NodeState, report: pb.Report) -> None:
     if report.seq == 0:
         raise InvalidMessageError("seq must be positive")
-    if not (0 < report.interval_seconds <= _MAX_INTERVAL_S) or not math.isfinite(report.interval_seconds):
-        raise InvalidMessageError(f"interval_seconds must be in (0, {_MAX_INTERVAL_S:g}], got {report.interval_seconds!r}")
+    if not (0 < report.interval_seconds <= _MAX_INTERVAL_S) or not math.isfinite(
+        report.interval_seconds
+    ):
+        raise InvalidMessageError(
+            f"interval_seconds must be in (0, {_MAX_INTERVAL_S:g}], got {report.interval_seconds!r}"
+        )
     if report.time_unix_nano <= 0:
         raise InvalidMessageError("time_unix_nano must be positive")
     seen: set[int] = set()
@@ -158,9 +172,13 @@ def _check_report(node: NodeState, report: pb.Report) -> None:
             if sample.HasField(name):
                 value = getattr(sample, name)
                 if not (0.0 <= value <= 1.0):
-                    raise InvalidMessageError(f"GPU {sample.index}: {name} must be a fraction in [0, 1], got {value!r}")
+                    raise InvalidMessageError(
+                        f"GPU {sample.index}: {name} must be a fraction in [0, 1], got {value!r}"
+                    )
         if sample.HasField("power_watts") and not (0.0 <= sample.power_watts < 1e5):
-            raise InvalidMessageError(f"GPU {sample.index}: power_watts out of range: {sample.power_watts!r}")
+            raise InvalidMessageError(
+                f"GPU {sample.index}: power_watts out of range: {sample.power_watts!r}"
+            )
 
 
 def _values(sample: pb.GpuSample) -> tuple[float | None, ...]:
@@ -224,7 +242,9 @@ class ClusterState:
             for identity in hello.gpus:
                 gpu = node.gpus.get(identity.index)
                 if gpu is None or gpu.uuid != identity.uuid:
-                    node.gpus[identity.index] = GpuState(hello.node, identity.index, identity.uuid, identity.model)
+                    node.gpus[identity.index] = GpuState(
+                        hello.node, identity.index, identity.uuid, identity.model
+                    )
             return node.session, node.last_seq
 
     def is_current(self, name: str, session: int) -> bool:
@@ -282,7 +302,9 @@ class ClusterState:
                     if gpu.last_energy_mj is not None:
                         # The counter restarts at zero when the driver reloads: then the
                         # energy since the reload is the new value itself.
-                        delta = energy - gpu.last_energy_mj if energy >= gpu.last_energy_mj else energy
+                        delta = (
+                            energy - gpu.last_energy_mj if energy >= gpu.last_energy_mj else energy
+                        )
                         joules += delta / 1000.0
                     gpu.last_energy_mj = energy
                 self._trim(gpu, received)
@@ -298,7 +320,9 @@ class ClusterState:
 
     # -- views -----------------------------------------------------------------------------
 
-    def _window(self, gpus: list[GpuState], denominator: int, start: float, end: float) -> WindowFigures:
+    def _window(
+        self, gpus: list[GpuState], denominator: int, start: float, end: float
+    ) -> WindowFigures:
         sums = [0.0] * len(MEASURES)
         measured = [0.0] * len(MEASURES)
         observed = 0.0

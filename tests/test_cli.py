@@ -1,0 +1,155 @@
+"""The `gputally` command: help, configuration precedence, errors, one-shot reads, the demo."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pynvml
+import pytest
+from gputally.agent.cli import main
+
+COMMANDS = ("agent", "collector", "simulate", "demo")
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    script = Path(sys.executable).with_name("gputally")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "gputally.agent"]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_useful_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert f"usage: gputally {command}" in text
+    assert "--config FILE" in text and "--log-level" in text
+
+
+def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for command in COMMANDS:
+        assert re.search(rf"^\s+{command}\b", text, re.M), command
+
+
+def test_configuration_precedence_flag_env_file_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "collector.toml"
+    config.write_text(
+        '[collector]\nwindow = 12\nlag = 4\nexpected-gpus = 100\ngrpc_listen = "127.0.0.1:1"\n'
+    )
+    monkeypatch.setenv("GPUTALLY_COLLECTOR_LAG", "6")
+    monkeypatch.setenv("GPUTALLY_COLLECTOR_EXPECTED_GPUS", "200")
+    assert (
+        main(["collector", "--config", str(config), "--expected-gpus", "300", "--print-config"])
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert "window = 12.0" in lines  # from the file
+    assert "lag = 6.0" in lines  # the environment beats the file
+    assert "expected-gpus = 300" in lines  # the flag beats both
+    assert 'grpc-listen = "127.0.0.1:1"' in lines
+    assert "stale-after = 15.0" in lines  # the default
+
+
+@pytest.mark.parametrize(
+    ("content", "env", "message"),
+    [
+        ("windoe = 3\n", {}, "unknown key 'windoe'"),
+        ("window = 'long'\n", {}, "could not convert|invalid"),
+        ("window = [\n", {}, "not valid TOML"),
+        ("", {"GPUTALLY_COLLECTOR_WINDOW": "-1"}, "must be positive"),
+    ],
+)
+def test_bad_configuration_is_explained(
+    tmp_path: Path, content: str, env: dict[str, str], message: str
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(content)
+    import os
+
+    result = run("collector", "--config", str(config), "--print-config", env={**os.environ, **env})
+    assert result.returncode == 2
+    assert "configuration error" in result.stderr
+    assert re.search(message, result.stderr), result.stderr
+
+
+def test_agent_once_json_prints_a_complete_snapshot(tmp_path: Path) -> None:
+    scenario = tmp_path / "a100.toml"
+    scenario.write_text(
+        '[cluster]\nnodes = 2\ngpus_per_node = 2\ngpu_model = "NVIDIA A100-SXM4-80GB"\n'
+        "[[workload]]\ngpus = 1\nbusy = 0.7\nsm_active = 0.4\n"
+    )
+    result = run(
+        "agent",
+        "--backend",
+        "mock",
+        "--scenario",
+        str(scenario),
+        "--once",
+        "--json",
+        "--interval",
+        "0.2",
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["node"] == "node-00" and data["backend"] == "mock"
+    busy, idle = data["gpus"]
+    assert (
+        busy["model"] == "NVIDIA A100-SXM4-80GB"
+        and busy["busy"] == 0.7
+        and busy["process_count"] == 1
+    )
+    assert idle["busy"] == 0.0 and idle["process_count"] == 0
+    # A100 has no GPM: SM activity is spelled out as not available, never as 0
+    assert busy["sm_active"] == {
+        "not_available": "not supported on this model (GPM needs Hopper or newer)"
+    }
+
+
+def test_agent_on_a_machine_without_a_driver_says_so() -> None:
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        pass
+    else:  # a machine with a driver: the real backend must read the GPUs instead
+        pynvml.nvmlShutdown()
+        result = run("agent", "--backend", "nvml", "--once", "--json")
+        assert result.returncode == 0 and json.loads(result.stdout)["backend"] == "nvml"
+        return
+    result = run("agent", "--backend", "nvml", "--once")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "NVML library not found" in result.stderr and "--backend mock" in result.stderr
+
+
+def test_bad_scenario_file_is_a_clear_error(tmp_path: Path) -> None:
+    scenario = tmp_path / "bad.toml"
+    scenario.write_text("[cluster]\nnodes = 2\ngpus_per_node = 8\n[[workload]]\nshare = 2\n")
+    result = run("simulate", "--scenario", str(scenario), "--duration", "1")
+    assert result.returncode == 2
+    assert "bad.toml: workload[0].share: must be <= 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_runs_and_ends_with_the_cluster_figures() -> None:
+    result = run("demo", "--duration", "7", "--window", "2", "--plain", timeout=90)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "collector metrics at http://127.0.0.1:" in out
+    assert re.search(r"busy \(NVML utilization.gpu\)\s+45\.0%", out), out
+    assert re.search(r"SM active \(real work\)\s+30\.0%", out), out
+    assert re.search(r"allocated \(process on GPU\)\s+50\.0%", out), out
+    assert "GPUs: expected 32  reporting 32  lost 0" in out
