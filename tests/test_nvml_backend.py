@@ -164,9 +164,9 @@ def test_unsupported_field_is_not_available_and_not_asked_again() -> None:
     before = lib.calls
     backend.read()
     assert lib.calls - before == calls_per_tick
-    # 4 GPUs x 10 calls each (utilization, memory, limit, energy, clock, temperature,
-    # processes, clock reasons, GPM sample get, GPM metrics get) with power skipped
-    assert calls_per_tick == 4 * 10
+    # 4 GPUs x 11 calls each (utilization, utilization samples, memory, limit, energy, clock,
+    # temperature, processes, clock reasons, GPM sample get, GPM metrics get), power skipped
+    assert calls_per_tick == 4 * 11
 
 
 def test_no_permission_on_one_field() -> None:
@@ -217,3 +217,69 @@ def test_sampler_numbers_reports_and_caps_uncovered_gaps() -> None:
     hello = sampler.hello(42, "mock")
     assert hello.node == "n1" and hello.instance_id == 42 and len(hello.gpus) == 4
     assert hello.gpus[0].memory_total_bytes == 81559 * 2**20
+
+
+def test_burn_load_reads_busy_but_the_sms_and_the_power_are_near_idle() -> None:
+    backend, _, clock = make(
+        ONE_NODE.replace(
+            'kind = "steady"\nbusy = 0.9\nsm_active = 0.6\npower_fraction = 0.8\n',
+            'kind = "burn"\n',
+        )
+    )
+    backend.open()
+    clock.advance(1.0)
+    burn, idle = backend.read()[0], backend.read()[3]
+    assert burn.busy == 1.0
+    assert burn.sm_active == pytest.approx(0.02)
+    assert burn.tensor_active == 0.0
+    assert isinstance(burn.power_watts, float) and isinstance(idle.power_watts, float)
+    assert (
+        burn.power_watts == pytest.approx(0.13 * 700) and burn.power_watts < 1.5 * idle.power_watts
+    )
+    assert burn.process_count == 1
+
+
+def test_training_and_inference_have_their_dynamics() -> None:
+    toml = """
+    [cluster]
+    nodes = 1
+    gpus_per_node = 2
+    [[workload]]
+    gpus = 1
+    kind = "training"
+    period = 100
+    [[workload]]
+    gpus = 1
+    kind = "inference"
+    """
+    backend, _, clock = make(toml)
+    backend.open()
+    clock.advance(1.0)
+    training, inference = backend.read()
+    assert training.busy == pytest.approx(0.98) and training.sm_active == pytest.approx(0.85)
+    assert training.tensor_active == pytest.approx(0.65)
+    assert (
+        isinstance(training.memory_used_bytes, int)
+        and training.memory_used_bytes > 0.9 * H100.memory_total_mib * 2**20
+    )
+    # inference: 2 s bursts every 5 s; the second second of the run is inside the first burst
+    assert inference.busy == pytest.approx(0.75)
+    clock.advance(2.0)  # t = 3: between bursts, the server process stays resident
+    _, between = backend.read()
+    assert between.process_count == 1 and between.sm_active == pytest.approx(0.35 / 2, abs=0.01)
+    clock.advance(95.5)  # t = 98.5
+    backend.read()
+    clock.advance(1.0)  # t = 99.5: the second since the last read is all checkpoint dip
+    dip, _ = backend.read()
+    assert dip.busy == pytest.approx(0.2)
+    assert dip.sm_active == pytest.approx(0.05)
+
+
+def test_driver_reload_resets_the_energy_counter() -> None:
+    backend, _, clock = make(ONE_NODE + '\n[[fault]]\nkind = "driver_reload"\nat = 10\n')
+    backend.open()
+    clock.advance(5.0)
+    before = backend.read()[0].energy_millijoules
+    assert isinstance(before, int) and before > 1_000_000_000
+    clock.advance(10.0)  # reload at t=10, read at t=15: 5 s at 560 W since the reload
+    assert backend.read()[0].energy_millijoules == 560 * 5 * 1000

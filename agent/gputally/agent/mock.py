@@ -7,15 +7,17 @@ that :class:`~gputally.agent.nvml.NvmlBackend` runs unchanged against it. It is 
 backend: ``gputally agent --backend mock`` and ``gputally simulate`` use it on machines with no
 GPU at all.
 
-Time-averaged readings are exact: ``utilization.gpu`` is the mean busy fraction over the last
-second (NVML's own sampling period is 1/6 s to 1 s depending on the product), GPM metrics are
-the mean between the two GPM samples, and the energy counter is the exact integral of power.
+Time-averaged readings are exact. The driver samples utilization every 1/6 s (NVML's
+documented period is 1/6 s to 1 s depending on the product); ``utilization.gpu`` is the latest
+such sample, and ``nvmlDeviceGetSamples`` returns the buffer of them. GPM metrics are the mean
+between the two GPM samples, and the energy counter is the exact integral of power.
 """
 
 from __future__ import annotations
 
 import ctypes
 import itertools
+import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,8 +32,9 @@ from .scenario import Load, Scenario
 
 Clock = Callable[[], float]
 
-# NVML's own averaging period for utilization.gpu, as the mock models it.
-UTILIZATION_PERIOD_S = 1.0
+# The driver's utilization sampling period, and how many samples its ring buffer keeps.
+UTILIZATION_PERIOD_S = 1.0 / 6.0
+SAMPLE_BUFFER = 120
 # Typical PCI buses of an 8-GPU HGX board, for realistic bus ids.
 _PCI_BUSES = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)
 _UUID_NAMESPACE = uuid.UUID("6b1f7f2e-4d1c-4f55-9a3e-2f6c9d6a1c00")
@@ -213,13 +216,40 @@ class MockNVML:
         )
         return SimpleNamespace(total=total, used=used, free=total - used)
 
+    def _sample_times(self, after: float, until: float) -> list[float]:
+        """Scenario times of the driver's utilization samples in (after, until]."""
+        first = math.floor(after / UTILIZATION_PERIOD_S + 1e-9) + 1
+        last = math.floor(until / UTILIZATION_PERIOD_S + 1e-9)
+        return [k * UTILIZATION_PERIOD_S for k in range(max(first, last - SAMPLE_BUFFER + 1), last + 1)]
+
+    def _utilization_sample(self, gpu: int, t: float, field: str = "busy") -> int:
+        """The driver's sample at t: the mean over the sampling period ending at t, in %."""
+        return round(100 * self._mean(gpu, attrgetter(field), t - UTILIZATION_PERIOD_S, t))
+
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> SimpleNamespace:
         gpu = self._gpu("nvmlDeviceGetUtilizationRates", handle)
         t = self._t()
-        t0 = t - UTILIZATION_PERIOD_S
-        busy = self._mean(gpu, lambda load: load.busy, t0, t)
-        memory = self._mean(gpu, lambda load: load.dram_active, t0, t)
-        return SimpleNamespace(gpu=round(busy * 100), memory=round(memory * 100))
+        latest = math.floor(t / UTILIZATION_PERIOD_S + 1e-9) * UTILIZATION_PERIOD_S
+        return SimpleNamespace(
+            gpu=self._utilization_sample(gpu, latest), memory=self._utilization_sample(gpu, latest, "dram_active")
+        )
+
+    def nvmlDeviceGetSamples(self, handle: Any, sampling_type: int, last_seen_us: int) -> tuple[int, list[Any]]:
+        gpu = self._gpu("nvmlDeviceGetSamples", handle)
+        fields = {pynvml.NVML_GPU_UTILIZATION_SAMPLES: "busy", pynvml.NVML_MEMORY_UTILIZATION_SAMPLES: "dram_active"}
+        if sampling_type not in fields:
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        after = max(last_seen_us / 1e6 - self.start, self._t() - SAMPLE_BUFFER * UTILIZATION_PERIOD_S)
+        samples = []
+        for t in self._sample_times(after, self._t()):
+            sample = pynvml.c_nvmlSample_t()
+            sample.timeStamp = round((self.start + t) * 1e6)
+            sample.sampleValue.uiVal = self._utilization_sample(gpu, t, fields[sampling_type])
+            if sample.timeStamp > last_seen_us:
+                samples.append(sample)
+        if not samples:
+            _raise(pynvml.NVML_ERROR_NOT_FOUND)  # what NVML says when nothing is newer
+        return pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, samples
 
     def nvmlDeviceGetPowerUsage(self, handle: Any) -> int:
         gpu = self._gpu("nvmlDeviceGetPowerUsage", handle)
@@ -233,6 +263,11 @@ class MockNVML:
         gpu = self._gpu("nvmlDeviceGetTotalEnergyConsumption", handle)
         now = self.clock()
         last = self._energy_t[gpu]
+        for fault in self.scenario.faults:
+            reload = self.start + fault.at
+            if fault.kind == "driver_reload" and fault.hits(self.node, gpu) and last < reload <= now:
+                # The driver reloaded: the counter restarts from zero.
+                self._energy_mj[gpu], self._energy_t[gpu], last = 0.0, reload, reload
         if now > last:
             mean_watts = self._mean(gpu, self._power_watts, last - self.start, now - self.start)
             self._energy_mj[gpu] += mean_watts * (now - last) * 1000.0

@@ -63,17 +63,64 @@ class Load:
 
 IDLE = Load()
 
-# Workload kinds and the defaults of their parameters. "steady" holds its load constant.
+# Workload kinds and the defaults of their parameters. A periodic kind alternates between its
+# load ("on", for `duty` of each `period`) and a lighter "off" load; docs/scenarios.md has the
+# physics of each.
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "steady": {
-        "busy": 0.9,
-        "sm_active": 0.5,
-        "power_fraction": 0.7,
-        "memory_fraction": 0.6,
+    "steady": {"busy": 0.9, "sm_active": 0.5, "power_fraction": 0.7, "memory_fraction": 0.6, "processes": 1},
+    # Training: high, steady SM and tensor activity, memory near full, with a short dip for
+    # evaluation/checkpointing once per period.
+    "training": {
+        "busy": 0.98,
+        "sm_active": 0.85,
+        "tensor_active": 0.65,
+        "dram_active": 0.45,
+        "sm_occupancy": 0.5,
+        "power_fraction": 0.9,
+        "memory_fraction": 0.92,
+        "processes": 1,
+        "period": 900.0,
+        "duty": 0.98,
+        "off_busy": 0.2,
+        "off_sm_active": 0.05,
+        "off_power_fraction": 0.3,
+    },
+    # Inference: bursts of requests separated by idle gaps; the server process stays resident.
+    "inference": {
+        "busy": 0.75,
+        "sm_active": 0.35,
+        "power_fraction": 0.6,
+        "memory_fraction": 0.45,
+        "processes": 1,
+        "period": 5.0,
+        "duty": 0.4,
+    },
+    # A square wave: full load for `duty` of each period, nothing running in between (the
+    # process stays). The shape scraped gauges get wrong.
+    "square": {
+        "busy": 1.0,
+        "sm_active": 0.6,
+        "power_fraction": 0.8,
+        "memory_fraction": 0.5,
+        "processes": 1,
+        "period": 20.0,
+        "duty": 0.5,
+    },
+    # Burn: a spin kernel that keeps utilization.gpu near 100% while the SMs, the power and the
+    # memory stay near idle. What padding looks like.
+    "burn": {
+        "busy": 1.0,
+        "sm_active": 0.02,
+        "sm_occupancy": 0.01,
+        "tensor_active": 0.0,
+        "dram_active": 0.01,
+        "power_fraction": 0.13,
+        "memory_fraction": 0.005,
         "processes": 1,
     },
     "idle": {},
 }
+_OFF_KEYS = {"off_busy", "off_sm_active", "off_power_fraction"}
 _LOAD_KEYS = {
     "busy",
     "sm_active",
@@ -84,9 +131,9 @@ _LOAD_KEYS = {
     "memory_fraction",
     "processes",
 }
-_WORKLOAD_KEYS = _LOAD_KEYS | {"kind", "share", "gpus", "start", "end", "name"}
+_WORKLOAD_KEYS = _LOAD_KEYS | _OFF_KEYS | {"kind", "share", "gpus", "start", "end", "name", "period", "duty"}
 
-FAULT_KINDS = ("gpu_lost", "unsupported", "no_permission", "no_driver", "node_down")
+FAULT_KINDS = ("gpu_lost", "unsupported", "no_permission", "no_driver", "node_down", "driver_reload")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +144,34 @@ class Workload:
     load: Load
     start: float = 0.0  # seconds from the scenario's start
     end: float = math.inf
+    period: float | None = None  # periodic kinds: on for duty x period, then `off`
+    duty: float = 1.0
+    off: Load = IDLE
 
     def active(self, t: float) -> bool:
         return self.start <= t < self.end
+
+    def load_at(self, t: float) -> Load:
+        if self.period is None:
+            return self.load
+        phase = ((t - self.start) % self.period) / self.period
+        return self.load if phase < self.duty else self.off
+
+    def edges(self, t0: float, t1: float) -> list[float]:
+        """Times in (t0, t1) where this workload's load changes."""
+        points = [edge for edge in (self.start, self.end) if t0 < edge < t1]
+        if self.period is not None:
+            lo, hi = max(t0, self.start), min(t1, self.end)
+            k = math.floor((lo - self.start) / self.period)
+            while True:
+                cycle = self.start + k * self.period
+                if cycle >= hi:
+                    break
+                for edge in (cycle, cycle + self.duty * self.period):
+                    if lo < edge < hi and t0 < edge < t1:
+                        points.append(edge)
+                k += 1
+        return points
 
     def overlaps(self, other: Workload) -> bool:
         return self.start < other.end and other.start < self.end
@@ -154,17 +226,12 @@ class Scenario:
         t = max(t, 0.0)
         for workload in self.workloads_of(node, gpu):
             if workload.active(t):
-                return workload.load
+                return workload.load_at(t)
         return IDLE
 
     def breakpoints(self, node: int, gpu: int, t0: float, t1: float) -> list[float]:
         """Times in (t0, t1) where this GPU's load changes: integrals are exact between them."""
-        points = {
-            edge
-            for w in self.workloads_of(node, gpu)
-            for edge in (w.start, w.end)
-            if t0 < edge < t1
-        }
+        points = {edge for w in self.workloads_of(node, gpu) for edge in w.edges(max(t0, 0.0), t1)}
         return sorted(points)
 
 
@@ -217,14 +284,17 @@ def _parse_workload(index: int, raw: Any, total: int) -> Workload:
     else:
         count = _integer(raw["gpus"], f"{where}.gpus")
     params = dict(KIND_DEFAULTS[kind])
-    params.update({k: v for k, v in raw.items() if k in _LOAD_KEYS})
+    params.update({k: v for k, v in raw.items() if k in _LOAD_KEYS | _OFF_KEYS | {"period", "duty"}})
+    period = params.pop("period", None)
+    duty = params.pop("duty", 1.0)
+    off_params = {key.removeprefix("off_"): params.pop(key) for key in list(params) if key in _OFF_KEYS}
     values: dict[str, Any] = {}
     for key, value in params.items():
         if key == "processes":
             values[key] = _integer(value, f"{where}.processes")
         else:
             values[key] = _number(value, f"{where}.{key}", high=1.0)
-    if kind == "steady":
+    if kind != "idle":
         # Defaults that follow from the given SM activity, so a file need not spell them out.
         sm = values.get("sm_active", 0.0)
         values.setdefault("sm_occupancy", sm * 0.5)
@@ -235,12 +305,32 @@ def _parse_workload(index: int, raw: Any, total: int) -> Workload:
                 f"{where}: sm_active ({values['sm_active']}) cannot exceed busy ({values['busy']}): "
                 "an SM can only be active while a kernel runs"
             )
+    if period is not None:
+        period = _number(period, f"{where}.period")
+        if period <= 0:
+            raise ScenarioError(f"{where}.period: must be > 0")
+    duty = _number(duty, f"{where}.duty", high=1.0)
+    # Off phase: the process stays (allocated, memory held); the kernels stop unless the
+    # kind says otherwise (training's evaluation dip).
+    off = Load(
+        busy=_number(off_params.get("busy", 0.0), f"{where}.off_busy", high=1.0),
+        sm_active=_number(off_params.get("sm_active", 0.0), f"{where}.off_sm_active", high=1.0),
+        power_fraction=(
+            _number(off_params["power_fraction"], f"{where}.off_power_fraction", high=1.0)
+            if "power_fraction" in off_params
+            else None
+        ),
+        memory_fraction=values.get("memory_fraction", 0.0),
+        processes=values.get("processes", 0),
+    )
     start = _number(raw.get("start", 0.0), f"{where}.start")
     end = _number(raw["end"], f"{where}.end") if "end" in raw else math.inf
     if end <= start:
         raise ScenarioError(f"{where}: end ({end:g}) must be after start ({start:g})")
     name = str(raw.get("name", f"{kind}-{index}"))
-    return Workload(name=name, kind=kind, gpus=count, load=Load(**values), start=start, end=end)
+    return Workload(
+        name=name, kind=kind, gpus=count, load=Load(**values), start=start, end=end, period=period, duty=duty, off=off
+    )
 
 
 def _parse_fault(index: int, raw: Any, nodes: int, gpus_per_node: int) -> Fault:
