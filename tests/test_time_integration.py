@@ -6,7 +6,6 @@ import itertools
 import tomllib
 
 import pytest
-
 from gputally.agent import scenario as scenario_mod
 from gputally.agent.mock import ManualClock, MockNVML
 from gputally.agent.nvml import NvmlBackend
@@ -56,10 +55,10 @@ def scraped_gauge_busy_seconds(toml: str, seconds: int, every: int) -> float:
     lib = MockNVML(sc, 0, clock)
     lib.nvmlInit()
     handle = lib.nvmlDeviceGetHandleByIndex(0)
-    readings = []
+    readings: list[float] = []
     for t in range(every, seconds + 1, every):
         clock.now = lib.start + t
-        readings.append(lib.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+        readings.append(float(lib.nvmlDeviceGetUtilizationRates(handle).gpu) / 100.0)
     return sum(readings) * every
 
 

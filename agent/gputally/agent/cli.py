@@ -289,6 +289,12 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         help="stop after this long (default: run until interrupted)",
     )
     agent.add_argument(
+        "--metrics-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="also serve this node's per-GPU metrics on HOST:PORT/metrics, e.g. 0.0.0.0:9472 (default: off)",
+    )
+    agent.add_argument(
         "--once",
         action="store_true",
         help="read every GPU once, print the readings and exit (no collector needed)",
@@ -421,13 +427,30 @@ def _run_agent(args: argparse.Namespace) -> int:
                 for gpu in data["gpus"]:
                     print(" ".join(f"{k}={v}" for k, v in gpu.items()))
             return 0
+        exporter = None
+        if args.metrics_listen:
+            from prometheus_client import start_http_server
+
+            from .exporter import NodeExporter, make_registry
+
+            host, _, port = args.metrics_listen.rpartition(":")
+            exporter = NodeExporter(sampler.hello(0, args.backend))
+            try:
+                start_http_server(
+                    int(port), addr=host.strip("[]") or "0.0.0.0", registry=make_registry(exporter)
+                )
+            except (OSError, ValueError) as error:
+                return _fail(f"--metrics-listen {args.metrics_listen}: {error}")
         agent = NodeAgent(
             sampler,
             args.collector,
             backend_name=args.backend,
             sample_in_thread=args.backend == "nvml",
             sender_options={"max_buffer": args.buffer_reports},
+            on_report=exporter.update if exporter else None,
         )
+        if exporter is not None:
+            exporter.sender_stats = lambda: agent.sender.stats
         log.info(
             "agent started",
             extra={

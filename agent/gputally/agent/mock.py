@@ -220,7 +220,9 @@ class MockNVML:
         """Scenario times of the driver's utilization samples in (after, until]."""
         first = math.floor(after / UTILIZATION_PERIOD_S + 1e-9) + 1
         last = math.floor(until / UTILIZATION_PERIOD_S + 1e-9)
-        return [k * UTILIZATION_PERIOD_S for k in range(max(first, last - SAMPLE_BUFFER + 1), last + 1)]
+        return [
+            k * UTILIZATION_PERIOD_S for k in range(max(first, last - SAMPLE_BUFFER + 1), last + 1)
+        ]
 
     def _utilization_sample(self, gpu: int, t: float, field: str = "busy") -> int:
         """The driver's sample at t: the mean over the sampling period ending at t, in %."""
@@ -231,15 +233,23 @@ class MockNVML:
         t = self._t()
         latest = math.floor(t / UTILIZATION_PERIOD_S + 1e-9) * UTILIZATION_PERIOD_S
         return SimpleNamespace(
-            gpu=self._utilization_sample(gpu, latest), memory=self._utilization_sample(gpu, latest, "dram_active")
+            gpu=self._utilization_sample(gpu, latest),
+            memory=self._utilization_sample(gpu, latest, "dram_active"),
         )
 
-    def nvmlDeviceGetSamples(self, handle: Any, sampling_type: int, last_seen_us: int) -> tuple[int, list[Any]]:
+    def nvmlDeviceGetSamples(
+        self, handle: Any, sampling_type: int, last_seen_us: int
+    ) -> tuple[int, list[Any]]:
         gpu = self._gpu("nvmlDeviceGetSamples", handle)
-        fields = {pynvml.NVML_GPU_UTILIZATION_SAMPLES: "busy", pynvml.NVML_MEMORY_UTILIZATION_SAMPLES: "dram_active"}
+        fields = {
+            pynvml.NVML_GPU_UTILIZATION_SAMPLES: "busy",
+            pynvml.NVML_MEMORY_UTILIZATION_SAMPLES: "dram_active",
+        }
         if sampling_type not in fields:
             _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)
-        after = max(last_seen_us / 1e6 - self.start, self._t() - SAMPLE_BUFFER * UTILIZATION_PERIOD_S)
+        after = max(
+            last_seen_us / 1e6 - self.start, self._t() - SAMPLE_BUFFER * UTILIZATION_PERIOD_S
+        )
         samples = []
         for t in self._sample_times(after, self._t()):
             sample = pynvml.c_nvmlSample_t()
@@ -265,7 +275,11 @@ class MockNVML:
         last = self._energy_t[gpu]
         for fault in self.scenario.faults:
             reload = self.start + fault.at
-            if fault.kind == "driver_reload" and fault.hits(self.node, gpu) and last < reload <= now:
+            if (
+                fault.kind == "driver_reload"
+                and fault.hits(self.node, gpu)
+                and last < reload <= now
+            ):
                 # The driver reloaded: the counter restarts from zero.
                 self._energy_mj[gpu], self._energy_t[gpu], last = 0.0, reload, reload
         if now > last:

@@ -9,6 +9,8 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from gputally.v1 import telemetry_pb2 as pb
+
 from .sampler import Sampler
 from .sender import Sender
 
@@ -25,6 +27,7 @@ class NodeAgent:
         sample_in_thread: bool = True,
         down: Callable[[float], bool] | None = None,
         sender_options: dict[str, Any] | None = None,
+        on_report: Callable[[pb.Report], None] | None = None,
     ):
         self.sampler = sampler
         self.collector = collector
@@ -34,6 +37,7 @@ class NodeAgent:
         self.sample_in_thread = sample_in_thread
         self._down = down  # simulated outages: no sampling, no stream
         self._sender_options = sender_options or {}
+        self._on_report = on_report  # e.g. the local /metrics exporter
         self.sender = self._new_sender()
         self.reports = 0
 
@@ -88,6 +92,8 @@ class NodeAgent:
                     report = self.sampler.tick()
                 self.sender.submit(report)
                 self.reports += 1
+                if self._on_report is not None:
+                    self._on_report(report)
         finally:
             if sender_task is not None:
                 await self.sender.drain(timeout=5.0)

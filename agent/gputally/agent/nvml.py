@@ -107,7 +107,9 @@ class NvmlLibrary(Protocol):
     def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int: ...
     def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[Any]: ...
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any) -> int: ...
-    def nvmlDeviceGetSamples(self, handle: Any, sampling_type: int, last_seen_us: int) -> tuple[int, list[Any]]: ...
+    def nvmlDeviceGetSamples(
+        self, handle: Any, sampling_type: int, last_seen_us: int
+    ) -> tuple[int, list[Any]]: ...
     def nvmlGpmQueryDeviceSupport(self, handle: Any) -> Any: ...
     def nvmlGpmSampleAlloc(self) -> Any: ...
     def nvmlGpmSampleFree(self, sample: Any) -> None: ...
@@ -367,7 +369,9 @@ class NvmlBackend:
     def _busy_from_samples(self, gpu: _Gpu) -> float | None:
         """Time-weighted mean of the driver's utilization samples newer than the last seen
         one; None when the buffer is not supported or holds nothing new."""
-        got = self._call(gpu, "nvmlDeviceGetSamples", pynvml.NVML_GPU_UTILIZATION_SAMPLES, gpu.samples_seen_us)
+        got = self._call(
+            gpu, "nvmlDeviceGetSamples", pynvml.NVML_GPU_UTILIZATION_SAMPLES, gpu.samples_seen_us
+        )
         if isinstance(got, NotAvailable) or not got[1]:
             return None
         value_type, samples = got
@@ -375,7 +379,11 @@ class NvmlBackend:
         previous = gpu.samples_seen_us
         total = weight = 0.0
         for sample in sorted(samples, key=lambda s: s.timeStamp):
-            value = sample.sampleValue.dVal if value_type == pynvml.NVML_VALUE_TYPE_DOUBLE else sample.sampleValue.uiVal
+            value = (
+                sample.sampleValue.dVal
+                if value_type == pynvml.NVML_VALUE_TYPE_DOUBLE
+                else sample.sampleValue.uiVal
+            )
             # A sample stands for the time since the one before it, but never for more than
             # a second: after a stall longer than the driver's buffer, the gap stays unknown.
             span = min(sample.timeStamp - previous, 1_000_000) if previous else 0

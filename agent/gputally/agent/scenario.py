@@ -67,7 +67,13 @@ IDLE = Load()
 # load ("on", for `duty` of each `period`) and a lighter "off" load; docs/scenarios.md has the
 # physics of each.
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "steady": {"busy": 0.9, "sm_active": 0.5, "power_fraction": 0.7, "memory_fraction": 0.6, "processes": 1},
+    "steady": {
+        "busy": 0.9,
+        "sm_active": 0.5,
+        "power_fraction": 0.7,
+        "memory_fraction": 0.6,
+        "processes": 1,
+    },
     # Training: high, steady SM and tensor activity, memory near full, with a short dip for
     # evaluation/checkpointing once per period.
     "training": {
@@ -131,9 +137,18 @@ _LOAD_KEYS = {
     "memory_fraction",
     "processes",
 }
-_WORKLOAD_KEYS = _LOAD_KEYS | _OFF_KEYS | {"kind", "share", "gpus", "start", "end", "name", "period", "duty"}
+_WORKLOAD_KEYS = (
+    _LOAD_KEYS | _OFF_KEYS | {"kind", "share", "gpus", "start", "end", "name", "period", "duty"}
+)
 
-FAULT_KINDS = ("gpu_lost", "unsupported", "no_permission", "no_driver", "node_down", "driver_reload")
+FAULT_KINDS = (
+    "gpu_lost",
+    "unsupported",
+    "no_permission",
+    "no_driver",
+    "node_down",
+    "driver_reload",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,10 +299,14 @@ def _parse_workload(index: int, raw: Any, total: int) -> Workload:
     else:
         count = _integer(raw["gpus"], f"{where}.gpus")
     params = dict(KIND_DEFAULTS[kind])
-    params.update({k: v for k, v in raw.items() if k in _LOAD_KEYS | _OFF_KEYS | {"period", "duty"}})
+    params.update(
+        {k: v for k, v in raw.items() if k in _LOAD_KEYS | _OFF_KEYS | {"period", "duty"}}
+    )
     period = params.pop("period", None)
     duty = params.pop("duty", 1.0)
-    off_params = {key.removeprefix("off_"): params.pop(key) for key in list(params) if key in _OFF_KEYS}
+    off_params = {
+        key.removeprefix("off_"): params.pop(key) for key in list(params) if key in _OFF_KEYS
+    }
     values: dict[str, Any] = {}
     for key, value in params.items():
         if key == "processes":
@@ -329,7 +348,15 @@ def _parse_workload(index: int, raw: Any, total: int) -> Workload:
         raise ScenarioError(f"{where}: end ({end:g}) must be after start ({start:g})")
     name = str(raw.get("name", f"{kind}-{index}"))
     return Workload(
-        name=name, kind=kind, gpus=count, load=Load(**values), start=start, end=end, period=period, duty=duty, off=off
+        name=name,
+        kind=kind,
+        gpus=count,
+        load=Load(**values),
+        start=start,
+        end=end,
+        period=period,
+        duty=duty,
+        off=off,
     )
 
 

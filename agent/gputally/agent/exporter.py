@@ -1,0 +1,236 @@
+"""The agent's own /metrics: this node's GPUs, per GPU (the dcgm-exporter use case).
+
+Collection is decoupled from scrapes: the sampling loop hands each Report to
+:meth:`NodeExporter.update`, and a scrape renders the latest one. A scrape never calls NVML,
+so a slow or frequent scraper cannot slow sampling down or hang a GPU. The per-GPU
+``_seconds_total`` counters are integrated from every report, so Prometheus gets exact averages
+over any range with ``increase()``, not a guess from one gauge reading per scrape.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pynvml
+from gputally.v1 import telemetry_pb2 as pb
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .sender import SenderStats
+
+# NVML clock-event (throttle) reason bits, by the name we expose.
+CLOCK_EVENT_REASONS: tuple[tuple[str, int], ...] = (
+    ("gpu_idle", pynvml.nvmlClocksEventReasonGpuIdle),
+    ("applications_clocks_setting", pynvml.nvmlClocksEventReasonApplicationsClocksSetting),
+    ("sw_power_cap", pynvml.nvmlClocksEventReasonSwPowerCap),
+    ("hw_slowdown", pynvml.nvmlClocksEventReasonHwSlowdown),
+    ("sync_boost", pynvml.nvmlClocksEventReasonSyncBoost),
+    ("sw_thermal_slowdown", pynvml.nvmlClocksEventReasonSwThermalSlowdown),
+    ("hw_thermal_slowdown", pynvml.nvmlClocksEventReasonHwThermalSlowdown),
+    ("hw_power_brake_slowdown", pynvml.nvmlClocksEventReasonHwPowerBrakeSlowdown),
+    ("display_clock_setting", pynvml.nvmlClocksEventReasonDisplayClockSetting),
+)
+
+
+def clock_event_names(mask: int) -> list[str]:
+    return [name for name, bit in CLOCK_EVENT_REASONS if mask & bit]
+
+
+# GpuSample field -> (metric name, help, scale to base units)
+_GAUGES: tuple[tuple[str, str, str, float], ...] = (
+    (
+        "busy",
+        "gputally_gpu_busy_ratio",
+        "Share of time a kernel was running (NVML utilization.gpu).",
+        1.0,
+    ),
+    (
+        "memory_busy",
+        "gputally_gpu_memory_busy_ratio",
+        "Share of time the memory controller was busy.",
+        1.0,
+    ),
+    (
+        "sm_active",
+        "gputally_gpu_sm_active_ratio",
+        "Share of SMs active (GPM, Hopper and newer).",
+        1.0,
+    ),
+    (
+        "sm_occupancy",
+        "gputally_gpu_sm_occupancy_ratio",
+        "Warps resident over the maximum (GPM).",
+        1.0,
+    ),
+    (
+        "tensor_active",
+        "gputally_gpu_tensor_active_ratio",
+        "Share of time tensor cores were active (GPM).",
+        1.0,
+    ),
+    (
+        "dram_active",
+        "gputally_gpu_dram_active_ratio",
+        "DRAM bandwidth used over the maximum (GPM).",
+        1.0,
+    ),
+    ("memory_used_bytes", "gputally_gpu_memory_used_bytes", "Device memory in use.", 1.0),
+    ("power_watts", "gputally_gpu_power_watts", "Power draw.", 1.0),
+    ("power_limit_watts", "gputally_gpu_power_limit_watts", "Enforced power limit.", 1.0),
+    ("sm_clock_mhz", "gputally_gpu_sm_clock_hertz", "SM clock.", 1e6),
+    ("temperature_celsius", "gputally_gpu_temperature_celsius", "GPU temperature.", 1.0),
+    ("process_count", "gputally_gpu_processes", "Running compute processes.", 1.0),
+    (
+        "process_memory_bytes",
+        "gputally_gpu_process_memory_bytes",
+        "Device memory held by compute processes.",
+        1.0,
+    ),
+)
+_SECONDS = ("observed", "busy", "allocated", "sm_active")
+
+
+class NodeExporter(Collector):
+    def __init__(self, hello: pb.Hello, sender_stats: Callable[[], SenderStats] | None = None):
+        self._lock = threading.Lock()
+        self.node = hello.node
+        self.gpus = {g.index: g for g in hello.gpus}
+        self.sender_stats = sender_stats
+        self.latest: pb.Report | None = None
+        self.last_success = 0.0
+        self.seconds = {index: dict.fromkeys(_SECONDS, 0.0) for index in self.gpus}
+        self.joules = dict.fromkeys(self.gpus, 0.0)
+        self._energy: dict[int, int] = {}
+
+    def update(self, report: pb.Report) -> None:
+        with self._lock:
+            self.latest = report
+            self.last_success = time.time()
+            dt = report.interval_seconds
+            for sample in report.gpus:
+                counters = self.seconds.setdefault(sample.index, dict.fromkeys(_SECONDS, 0.0))
+                if sample.status == pb.GPU_STATUS_OK:
+                    counters["observed"] += dt
+                    if sample.HasField("busy"):
+                        counters["busy"] += sample.busy * dt
+                    if sample.HasField("process_count"):
+                        counters["allocated"] += dt * (sample.process_count > 0)
+                    if sample.HasField("sm_active"):
+                        counters["sm_active"] += sample.sm_active * dt
+                if sample.HasField("energy_millijoules"):
+                    energy, last = sample.energy_millijoules, self._energy.get(sample.index)
+                    if last is not None:  # a smaller value: the driver reloaded, counting from zero
+                        self.joules[sample.index] = self.joules.get(sample.index, 0.0) + (
+                            (energy - last if energy >= last else energy) / 1000.0
+                        )
+                    self._energy[sample.index] = energy
+
+    def collect(self) -> Iterator[Any]:
+        with self._lock:
+            report = self.latest
+            seconds = {k: dict(v) for k, v in self.seconds.items()}
+            joules = dict(self.joules)
+            last_success = self.last_success
+        labels = ["gpu", "uuid", "model"]
+
+        def key(index: int) -> list[str]:
+            gpu = self.gpus.get(index)
+            return [str(index), gpu.uuid if gpu else "", gpu.model if gpu else ""]
+
+        info = GaugeMetricFamily(
+            "gputally_gpu_info", "GPU identity.", labels=[*labels, "serial", "pci_bus_id"]
+        )
+        for index, gpu in sorted(self.gpus.items()):
+            info.add_metric([*key(index), gpu.serial, gpu.pci_bus_id], 1)
+        yield info
+        total = GaugeMetricFamily(
+            "gputally_gpu_memory_total_bytes", "Device memory.", labels=labels
+        )
+        for index, gpu in sorted(self.gpus.items()):
+            if gpu.HasField("memory_total_bytes"):
+                total.add_metric(key(index), gpu.memory_total_bytes)
+        yield total
+        up = GaugeMetricFamily(
+            "gputally_gpu_up",
+            "1 when the GPU's telemetry was read; 0 when lost or failing.",
+            labels=labels,
+        )
+        families = {
+            field: GaugeMetricFamily(name, text, labels=labels) for field, name, text, _ in _GAUGES
+        }
+        reasons = GaugeMetricFamily(
+            "gputally_gpu_clock_event_reason",
+            "1 for each active clock-event (throttle) reason.",
+            labels=[*labels, "reason"],
+        )
+        if report is not None:
+            for sample in report.gpus:
+                up.add_metric(key(sample.index), int(sample.status == pb.GPU_STATUS_OK))
+                for field, _, _, scale in _GAUGES:
+                    if sample.HasField(field):  # absent means not available: no series, never 0
+                        families[field].add_metric(
+                            key(sample.index), getattr(sample, field) * scale
+                        )
+                if sample.HasField("clock_event_reasons"):
+                    for name, bit in CLOCK_EVENT_REASONS:
+                        reasons.add_metric(
+                            [*key(sample.index), name], int(bool(sample.clock_event_reasons & bit))
+                        )
+        yield up
+        yield from families.values()
+        yield reasons
+        counter = CounterMetricFamily(
+            "gputally_gpu_seconds",
+            "Seconds integrated from every sample: observed, and each measure weighted by its value.",
+            labels=[*labels, "measure"],
+        )
+        for index, values in sorted(seconds.items()):
+            for measure, value in values.items():
+                counter.add_metric([*key(index), measure], value)
+        yield counter
+        energy = CounterMetricFamily(
+            "gputally_gpu_energy_joules", "Energy drawn since the agent started.", labels=labels
+        )
+        for index, value in sorted(joules.items()):
+            energy.add_metric(key(index), value)
+        yield energy
+        yield GaugeMetricFamily(
+            "gputally_agent_last_collect_success",
+            "1 when the latest sampling tick succeeded.",
+            value=int(report is not None),
+        )
+        yield GaugeMetricFamily(
+            "gputally_agent_last_collect_timestamp_seconds",
+            "When the latest sampling tick finished.",
+            value=last_success,
+        )
+        if self.sender_stats is not None:
+            stats = self.sender_stats()
+            sent = CounterMetricFamily(
+                "gputally_agent_reports", "Reports by outcome at the collector.", labels=["result"]
+            )
+            for result, value in (
+                ("submitted", stats.submitted),
+                ("acked", stats.acked),
+                ("rejected", stats.rejected),
+                ("dropped", stats.dropped),
+            ):
+                sent.add_metric([result], value)
+            yield sent
+            yield GaugeMetricFamily(
+                "gputally_agent_collector_connected",
+                "1 while the stream to the collector is open.",
+                value=int(stats.connected),
+            )
+
+
+def make_registry(exporter: NodeExporter) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(exporter)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
