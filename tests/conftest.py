@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
 from gputally.collector import server as ingest
 from gputally.collector.metrics import make_app, make_registry, serve_http
 from gputally.collector.state import ClusterState

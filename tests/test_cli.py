@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pynvml
 import pytest
+
 from gputally.agent.cli import main
 
 COMMANDS = ("agent", "collector", "simulate", "demo")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from gputally.agent import scenario
 from gputally.agent.demo import scrape
 from gputally.agent.mock import MockNVML

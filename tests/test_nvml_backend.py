@@ -6,6 +6,7 @@ import tomllib
 
 import pynvml
 import pytest
+
 from gputally.agent import scenario as scenario_mod
 from gputally.agent.mock import ManualClock, MockNVML
 from gputally.agent.nvml import (

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from gputally.agent import scenario
 from gputally.agent.simulate import run_fleet
 

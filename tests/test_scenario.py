@@ -6,6 +6,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
 from gputally.agent import scenario
 
 ROOT = Path(__file__).resolve().parents[1]

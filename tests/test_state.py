@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from gputally.collector.state import ClusterState, InvalidMessageError
 from gputally.v1 import telemetry_pb2 as pb
 

@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pynvml
-from gputally.v1 import telemetry_pb2 as pb
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from gputally.v1 import telemetry_pb2 as pb
 
 from .sender import SenderStats
 

@@ -10,6 +10,7 @@ from typing import Any
 from gputally.v1 import telemetry_pb2 as pb
 
 from . import __version__
+from .exporter import clock_event_names
 from .nvml import GPU_ERROR, GPU_LOST, GpuInfo, GpuReading, NotAvailable, NvmlBackend
 
 PROTOCOL_REVISION = 1
@@ -134,6 +135,11 @@ def snapshot(info: list[GpuInfo], readings: list[GpuReading]) -> dict[str, Any]:
                 "status": reading.status,
                 "error": reading.error,
                 **{name: value(v) for name, v in reading.measurements().items()},
+                "clock_event_names": (
+                    clock_event_names(reading.clock_event_reasons)
+                    if isinstance(reading.clock_event_reasons, int)
+                    else value(reading.clock_event_reasons)
+                ),
             }
         )
     return {"gpus": gpus}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+
 from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1 import telemetry_pb2_grpc as pb_grpc
 
