@@ -19,6 +19,7 @@ import ctypes
 import itertools
 import math
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
@@ -27,8 +28,9 @@ from typing import Any
 
 import pynvml
 
+from .attribution import ProcessFacts
 from .nvml import gpm_sample_address
-from .scenario import Load, Scenario
+from .scenario import MAX_MIG_INSTANCES, Load, Scenario
 
 Clock = Callable[[], float]
 
@@ -65,6 +67,27 @@ class MockHandle:
 
     node: int
     index: int
+    mig: int = -1  # a MIG instance's handle: the instance's slot; -1 for the physical GPU
+
+
+@dataclass(slots=True)
+class MockEventSet:
+    gpus: set[int]
+    delivered: set[tuple[int, int]]  # (fault number, gpu)
+
+
+# NVLink bandwidth the mock attributes to tensor activity (collective traffic), bytes/s.
+NVLINK_BYTES_PER_S = 150e9
+
+
+def process_id(node: int, gpu: int, mig: int, k: int) -> int:
+    """PIDs the mock gives its processes: node, GPU, MIG slot and rank are readable in it."""
+    return 100_000 + node * 10_000 + gpu * 100 + (mig + 1) * 10 + k
+
+
+def _decode_pid(pid: int) -> tuple[int, int, int, int]:
+    rest = pid - 100_000
+    return rest // 10_000, rest % 10_000 // 100, rest % 100 // 10 - 1, rest % 10
 
 
 def _raise(code: int) -> None:
@@ -86,10 +109,13 @@ class MockNVML:
         self.start = clock() if start is None else start  # scenario time 0
         self.profile = scenario.profile
         self.initialised = False
-        self.calls = 0  # every call made, for tests of the backend's call discipline
+        self.calls: Counter[str] = Counter()  # calls by function, for tests of call discipline
+        self.processes = MockProcesses(self)  # the simulated host's view of the processes
         count = scenario.gpus_per_node
         self._energy_mj: list[float] = [float(self._energy_offset(i)) for i in range(count)]
         self._energy_t = [self.start] * count
+        self._nvlink_kib: list[float] = [0.0] * count
+        self._nvlink_t = [self.start] * count
         self._gpm_addresses = itertools.count(0x1000, 0x10)
         self._gpm_samples: dict[int, tuple[int, float] | None] = {}
 
@@ -128,7 +154,7 @@ class MockNVML:
 
     def _check(self, function: str, handle: MockHandle | None = None) -> None:
         """Entry of every mocked function: counts the call and applies the faults."""
-        self.calls += 1
+        self.calls[function] += 1
         if not self.initialised:
             _raise(pynvml.NVML_ERROR_UNINITIALIZED)
         if handle is not None:
@@ -146,16 +172,29 @@ class MockNVML:
             if fault.kind == "no_permission" and fault.function == function:
                 _raise(pynvml.NVML_ERROR_NO_PERMISSION)
 
-    def _gpu(self, function: str, handle: Any) -> int:
+    def _gpu(self, function: str, handle: Any, *, mig_ok: bool = False) -> int:
         if not isinstance(handle, MockHandle) or handle.node != self.node:
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if handle.mig >= 0 and not mig_ok:
             _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         self._check(function, handle)
         return int(handle.index)
 
+    def _not_under_mig(self) -> None:
+        """What NVML answers for device-wide utilization when the GPU runs in MIG mode."""
+        if self.scenario.mig_instances:
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    def _memory(self, gpu: int, load: Load, instances: int) -> tuple[int, int]:
+        """(total, used) of one GPU, or of one of its `instances` MIG slices."""
+        total = self.profile.memory_total_mib * 2**20 // instances
+        reserved = self.profile.reserved_mib * 2**20 // instances
+        return total, reserved + int(load.memory_fraction * (total - reserved))
+
     # -- system ----------------------------------------------------------------------------
 
     def nvmlInit(self) -> None:
-        self.calls += 1
+        self.calls["nvmlInit"] += 1
         if any(f.kind == "no_driver" and f.hits(self.node) for f in self.scenario.faults):
             _raise(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
         self.initialised = True
@@ -187,7 +226,10 @@ class MockNVML:
     # -- identity --------------------------------------------------------------------------
 
     def nvmlDeviceGetUUID(self, handle: Any) -> str:
-        return self.gpu_uuid(self._gpu("nvmlDeviceGetUUID", handle))
+        gpu = self._gpu("nvmlDeviceGetUUID", handle, mig_ok=True)
+        if handle.mig >= 0:
+            return "MIG-" + self.gpu_uuid(gpu).removeprefix("GPU-")[:-2] + f"{handle.mig:02d}"
+        return self.gpu_uuid(gpu)
 
     def nvmlDeviceGetSerial(self, handle: Any) -> str:
         gpu = self._gpu("nvmlDeviceGetSerial", handle)
@@ -230,6 +272,7 @@ class MockNVML:
 
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> SimpleNamespace:
         gpu = self._gpu("nvmlDeviceGetUtilizationRates", handle)
+        self._not_under_mig()
         t = self._t()
         latest = math.floor(t / UTILIZATION_PERIOD_S + 1e-9) * UTILIZATION_PERIOD_S
         return SimpleNamespace(
@@ -241,6 +284,7 @@ class MockNVML:
         self, handle: Any, sampling_type: int, last_seen_us: int
     ) -> tuple[int, list[Any]]:
         gpu = self._gpu("nvmlDeviceGetSamples", handle)
+        self._not_under_mig()
         fields = {
             pynvml.NVML_GPU_UTILIZATION_SAMPLES: "busy",
             pynvml.NVML_MEMORY_UTILIZATION_SAMPLES: "dram_active",
@@ -290,6 +334,8 @@ class MockNVML:
 
     def nvmlDeviceGetClockInfo(self, handle: Any, clock_type: int) -> int:
         gpu = self._gpu("nvmlDeviceGetClockInfo", handle)
+        if clock_type == pynvml.NVML_CLOCK_MEM:
+            return self.profile.memory_clock_mhz  # HBM clocks stay up at idle
         if clock_type != pynvml.NVML_CLOCK_SM:
             _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)
         busy = self._load(gpu, self._t()).busy > 0
@@ -303,22 +349,197 @@ class MockNVML:
         return round(28 + 52 * power / self.profile.power_limit_watts)
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[SimpleNamespace]:
-        gpu = self._gpu("nvmlDeviceGetComputeRunningProcesses", handle)
+        gpu = self._gpu("nvmlDeviceGetComputeRunningProcesses", handle, mig_ok=True)
         load = self._load(gpu, self._t())
-        if load.processes == 0:
-            return []
-        total = self.profile.memory_total_mib * 2**20
-        held = int(load.memory_fraction * (total - self.profile.reserved_mib * 2**20))
-        base_pid = 4000 + self.node * 1000 + gpu * 10
+        instances = self.scenario.mig_instances
+        slots = [handle.mig] if handle.mig >= 0 else (list(range(instances)) if instances else [-1])
+        processes = []
+        for slot in slots:
+            _, used = self._memory(gpu, load, instances if slot >= 0 else 1)
+            held = used - self.profile.reserved_mib * 2**20 // (instances if slot >= 0 else 1)
+            for k in range(load.processes):
+                processes.append(
+                    SimpleNamespace(
+                        pid=process_id(self.node, gpu, slot, k),
+                        usedGpuMemory=held // load.processes,
+                        gpuInstanceId=slot + 1 if slot >= 0 else 0xFFFFFFFF,
+                        computeInstanceId=0 if slot >= 0 else 0xFFFFFFFF,
+                    )
+                )
+        return processes
+
+    def nvmlDeviceGetProcessUtilization(self, handle: Any, last_seen_us: int) -> list[Any]:
+        gpu = self._gpu("nvmlDeviceGetProcessUtilization", handle)
+        self._not_under_mig()
+        t = self._t()
+        load = self._load(gpu, t)
+        latest = math.floor(t / UTILIZATION_PERIOD_S + 1e-9) * UTILIZATION_PERIOD_S
+        stamp = round((self.start + latest) * 1e6)
+        if load.processes == 0 or stamp <= last_seen_us:
+            _raise(pynvml.NVML_ERROR_NOT_FOUND)
+        # Each process's share of the time kernels ran, over the last second.
+        busy = self._mean(gpu, attrgetter("busy"), t - 1.0, t) / load.processes
+        dram = self._mean(gpu, attrgetter("dram_active"), t - 1.0, t) / load.processes
+        samples = []
+        for k in range(load.processes):
+            sample = pynvml.c_nvmlProcessUtilizationSample_t()
+            sample.pid = process_id(self.node, gpu, -1, k)
+            sample.timeStamp = stamp
+            sample.smUtil = round(100 * busy)
+            sample.memUtil = round(100 * dram)
+            samples.append(sample)
+        return samples
+
+    # -- health ----------------------------------------------------------------------------
+
+    def _active_faults(self, kind: str, gpu: int) -> list[Any]:
+        t = self._t()
         return [
-            SimpleNamespace(
-                pid=base_pid + k,
-                usedGpuMemory=held // load.processes,
-                gpuInstanceId=0xFFFFFFFF,
-                computeInstanceId=0xFFFFFFFF,
-            )
-            for k in range(load.processes)
+            f
+            for f in self.scenario.faults
+            if f.kind == kind and f.at <= t < f.until and f.hits(self.node, gpu)
         ]
+
+    def nvmlDeviceGetTotalEccErrors(self, handle: Any, error_type: int, counter_type: int) -> int:
+        gpu = self._gpu("nvmlDeviceGetTotalEccErrors", handle)
+        if counter_type != pynvml.NVML_VOLATILE_ECC:
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        uncorrected = error_type == pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
+        return sum(
+            f.code for f in self._active_faults("ecc_error", gpu) if f.uncorrectable == uncorrected
+        )
+
+    def nvmlDeviceGetRemappedRows(self, handle: Any) -> tuple[int, int, int, int]:
+        gpu = self._gpu("nvmlDeviceGetRemappedRows", handle)
+        # An uncorrectable memory error remaps its row at the next reset: pending until then.
+        rows = sum(1 for f in self._active_faults("ecc_error", gpu) if f.uncorrectable)
+        return (0, rows, int(rows > 0), 0)
+
+    def nvmlDeviceGetPcieThroughput(self, handle: Any, counter: int) -> int:
+        gpu = self._gpu("nvmlDeviceGetPcieThroughput", handle)
+        busy = self._load(gpu, self._t()).busy
+        if counter == pynvml.NVML_PCIE_UTIL_TX_BYTES:
+            return round(busy * 1_000_000)  # KiB/s
+        if counter == pynvml.NVML_PCIE_UTIL_RX_BYTES:
+            return round(busy * 2_000_000)
+        _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return 0
+
+    def nvmlDeviceGetFieldValues(self, handle: Any, field_ids: list[int]) -> Any:
+        gpu = self._gpu("nvmlDeviceGetFieldValues", handle)
+        values = (pynvml.c_nvmlFieldValue_t * len(field_ids))()
+        for slot, field_id in enumerate(field_ids):
+            value = values[slot]
+            value.fieldId = field_id
+            value.timestamp = round(self.clock() * 1e6)
+            if field_id in (
+                pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
+                pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX,
+            ):
+                if not self.profile.nvlink:
+                    value.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+                    continue
+                value.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+                value.value.ullVal = int(self._nvlink_counter(gpu))
+            elif field_id == pynvml.NVML_FI_DEV_MEMORY_TEMP:
+                value.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+                power = self._power_watts(self._load(gpu, self._t()))
+                value.value.uiVal = round(34 + 52 * power / self.profile.power_limit_watts)
+            else:
+                value.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+                continue
+            value.nvmlReturn = pynvml.NVML_SUCCESS
+        return values
+
+    def _nvlink_counter(self, gpu: int) -> float:
+        """Cumulative NVLink traffic in KiB, each way: collective traffic of tensor work."""
+        now, last = self.clock(), self._nvlink_t[gpu]
+        if now > last:
+            mean = self._mean(gpu, attrgetter("tensor_active"), last - self.start, now - self.start)
+            self._nvlink_kib[gpu] += mean * NVLINK_BYTES_PER_S * (now - last) / 1024
+            self._nvlink_t[gpu] = now
+        return self._nvlink_kib[gpu]
+
+    # -- events ----------------------------------------------------------------------------
+
+    def nvmlEventSetCreate(self) -> MockEventSet:
+        self._check("nvmlEventSetCreate")
+        return MockEventSet(set(), set())
+
+    def nvmlDeviceRegisterEvents(
+        self, handle: Any, event_types: int, event_set: MockEventSet
+    ) -> None:
+        gpu = self._gpu("nvmlDeviceRegisterEvents", handle)
+        if event_types & pynvml.nvmlEventTypeXidCriticalError:
+            event_set.gpus.add(gpu)
+
+    def nvmlEventSetWait_v2(self, event_set: MockEventSet, timeout_ms: int) -> SimpleNamespace:
+        self._check("nvmlEventSetWait_v2")
+        t = self._t()
+        due = []
+        for number, fault in enumerate(self.scenario.faults):
+            code = fault.code if fault.kind == "xid" else 79 if fault.kind == "gpu_lost" else 0
+            if not code or fault.at > t:
+                continue
+            for gpu in sorted(event_set.gpus):
+                if fault.hits(self.node, gpu) and (number, gpu) not in event_set.delivered:
+                    due.append((fault.at, number, gpu, code))
+        if not due:
+            _raise(pynvml.NVML_ERROR_TIMEOUT)  # the mock never blocks; callers must not spin
+        _, number, gpu, code = min(due)
+        event_set.delivered.add((number, gpu))
+        return SimpleNamespace(
+            device=MockHandle(self.node, gpu),
+            eventType=pynvml.nvmlEventTypeXidCriticalError,
+            eventData=code,
+            gpuInstanceId=0xFFFFFFFF,
+            computeInstanceId=0xFFFFFFFF,
+        )
+
+    def nvmlEventSetFree(self, event_set: MockEventSet) -> None:
+        self._check("nvmlEventSetFree")
+
+    # -- MIG -------------------------------------------------------------------------------
+
+    def nvmlDeviceGetMigMode(self, handle: Any) -> tuple[int, int]:
+        self._gpu("nvmlDeviceGetMigMode", handle)
+        if not self.profile.mig:
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        mode = int(self.scenario.mig_instances > 0)
+        return (mode, mode)
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: Any) -> int:
+        self._gpu("nvmlDeviceGetMaxMigDeviceCount", handle)
+        return MAX_MIG_INSTANCES if self.profile.mig else 0
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: Any, index: int) -> MockHandle:
+        gpu = self._gpu("nvmlDeviceGetMigDeviceHandleByIndex", handle)
+        if not 0 <= index < self.scenario.mig_instances:
+            _raise(pynvml.NVML_ERROR_NOT_FOUND)
+        return MockHandle(self.node, gpu, index)
+
+    def nvmlDeviceGetGpuInstanceId(self, handle: Any) -> int:
+        self._gpu("nvmlDeviceGetGpuInstanceId", handle, mig_ok=True)
+        if handle.mig < 0:
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return int(handle.mig) + 1
+
+    def nvmlDeviceGetComputeInstanceId(self, handle: Any) -> int:
+        self._gpu("nvmlDeviceGetComputeInstanceId", handle, mig_ok=True)
+        if handle.mig < 0:
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return 0
+
+    def nvmlDeviceGetAttributes(self, handle: Any) -> SimpleNamespace:
+        self._gpu("nvmlDeviceGetAttributes", handle, mig_ok=True)
+        instances = self.scenario.mig_instances if handle.mig >= 0 else 1
+        slices = MAX_MIG_INSTANCES // instances if handle.mig >= 0 else MAX_MIG_INSTANCES
+        return SimpleNamespace(
+            multiprocessorCount=self.profile.sm_count * slices // MAX_MIG_INSTANCES,
+            gpuInstanceSliceCount=slices,
+            computeInstanceSliceCount=slices,
+            memorySizeMB=self.profile.memory_total_mib // instances,
+        )
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any) -> int:
         gpu = self._gpu("nvmlDeviceGetCurrentClocksEventReasons", handle)
@@ -356,6 +577,12 @@ class MockNVML:
         self._gpm_samples[address] = (gpu, self._t())
         return sample
 
+    def nvmlGpmMigSampleGet(self, handle: Any, gpu_instance_id: int, sample: Any) -> Any:
+        if not 1 <= gpu_instance_id <= self.scenario.mig_instances:
+            _raise(pynvml.NVML_ERROR_NOT_FOUND)
+        # Every instance runs the GPU's workload, so its SM activity is the GPU's.
+        return self.nvmlGpmSampleGet(handle, sample)
+
     def nvmlGpmMetricsGet(self, request: Any) -> Any:
         self._check("nvmlGpmMetricsGet")
         first = self._gpm_samples.get(gpm_sample_address(request.sample1))
@@ -379,3 +606,36 @@ class MockNVML:
             metric.value = 100.0 * self._mean(gpu, attrgetter(name), t0, t1)
             metric.nvmlReturn = pynvml.NVML_SUCCESS
         return request
+
+
+class MockProcesses:
+    """Host facts for the mock's processes (user, command, cgroup), from the scenario.
+
+    Implements ``ProcessInspector``. A ``process_exit`` fault makes a GPU's processes vanish
+    from the host while NVML still lists them: the race between two calls that real agents
+    meet when a job ends.
+    """
+
+    def __init__(self, nvml: MockNVML):
+        self.nvml = nvml
+
+    def describe(self, pid: int) -> ProcessFacts | None:
+        node, gpu, mig, _ = _decode_pid(pid)
+        mock = self.nvml
+        if node != mock.node or not 0 <= gpu < mock.scenario.gpus_per_node:
+            return None
+        t = mock._t()
+        workload = mock.scenario.workload_at(node, gpu, t)
+        if workload is None or mock._active_faults("process_exit", gpu):
+            return None
+        if workload.slurm_job:
+            cgroup = f"/system.slice/slurmstepd.scope/job_{workload.slurm_job}/step_0/user/task_0"
+        elif workload.pod:
+            container = uuid.uuid5(_UUID_NAMESPACE, f"{workload.pod}/{gpu}/{mig}").hex * 2
+            cgroup = (
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
+                f"{workload.pod.replace('-', '_')}.slice/cri-containerd-{container}.scope"
+            )
+        else:
+            cgroup = "/user.slice/user-1000.slice/session-1.scope"
+        return ProcessFacts(user=workload.user, command=workload.command, cgroup=cgroup)

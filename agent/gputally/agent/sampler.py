@@ -5,30 +5,71 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from gputally.v1 import telemetry_pb2 as pb
 
 from . import __version__
 from .exporter import clock_event_names
-from .nvml import GPU_ERROR, GPU_LOST, GpuInfo, GpuReading, NotAvailable, NvmlBackend
+from .nvml import GPU_ERROR, GPU_LOST, STRUCTURED, GpuInfo, GpuReading, NotAvailable, NvmlBackend
 
 PROTOCOL_REVISION = 1
 
 _STATUS = {"ok": pb.GPU_STATUS_OK, GPU_LOST: pb.GPU_STATUS_LOST, GPU_ERROR: pb.GPU_STATUS_ERROR}
 # Reading fields copied into GpuSample fields of the same name.
 _SAMPLE_FIELDS = tuple(
-    name for name in GpuReading.__dataclass_fields__ if name not in ("index", "status", "error")
+    name
+    for name in GpuReading.__dataclass_fields__
+    if name not in ("index", "status", "error", *STRUCTURED)
 )
+
+
+def _set_present(message: Any, source: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(source, name)
+        if not isinstance(value, NotAvailable):
+            setattr(message, name, value)
 
 
 def reading_to_proto(reading: GpuReading) -> pb.GpuSample:
     """A NotAvailable value is left absent in the message: absent means "not available"."""
     sample = pb.GpuSample(index=reading.index, status=_STATUS[reading.status], error=reading.error)
-    for name in _SAMPLE_FIELDS:
-        value = getattr(reading, name)
-        if not isinstance(value, NotAvailable):
-            setattr(sample, name, value)
+    _set_present(sample, reading, _SAMPLE_FIELDS)
+    if not isinstance(reading.processes, NotAvailable):
+        for process in reading.processes:
+            message = sample.processes.add(
+                pid=process.pid,
+                user=process.user,
+                command=process.command,
+                cgroup=process.cgroup,
+                container_id=process.container_id,
+                gpu_instance_id=process.gpu_instance_id,
+            )
+            if process.memory_bytes is not None:
+                message.memory_bytes = process.memory_bytes
+            _set_present(message, process, ("sm_util", "memory_util"))
+    for code, when in reading.xid_events:
+        sample.xid_events.add(code=code, time_unix_nano=int(when * 1e9))
+    attribution = reading.attribution
+    if attribution.source:
+        sample.attribution.CopyFrom(
+            pb.Attribution(
+                source=attribution.source, tenant=attribution.tenant, job=attribution.job
+            )
+        )
+    sample.mig_enabled = reading.mig_enabled
+    for instance in reading.mig:
+        mig = sample.mig.add(
+            gpu_instance_id=instance.gpu_instance_id,
+            compute_instance_id=instance.compute_instance_id,
+            uuid=instance.uuid,
+        )
+        _set_present(
+            mig,
+            instance,
+            ("memory_total_bytes", "memory_used_bytes", "process_count", "sm_active", "slices"),
+        )
     return sample
 
 
@@ -122,6 +163,9 @@ def snapshot(info: list[GpuInfo], readings: list[GpuReading]) -> dict[str, Any]:
     def value(v: object) -> object:
         return {"not_available": v.reason} if isinstance(v, NotAvailable) else v
 
+    def record(item: object) -> dict[str, object]:
+        return {k: value(v) for k, v in asdict(item).items()}  # type: ignore[call-overload]
+
     gpus = []
     for gpu, reading in zip(info, readings, strict=True):
         gpus.append(
@@ -140,6 +184,15 @@ def snapshot(info: list[GpuInfo], readings: list[GpuReading]) -> dict[str, Any]:
                     if isinstance(reading.clock_event_reasons, int)
                     else value(reading.clock_event_reasons)
                 ),
+                "processes": (
+                    value(reading.processes)
+                    if isinstance(reading.processes, NotAvailable)
+                    else [record(p) for p in reading.processes]
+                ),
+                "xid_events": [{"xid": code, "time": when} for code, when in reading.xid_events],
+                "attribution": record(reading.attribution),
+                "mig_enabled": reading.mig_enabled,
+                "mig": [record(m) for m in reading.mig],
             }
         )
     return {"gpus": gpus}

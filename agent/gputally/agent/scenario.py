@@ -8,6 +8,7 @@ See ``docs/scenarios.md`` for the format and the physics of each workload kind.
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,18 +30,55 @@ class ModelProfile:
     idle_sm_clock_mhz: int
     gpm: bool  # NVML GPM (SM activity) is available on Hopper and newer
     reserved_mib: int  # memory NVML shows as used on an idle GPU
+    memory_clock_mhz: int
+    nvlink: bool  # SXM boards; PCIe cards such as the L40S have none
+    mig: bool  # Multi-Instance GPU capable
 
 
 MODELS: dict[str, ModelProfile] = {
     p.name: p
     for p in (
-        ModelProfile("NVIDIA H100 80GB HBM3", 81559, 700.0, 70.0, 132, 1980, 345, True, 530),
-        ModelProfile("NVIDIA H200", 143771, 700.0, 75.0, 132, 1980, 345, True, 560),
-        ModelProfile("NVIDIA A100-SXM4-80GB", 81920, 400.0, 55.0, 108, 1410, 210, False, 420),
-        ModelProfile("NVIDIA A100-SXM4-40GB", 40960, 400.0, 52.0, 108, 1410, 210, False, 420),
-        ModelProfile("NVIDIA L40S", 46068, 350.0, 32.0, 142, 2520, 210, False, 470),
+        ModelProfile(
+            "NVIDIA H100 80GB HBM3", 81559, 700.0, 70.0, 132, 1980, 345, True, 530, 2619, True, True
+        ),
+        ModelProfile(
+            "NVIDIA H200", 143771, 700.0, 75.0, 132, 1980, 345, True, 560, 3201, True, True
+        ),
+        ModelProfile(
+            "NVIDIA A100-SXM4-80GB",
+            81920,
+            400.0,
+            55.0,
+            108,
+            1410,
+            210,
+            False,
+            420,
+            1593,
+            True,
+            True,
+        ),
+        ModelProfile(
+            "NVIDIA A100-SXM4-40GB",
+            40960,
+            400.0,
+            52.0,
+            108,
+            1410,
+            210,
+            False,
+            420,
+            1215,
+            True,
+            True,
+        ),
+        ModelProfile(
+            "NVIDIA L40S", 46068, 350.0, 32.0, 142, 2520, 210, False, 470, 9001, False, False
+        ),
     )
 }
+# MIG: the most instances a GPU can be split into (1g slices).
+MAX_MIG_INSTANCES = 7
 
 
 class ScenarioError(ValueError):
@@ -137,9 +175,21 @@ _LOAD_KEYS = {
     "memory_fraction",
     "processes",
 }
+_IDENTITY_KEYS = {"user", "command", "slurm_job", "pod"}
 _WORKLOAD_KEYS = (
-    _LOAD_KEYS | _OFF_KEYS | {"kind", "share", "gpus", "start", "end", "name", "period", "duty"}
+    _LOAD_KEYS
+    | _OFF_KEYS
+    | _IDENTITY_KEYS
+    | {"kind", "share", "gpus", "start", "end", "name", "period", "duty"}
 )
+# The command a workload's processes run, when the file does not say.
+_COMMANDS = {
+    "steady": "python job.py",
+    "training": "python train.py",
+    "inference": "tritonserver --model-repository=/models",
+    "square": "python bench.py",
+    "burn": "gpu_burn 3600",
+}
 
 FAULT_KINDS = (
     "gpu_lost",
@@ -148,6 +198,9 @@ FAULT_KINDS = (
     "no_driver",
     "node_down",
     "driver_reload",
+    "xid",
+    "process_exit",
+    "ecc_error",
 )
 
 
@@ -162,6 +215,10 @@ class Workload:
     period: float | None = None  # periodic kinds: on for duty x period, then `off`
     duty: float = 1.0
     off: Load = IDLE
+    user: str = "svc"
+    command: str = ""
+    slurm_job: int | None = None  # processes run in this Slurm job's cgroup
+    pod: str = ""  # or in this Kubernetes pod's (its UID)
 
     def active(self, t: float) -> bool:
         return self.start <= t < self.end
@@ -200,6 +257,8 @@ class Fault:
     at: float = 0.0
     until: float = math.inf
     function: str = ""  # for unsupported / no_permission: the pynvml function name
+    code: int = 0  # xid: the XID; ecc_error: how many errors
+    uncorrectable: bool = False  # ecc_error
 
     def hits(self, node: int, gpu: int | None = None) -> bool:
         if self.node is not None and self.node != node:
@@ -215,6 +274,7 @@ class Scenario:
     workloads: tuple[Workload, ...] = ()
     faults: tuple[Fault, ...] = ()
     node_prefix: str = "node"
+    mig_instances: int = 0  # > 0: every GPU runs in MIG mode, split into this many instances
     name: str = "scenario"
     description: str = ""
     # GPU (node-major position) -> workloads assigned to it, in time order.
@@ -234,6 +294,10 @@ class Scenario:
 
     def workloads_of(self, node: int, gpu: int) -> tuple[Workload, ...]:
         return self.assignment.get(node * self.gpus_per_node + gpu, ())
+
+    def workload_at(self, node: int, gpu: int, t: float) -> Workload | None:
+        t = max(t, 0.0)
+        return next((w for w in self.workloads_of(node, gpu) if w.active(t)), None)
 
     def load_at(self, node: int, gpu: int, t: float) -> Load:
         # Before the scenario starts the cluster is as it is at its start: a job that runs
@@ -347,6 +411,18 @@ def _parse_workload(index: int, raw: Any, total: int) -> Workload:
     if end <= start:
         raise ScenarioError(f"{where}: end ({end:g}) must be after start ({start:g})")
     name = str(raw.get("name", f"{kind}-{index}"))
+    slurm_job = (
+        _integer(raw["slurm_job"], f"{where}.slurm_job", low=1) if "slurm_job" in raw else None
+    )
+    pod = str(raw.get("pod", ""))
+    if pod and not re.fullmatch(
+        r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", pod
+    ):
+        raise ScenarioError(
+            f"{where}.pod: expected a pod UID such as 3f2c1a9e-0b7d-4c55-9a3e-2f6c9d6a1c00"
+        )
+    if slurm_job and pod:
+        raise ScenarioError(f"{where}: a process runs in a Slurm job or in a pod, not both")
     return Workload(
         name=name,
         kind=kind,
@@ -357,6 +433,10 @@ def _parse_workload(index: int, raw: Any, total: int) -> Workload:
         period=period,
         duty=duty,
         off=off,
+        user=str(raw.get("user", "svc")),
+        command=str(raw.get("command", _COMMANDS.get(kind, ""))),
+        slurm_job=slurm_job,
+        pod=pod,
     )
 
 
@@ -364,7 +444,11 @@ def _parse_fault(index: int, raw: Any, nodes: int, gpus_per_node: int) -> Fault:
     where = f"fault[{index}]"
     if not isinstance(raw, dict):
         raise ScenarioError(f"{where}: expected a table")
-    _unknown(raw, {"kind", "node", "gpu", "at", "until", "function"}, where)
+    _unknown(
+        raw,
+        {"kind", "node", "gpu", "at", "until", "function", "code", "count", "uncorrectable"},
+        where,
+    )
     kind = raw.get("kind")
     if kind not in FAULT_KINDS:
         raise ScenarioError(f"{where}.kind: expected one of {', '.join(FAULT_KINDS)}, got {kind!r}")
@@ -383,7 +467,22 @@ def _parse_fault(index: int, raw: Any, nodes: int, gpus_per_node: int) -> Fault:
     until = _number(raw["until"], f"{where}.until") if "until" in raw else math.inf
     if until <= at:
         raise ScenarioError(f"{where}: until ({until:g}) must be after at ({at:g})")
-    return Fault(kind=kind, node=node, gpu=gpu, at=at, until=until, function=function)
+    code = 0
+    if kind == "xid":
+        code = _integer(raw.get("code"), f"{where}.code", low=1)
+    elif kind == "ecc_error":
+        code = _integer(raw.get("count", 1), f"{where}.count", low=1)
+    uncorrectable = bool(raw.get("uncorrectable", False))
+    return Fault(
+        kind=kind,
+        node=node,
+        gpu=gpu,
+        at=at,
+        until=until,
+        function=function,
+        code=code,
+        uncorrectable=uncorrectable,
+    )
 
 
 def _assign(workloads: list[Workload], total: int) -> dict[int, tuple[Workload, ...]]:
@@ -410,7 +509,9 @@ def parse(data: dict[str, Any], *, name: str = "scenario") -> Scenario:
     if not isinstance(cluster, dict):
         raise ScenarioError("missing [cluster] table (nodes, gpus_per_node, gpu_model)")
     _unknown(data, {"cluster", "workload", "fault", "description", "name", "expect"}, "scenario")
-    _unknown(cluster, {"nodes", "gpus_per_node", "gpu_model", "node_prefix"}, "cluster")
+    _unknown(
+        cluster, {"nodes", "gpus_per_node", "gpu_model", "node_prefix", "mig_instances"}, "cluster"
+    )
     nodes = _integer(cluster.get("nodes"), "cluster.nodes", low=1)
     gpus_per_node = _integer(cluster.get("gpus_per_node"), "cluster.gpus_per_node", low=1)
     model = cluster.get("gpu_model", "NVIDIA H100 80GB HBM3")
@@ -418,6 +519,11 @@ def parse(data: dict[str, Any], *, name: str = "scenario") -> Scenario:
         raise ScenarioError(
             f"cluster.gpu_model: unknown model {model!r}; known: {', '.join(MODELS)}"
         )
+    mig = _integer(cluster.get("mig_instances", 0), "cluster.mig_instances")
+    if mig > MAX_MIG_INSTANCES:
+        raise ScenarioError(f"cluster.mig_instances: at most {MAX_MIG_INSTANCES}, got {mig}")
+    if mig and not MODELS[model].mig:
+        raise ScenarioError(f"cluster.mig_instances: {model} does not support MIG")
     total = nodes * gpus_per_node
     raw_workloads = data.get("workload", [])
     raw_faults = data.get("fault", [])
@@ -432,6 +538,7 @@ def parse(data: dict[str, Any], *, name: str = "scenario") -> Scenario:
         workloads=tuple(workloads),
         faults=tuple(faults),
         node_prefix=str(cluster.get("node_prefix", "node")),
+        mig_instances=mig,
         name=str(data.get("name", name)),
         description=str(data.get("description", "")),
         assignment=_assign(workloads, total),

@@ -93,7 +93,7 @@ class Report(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., time_unix_nano: _Optional[int] = ..., interval_seconds: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuSample, _Mapping]]] = ...) -> None: ...
 
 class GpuSample(_message.Message):
-    __slots__ = ("index", "status", "busy", "memory_busy", "memory_used_bytes", "power_watts", "power_limit_watts", "energy_millijoules", "sm_clock_mhz", "temperature_celsius", "process_count", "process_memory_bytes", "clock_event_reasons", "sm_active", "sm_occupancy", "tensor_active", "dram_active", "error")
+    __slots__ = ("index", "status", "busy", "memory_busy", "memory_used_bytes", "power_watts", "power_limit_watts", "energy_millijoules", "sm_clock_mhz", "temperature_celsius", "process_count", "process_memory_bytes", "clock_event_reasons", "sm_active", "sm_occupancy", "tensor_active", "dram_active", "error", "processes", "xid_events", "ecc_corrected_volatile", "ecc_uncorrected_volatile", "remapped_rows_correctable", "remapped_rows_uncorrectable", "remap_pending", "remap_failure", "pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second", "nvlink_tx_bytes", "nvlink_rx_bytes", "memory_clock_mhz", "memory_temperature_celsius", "attribution", "mig_enabled", "mig")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     BUSY_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,23 @@ class GpuSample(_message.Message):
     TENSOR_ACTIVE_FIELD_NUMBER: _ClassVar[int]
     DRAM_ACTIVE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    XID_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    ECC_CORRECTED_VOLATILE_FIELD_NUMBER: _ClassVar[int]
+    ECC_UNCORRECTED_VOLATILE_FIELD_NUMBER: _ClassVar[int]
+    REMAPPED_ROWS_CORRECTABLE_FIELD_NUMBER: _ClassVar[int]
+    REMAPPED_ROWS_UNCORRECTABLE_FIELD_NUMBER: _ClassVar[int]
+    REMAP_PENDING_FIELD_NUMBER: _ClassVar[int]
+    REMAP_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    PCIE_TX_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    PCIE_RX_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    NVLINK_TX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NVLINK_RX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_CLOCK_MHZ_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TEMPERATURE_CELSIUS_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    MIG_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    MIG_FIELD_NUMBER: _ClassVar[int]
     index: int
     status: GpuStatus
     busy: float
@@ -130,7 +147,84 @@ class GpuSample(_message.Message):
     tensor_active: float
     dram_active: float
     error: str
-    def __init__(self, index: _Optional[int] = ..., status: _Optional[_Union[GpuStatus, str]] = ..., busy: _Optional[float] = ..., memory_busy: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., power_watts: _Optional[float] = ..., power_limit_watts: _Optional[float] = ..., energy_millijoules: _Optional[int] = ..., sm_clock_mhz: _Optional[int] = ..., temperature_celsius: _Optional[int] = ..., process_count: _Optional[int] = ..., process_memory_bytes: _Optional[int] = ..., clock_event_reasons: _Optional[int] = ..., sm_active: _Optional[float] = ..., sm_occupancy: _Optional[float] = ..., tensor_active: _Optional[float] = ..., dram_active: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
+    processes: _containers.RepeatedCompositeFieldContainer[ProcessSample]
+    xid_events: _containers.RepeatedCompositeFieldContainer[XidEvent]
+    ecc_corrected_volatile: int
+    ecc_uncorrected_volatile: int
+    remapped_rows_correctable: int
+    remapped_rows_uncorrectable: int
+    remap_pending: bool
+    remap_failure: bool
+    pcie_tx_bytes_per_second: float
+    pcie_rx_bytes_per_second: float
+    nvlink_tx_bytes: int
+    nvlink_rx_bytes: int
+    memory_clock_mhz: int
+    memory_temperature_celsius: int
+    attribution: Attribution
+    mig_enabled: bool
+    mig: _containers.RepeatedCompositeFieldContainer[MigSample]
+    def __init__(self, index: _Optional[int] = ..., status: _Optional[_Union[GpuStatus, str]] = ..., busy: _Optional[float] = ..., memory_busy: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., power_watts: _Optional[float] = ..., power_limit_watts: _Optional[float] = ..., energy_millijoules: _Optional[int] = ..., sm_clock_mhz: _Optional[int] = ..., temperature_celsius: _Optional[int] = ..., process_count: _Optional[int] = ..., process_memory_bytes: _Optional[int] = ..., clock_event_reasons: _Optional[int] = ..., sm_active: _Optional[float] = ..., sm_occupancy: _Optional[float] = ..., tensor_active: _Optional[float] = ..., dram_active: _Optional[float] = ..., error: _Optional[str] = ..., processes: _Optional[_Iterable[_Union[ProcessSample, _Mapping]]] = ..., xid_events: _Optional[_Iterable[_Union[XidEvent, _Mapping]]] = ..., ecc_corrected_volatile: _Optional[int] = ..., ecc_uncorrected_volatile: _Optional[int] = ..., remapped_rows_correctable: _Optional[int] = ..., remapped_rows_uncorrectable: _Optional[int] = ..., remap_pending: _Optional[bool] = ..., remap_failure: _Optional[bool] = ..., pcie_tx_bytes_per_second: _Optional[float] = ..., pcie_rx_bytes_per_second: _Optional[float] = ..., nvlink_tx_bytes: _Optional[int] = ..., nvlink_rx_bytes: _Optional[int] = ..., memory_clock_mhz: _Optional[int] = ..., memory_temperature_celsius: _Optional[int] = ..., attribution: _Optional[_Union[Attribution, _Mapping]] = ..., mig_enabled: _Optional[bool] = ..., mig: _Optional[_Iterable[_Union[MigSample, _Mapping]]] = ...) -> None: ...
+
+class ProcessSample(_message.Message):
+    __slots__ = ("pid", "memory_bytes", "sm_util", "memory_util", "user", "command", "cgroup", "container_id", "gpu_instance_id")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SM_UTIL_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_UTIL_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    CGROUP_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    GPU_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    memory_bytes: int
+    sm_util: float
+    memory_util: float
+    user: str
+    command: str
+    cgroup: str
+    container_id: str
+    gpu_instance_id: int
+    def __init__(self, pid: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., sm_util: _Optional[float] = ..., memory_util: _Optional[float] = ..., user: _Optional[str] = ..., command: _Optional[str] = ..., cgroup: _Optional[str] = ..., container_id: _Optional[str] = ..., gpu_instance_id: _Optional[int] = ...) -> None: ...
+
+class XidEvent(_message.Message):
+    __slots__ = ("code", "time_unix_nano")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    time_unix_nano: int
+    def __init__(self, code: _Optional[int] = ..., time_unix_nano: _Optional[int] = ...) -> None: ...
+
+class Attribution(_message.Message):
+    __slots__ = ("source", "tenant", "job")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    tenant: str
+    job: str
+    def __init__(self, source: _Optional[str] = ..., tenant: _Optional[str] = ..., job: _Optional[str] = ...) -> None: ...
+
+class MigSample(_message.Message):
+    __slots__ = ("gpu_instance_id", "compute_instance_id", "uuid", "memory_total_bytes", "memory_used_bytes", "process_count", "sm_active", "slices")
+    GPU_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SM_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    gpu_instance_id: int
+    compute_instance_id: int
+    uuid: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    process_count: int
+    sm_active: float
+    slices: int
+    def __init__(self, gpu_instance_id: _Optional[int] = ..., compute_instance_id: _Optional[int] = ..., uuid: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., process_count: _Optional[int] = ..., sm_active: _Optional[float] = ..., slices: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("collector_version", "resume_after_seq")
