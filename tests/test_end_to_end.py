@@ -271,3 +271,51 @@ def test_the_commands_as_processes(tmp_path: Path) -> None:
         collector.terminate()
         collector.wait(15)
     assert collector.returncode == 0
+
+
+def test_faults_injected_in_the_fleet_are_visible_at_the_collector(
+    collector_factory: Callable[..., Collector],
+) -> None:
+    import tomllib
+
+    toml = """
+    [cluster]
+    nodes = 3
+    gpus_per_node = 2
+    [[workload]]
+    share = 1.0
+    kind = "steady"
+    busy = 0.8
+    sm_active = 0.4
+    [[fault]]
+    kind = "gpu_lost"
+    node = 0
+    gpu = 1
+    at = 1.5
+    [[fault]]
+    kind = "xid"
+    code = 13
+    node = 1
+    gpu = 0
+    at = 1.0
+    [[fault]]
+    kind = "node_down"
+    node = 2
+    at = 2.5
+    """
+    sc = scenario.parse(tomllib.loads(toml), name="faults")
+    collector = collector_factory(expected_gpus=6, window=2.0, lag=1.0, stale_after=1.5)
+    asyncio.run(run_fleet(sc, collector.target, duration=5.0, interval=0.5))
+    newest = max(node.last_received for node in collector.state.nodes.values())
+    collector.state.clock = lambda: newest
+    metrics = scrape(collector.metrics_url)
+    # node-00 lost a GPU, node-02 went down: 3 of 6 GPUs still report, and the figures fall
+    assert value(metrics, "gputally_cluster_gpus", state="reporting") == 3
+    assert value(metrics, "gputally_cluster_gpus", state="lost") == 3
+    assert value(metrics, "gputally_node_xid_events_total", node="node-00", xid="79") == 1
+    assert value(metrics, "gputally_node_xid_events_total", node="node-01", xid="13") == 1
+    assert value(metrics, "gputally_node_up", node="node-02") == 0
+    assert value(metrics, "gputally_cluster_utilization_ratio", measure="busy") == pytest.approx(
+        0.8 * 3 / 6, abs=0.02
+    )
+    assert value(metrics, "gputally_cluster_coverage_ratio") == pytest.approx(0.5, abs=0.02)

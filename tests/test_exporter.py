@@ -142,3 +142,73 @@ def test_the_agent_serves_its_metrics_and_promtool_accepts_them(tmp_path: Path) 
     finally:
         agent.terminate()
         agent.wait(15)
+
+
+def test_health_attribution_xid_and_mig_families(tmp_path: Path) -> None:
+    import tomllib
+
+    from gputally.agent import scenario as scenario_mod
+    from gputally.agent.mock import ManualClock, MockNVML
+    from gputally.agent.nvml import NvmlBackend
+    from gputally.agent.sampler import Sampler
+
+    toml = """
+    [cluster]
+    nodes = 1
+    gpus_per_node = 2
+    mig_instances = 2
+    [[workload]]
+    gpus = 1
+    kind = "training"
+    slurm_job = 31337
+    user = "erin"
+    [[fault]]
+    kind = "xid"
+    code = 94
+    gpu = 1
+    at = 0.2
+    [[fault]]
+    kind = "ecc_error"
+    gpu = 0
+    count = 2
+    """
+    sc = scenario_mod.parse(tomllib.loads(toml))
+    clock = ManualClock()
+    lib = MockNVML(sc, 0, clock)
+    sampler = Sampler(
+        NvmlBackend(lib, monotonic=clock, clock=clock, events="poll"), node="n1", clock=clock
+    )
+    sampler.open()
+    exporter = NodeExporter(sampler.hello(1, "mock"))
+    for _ in range(3):
+        clock.advance(1.0)
+        exporter.update(sampler.tick())
+    text = generate_latest(make_registry(exporter)).decode()
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    uuid0, uuid1 = lib.gpu_uuid(0), lib.gpu_uuid(1)
+    model = "NVIDIA H100 80GB HBM3"
+
+    def at(name: str, gpu: int, **extra: str) -> float:
+        labels = {"gpu": str(gpu), "uuid": (uuid0, uuid1)[gpu], "model": model, **extra}
+        return got[(name, tuple(sorted(labels.items())))]
+
+    assert at("gputally_gpu_xid_events_total", 1, xid="94") == 1  # once, though read three times
+    assert at("gputally_gpu_ecc_errors", 0, type="corrected") == 2
+    assert at("gputally_gpu_attribution_info", 0, source="slurm", tenant="erin", job="31337") == 1
+    assert at("gputally_gpu_nvlink_total", 0, direction="tx") > 0
+    mig = {k: v for k, v in got.items() if k[0] == "gputally_mig_sm_active_ratio"}
+    assert len(mig) == 4 and all(v == pytest.approx(0.85) or v == 0.0 for v in mig.values())
+    # MIG: the parents' busy is not available, so there is no series at all (never a 0)
+    assert [k for k in got if k[0] == "gputally_gpu_busy_ratio"] == []
+    assert at("gputally_gpu_up", 0) == 1
+    promtool = require_binary("promtool")
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
+    )
+    assert checked.returncode == 0 and not checked.stdout.strip() and not checked.stderr.strip(), (
+        checked
+    )

@@ -283,6 +283,16 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         help="reports kept while the collector is unreachable (default: %(default)s)",
     )
     agent.add_argument(
+        "--job-map",
+        metavar="FILE",
+        help="static attribution of GPUs to tenant/job: TOML [gpus] table keyed by GPU UUID or index",
+    )
+    agent.add_argument(
+        "--slurm-gpu-dir",
+        metavar="DIR",
+        help="Slurm job mapping written by a prolog: one file per GPU (named by index or UUID) holding JOBID [USER]",
+    )
+    agent.add_argument(
         "--duration",
         type=_positive,
         metavar="SECONDS",
@@ -384,12 +394,17 @@ def _fail(message: str) -> int:
 
 
 def _run_agent(args: argparse.Namespace) -> int:
+    from .attribution import Attributor, JobMapError
     from .mock import MockNVML
     from .node import NodeAgent
     from .nvml import NvmlBackend, NvmlUnavailableError
     from .sampler import Sampler, snapshot
     from .scenario import ScenarioError
 
+    try:
+        attributor = Attributor(args.job_map, args.slurm_gpu_dir)
+    except JobMapError as error:
+        return _fail(f"--job-map: {error}")
     node = args.node
     if args.backend == "mock":
         try:
@@ -398,12 +413,12 @@ def _run_agent(args: argparse.Namespace) -> int:
             return _fail(str(error))
         if not 0 <= args.mock_node < sc.nodes:
             return _fail(f"--mock-node {args.mock_node}: the scenario has nodes 0..{sc.nodes - 1}")
-        backend = NvmlBackend(MockNVML(sc, args.mock_node, time.time))
+        backend = NvmlBackend(MockNVML(sc, args.mock_node, time.time), attributor=attributor)
         node = node or sc.node_name(args.mock_node)
     else:
         if args.scenario:
             return _fail("--scenario only applies to --backend mock")
-        backend = NvmlBackend()
+        backend = NvmlBackend(attributor=attributor)
     sampler = Sampler(backend, node=node, interval=args.interval)
     try:
         inventory = sampler.open()

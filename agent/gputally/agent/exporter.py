@@ -91,6 +91,59 @@ _GAUGES: tuple[tuple[str, str, str, float], ...] = (
         "Device memory held by compute processes.",
         1.0,
     ),
+    ("memory_clock_mhz", "gputally_gpu_memory_clock_hertz", "Memory clock.", 1e6),
+    (
+        "memory_temperature_celsius",
+        "gputally_gpu_memory_temperature_celsius",
+        "Memory (HBM) temperature.",
+        1.0,
+    ),
+    (
+        "remap_pending",
+        "gputally_gpu_row_remap_pending",
+        "1 when a memory row remap waits for a GPU reset.",
+        1.0,
+    ),
+    (
+        "remap_failure",
+        "gputally_gpu_row_remap_failure",
+        "1 when a memory row remap failed: the GPU needs service.",
+        1.0,
+    ),
+)
+# GpuSample fields exposed as one family with a label telling them apart.
+_LABELLED: tuple[tuple[str, str, str, str, tuple[tuple[str, str], ...]], ...] = (
+    (
+        "gauge",
+        "gputally_gpu_ecc_errors",
+        "ECC errors since the driver loaded (volatile counters).",
+        "type",
+        (("corrected", "ecc_corrected_volatile"), ("uncorrected", "ecc_uncorrected_volatile")),
+    ),
+    (
+        "gauge",
+        "gputally_gpu_remapped_rows",
+        "Memory rows remapped, by the kind of error that caused it.",
+        "type",
+        (
+            ("correctable", "remapped_rows_correctable"),
+            ("uncorrectable", "remapped_rows_uncorrectable"),
+        ),
+    ),
+    (
+        "gauge",
+        "gputally_gpu_pcie_throughput_bytes_per_second",
+        "PCIe throughput over NVML's last 20 ms window.",
+        "direction",
+        (("tx", "pcie_tx_bytes_per_second"), ("rx", "pcie_rx_bytes_per_second")),
+    ),
+    (
+        "counter",
+        "gputally_gpu_nvlink",
+        "NVLink data over all links since the driver loaded, in bytes.",
+        "direction",
+        (("tx", "nvlink_tx_bytes"), ("rx", "nvlink_rx_bytes")),
+    ),
 )
 _SECONDS = ("observed", "busy", "allocated", "sm_active")
 
@@ -106,6 +159,7 @@ class NodeExporter(Collector):
         self.seconds = {index: dict.fromkeys(_SECONDS, 0.0) for index in self.gpus}
         self.joules = dict.fromkeys(self.gpus, 0.0)
         self._energy: dict[int, int] = {}
+        self.xids: dict[tuple[int, int], int] = {}  # (gpu, XID) -> events since start
 
     def update(self, report: pb.Report) -> None:
         with self._lock:
@@ -113,6 +167,10 @@ class NodeExporter(Collector):
             self.last_success = time.time()
             dt = report.interval_seconds
             for sample in report.gpus:
+                for event in sample.xid_events:
+                    self.xids[(sample.index, event.code)] = (
+                        self.xids.get((sample.index, event.code), 0) + 1
+                    )
                 counters = self.seconds.setdefault(sample.index, dict.fromkeys(_SECONDS, 0.0))
                 if sample.status == pb.GPU_STATUS_OK:
                     counters["observed"] += dt
@@ -135,6 +193,7 @@ class NodeExporter(Collector):
             report = self.latest
             seconds = {k: dict(v) for k, v in self.seconds.items()}
             joules = dict(self.joules)
+            xids = dict(self.xids)
             last_success = self.last_success
         labels = ["gpu", "uuid", "model"]
 
@@ -181,9 +240,74 @@ class NodeExporter(Collector):
                         reasons.add_metric(
                             [*key(sample.index), name], int(bool(sample.clock_event_reasons & bit))
                         )
+        labelled = {
+            name: (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                name, text, labels=[*labels, label]
+            )
+            for kind, name, text, label, _ in _LABELLED
+        }
+        attribution = GaugeMetricFamily(
+            "gputally_gpu_attribution_info",
+            "The tenant and job the GPU is attributed to.",
+            labels=[*labels, "source", "tenant", "job"],
+        )
+        mig_labels = ["gpu", "uuid", "gpu_instance", "mig_uuid"]
+        mig = {
+            field: GaugeMetricFamily(name, text, labels=mig_labels)
+            for field, name, text in (
+                (
+                    "sm_active",
+                    "gputally_mig_sm_active_ratio",
+                    "Share of the instance's SMs active (GPM).",
+                ),
+                (
+                    "memory_used_bytes",
+                    "gputally_mig_memory_used_bytes",
+                    "Device memory used in the instance.",
+                ),
+                (
+                    "memory_total_bytes",
+                    "gputally_mig_memory_total_bytes",
+                    "Device memory of the instance.",
+                ),
+                ("process_count", "gputally_mig_processes", "Compute processes in the instance."),
+            )
+        }
+        if report is not None:
+            for sample in report.gpus:
+                for _, name, _, _, members in _LABELLED:
+                    for value_label, field in members:
+                        if sample.HasField(field):
+                            labelled[name].add_metric(
+                                [*key(sample.index), value_label], getattr(sample, field)
+                            )
+                if sample.attribution.source:
+                    a = sample.attribution
+                    attribution.add_metric([*key(sample.index), a.source, a.tenant, a.job], 1)
+                for instance in sample.mig:
+                    ids = [
+                        str(sample.index),
+                        key(sample.index)[1],
+                        str(instance.gpu_instance_id),
+                        instance.uuid,
+                    ]
+                    for field, family in mig.items():
+                        if instance.HasField(field):
+                            family.add_metric(ids, getattr(instance, field))
         yield up
         yield from families.values()
         yield reasons
+        yield from labelled.values()
+        yield attribution
+        yield from mig.values()
+        xid = CounterMetricFamily(
+            "gputally_gpu_xid_events",
+            "XID errors seen since the agent started.",
+            labels=[*labels, "xid"],
+        )
+        for (index, code), count in sorted(xids.items()):
+            xid.add_metric([*key(index), str(code)], count)
+        yield xid
         counter = CounterMetricFamily(
             "gputally_gpu_seconds",
             "Seconds integrated from every sample: observed, and each measure weighted by its value.",

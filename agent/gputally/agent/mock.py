@@ -250,12 +250,15 @@ class MockNVML:
     # -- telemetry -------------------------------------------------------------------------
 
     def nvmlDeviceGetMemoryInfo(self, handle: Any) -> SimpleNamespace:
-        gpu = self._gpu("nvmlDeviceGetMemoryInfo", handle)
-        total = self.profile.memory_total_mib * 2**20
+        gpu = self._gpu("nvmlDeviceGetMemoryInfo", handle, mig_ok=True)
         load = self._load(gpu, self._t())
-        used = self.profile.reserved_mib * 2**20 + int(
-            load.memory_fraction * (total - self.profile.reserved_mib * 2**20)
-        )
+        instances = self.scenario.mig_instances
+        if handle.mig >= 0:
+            total, used = self._memory(gpu, load, instances)
+        else:
+            total, used = self._memory(gpu, load, 1)
+            if instances:  # the parent's used memory is the sum over its instances
+                used = instances * self._memory(gpu, load, instances)[1]
         return SimpleNamespace(total=total, used=used, free=total - used)
 
     def _sample_times(self, after: float, until: float) -> list[float]:

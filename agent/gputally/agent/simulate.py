@@ -35,7 +35,8 @@ def build_fleet(
     agents = []
     for node in range(scenario.nodes):
         sampler = Sampler(
-            NvmlBackend(MockNVML(scenario, node, clock, start=start)),
+            # Events are drained by each tick: one thread per simulated node would not scale.
+            NvmlBackend(MockNVML(scenario, node, clock, start=start), events="poll"),
             node=scenario.node_name(node),
             interval=interval,
             clock=clock,

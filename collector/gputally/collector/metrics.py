@@ -153,7 +153,14 @@ class ClusterCollector(Collector):
             "Reports never received (gaps in sequence numbers).",
             labels=["node"],
         )
+        xid = CounterMetricFamily(
+            "gputally_node_xid_events",
+            "XID errors the node's GPUs reported (e.g. 79: fell off the bus).",
+            labels=["node", "xid"],
+        )
         for node in view.nodes:
+            for code, count in sorted(node.xids.items()):
+                xid.add_metric([node.name, str(code)], count)
             up.add_metric([node.name], int(node.up))
             node_gpus.add_metric([node.name, "total"], node.gpus)
             node_gpus.add_metric([node.name, "reporting"], node.reporting)
@@ -180,6 +187,7 @@ class ClusterCollector(Collector):
             node_reports,
             node_missed,
         )
+        yield xid
         yield GaugeMetricFamily(
             "gputally_collector_sessions", "Agent streams currently open.", value=view.sessions
         )

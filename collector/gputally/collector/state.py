@@ -87,6 +87,7 @@ class NodeState:
         default_factory=lambda: {"accepted": 0, "duplicate": 0, "rejected": 0}
     )
     missed_reports: int = 0  # sequence gaps
+    xids: dict[int, int] = field(default_factory=dict)  # XID -> events reported
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,7 @@ class NodeView:
     reports: dict[str, int]
     missed_reports: int
     power_watts: float
+    xids: dict[int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +177,17 @@ def _check_report(node: NodeState, report: pb.Report) -> None:
                     raise InvalidMessageError(
                         f"GPU {sample.index}: {name} must be a fraction in [0, 1], got {value!r}"
                     )
+        for process in sample.processes:
+            for name in ("sm_util", "memory_util"):
+                if process.HasField(name) and not (0.0 <= getattr(process, name) <= 1.0):
+                    raise InvalidMessageError(
+                        f"GPU {sample.index} pid {process.pid}: {name} must be a fraction in [0, 1]"
+                    )
+        for instance in sample.mig:
+            if instance.HasField("sm_active") and not (0.0 <= instance.sm_active <= 1.0):
+                raise InvalidMessageError(
+                    f"GPU {sample.index} MIG {instance.gpu_instance_id}: sm_active must be a fraction"
+                )
         if sample.HasField("power_watts") and not (0.0 <= sample.power_watts < 1e5):
             raise InvalidMessageError(
                 f"GPU {sample.index}: power_watts out of range: {sample.power_watts!r}"
@@ -292,6 +305,8 @@ class ClusterState:
                 values = _values(proto) if ok else (None,) * len(MEASURES)
                 gpu.samples.append(Sample(end, dt, ok, values))
                 gpu.power_watts = proto.power_watts if proto.HasField("power_watts") else None
+                for event in proto.xid_events:
+                    node.xids[event.code] = node.xids.get(event.code, 0) + 1
                 if ok:
                     seconds["observed"] += dt
                     for measure, value in zip(MEASURES, values, strict=True):
@@ -381,6 +396,7 @@ class ClusterState:
                         reports=dict(node.reports),
                         missed_reports=node.missed_reports,
                         power_watts=power,
+                        xids=dict(node.xids),
                     )
                 )
             seen = len(all_gpus)
