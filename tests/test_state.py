@@ -211,3 +211,12 @@ def test_lost_gpu_and_stale_node_leave_reporting() -> None:
     view = state.view(now=T0 + 1)
     assert (view.expected, view.seen, view.reporting) == (3, 2, 1)
     assert state.view(now=T0 + 6).reporting == 0  # nothing for longer than stale_after
+
+
+def test_energy_falls_back_to_integrated_power_without_a_counter() -> None:
+    state = ClusterState()
+    state.open_session(hello(gpus=1))
+    for seq in (1, 2, 3):
+        sample = pb.GpuSample(index=0, status=pb.GPU_STATUS_OK, busy=1.0, power_watts=250.0)
+        state.ingest("n1", report(seq, T0 + seq, sample, interval=2.0), received=T0 + seq)
+    assert state.counters.energy_joules == pytest.approx(3 * 2.0 * 250.0)

@@ -322,6 +322,10 @@ class ClusterState:
                         )
                         joules += delta / 1000.0
                     gpu.last_energy_mj = energy
+                elif ok and proto.HasField("power_watts"):
+                    # No energy counter on this board (pre-Volta): integrate the power
+                    # readings over the covered seconds instead.
+                    joules += proto.power_watts * dt
                 self._trim(gpu, received)
             node.counters.add(seconds, joules)
             self.counters.add(seconds, joules)
