@@ -96,6 +96,9 @@ class NodeAgent:
                     self._on_report(report)
         finally:
             if sender_task is not None:
+                # Close the summary window in progress, so its seconds reach the record.
+                for report in self.sampler.final_reports():
+                    self.sender.submit(report)
                 await self.sender.drain(timeout=5.0)
                 self.sender.stop()
                 await sender_task

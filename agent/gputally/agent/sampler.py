@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -13,6 +14,8 @@ from gputally.v1 import telemetry_pb2 as pb
 from . import __version__
 from .exporter import clock_event_names
 from .nvml import GPU_ERROR, GPU_LOST, STRUCTURED, GpuInfo, GpuReading, NotAvailable, NvmlBackend
+from .padding import PaddingDetector, PaddingRules, effective
+from .summary import Summarizer
 
 PROTOCOL_REVISION = 1
 
@@ -105,9 +108,15 @@ class Sampler:
         interval: float = 1.0,
         clock: Callable[[], float] = time.time,
         max_gap_factor: float = 2.0,
+        summary_window: float = 300.0,
+        padding: PaddingRules | None = None,
     ):
         if interval <= 0:
             raise ValueError("the sampling interval must be positive")
+        self.summary_window = summary_window
+        self.padding = PaddingDetector(padding or PaddingRules())
+        self.summarizer: Summarizer | None = None
+        self._pending: deque[pb.Summary] = deque()  # closed windows waiting for a report
         self.backend = backend
         self.node = node or socket.gethostname()
         self.interval = interval
@@ -120,6 +129,9 @@ class Sampler:
     def open(self) -> list[GpuInfo]:
         self.inventory = self.backend.open()
         self._last = self.clock()
+        self.summarizer = Summarizer(
+            [identity_to_proto(i) for i in self.inventory], self.summary_window
+        )
         return self.inventory
 
     def close(self) -> None:
@@ -149,12 +161,37 @@ class Sampler:
         covered = min(max(now - last, 0.0), self.max_gap)
         self._last = now
         self.seq += 1
-        return pb.Report(
-            seq=self.seq,
-            time_unix_nano=int(now * 1e9),
-            interval_seconds=covered,
-            gpus=[reading_to_proto(r) for r in readings],
-        )
+        report = pb.Report(seq=self.seq, time_unix_nano=int(now * 1e9), interval_seconds=covered)
+        for info, reading in zip(self.inventory, readings, strict=True):
+            sample = reading_to_proto(reading)
+            value, estimated = effective(sample, info.model)
+            if value is not None:
+                sample.effective, sample.effective_estimated = value, estimated
+            memory = info.memory_total_bytes if isinstance(info.memory_total_bytes, int) else 0
+            sample.padding.extend(self.padding.update(sample, info.model, memory, now, covered))
+            report.gpus.append(sample)
+        if self.summarizer is not None:
+            self._pending.extend(self.summarizer.add(report))
+        if self._pending:
+            report.summary.CopyFrom(self._pending.popleft())
+        return report
+
+    def final_reports(self) -> list[pb.Report]:
+        """Reports carrying the summaries still open or waiting, for a clean shutdown.
+        They cover no time of their own (no GPU samples, zero interval)."""
+        if self.summarizer is not None:
+            self._pending.extend(self.summarizer.flush())
+        reports = []
+        while self._pending:
+            self.seq += 1
+            reports.append(
+                pb.Report(
+                    seq=self.seq,
+                    time_unix_nano=int(self.clock() * 1e9),
+                    summary=self._pending.popleft(),
+                )
+            )
+        return reports
 
 
 def snapshot(info: list[GpuInfo], readings: list[GpuReading]) -> dict[str, Any]:

@@ -26,11 +26,27 @@ from dataclasses import dataclass, field
 
 from gputally.v1 import telemetry_pb2 as pb
 
+from .record import Record
+
 # Measures integrated over time, in the order they are exposed.
-MEASURES = ("busy", "allocated", "sm_active", "memory_busy")
-_FRACTIONS = ("busy", "memory_busy", "sm_active", "sm_occupancy", "tensor_active", "dram_active")
+# Measures of the live view, in the order they are exposed. "effective" is SM activity where
+# measured, else the agent's power-based estimate (docs/utilization.md §4).
+MEASURES = ("busy", "allocated", "sm_active", "effective", "memory_busy")
+_I = {m: i for i, m in enumerate(MEASURES)}
+_FRACTIONS = (
+    "busy",
+    "memory_busy",
+    "sm_active",
+    "sm_occupancy",
+    "tensor_active",
+    "dram_active",
+    "effective",
+)
 _MAX_NODE_NAME = 253
 _MAX_INTERVAL_S = 3600.0
+_MAX_SUMMARY_WINDOW_S = 7 * 86400.0
+# Tenants shown individually in the live view; the rest are summed as "(other)".
+MAX_TENANTS = 20
 
 
 class InvalidMessageError(ValueError):
@@ -43,6 +59,8 @@ class Sample:
     seconds: float
     ok: bool
     values: tuple[float | None, ...]  # one per MEASURES entry; None: not available
+    estimated: bool  # "effective" is the power-based estimate
+    padding: tuple[str, ...]  # rules flagging this sample
 
 
 @dataclass(slots=True)
@@ -55,6 +73,8 @@ class GpuState:
     samples: deque[Sample] = field(default_factory=deque)
     last_energy_mj: int | None = None
     power_watts: float | None = None
+    tenant: str = ""
+    padding: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -63,11 +83,17 @@ class Counters:
         default_factory=lambda: dict.fromkeys(("observed", *MEASURES), 0.0)
     )
     energy_joules: float = 0.0
+    padding: dict[str, float] = field(default_factory=dict)  # rule -> flagged GPU-seconds
 
-    def add(self, other_seconds: dict[str, float], joules: float) -> None:
-        for key, value in other_seconds.items():
+    def add(self, other: Counters) -> None:
+        for key, value in other.seconds.items():
             self.seconds[key] += value
-        self.energy_joules += joules
+        self.energy_joules += other.energy_joules
+        for rule, value in other.padding.items():
+            self.padding[rule] = self.padding.get(rule, 0.0) + value
+
+    def copy(self) -> Counters:
+        return Counters(dict(self.seconds), self.energy_joules, dict(self.padding))
 
 
 @dataclass(slots=True)
@@ -88,16 +114,20 @@ class NodeState:
     )
     missed_reports: int = 0  # sequence gaps
     xids: dict[int, int] = field(default_factory=dict)  # XID -> events reported
+    summaries: int = 0  # summaries stored in the record
 
 
 @dataclass(frozen=True, slots=True)
 class WindowFigures:
-    """One population's figures over the live window."""
+    """One population's figures over the live window (docs/utilization.md §5, live)."""
 
     gpus: int  # denominator
-    ratios: dict[str, float]  # measure -> ratio in [0, 1]
+    ratios: dict[str, float]  # measure -> figure in [0, 1]
     coverage: float  # observed GPU-seconds / (gpus x window)
-    measured: dict[str, float]  # measure -> share of GPU-seconds where it was available
+    measured: dict[str, float]  # measure -> share of GPU-seconds where it was measured
+    lower: dict[str, float]
+    upper: dict[str, float]
+    without_padding: dict[str, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +145,7 @@ class NodeView:
     missed_reports: int
     power_watts: float
     xids: dict[int, int]
+    summaries: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +162,9 @@ class ClusterView:
     power_watts: float
     nodes: list[NodeView]
     models: dict[str, int]
+    by_model: dict[str, WindowFigures]
+    by_tenant: dict[str, WindowFigures]
+    padding_gpus: dict[str, int]  # rule -> GPUs it flags now (among reporting GPUs)
 
 
 def _check_hello(hello: pb.Hello) -> None:
@@ -155,8 +189,10 @@ def _check_hello(hello: pb.Hello) -> None:
 def _check_report(node: NodeState, report: pb.Report) -> None:
     if report.seq == 0:
         raise InvalidMessageError("seq must be positive")
-    if not (0 < report.interval_seconds <= _MAX_INTERVAL_S) or not math.isfinite(
-        report.interval_seconds
+    summary_only = not report.gpus and report.HasField("summary") and report.interval_seconds == 0
+    if not summary_only and (
+        not (0 < report.interval_seconds <= _MAX_INTERVAL_S)
+        or not math.isfinite(report.interval_seconds)
     ):
         raise InvalidMessageError(
             f"interval_seconds must be in (0, {_MAX_INTERVAL_S:g}], got {report.interval_seconds!r}"
@@ -194,12 +230,42 @@ def _check_report(node: NodeState, report: pb.Report) -> None:
             )
 
 
+def _check_summary(node: NodeState, summary: pb.Summary) -> None:
+    length = (summary.window_end_unix_nano - summary.window_start_unix_nano) / 1e9
+    if not 0 < length <= _MAX_SUMMARY_WINDOW_S:
+        raise InvalidMessageError(
+            f"summary window must be in (0, {_MAX_SUMMARY_WINDOW_S:g}] s, got {length:g} s"
+        )
+    slack = length * 1.001 + 1e-6
+    for gpu in summary.gpus:
+        if gpu.index not in node.gpus:
+            raise InvalidMessageError(
+                f"summary: GPU index {gpu.index} was not in this node's hello"
+            )
+        for name in (
+            "present_seconds",
+            "allocated_seconds",
+            "busy_seconds",
+            "sm_active_seconds",
+            "effective_seconds",
+            "lost_seconds",
+        ):
+            value = getattr(gpu, name)
+            if not (0.0 <= value <= slack) or not math.isfinite(value):
+                raise InvalidMessageError(
+                    f"summary GPU {gpu.index}: {name} must be within the window ({length:g} s), got {value!r}"
+                )
+        if gpu.energy_joules < 0 or not math.isfinite(gpu.energy_joules):
+            raise InvalidMessageError(f"summary GPU {gpu.index}: energy_joules must be >= 0")
+
+
 def _values(sample: pb.GpuSample) -> tuple[float | None, ...]:
     allocated = None if not sample.HasField("process_count") else float(sample.process_count > 0)
     return (
         sample.busy if sample.HasField("busy") else None,
         allocated,
         sample.sm_active if sample.HasField("sm_active") else None,
+        sample.effective if sample.HasField("effective") else None,
         sample.memory_busy if sample.HasField("memory_busy") else None,
     )
 
@@ -215,6 +281,7 @@ class ClusterState:
         lag: float = 3.0,
         stale_after: float = 15.0,
         clock: Callable[[], float] = time.time,
+        record: Record | None = None,
     ):
         if window <= 0 or lag < 0 or stale_after <= 0:
             raise ValueError("window and stale_after must be positive and lag not negative")
@@ -225,6 +292,9 @@ class ClusterState:
         self.lag = lag
         self.stale_after = stale_after
         self.clock = clock
+        self.record = record
+        if record is not None and expected_gpus is not None:
+            record.declare_inventory(expected_gpus, clock())
         self.nodes: dict[str, NodeState] = {}
         self.counters = Counters()
         self._lock = threading.Lock()
@@ -276,42 +346,64 @@ class ClusterState:
 
     def ingest(self, name: str, report: pb.Report, received: float | None = None) -> str:
         """Apply one report: "accepted" or "duplicate". Raises InvalidMessageError and then
-        changes nothing, so a bad report never half-applies."""
+        changes nothing, so a bad report never half-applies. A summary it carries is stored
+        in the record first; if that fails the report is not accepted (and will be resent)."""
         received = self.clock() if received is None else received
         with self._lock:
             node = self.nodes[name]
             try:
                 _check_report(node, report)
+                if report.HasField("summary"):
+                    _check_summary(node, report.summary)
             except InvalidMessageError:
                 node.reports["rejected"] += 1
                 raise
             if report.seq <= node.last_seq:
                 node.reports["duplicate"] += 1
                 return "duplicate"
+            if report.HasField("summary") and self.record is not None:
+                summary = report.summary
+                stored = self.record.append(
+                    name,
+                    node.instance_id,
+                    report.seq,
+                    summary.window_start_unix_nano,
+                    summary.window_end_unix_nano,
+                    received,
+                    summary.SerializeToString(),
+                )
+                node.summaries += stored
             if node.last_seq and report.seq > node.last_seq + 1:
                 node.missed_reports += report.seq - node.last_seq - 1
             node.last_seq = report.seq
+            node.reports["accepted"] += 1
+            if not report.gpus:
+                return "accepted"  # a summary-only report: it covers no time of its own
             agent_time = report.time_unix_nano / 1e9
             node.offset = min(node.offset, received - agent_time)
             end = agent_time + node.offset
             node.last_received = received
-            seconds = dict.fromkeys(("observed", *MEASURES), 0.0)
-            joules = 0.0
+            added = Counters()
             dt = report.interval_seconds
             for proto in report.gpus:
                 gpu = node.gpus[proto.index]
                 gpu.status = proto.status
                 ok = proto.status == pb.GPU_STATUS_OK
                 values = _values(proto) if ok else (None,) * len(MEASURES)
-                gpu.samples.append(Sample(end, dt, ok, values))
+                padding = tuple(proto.padding) if ok else ()
+                gpu.samples.append(Sample(end, dt, ok, values, proto.effective_estimated, padding))
                 gpu.power_watts = proto.power_watts if proto.HasField("power_watts") else None
+                gpu.tenant = proto.attribution.tenant or proto.attribution.job
+                gpu.padding = padding
                 for event in proto.xid_events:
                     node.xids[event.code] = node.xids.get(event.code, 0) + 1
                 if ok:
-                    seconds["observed"] += dt
+                    added.seconds["observed"] += dt
                     for measure, value in zip(MEASURES, values, strict=True):
                         if value is not None:
-                            seconds[measure] += value * dt
+                            added.seconds[measure] += value * dt
+                    for rule in padding:
+                        added.padding[rule] = added.padding.get(rule, 0.0) + dt
                 if proto.HasField("energy_millijoules"):
                     energy = proto.energy_millijoules
                     if gpu.last_energy_mj is not None:
@@ -320,16 +412,15 @@ class ClusterState:
                         delta = (
                             energy - gpu.last_energy_mj if energy >= gpu.last_energy_mj else energy
                         )
-                        joules += delta / 1000.0
+                        added.energy_joules += delta / 1000.0
                     gpu.last_energy_mj = energy
                 elif ok and proto.HasField("power_watts"):
                     # No energy counter on this board (pre-Volta): integrate the power
                     # readings over the covered seconds instead.
-                    joules += proto.power_watts * dt
+                    added.energy_joules += proto.power_watts * dt
                 self._trim(gpu, received)
-            node.counters.add(seconds, joules)
-            self.counters.add(seconds, joules)
-            node.reports["accepted"] += 1
+            node.counters.add(added)
+            self.counters.add(added)
             return "accepted"
 
     def _trim(self, gpu: GpuState, now: float) -> None:
@@ -342,8 +433,14 @@ class ClusterState:
     def _window(
         self, gpus: list[GpuState], denominator: int, start: float, end: float
     ) -> WindowFigures:
-        sums = [0.0] * len(MEASURES)
-        measured = [0.0] * len(MEASURES)
+        n = len(MEASURES)
+        figure, lower, caps, measured, flagged = (
+            [0.0] * n,
+            [0.0] * n,
+            [0.0] * n,
+            [0.0] * n,
+            [0.0] * n,
+        )
         observed = 0.0
         for gpu in gpus:
             for sample in gpu.samples:
@@ -351,19 +448,42 @@ class ClusterState:
                 if overlap <= 0 or not sample.ok:
                     continue
                 observed += overlap
+                busy = sample.values[_I["busy"]]
                 for i, value in enumerate(sample.values):
+                    measure = MEASURES[i]
+                    known = value is not None and not (measure == "effective" and sample.estimated)
                     if value is not None:
-                        sums[i] += value * overlap
+                        figure[i] += value * overlap
+                        if sample.padding:
+                            flagged[i] += value * overlap
+                    if known:
+                        lower[i] += value * overlap  # type: ignore[operator]
                         measured[i] += overlap
+                    elif measure in ("sm_active", "effective") and busy is not None:
+                        caps[i] += busy * overlap  # an SM is only active while a kernel runs
+                    else:
+                        caps[i] += overlap
         capacity = denominator * (end - start)
         if capacity <= 0:
             zeros = dict.fromkeys(MEASURES, 0.0)
-            return WindowFigures(denominator, zeros, 0.0, dict(zeros))
+            return WindowFigures(
+                denominator, zeros, 0.0, dict(zeros), dict(zeros), dict(zeros), dict(zeros)
+            )
+        unobserved = max(capacity - observed, 0.0)
+
+        def ratio(values: list[float]) -> dict[str, float]:
+            return {
+                m: min(max(v / capacity, 0.0), 1.0) for m, v in zip(MEASURES, values, strict=True)
+            }
+
         return WindowFigures(
             gpus=denominator,
-            ratios={m: min(s / capacity, 1.0) for m, s in zip(MEASURES, sums, strict=True)},
+            ratios=ratio(figure),
             coverage=min(observed / capacity, 1.0),
-            measured={m: min(s / capacity, 1.0) for m, s in zip(MEASURES, measured, strict=True)},
+            measured=ratio(measured),
+            lower=ratio(lower),
+            upper=ratio([lo + cap + unobserved for lo, cap in zip(lower, caps, strict=True)]),
+            without_padding=ratio([f - x for f, x in zip(figure, flagged, strict=True)]),
         )
 
     def view(self, now: float | None = None) -> ClusterView:
@@ -373,7 +493,9 @@ class ClusterState:
         with self._lock:
             all_gpus: list[GpuState] = []
             nodes: list[NodeView] = []
-            models: dict[str, int] = {}
+            models: dict[str, list[GpuState]] = {}
+            tenants: dict[str, list[GpuState]] = {}
+            padding_gpus: dict[str, int] = {}
             reporting_total = 0
             power_total = 0.0
             for node in sorted(self.nodes.values(), key=lambda n: n.name):
@@ -385,7 +507,12 @@ class ClusterState:
                 power_total += power
                 all_gpus.extend(gpus)
                 for gpu in gpus:
-                    models[gpu.model] = models.get(gpu.model, 0) + 1
+                    models.setdefault(gpu.model, []).append(gpu)
+                for gpu in reporting:
+                    if gpu.tenant:
+                        tenants.setdefault(gpu.tenant, []).append(gpu)
+                    for rule in gpu.padding:
+                        padding_gpus[rule] = padding_gpus.get(rule, 0) + 1
                 nodes.append(
                     NodeView(
                         name=node.name,
@@ -396,13 +523,19 @@ class ClusterState:
                         backend=node.backend,
                         last_received=node.last_received,
                         window=self._window(gpus, len(gpus), start, end),
-                        counters=Counters(dict(node.counters.seconds), node.counters.energy_joules),
+                        counters=node.counters.copy(),
                         reports=dict(node.reports),
                         missed_reports=node.missed_reports,
                         power_watts=power,
                         xids=dict(node.xids),
+                        summaries=node.summaries,
                     )
                 )
+            ranked = sorted(tenants.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+            shown = dict(ranked[:MAX_TENANTS])
+            rest = [g for _, gs in ranked[MAX_TENANTS:] for g in gs]
+            if rest:
+                shown["(other)"] = rest
             seen = len(all_gpus)
             expected = self.expected_gpus if self.expected_gpus is not None else seen
             return ClusterView(
@@ -414,8 +547,11 @@ class ClusterState:
                 reporting=reporting_total,
                 sessions=self._sessions,
                 window=self._window(all_gpus, expected, start, end),
-                counters=Counters(dict(self.counters.seconds), self.counters.energy_joules),
+                counters=self.counters.copy(),
                 power_watts=power_total,
                 nodes=nodes,
-                models=models,
+                models={m: len(g) for m, g in models.items()},
+                by_model={m: self._window(g, len(g), start, end) for m, g in models.items()},
+                by_tenant={t: self._window(g, len(g), start, end) for t, g in shown.items()},
+                padding_gpus=padding_gpus,
             )

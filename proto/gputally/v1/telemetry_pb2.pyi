@@ -81,19 +81,89 @@ class ReportBatch(_message.Message):
     def __init__(self, reports: _Optional[_Iterable[_Union[Report, _Mapping]]] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("seq", "time_unix_nano", "interval_seconds", "gpus")
+    __slots__ = ("seq", "time_unix_nano", "interval_seconds", "gpus", "summary")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
     seq: int
     time_unix_nano: int
     interval_seconds: float
     gpus: _containers.RepeatedCompositeFieldContainer[GpuSample]
-    def __init__(self, seq: _Optional[int] = ..., time_unix_nano: _Optional[int] = ..., interval_seconds: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuSample, _Mapping]]] = ...) -> None: ...
+    summary: Summary
+    def __init__(self, seq: _Optional[int] = ..., time_unix_nano: _Optional[int] = ..., interval_seconds: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuSample, _Mapping]]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ...) -> None: ...
+
+class Summary(_message.Message):
+    __slots__ = ("window_start_unix_nano", "window_end_unix_nano", "gpus")
+    WINDOW_START_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_END_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    window_start_unix_nano: int
+    window_end_unix_nano: int
+    gpus: _containers.RepeatedCompositeFieldContainer[GpuSummary]
+    def __init__(self, window_start_unix_nano: _Optional[int] = ..., window_end_unix_nano: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[GpuSummary, _Mapping]]] = ...) -> None: ...
+
+class GpuSummary(_message.Message):
+    __slots__ = ("index", "uuid", "serial", "model", "present_seconds", "allocated_seconds", "busy_seconds", "sm_active_seconds", "sm_measured_seconds", "effective_seconds", "effective_estimated_seconds", "busy_unmeasured_seconds", "energy_joules", "padding", "flagged", "attribution", "lost_seconds")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SM_ACTIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SM_MEASURED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_ESTIMATED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_UNMEASURED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    LOST_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    uuid: str
+    serial: str
+    model: str
+    present_seconds: float
+    allocated_seconds: float
+    busy_seconds: float
+    sm_active_seconds: float
+    sm_measured_seconds: float
+    effective_seconds: float
+    effective_estimated_seconds: float
+    busy_unmeasured_seconds: float
+    energy_joules: float
+    padding: _containers.RepeatedCompositeFieldContainer[PaddingTotal]
+    flagged: PaddingTotal
+    attribution: Attribution
+    lost_seconds: float
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., serial: _Optional[str] = ..., model: _Optional[str] = ..., present_seconds: _Optional[float] = ..., allocated_seconds: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., sm_active_seconds: _Optional[float] = ..., sm_measured_seconds: _Optional[float] = ..., effective_seconds: _Optional[float] = ..., effective_estimated_seconds: _Optional[float] = ..., busy_unmeasured_seconds: _Optional[float] = ..., energy_joules: _Optional[float] = ..., padding: _Optional[_Iterable[_Union[PaddingTotal, _Mapping]]] = ..., flagged: _Optional[_Union[PaddingTotal, _Mapping]] = ..., attribution: _Optional[_Union[Attribution, _Mapping]] = ..., lost_seconds: _Optional[float] = ...) -> None: ...
+
+class PaddingTotal(_message.Message):
+    __slots__ = ("rule", "seconds", "allocated_seconds", "busy_seconds", "sm_active_seconds", "effective_seconds", "effective_estimated_seconds", "busy_unmeasured_seconds")
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SM_ACTIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_ESTIMATED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_UNMEASURED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    rule: str
+    seconds: float
+    allocated_seconds: float
+    busy_seconds: float
+    sm_active_seconds: float
+    effective_seconds: float
+    effective_estimated_seconds: float
+    busy_unmeasured_seconds: float
+    def __init__(self, rule: _Optional[str] = ..., seconds: _Optional[float] = ..., allocated_seconds: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., sm_active_seconds: _Optional[float] = ..., effective_seconds: _Optional[float] = ..., effective_estimated_seconds: _Optional[float] = ..., busy_unmeasured_seconds: _Optional[float] = ...) -> None: ...
 
 class GpuSample(_message.Message):
-    __slots__ = ("index", "status", "busy", "memory_busy", "memory_used_bytes", "power_watts", "power_limit_watts", "energy_millijoules", "sm_clock_mhz", "temperature_celsius", "process_count", "process_memory_bytes", "clock_event_reasons", "sm_active", "sm_occupancy", "tensor_active", "dram_active", "error", "processes", "xid_events", "ecc_corrected_volatile", "ecc_uncorrected_volatile", "remapped_rows_correctable", "remapped_rows_uncorrectable", "remap_pending", "remap_failure", "pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second", "nvlink_tx_bytes", "nvlink_rx_bytes", "memory_clock_mhz", "memory_temperature_celsius", "attribution", "mig_enabled", "mig")
+    __slots__ = ("index", "status", "busy", "memory_busy", "memory_used_bytes", "power_watts", "power_limit_watts", "energy_millijoules", "sm_clock_mhz", "temperature_celsius", "process_count", "process_memory_bytes", "clock_event_reasons", "sm_active", "sm_occupancy", "tensor_active", "dram_active", "error", "processes", "xid_events", "ecc_corrected_volatile", "ecc_uncorrected_volatile", "remapped_rows_correctable", "remapped_rows_uncorrectable", "remap_pending", "remap_failure", "pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second", "nvlink_tx_bytes", "nvlink_rx_bytes", "memory_clock_mhz", "memory_temperature_celsius", "attribution", "mig_enabled", "mig", "padding", "effective", "effective_estimated")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     BUSY_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +199,9 @@ class GpuSample(_message.Message):
     ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     MIG_ENABLED_FIELD_NUMBER: _ClassVar[int]
     MIG_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_ESTIMATED_FIELD_NUMBER: _ClassVar[int]
     index: int
     status: GpuStatus
     busy: float
@@ -164,7 +237,10 @@ class GpuSample(_message.Message):
     attribution: Attribution
     mig_enabled: bool
     mig: _containers.RepeatedCompositeFieldContainer[MigSample]
-    def __init__(self, index: _Optional[int] = ..., status: _Optional[_Union[GpuStatus, str]] = ..., busy: _Optional[float] = ..., memory_busy: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., power_watts: _Optional[float] = ..., power_limit_watts: _Optional[float] = ..., energy_millijoules: _Optional[int] = ..., sm_clock_mhz: _Optional[int] = ..., temperature_celsius: _Optional[int] = ..., process_count: _Optional[int] = ..., process_memory_bytes: _Optional[int] = ..., clock_event_reasons: _Optional[int] = ..., sm_active: _Optional[float] = ..., sm_occupancy: _Optional[float] = ..., tensor_active: _Optional[float] = ..., dram_active: _Optional[float] = ..., error: _Optional[str] = ..., processes: _Optional[_Iterable[_Union[ProcessSample, _Mapping]]] = ..., xid_events: _Optional[_Iterable[_Union[XidEvent, _Mapping]]] = ..., ecc_corrected_volatile: _Optional[int] = ..., ecc_uncorrected_volatile: _Optional[int] = ..., remapped_rows_correctable: _Optional[int] = ..., remapped_rows_uncorrectable: _Optional[int] = ..., remap_pending: _Optional[bool] = ..., remap_failure: _Optional[bool] = ..., pcie_tx_bytes_per_second: _Optional[float] = ..., pcie_rx_bytes_per_second: _Optional[float] = ..., nvlink_tx_bytes: _Optional[int] = ..., nvlink_rx_bytes: _Optional[int] = ..., memory_clock_mhz: _Optional[int] = ..., memory_temperature_celsius: _Optional[int] = ..., attribution: _Optional[_Union[Attribution, _Mapping]] = ..., mig_enabled: _Optional[bool] = ..., mig: _Optional[_Iterable[_Union[MigSample, _Mapping]]] = ...) -> None: ...
+    padding: _containers.RepeatedScalarFieldContainer[str]
+    effective: float
+    effective_estimated: bool
+    def __init__(self, index: _Optional[int] = ..., status: _Optional[_Union[GpuStatus, str]] = ..., busy: _Optional[float] = ..., memory_busy: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., power_watts: _Optional[float] = ..., power_limit_watts: _Optional[float] = ..., energy_millijoules: _Optional[int] = ..., sm_clock_mhz: _Optional[int] = ..., temperature_celsius: _Optional[int] = ..., process_count: _Optional[int] = ..., process_memory_bytes: _Optional[int] = ..., clock_event_reasons: _Optional[int] = ..., sm_active: _Optional[float] = ..., sm_occupancy: _Optional[float] = ..., tensor_active: _Optional[float] = ..., dram_active: _Optional[float] = ..., error: _Optional[str] = ..., processes: _Optional[_Iterable[_Union[ProcessSample, _Mapping]]] = ..., xid_events: _Optional[_Iterable[_Union[XidEvent, _Mapping]]] = ..., ecc_corrected_volatile: _Optional[int] = ..., ecc_uncorrected_volatile: _Optional[int] = ..., remapped_rows_correctable: _Optional[int] = ..., remapped_rows_uncorrectable: _Optional[int] = ..., remap_pending: _Optional[bool] = ..., remap_failure: _Optional[bool] = ..., pcie_tx_bytes_per_second: _Optional[float] = ..., pcie_rx_bytes_per_second: _Optional[float] = ..., nvlink_tx_bytes: _Optional[int] = ..., nvlink_rx_bytes: _Optional[int] = ..., memory_clock_mhz: _Optional[int] = ..., memory_temperature_celsius: _Optional[int] = ..., attribution: _Optional[_Union[Attribution, _Mapping]] = ..., mig_enabled: _Optional[bool] = ..., mig: _Optional[_Iterable[_Union[MigSample, _Mapping]]] = ..., padding: _Optional[_Iterable[str]] = ..., effective: _Optional[float] = ..., effective_estimated: _Optional[bool] = ...) -> None: ...
 
 class ProcessSample(_message.Message):
     __slots__ = ("pid", "memory_bytes", "sm_util", "memory_util", "user", "command", "cgroup", "container_id", "gpu_instance_id")

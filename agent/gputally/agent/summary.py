@@ -1,0 +1,157 @@
+"""Per-window summaries: every report's seconds, integrated per GPU (docs/utilization.md §3).
+
+Windows are aligned to multiples of the window length since the Unix epoch, so every node's
+windows line up. A report whose interval straddles a window boundary is split pro rata.
+The summary of a window is emitted by the first report that ends at or after the window's end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from gputally.v1 import telemetry_pb2 as pb
+
+_SECONDS = (
+    "present_seconds",
+    "allocated_seconds",
+    "busy_seconds",
+    "sm_active_seconds",
+    "sm_measured_seconds",
+    "effective_seconds",
+    "effective_estimated_seconds",
+    "busy_unmeasured_seconds",
+    "energy_joules",
+    "lost_seconds",
+)
+_FLAGGED = (
+    "seconds",
+    "allocated_seconds",
+    "busy_seconds",
+    "sm_active_seconds",
+    "effective_seconds",
+    "effective_estimated_seconds",
+    "busy_unmeasured_seconds",
+)
+
+
+@dataclass(slots=True)
+class _Totals:
+    values: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_SECONDS, 0.0))
+    flagged: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_FLAGGED, 0.0))
+    by_rule: dict[str, float] = field(default_factory=dict)
+    attribution: pb.Attribution | None = None
+
+
+def contributions(
+    sample: pb.GpuSample, seconds: float, joules: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """What one sample adds to a GPU's window totals, and to its flagged totals."""
+    values = dict.fromkeys(_SECONDS, 0.0)
+    values["energy_joules"] = joules
+    if sample.status == pb.GPU_STATUS_LOST:
+        values["lost_seconds"] = seconds
+    if sample.status != pb.GPU_STATUS_OK:
+        return values, dict.fromkeys(_FLAGGED, 0.0)
+    values["present_seconds"] = seconds
+    if sample.HasField("process_count"):
+        values["allocated_seconds"] = seconds * (sample.process_count > 0)
+    busy = sample.busy * seconds if sample.HasField("busy") else 0.0
+    values["busy_seconds"] = busy
+    if sample.HasField("sm_active"):
+        values["sm_active_seconds"] = sample.sm_active * seconds
+        values["sm_measured_seconds"] = seconds
+    else:
+        # Unknown SM activity is capped by busy (an SM is only active while a kernel runs),
+        # and by 1 where busy is unknown too.
+        values["busy_unmeasured_seconds"] = busy if sample.HasField("busy") else seconds
+    if sample.HasField("effective"):
+        values["effective_seconds"] = sample.effective * seconds
+        if sample.effective_estimated:
+            values["effective_estimated_seconds"] = sample.effective * seconds
+    flagged = dict.fromkeys(_FLAGGED, 0.0)
+    if sample.padding:
+        flagged["seconds"] = seconds
+        for key in _FLAGGED[1:]:
+            flagged[key] = values[key]
+    return values, flagged
+
+
+class Summarizer:
+    def __init__(self, inventory: list[pb.GpuIdentity], window: float = 300.0):
+        if window <= 0:
+            raise ValueError("the summary window must be positive")
+        self.window = window
+        self.inventory = {gpu.index: gpu for gpu in inventory}
+        self._open: dict[int, dict[int, _Totals]] = {}  # window number -> GPU -> totals
+        self._energy: dict[int, int] = {}
+
+    def _totals(self, number: int, index: int) -> _Totals:
+        return self._open.setdefault(number, {}).setdefault(index, _Totals())
+
+    def add(self, report: pb.Report) -> list[pb.Summary]:
+        """Integrate one report; return the summaries of the windows it closed."""
+        end = report.time_unix_nano / 1e9
+        start = end - report.interval_seconds
+        for sample in report.gpus:
+            joules = self._joules(sample, report.interval_seconds)
+            values, flagged = contributions(sample, report.interval_seconds, joules)
+            if report.interval_seconds <= 0:
+                continue
+            first, last = math.floor(start / self.window), math.floor(end / self.window)
+            for number in range(first, last + 1):
+                w0, w1 = number * self.window, (number + 1) * self.window
+                share = (min(end, w1) - max(start, w0)) / report.interval_seconds
+                if share <= 0:
+                    continue
+                totals = self._totals(number, sample.index)
+                for key, value in values.items():
+                    totals.values[key] += value * share
+                for key, value in flagged.items():
+                    totals.flagged[key] += value * share
+                for rule in sample.padding:
+                    totals.by_rule[rule] = (
+                        totals.by_rule.get(rule, 0.0) + report.interval_seconds * share
+                    )
+                if sample.attribution.source:
+                    totals.attribution = sample.attribution
+        closed = sorted(n for n in self._open if (n + 1) * self.window <= end + 1e-9)
+        return [self._emit(n) for n in closed]
+
+    def flush(self) -> list[pb.Summary]:
+        """Summaries of every window still open (the agent is stopping)."""
+        return [self._emit(n) for n in sorted(self._open)]
+
+    def _joules(self, sample: pb.GpuSample, seconds: float) -> float:
+        if sample.HasField("energy_millijoules"):
+            energy, last = sample.energy_millijoules, self._energy.get(sample.index)
+            self._energy[sample.index] = energy
+            if last is None:
+                return 0.0
+            # A smaller value: the driver reloaded and the counter restarted at zero.
+            return (energy - last if energy >= last else energy) / 1000.0
+        if sample.status == pb.GPU_STATUS_OK and sample.HasField("power_watts"):
+            return sample.power_watts * seconds
+        return 0.0
+
+    def _emit(self, number: int) -> pb.Summary:
+        gpus = self._open.pop(number)
+        summary = pb.Summary(
+            window_start_unix_nano=round(number * self.window * 1e9),
+            window_end_unix_nano=round((number + 1) * self.window * 1e9),
+        )
+        for index, identity in sorted(self.inventory.items()):
+            totals = gpus.get(index, _Totals())
+            gpu = summary.gpus.add(
+                index=index, uuid=identity.uuid, serial=identity.serial, model=identity.model
+            )
+            for key, value in totals.values.items():
+                setattr(gpu, key, value)
+            for rule, seconds in sorted(totals.by_rule.items()):
+                gpu.padding.add(rule=rule, seconds=seconds)
+            gpu.flagged.rule = "any"
+            for key, value in totals.flagged.items():
+                setattr(gpu.flagged, key, value)
+            if totals.attribution is not None:
+                gpu.attribution.CopyFrom(totals.attribution)
+        return summary

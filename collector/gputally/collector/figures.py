@@ -1,0 +1,270 @@
+"""Figures for a period from summaries alone: docs/utilization.md, implemented.
+
+Pure functions: no clock, no collector state. `gputally query` runs them on the collector's
+record; the audit tooling runs them on a verified ledger.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from gputally.v1 import telemetry_pb2 as pb
+
+MEASURES = ("allocated", "busy", "sm_active", "effective")
+SUPPORTED, REFUTED, UNDETERMINED = "supported", "refuted", "undetermined"
+_FIELDS = (
+    "present_seconds",
+    "allocated_seconds",
+    "busy_seconds",
+    "sm_active_seconds",
+    "sm_measured_seconds",
+    "effective_seconds",
+    "effective_estimated_seconds",
+    "busy_unmeasured_seconds",
+    "energy_joules",
+    "lost_seconds",
+)
+_FLAGGED = (
+    "seconds",
+    "allocated_seconds",
+    "busy_seconds",
+    "sm_active_seconds",
+    "effective_seconds",
+    "effective_estimated_seconds",
+    "busy_unmeasured_seconds",
+)
+
+
+@dataclass(slots=True)
+class Sums:
+    """GPU-seconds (and joules) added up over summaries, pro rata to the period."""
+
+    values: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_FIELDS, 0.0))
+    flagged: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_FLAGGED, 0.0))
+    by_rule: dict[str, float] = field(default_factory=dict)
+
+    def add(self, gpu: pb.GpuSummary, share: float) -> None:
+        for key in _FIELDS:
+            self.values[key] += getattr(gpu, key) * share
+        for key in _FLAGGED:
+            self.flagged[key] += getattr(gpu.flagged, key) * share
+        for total in gpu.padding:
+            self.by_rule[total.rule] = self.by_rule.get(total.rule, 0.0) + total.seconds * share
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    figure: float
+    lower: float
+    upper: float
+
+    def verdict(self, claim: float) -> str:
+        if claim <= self.lower + 1e-12:
+            return SUPPORTED
+        if claim > self.upper + 1e-12:
+            return REFUTED
+        return UNDETERMINED
+
+
+def _clamp(x: float) -> float:
+    return min(max(x, 0.0), 1.0)
+
+
+def bounds(sums: Sums, capacity: float, *, without_padding: bool = False) -> dict[str, Bounds]:
+    """Figure, lower and upper bound of every measure (docs/utilization.md §5 and §7)."""
+    if capacity <= 0:
+        return dict.fromkeys(MEASURES, Bounds(0.0, 0.0, 0.0))
+    v = dict(sums.values)
+    if without_padding:  # flagged seconds count as no work; the denominator stays
+        for key in _FLAGGED[1:]:
+            v[key] -= sums.flagged[key]
+    unobserved = max(capacity - sums.values["present_seconds"], 0.0)
+    measured_effective = v["effective_seconds"] - v["effective_estimated_seconds"]
+    unmeasured_cap = v["busy_unmeasured_seconds"]
+    raw = {
+        "allocated": (
+            v["allocated_seconds"],
+            v["allocated_seconds"],
+            v["allocated_seconds"] + unobserved,
+        ),
+        "busy": (v["busy_seconds"], v["busy_seconds"], v["busy_seconds"] + unobserved),
+        "sm_active": (
+            v["sm_active_seconds"],
+            v["sm_active_seconds"],
+            v["sm_active_seconds"] + unmeasured_cap + unobserved,
+        ),
+        "effective": (
+            v["effective_seconds"],
+            measured_effective,
+            measured_effective + unmeasured_cap + unobserved,
+        ),
+    }
+    return {
+        m: Bounds(_clamp(f / capacity), _clamp(lo / capacity), _clamp(hi / capacity))
+        for m, (f, lo, hi) in raw.items()
+    }
+
+
+@dataclass(slots=True)
+class Group:
+    sums: Sums = field(default_factory=Sums)
+    gpus: set[str] = field(default_factory=set)
+
+
+def _day(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d")
+
+
+@dataclass(slots=True)
+class PeriodFigures:
+    start: float
+    end: float
+    expected: int
+    total: Group = field(default_factory=Group)
+    nodes: dict[str, Group] = field(default_factory=dict)
+    models: dict[str, Group] = field(default_factory=dict)
+    tenants: dict[str, Group] = field(default_factory=dict)
+    jobs: dict[str, Group] = field(default_factory=dict)
+    energy_by_day: dict[str, float] = field(default_factory=dict)
+    summaries: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+    @property
+    def capacity(self) -> float:
+        return self.expected * self.seconds
+
+    def coverage(self) -> float:
+        return (
+            _clamp(self.total.sums.values["present_seconds"] / self.capacity)
+            if self.capacity > 0
+            else 0.0
+        )
+
+    def group_bounds(
+        self, group: Group, *, held: bool = False, without_padding: bool = False
+    ) -> dict[str, Bounds]:
+        """A breakdown's figures: over its GPUs seen x the period, or (tenants and jobs) over
+        the seconds it held GPUs."""
+        capacity = group.sums.values["present_seconds"] if held else len(group.gpus) * self.seconds
+        return bounds(group.sums, capacity, without_padding=without_padding)
+
+
+def compute(
+    summaries: Iterable[tuple[str, bytes]], start: float, end: float, expected: int
+) -> PeriodFigures:
+    """Add up every summary overlapping [start, end), pro rata to the overlap."""
+    if end <= start:
+        raise ValueError("the period must end after it starts")
+    if expected < 1:
+        raise ValueError("the inventory must be at least 1 GPU")
+    out = PeriodFigures(start=start, end=end, expected=expected)
+    for node, body in summaries:
+        summary = pb.Summary.FromString(body)
+        w0, w1 = summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9
+        overlap = min(w1, end) - max(w0, start)
+        if overlap <= 0 or w1 <= w0:
+            continue
+        share = overlap / (w1 - w0)
+        out.summaries += 1
+        for gpu in summary.gpus:
+            key = gpu.uuid or f"{node}/{gpu.index}"
+            tenant = gpu.attribution.tenant or (
+                "(unattributed)" if not gpu.attribution.source else "(no tenant)"
+            )
+            job = gpu.attribution.job or "(unattributed)"
+            groups = (
+                out.total,
+                out.nodes.setdefault(node, Group()),
+                out.models.setdefault(gpu.model or "(unknown)", Group()),
+                out.tenants.setdefault(tenant, Group()),
+                out.jobs.setdefault(job, Group()),
+            )
+            for group in groups:
+                group.sums.add(gpu, share)
+                group.gpus.add(key)
+            day = _day(max(w0, start))
+            out.energy_by_day[day] = out.energy_by_day.get(day, 0.0) + gpu.energy_joules * share
+    return out
+
+
+def as_dict(
+    figures: PeriodFigures, measure: str, claim: float | None, top: int = 50
+) -> dict[str, Any]:
+    """A JSON-ready answer: the figure for `measure` with its bounds, coverage and verdict,
+    every measure, with and without flagged padding, and the breakdowns."""
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; one of {', '.join(MEASURES)}")
+    cluster = bounds(figures.total.sums, figures.capacity)
+    clean = bounds(figures.total.sums, figures.capacity, without_padding=True)
+
+    def measures(b: dict[str, Bounds]) -> dict[str, dict[str, float]]:
+        return {m: {"figure": x.figure, "lower": x.lower, "upper": x.upper} for m, x in b.items()}
+
+    def breakdown(groups: dict[str, Group], held: bool) -> list[dict[str, Any]]:
+        rows = []
+        for name, group in sorted(
+            groups.items(), key=lambda kv: -kv[1].sums.values["present_seconds"]
+        )[:top]:
+            b = figures.group_bounds(group, held=held)
+            rows.append(
+                {
+                    "name": name,
+                    "gpus": len(group.gpus),
+                    "gpu_hours": group.sums.values["present_seconds"] / 3600.0,
+                    "energy_kwh": group.sums.values["energy_joules"] / 3.6e6,
+                    **{m: b[m].figure for m in MEASURES},
+                }
+            )
+        return rows
+
+    chosen, chosen_clean = cluster[measure], clean[measure]
+    seen = len(figures.total.gpus)
+    return {
+        "from": datetime.fromtimestamp(figures.start, UTC).isoformat().replace("+00:00", "Z"),
+        "to": datetime.fromtimestamp(figures.end, UTC).isoformat().replace("+00:00", "Z"),
+        "seconds": figures.seconds,
+        "expected_gpus": figures.expected,
+        "seen_gpus": seen,
+        "measure": measure,
+        "figure": chosen.figure,
+        "lower": chosen.lower,
+        "upper": chosen.upper,
+        "coverage": figures.coverage(),
+        "claim": claim,
+        "verdict": None if claim is None else chosen.verdict(claim),
+        "without_padding": {
+            "figure": chosen_clean.figure,
+            "lower": chosen_clean.lower,
+            "upper": chosen_clean.upper,
+            "verdict": None if claim is None else chosen_clean.verdict(claim),
+        },
+        "padding_gpu_hours": figures.total.sums.flagged["seconds"] / 3600.0,
+        "padding_gpu_hours_by_rule": {
+            r: s / 3600.0 for r, s in sorted(figures.total.sums.by_rule.items())
+        },
+        "energy_kwh": figures.total.sums.values["energy_joules"] / 3.6e6,
+        "energy_kwh_by_day": {d: j / 3.6e6 for d, j in sorted(figures.energy_by_day.items())},
+        "measures": measures(cluster),
+        "measures_without_padding": measures(clean),
+        "summaries": figures.summaries,
+        "by_node": breakdown(figures.nodes, held=False),
+        "by_model": breakdown(figures.models, held=False),
+        "by_tenant": breakdown(figures.tenants, held=True),
+        "by_job": breakdown(figures.jobs, held=True),
+        "warnings": (
+            [
+                f"{seen} GPUs reported but only {figures.expected} were declared: the inventory is understated"
+            ]
+            if seen > figures.expected
+            else []
+        )
+        + ([] if figures.summaries else ["no summary in the record overlaps this period"])
+        + ([] if math.isfinite(figures.seconds) else ["the period is not finite"]),
+    }

@@ -1,0 +1,124 @@
+"""The collector's durable record: every summary an agent sent, verbatim, in one SQLite file.
+
+Append-only by design: rows are inserted, never updated or deleted, and each holds the
+summary's bytes as received, so that the audit trail can later chain, sign and Merkle-hash the
+same rows without a second store. The file runs in WAL mode with full synchronisation: a
+summary is on disk before the collector acknowledges the report that carried it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS summaries (
+    id INTEGER PRIMARY KEY,
+    node TEXT NOT NULL,
+    instance INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    window_start_ns INTEGER NOT NULL,
+    window_end_ns INTEGER NOT NULL,
+    received REAL NOT NULL,
+    body BLOB NOT NULL,
+    UNIQUE (node, instance, seq)
+);
+CREATE INDEX IF NOT EXISTS summaries_by_window ON summaries (window_end_ns, window_start_ns);
+CREATE TABLE IF NOT EXISTS inventory (
+    since REAL NOT NULL,
+    expected INTEGER NOT NULL
+);
+"""
+
+
+class RecordError(RuntimeError):
+    pass
+
+
+def _signed(value: int) -> int:
+    # SQLite integers are signed 64-bit; agent instance ids are unsigned 64-bit.
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+class Record:
+    def __init__(self, path: str | Path, *, readonly: bool = False):
+        self.path = Path(path)
+        if readonly and not self.path.exists():
+            raise RecordError(f"{self.path}: no such record (the collector's --db file)")
+        try:
+            if readonly:
+                self._db = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
+                )
+            else:
+                self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(SCHEMA)
+            self._db.execute("SELECT count(*) FROM summaries").fetchone()
+        except sqlite3.DatabaseError as error:
+            raise RecordError(f"{self.path}: not a gputally record: {error}") from None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def append(
+        self,
+        node: str,
+        instance: int,
+        seq: int,
+        window_start_ns: int,
+        window_end_ns: int,
+        received: float,
+        body: bytes,
+    ) -> bool:
+        """Store one summary durably. False when it was already stored (a resent report)."""
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO summaries (node, instance, seq, window_start_ns, window_end_ns, received, body)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (node, _signed(instance), seq, window_start_ns, window_end_ns, received, body),
+            )
+            return cursor.rowcount == 1
+
+    def declare_inventory(self, expected: int, since: float) -> None:
+        with self._lock:
+            last = self._db.execute(
+                "SELECT expected FROM inventory ORDER BY since DESC LIMIT 1"
+            ).fetchone()
+            if last is None or last[0] != expected:
+                self._db.execute(
+                    "INSERT INTO inventory (since, expected) VALUES (?, ?)", (since, expected)
+                )
+
+    def inventory_at(self, when: float) -> int | None:
+        """The declared inventory in force at `when` (else the earliest one declared)."""
+        row = self._db.execute(
+            "SELECT expected FROM inventory WHERE since <= ? ORDER BY since DESC LIMIT 1", (when,)
+        ).fetchone()
+        if row is None:
+            row = self._db.execute(
+                "SELECT expected FROM inventory ORDER BY since LIMIT 1"
+            ).fetchone()
+        return None if row is None else int(row[0])
+
+    def summaries(self, start_ns: int, end_ns: int) -> Iterator[tuple[str, bytes]]:
+        """(node, summary bytes) of every summary whose window overlaps [start, end)."""
+        rows = self._db.execute(
+            "SELECT node, body FROM summaries WHERE window_end_ns > ? AND window_start_ns < ? ORDER BY id",
+            (start_ns, end_ns),
+        )
+        for node, body in rows:
+            yield str(node), bytes(body)
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM summaries").fetchone()[0])
+
+    def span(self) -> tuple[int, int] | None:
+        row = self._db.execute(
+            "SELECT min(window_start_ns), max(window_end_ns) FROM summaries"
+        ).fetchone()
+        return None if row[0] is None else (int(row[0]), int(row[1]))
