@@ -40,7 +40,7 @@ class Collector:
     """A real collector (grpc.aio ingest + HTTP exposition) on loopback, on its own thread."""
 
     def __init__(self, **state_options: Any):
-        self.state = ClusterState(**state_options)
+        self.state = ClusterState(**state_options)  # record=Record(...) keeps a durable record
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -228,6 +228,23 @@ def _positive(text: str) -> float:
     return value
 
 
+def _add_summary_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--summary-window",
+        type=_positive,
+        default=300.0,
+        metavar="SECONDS",
+        help="length of the per-window summaries the collector records (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--padding-sustain",
+        type=_positive,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long busy-without-work or a flat line must last before it is flagged as padding (default: %(default)s)",
+    )
+
+
 def _add_mock_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scenario",
@@ -310,6 +327,7 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         help="read every GPU once, print the readings and exit (no collector needed)",
     )
     agent.add_argument("--json", action="store_true", help="with --once: print JSON")
+    _add_summary_options(agent)
     agent.set_defaults(handler=_run_agent)
 
     simulate = sub.add_parser(
@@ -338,6 +356,7 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         metavar="SECONDS",
         help="sampling interval (default: %(default)s)",
     )
+    _add_summary_options(simulate)
     simulate.set_defaults(handler=_run_simulate)
 
     demo = sub.add_parser(
@@ -398,6 +417,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     from .mock import MockNVML
     from .node import NodeAgent
     from .nvml import NvmlBackend, NvmlUnavailableError
+    from .padding import PaddingRules
     from .sampler import Sampler, snapshot
     from .scenario import ScenarioError
 
@@ -419,7 +439,13 @@ def _run_agent(args: argparse.Namespace) -> int:
         if args.scenario:
             return _fail("--scenario only applies to --backend mock")
         backend = NvmlBackend(attributor=attributor)
-    sampler = Sampler(backend, node=node, interval=args.interval)
+    sampler = Sampler(
+        backend,
+        node=node,
+        interval=args.interval,
+        summary_window=args.summary_window,
+        padding=PaddingRules(sustain_seconds=args.padding_sustain),
+    )
     try:
         inventory = sampler.open()
     except NvmlUnavailableError as error:
@@ -479,6 +505,7 @@ def _run_agent(args: argparse.Namespace) -> int:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
+    from .padding import PaddingRules
     from .scenario import ScenarioError
     from .simulate import run_fleet
 
@@ -491,7 +518,14 @@ def _run_simulate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     stats = asyncio.run(
-        run_fleet(sc, args.collector, duration=args.duration, interval=args.interval)
+        run_fleet(
+            sc,
+            args.collector,
+            duration=args.duration,
+            interval=args.interval,
+            summary_window=args.summary_window,
+            padding=PaddingRules(sustain_seconds=args.padding_sustain),
+        )
     )
     print(
         f"sent {stats.reports} reports from {stats.nodes} nodes; acknowledged {stats.acked}, dropped {stats.dropped}",

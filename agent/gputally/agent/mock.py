@@ -107,7 +107,7 @@ class MockNVML:
         self.node = node
         self.clock = clock
         self.start = clock() if start is None else start  # scenario time 0
-        self.profile = scenario.profile
+        self.profile = scenario.profile_of(node)
         self.initialised = False
         self.calls: Counter[str] = Counter()  # calls by function, for tests of call discipline
         self.processes = MockProcesses(self)  # the simulated host's view of the processes

@@ -275,6 +275,9 @@ class Scenario:
     faults: tuple[Fault, ...] = ()
     node_prefix: str = "node"
     mig_instances: int = 0  # > 0: every GPU runs in MIG mode, split into this many instances
+    node_models: tuple[str, ...] = ()  # per node, when the cluster mixes models (pools)
+    expect: tuple[dict[str, Any], ...] = ()  # the figures the scenario is written to produce
+    run: dict[str, Any] = field(default_factory=dict)  # how to run it: seconds, interval, ...
     name: str = "scenario"
     description: str = ""
     # GPU (node-major position) -> workloads assigned to it, in time order.
@@ -287,6 +290,12 @@ class Scenario:
     @property
     def profile(self) -> ModelProfile:
         return MODELS[self.gpu_model]
+
+    def model_of(self, node: int) -> str:
+        return self.node_models[node] if self.node_models else self.gpu_model
+
+    def profile_of(self, node: int) -> ModelProfile:
+        return MODELS[self.model_of(node)]
 
     def node_name(self, node: int) -> str:
         width = max(2, len(str(self.nodes - 1)))
@@ -508,22 +517,55 @@ def parse(data: dict[str, Any], *, name: str = "scenario") -> Scenario:
     cluster = data.get("cluster")
     if not isinstance(cluster, dict):
         raise ScenarioError("missing [cluster] table (nodes, gpus_per_node, gpu_model)")
-    _unknown(data, {"cluster", "workload", "fault", "description", "name", "expect"}, "scenario")
     _unknown(
-        cluster, {"nodes", "gpus_per_node", "gpu_model", "node_prefix", "mig_instances"}, "cluster"
+        data, {"cluster", "workload", "fault", "description", "name", "expect", "run"}, "scenario"
     )
-    nodes = _integer(cluster.get("nodes"), "cluster.nodes", low=1)
+    _unknown(
+        cluster,
+        {"nodes", "gpus_per_node", "gpu_model", "node_prefix", "mig_instances", "pool"},
+        "cluster",
+    )
     gpus_per_node = _integer(cluster.get("gpus_per_node"), "cluster.gpus_per_node", low=1)
     model = cluster.get("gpu_model", "NVIDIA H100 80GB HBM3")
     if model not in MODELS:
         raise ScenarioError(
             f"cluster.gpu_model: unknown model {model!r}; known: {', '.join(MODELS)}"
         )
+    node_models: list[str] = []
+    pools = cluster.get("pool", [])
+    if not isinstance(pools, list):
+        raise ScenarioError(
+            "cluster.pool: expected an array of tables [[cluster.pool]] (nodes, gpu_model)"
+        )
+    for i, pool in enumerate(pools):
+        where = f"cluster.pool[{i}]"
+        if not isinstance(pool, dict):
+            raise ScenarioError(f"{where}: expected a table")
+        _unknown(pool, {"nodes", "gpu_model"}, where)
+        pool_model = pool.get("gpu_model")
+        if pool_model not in MODELS:
+            raise ScenarioError(
+                f"{where}.gpu_model: unknown model {pool_model!r}; known: {', '.join(MODELS)}"
+            )
+        node_models += [pool_model] * _integer(pool.get("nodes"), f"{where}.nodes", low=1)
+    if node_models:
+        model = node_models[0]
+        if "nodes" in cluster and cluster["nodes"] != len(node_models):
+            raise ScenarioError(
+                f"cluster.nodes ({cluster['nodes']}) differs from the pools' {len(node_models)} nodes"
+            )
+        nodes = len(node_models)
+    else:
+        nodes = _integer(cluster.get("nodes"), "cluster.nodes", low=1)
     mig = _integer(cluster.get("mig_instances", 0), "cluster.mig_instances")
     if mig > MAX_MIG_INSTANCES:
         raise ScenarioError(f"cluster.mig_instances: at most {MAX_MIG_INSTANCES}, got {mig}")
-    if mig and not MODELS[model].mig:
-        raise ScenarioError(f"cluster.mig_instances: {model} does not support MIG")
+    for each in set(node_models) or {model}:
+        if mig and not MODELS[each].mig:
+            raise ScenarioError(f"cluster.mig_instances: {each} does not support MIG")
+    expect = data.get("expect", [])
+    if not isinstance(expect, list) or not all(isinstance(e, dict) for e in expect):
+        raise ScenarioError("expect: expected an array of tables [[expect]]")
     total = nodes * gpus_per_node
     raw_workloads = data.get("workload", [])
     raw_faults = data.get("fault", [])
@@ -538,6 +580,9 @@ def parse(data: dict[str, Any], *, name: str = "scenario") -> Scenario:
         workloads=tuple(workloads),
         faults=tuple(faults),
         node_prefix=str(cluster.get("node_prefix", "node")),
+        node_models=tuple(node_models),
+        expect=tuple(expect),
+        run=dict(data.get("run", {})),
         mig_instances=mig,
         name=str(data.get("name", name)),
         description=str(data.get("description", "")),

@@ -8,9 +8,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .mock import MockNVML
+from .mock import ManualClock, MockNVML
 from .node import NodeAgent
 from .nvml import NvmlBackend
+from .padding import PaddingRules
 from .sampler import Sampler
 from .scenario import Scenario
 
@@ -30,16 +31,25 @@ def build_fleet(
     interval: float = 1.0,
     clock: Callable[[], float] = time.time,
     start: float | None = None,
+    summary_window: float = 300.0,
+    padding: PaddingRules | None = None,
 ) -> list[NodeAgent]:
     start = clock() if start is None else start
     agents = []
     for node in range(scenario.nodes):
         sampler = Sampler(
             # Events are drained by each tick: one thread per simulated node would not scale.
-            NvmlBackend(MockNVML(scenario, node, clock, start=start), events="poll"),
+            NvmlBackend(
+                MockNVML(scenario, node, clock, start=start),
+                events="poll",
+                monotonic=clock,
+                clock=clock,
+            ),
             node=scenario.node_name(node),
             interval=interval,
             clock=clock,
+            summary_window=summary_window,
+            padding=padding,
         )
         sampler.open()
         outages = [f for f in scenario.faults if f.kind == "node_down" and f.hits(node)]
@@ -66,11 +76,81 @@ async def run_fleet(
     duration: float | None = None,
     interval: float = 1.0,
     stop: asyncio.Event | None = None,
+    summary_window: float = 300.0,
+    padding: PaddingRules | None = None,
 ) -> FleetStats:
-    agents = build_fleet(scenario, collector, interval=interval)
+    agents = build_fleet(
+        scenario, collector, interval=interval, summary_window=summary_window, padding=padding
+    )
     try:
         await asyncio.gather(*(agent.run(duration=duration, stop=stop) for agent in agents))
     finally:
+        for agent in agents:
+            agent.sampler.close()
+    stats = FleetStats(nodes=len(agents))
+    for agent in agents:
+        stats.reports += agent.reports
+        stats.acked += agent.sender.stats.acked
+        stats.dropped += agent.sender.stats.dropped
+    return stats
+
+
+async def run_fleet_virtual(
+    scenario: Scenario,
+    collector: str,
+    *,
+    seconds: float,
+    start: float,
+    interval: float = 1.0,
+    summary_window: float = 300.0,
+    padding: PaddingRules | None = None,
+    flush_every: int = 100,
+) -> FleetStats:
+    """Run the scenario on a virtual clock from `start` (unix seconds) for `seconds`, as fast
+    as the machine allows: the same agents, summaries and gRPC streams as in real time.
+
+    Every tick, each node's sampler reads its mock and the report is queued; every
+    `flush_every` ticks the fleet waits until the collector has acknowledged everything, so
+    the outboxes never overflow. A node in a `node_down` fault skips its ticks, and its first
+    tick after the outage only restarts coverage, as a restarted agent's would.
+    """
+    clock = ManualClock(start)
+    agents = build_fleet(
+        scenario,
+        collector,
+        interval=interval,
+        clock=clock,
+        start=start,
+        summary_window=summary_window,
+        padding=padding,
+    )
+    tasks: dict[int, asyncio.Task[None]] = {}  # senders start with a node's first report
+    was_down = [False] * len(agents)
+    try:
+        for tick in range(1, round(seconds / interval) + 1):
+            clock.now = start + tick * interval
+            for number, agent in enumerate(agents):
+                if agent._down is not None and agent._down(clock()):
+                    was_down[number] = True
+                    continue
+                if was_down[number]:
+                    was_down[number] = False
+                    agent.sampler.resume()
+                    continue
+                if number not in tasks:
+                    tasks[number] = asyncio.ensure_future(agent.sender.run())
+                agent.sender.submit(agent.sampler.tick())
+                agent.reports += 1
+            if tick % flush_every == 0:
+                await asyncio.gather(*(agents[n].sender.drain(60.0) for n in tasks))
+        for number in tasks:
+            for report in agents[number].sampler.final_reports():
+                agents[number].sender.submit(report)
+        await asyncio.gather(*(agents[n].sender.drain(60.0) for n in tasks))
+    finally:
+        for number, task in tasks.items():
+            agents[number].sender.stop()
+            await task
         for agent in agents:
             agent.sampler.close()
     stats = FleetStats(nodes=len(agents))

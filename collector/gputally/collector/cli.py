@@ -6,13 +6,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 from . import server as ingest
+from .figures import MEASURES, as_dict, compute
 from .metrics import make_app, make_registry, serve_http
+from .record import Record, RecordError
 from .state import ClusterState
 
 log = logging.getLogger("gputally.collector")
@@ -80,6 +85,13 @@ def add_collector_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="on shutdown, time given to open streams (default: %(default)s)",
     )
+    parser.add_argument(
+        "--db",
+        default="gputally.db",
+        metavar="PATH",
+        help="the durable record of every summary (SQLite, WAL), read by `gputally query`; "
+        "empty to keep none (default: %(default)s)",
+    )
 
 
 def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
@@ -91,15 +103,62 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
     )
     add_collector_arguments(collector)
     collector.set_defaults(handler=run)
-    return {"collector": collector}
+
+    query = sub.add_parser(
+        "query",
+        help="utilization figures, bounds and a verdict for any past period, from the collector's record",
+        description="Compute every utilization measure for a period from the collector's record "
+        "(docs/utilization.md): the figure, its lower and upper bounds, coverage, energy, padding, "
+        "breakdowns, and the verdict on a claim.",
+        epilog="Times: YYYY-MM-DD, an ISO 8601 date-time (UTC unless it has an offset), unix seconds, "
+        "'now', or a duration before now such as -1h, -30m, -7d.",
+    )
+    query.add_argument(
+        "--db",
+        default="gputally.db",
+        metavar="PATH",
+        help="the collector's record (default: %(default)s)",
+    )
+    query.add_argument(
+        "--from",
+        dest="start",
+        metavar="TIME",
+        help="period start (default: the start of the record)",
+    )
+    query.add_argument(
+        "--to",
+        dest="end",
+        metavar="TIME",
+        help="period end, excluded (default: the end of the record)",
+    )
+    query.add_argument(
+        "--measure",
+        default="busy",
+        choices=list(MEASURES),
+        help="the measure the claim is about (default: %(default)s)",
+    )
+    query.add_argument(
+        "--claim", type=_fraction, metavar="RATIO", help="claimed ratio in [0, 1], e.g. 0.85"
+    )
+    query.add_argument(
+        "--expected-gpus",
+        type=_count,
+        metavar="N",
+        help="inventory (default: the one the collector declared)",
+    )
+    query.add_argument("--json", action="store_true", help="print JSON")
+    query.set_defaults(handler=run_query)
+    return {"collector": collector, "query": query}
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    record = Record(args.db) if args.db else None
     state = ClusterState(
         expected_gpus=args.expected_gpus,
         window=args.window,
         lag=args.lag,
         stale_after=args.stale_after,
+        record=record,
     )
     server, grpc_port = await ingest.start(state, args.grpc_listen)
     http, _ = serve_http(
@@ -122,6 +181,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         await server.stop(args.grace)
         http.shutdown()
         http.server_close()
+        if record is not None:
+            record.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,7 +196,118 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
-    except OSError as error:
+    except (OSError, RecordError) as error:
         print(f"gputally collector: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"must be a ratio in [0, 1], got {text} (write 85% as 0.85)"
+        )
+    return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_time(text: str, now: float) -> float:
+    """A point in time as unix seconds, from the forms the --from/--to help lists."""
+    text = text.strip()
+    if text == "now":
+        return now
+    if text.startswith("-") and text[-1:] in _UNITS:
+        try:
+            return now - float(text[1:-1]) * _UNITS[text[-1]]
+        except ValueError:
+            pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"cannot read {text!r} as a time; try 2026-03-01, 2026-03-01T08:00:00Z, -1h or now"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _fail(message: str) -> int:
+    print(f"gputally query: {message}", file=sys.stderr)
+    return 2
+
+
+def run_query(args: argparse.Namespace) -> int:
+    try:
+        record = Record(args.db, readonly=True)
+    except RecordError as error:
+        return _fail(str(error))
+    try:
+        span = record.span()
+        now = time.time()
+        try:
+            start = parse_time(args.start, now) if args.start else (span[0] / 1e9 if span else None)
+            end = parse_time(args.end, now) if args.end else (span[1] / 1e9 if span else None)
+        except ValueError as error:
+            return _fail(str(error))
+        if start is None or end is None:
+            return _fail(f"{args.db} holds no summary yet; give --from and --to")
+        if end <= start:
+            return _fail("--to must be after --from")
+        expected = args.expected_gpus or record.inventory_at(start)
+        if expected is None:
+            return _fail(
+                "the record declares no inventory (the collector ran without --expected-gpus): give --expected-gpus"
+            )
+        start_ns, end_ns = int(start * 1e9), int(end * 1e9)
+        figures = compute(record.summaries(start_ns, end_ns), start, end, expected)
+    finally:
+        record.close()
+    answer = as_dict(figures, args.measure, args.claim)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(render(answer))
+    return 0
+
+
+def render(answer: dict[str, Any]) -> str:
+    """The answer for a person: the claim's measure first, every other measure after."""
+    days = answer["seconds"] / 86400
+    lines = [
+        f"period      {answer['from']} .. {answer['to']} ({days:.2f} days)",
+        f"inventory   {answer['expected_gpus']} GPUs declared, {answer['seen_gpus']} seen; "
+        f"coverage {answer['coverage']:.1%}",
+        "",
+        f"{'measure':<12}{'figure':>9}{'lower':>9}{'upper':>9}   without padding",
+    ]
+    for name, b in answer["measures"].items():
+        clean = answer["measures_without_padding"][name]
+        mark = "  <" if name == answer["measure"] else ""
+        lines.append(
+            f"{name:<12}{b['figure']:>9.2%}{b['lower']:>9.2%}{b['upper']:>9.2%}   {clean['figure']:.2%}{mark}"
+        )
+    if answer["claim"] is not None:
+        lines += [
+            "",
+            f"claim       {answer['measure']} >= {answer['claim']:.2%}: {answer['verdict'].upper()}"
+            f"  (without flagged padding: {answer['without_padding']['verdict']})",
+        ]
+    lines += [
+        "",
+        f"energy      {answer['energy_kwh']:.3f} kWh",
+        f"padding     {answer['padding_gpu_hours']:.2f} GPU-hours flagged"
+        + "".join(
+            f", {rule} {hours:.2f}" for rule, hours in answer["padding_gpu_hours_by_rule"].items()
+        ),
+    ]
+    for warning in answer["warnings"]:
+        lines.append(f"warning     {warning}")
+    return "\n".join(lines)
