@@ -67,6 +67,8 @@ class Collector:
         return asyncio.run_coroutine_threadsafe(fn(), self._loop).result(15)
 
     def stop(self) -> None:
+        if not self._thread.is_alive():
+            return  # already stopped
         self.call(lambda: self.server.stop(0.5))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)

@@ -154,3 +154,85 @@ def test_demo_runs_and_ends_with_the_cluster_figures() -> None:
     assert re.search(r"SM active \(real work\)\s+30\.0%", out), out
     assert re.search(r"allocated \(process on GPU\)\s+50\.0%", out), out
     assert "GPUs: expected 32  reporting 32  lost 0" in out
+
+
+def test_query_answers_for_a_past_period_from_the_record(tmp_path: Path, collector_factory) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from gputally.agent import scenario
+    from gputally.agent.simulate import run_fleet_virtual
+    from gputally.collector.record import Record
+
+    db = tmp_path / "record.db"
+    collector = collector_factory(expected_gpus=64, record=Record(db))
+    start = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+    asyncio.run(
+        run_fleet_virtual(
+            scenario.default(), collector.target, seconds=1200, start=start, interval=5
+        )
+    )
+    collector.stop()
+    result = run(
+        "query",
+        "--db",
+        str(db),
+        "--from",
+        "2026-01-01",
+        "--to",
+        "2026-01-01T00:20:00Z",
+        "--claim",
+        "0.2",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert (
+        answer["measure"] == "busy" and answer["expected_gpus"] == 64
+    )  # the inventory the collector declared
+    assert answer["figure"] == pytest.approx(0.225, abs=0.005)  # 16 x 0.9 / 64
+    assert answer["coverage"] == pytest.approx(0.5, abs=0.005) and answer["upper"] == pytest.approx(
+        0.725, abs=0.005
+    )
+    assert answer["verdict"] == "supported" and answer["seen_gpus"] == 32
+    assert answer["energy_kwh"] == pytest.approx((16 * 560 + 16 * 70) * 1195 / 3.6e6, rel=0.01)
+    assert [row["name"] for row in answer["by_model"]] == ["NVIDIA H100 80GB HBM3"]
+    text = run(
+        "query",
+        "--db",
+        str(db),
+        "--measure",
+        "sm_active",
+        "--claim",
+        "0.3",
+        "--expected-gpus",
+        "32",
+    )
+    assert text.returncode == 0, text.stderr
+    assert re.search(r"claim\s+sm_active >= 30\.00%: SUPPORTED", text.stdout), text.stdout
+    assert "coverage 100.0%" in text.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--db", "{tmp}/none.db"], "no such record"),
+        (["--db", "{tmp}/junk.db"], "not a gputally record"),
+        (["--db", "{tmp}/empty.db"], "holds no summary yet"),
+        (
+            ["--db", "{tmp}/empty.db", "--from", "yesterday", "--to", "now"],
+            "cannot read 'yesterday' as a time",
+        ),
+        (["--db", "{tmp}/empty.db", "--from=-1h", "--to=-2h"], "--to must be after --from"),
+        (["--db", "{tmp}/empty.db", "--from=-1h", "--to", "now"], "declares no inventory"),
+        (["--db", "{tmp}/empty.db", "--claim", "85"], "write 85% as 0.85"),
+    ],
+)
+def test_query_errors_are_explained(tmp_path: Path, args: list[str], message: str) -> None:
+    from gputally.collector.record import Record
+
+    Record(tmp_path / "empty.db").close()
+    (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
+    result = run("query", *(a.format(tmp=tmp_path) for a in args))
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -321,3 +321,52 @@ def test_faults_injected_in_the_fleet_are_visible_at_the_collector(
         0.8 * 3 / 6, abs=0.02
     )
     assert value(metrics, "gputally_cluster_coverage_ratio") == pytest.approx(0.5, abs=0.02)
+
+
+def test_live_padding_bounds_and_breakdowns(collector_factory: Callable[..., Collector]) -> None:
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "scenarios" / "burn-padding.toml").read_text()
+    text = text.replace(
+        "memory_fraction = 0.92\n", 'memory_fraction = 0.92\nslurm_job = 777\nuser = "alice"\n', 1
+    )
+    sc = scenario.parse(tomllib.loads(text), name="burn-live")
+    collector = collector_factory(expected_gpus=32, window=2.0, lag=1.0, stale_after=30.0)
+    asyncio.run(run_fleet(sc, collector.target, duration=4.0, interval=0.5))
+    newest = max(node.last_received for node in collector.state.nodes.values())
+    collector.state.clock = lambda: newest
+    metrics = scrape(collector.metrics_url)
+
+    def ratio(measure: str) -> float:
+        return value(metrics, "gputally_cluster_utilization_ratio", measure=measure)
+
+    assert ratio("busy") == pytest.approx(0.804375, abs=0.01)
+    assert ratio("effective") == pytest.approx(0.3534375, abs=0.01)
+    assert value(
+        metrics, "gputally_cluster_utilization_without_padding_ratio", measure="busy"
+    ) == pytest.approx(0.398125, abs=0.01)
+    assert value(metrics, "gputally_cluster_padding_gpus", rule="burn_tool") == 13
+    assert (
+        value(metrics, "gputally_cluster_padding_gpus", rule="flatline_low_memory") == 0
+    )  # not sustained yet
+    assert value(metrics, "gputally_cluster_padding_gpu_seconds_total", rule="burn_tool") > 0
+    # everything observed and measured: the bounds close on the figure
+    for measure in ("busy", "sm_active"):
+        lower = value(
+            metrics, "gputally_cluster_utilization_bound_ratio", measure=measure, bound="lower"
+        )
+        upper = value(
+            metrics, "gputally_cluster_utilization_bound_ratio", measure=measure, bound="upper"
+        )
+        assert lower == pytest.approx(ratio(measure), abs=1e-6) and upper == pytest.approx(
+            ratio(measure), abs=0.01
+        )
+    assert value(
+        metrics, "gputally_model_utilization_ratio", model="NVIDIA H100 80GB HBM3", measure="busy"
+    ) == (pytest.approx(0.804375, abs=0.01))
+    # the 13 training GPUs run in Slurm job 777 of alice: the tenant view sees them
+    assert value(metrics, "gputally_tenant_gpus", tenant="alice") == 13
+    assert value(
+        metrics, "gputally_tenant_utilization_ratio", tenant="alice", measure="sm_active"
+    ) == pytest.approx(0.85, abs=0.01)

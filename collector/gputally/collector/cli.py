@@ -111,7 +111,8 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         "(docs/utilization.md): the figure, its lower and upper bounds, coverage, energy, padding, "
         "breakdowns, and the verdict on a claim.",
         epilog="Times: YYYY-MM-DD, an ISO 8601 date-time (UTC unless it has an offset), unix seconds, "
-        "'now', or a duration before now such as -1h, -30m, -7d.",
+        "'now', or a duration before now such as -1h, -30m, -7d (write it --from=-1h: a bare -1h looks "
+        "like an option).",
     )
     query.add_argument(
         "--db",

@@ -24,7 +24,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .state import MEASURES, ClusterState
+from .state import MAX_TENANTS, MEASURES, ClusterState, ClusterView
+
+# The agent's padding rule names (docs/utilization.md §7), listed so every series exists at 0.
+PADDING_RULES = ("busy_without_work", "flatline_low_memory", "burn_tool")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -112,6 +115,7 @@ class ClusterCollector(Collector):
         for model, count in sorted(view.models.items()):
             models.add_metric([model], count)
         yield models
+        yield from self._bounds_and_breakdowns(view)
 
         up = GaugeMetricFamily(
             "gputally_node_up",
@@ -191,6 +195,69 @@ class ClusterCollector(Collector):
         yield GaugeMetricFamily(
             "gputally_collector_sessions", "Agent streams currently open.", value=view.sessions
         )
+
+    def _bounds_and_breakdowns(self, view: ClusterView) -> Iterator[Any]:
+        """Lower and upper bounds, figures without padding, padding, per model and per tenant."""
+        bound = GaugeMetricFamily(
+            "gputally_cluster_utilization_bound_ratio",
+            "Bounds of the live cluster figure: unobserved or unmeasured GPU-seconds count as 0 (lower) "
+            "or at their cap (upper); estimates never count towards the lower bound.",
+            labels=["measure", "bound"],
+        )
+        clean = GaugeMetricFamily(
+            "gputally_cluster_utilization_without_padding_ratio",
+            "Cluster figure over the live window with flagged padding time counted as no work.",
+            labels=["measure"],
+        )
+        for measure in MEASURES:
+            bound.add_metric([measure, "lower"], view.window.lower[measure])
+            bound.add_metric([measure, "upper"], view.window.upper[measure])
+            clean.add_metric([measure], view.window.without_padding[measure])
+        yield bound
+        yield clean
+        padding_now = GaugeMetricFamily(
+            "gputally_cluster_padding_gpus",
+            "Reporting GPUs a padding rule flags now.",
+            labels=["rule"],
+        )
+        for rule in PADDING_RULES:
+            padding_now.add_metric([rule], view.padding_gpus.get(rule, 0))
+        yield padding_now
+        padding_seconds = CounterMetricFamily(
+            "gputally_cluster_padding_gpu_seconds",
+            "GPU-seconds flagged as padding, by rule.",
+            labels=["rule"],
+        )
+        for rule in PADDING_RULES:
+            padding_seconds.add_metric([rule], view.counters.padding.get(rule, 0.0))
+        yield padding_seconds
+        for family, label, groups, text in (
+            (
+                "gputally_model_utilization_ratio",
+                "model",
+                view.by_model,
+                "over the model's GPUs seen",
+            ),
+            (
+                "gputally_tenant_utilization_ratio",
+                "tenant",
+                view.by_tenant,
+                f'over the GPUs attributed to the tenant (top {MAX_TENANTS}, the rest as "(other)")',
+            ),
+        ):
+            metric = GaugeMetricFamily(
+                family, f"Utilization over the live window {text}.", labels=[label, "measure"]
+            )
+            gpus = GaugeMetricFamily(
+                family.replace("_utilization_ratio", "_gpus"), f"GPUs {text}.", labels=[label]
+            )
+            for name, figures in sorted(groups.items()):
+                gpus.add_metric([name], figures.gpus)
+                for measure in MEASURES:
+                    metric.add_metric([name, measure], figures.ratios[measure])
+            yield metric
+            if label == "tenant":
+                yield gpus
 
 
 def make_registry(state: ClusterState) -> CollectorRegistry:

@@ -1,0 +1,204 @@
+"""Summaries, padding rules and period figures: exact arithmetic from known inputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from gputally.agent.padding import (
+    BURN_TOOL,
+    BUSY_WITHOUT_WORK,
+    FLATLINE_LOW_MEMORY,
+    PaddingDetector,
+    PaddingRules,
+    effective,
+)
+from gputally.agent.summary import Summarizer
+from gputally.collector.figures import (
+    REFUTED,
+    SUPPORTED,
+    UNDETERMINED,
+    Bounds,
+    as_dict,
+    bounds,
+    compute,
+)
+from gputally.v1 import telemetry_pb2 as pb
+
+H100 = "NVIDIA H100 80GB HBM3"
+A100 = "NVIDIA A100-SXM4-80GB"
+T0 = 1_767_225_600.0  # a multiple of 300 and of 10
+
+
+def sample(index: int = 0, **fields: object) -> pb.GpuSample:
+    values = {
+        "status": pb.GPU_STATUS_OK,
+        "busy": 1.0,
+        "process_count": 1,
+        "power_watts": 500.0,
+        "power_limit_watts": 700.0,
+    }
+    values.update(fields)
+    return pb.GpuSample(index=index, **values)  # type: ignore[arg-type]
+
+
+def report(t: float, dt: float, *samples: pb.GpuSample) -> pb.Report:
+    return pb.Report(seq=1, time_unix_nano=round(t * 1e9), interval_seconds=dt, gpus=list(samples))
+
+
+def test_effective_is_sm_activity_else_the_labelled_power_estimate() -> None:
+    assert effective(sample(sm_active=0.4), H100) == (0.4, False)
+    # A100: (360 W - 55 W idle) / (400 - 55) = 0.88406, capped by busy 0.98
+    value, estimated = effective(
+        sample(busy=0.98, power_watts=360.0, power_limit_watts=400.0), A100
+    )
+    assert estimated and value == pytest.approx(305 / 345)
+    assert effective(sample(busy=0.3, power_watts=360.0, power_limit_watts=400.0), A100) == (
+        0.3,
+        True,
+    )
+    assert effective(pb.GpuSample(index=0, busy=0.5), A100) == (
+        None,
+        False,
+    )  # nothing to estimate from
+
+
+def test_sustained_rules_flag_only_after_the_sustain_time_and_stop_at_once() -> None:
+    detector = PaddingDetector(PaddingRules(sustain_seconds=10.0))
+    spin = sample(busy=1.0, sm_active=0.02, process_memory_bytes=10)
+    flags = [detector.update(spin, H100, 80 * 2**30, T0 + t, 1.0) for t in range(1, 13)]
+    assert [bool(f) for f in flags] == [False] * 9 + [True] * 3  # from 10 s of holding on
+    assert flags[-1] == [BUSY_WITHOUT_WORK, FLATLINE_LOW_MEMORY]
+    real = sample(busy=1.0, sm_active=0.7, process_memory_bytes=10)
+    assert detector.update(real, H100, 80 * 2**30, T0 + 13, 1.0) == [FLATLINE_LOW_MEMORY]
+    assert detector.update(sample(busy=0.5, sm_active=0.02), H100, 80 * 2**30, T0 + 14, 1.0) == []
+
+
+def test_burn_tools_are_flagged_at_once_and_unknown_sm_uses_power() -> None:
+    detector = PaddingDetector(PaddingRules(sustain_seconds=0.5))
+    burn = sample(busy=1.0)
+    burn.processes.add(pid=1, command="/opt/gpu-burn/gpu_burn 3600")
+    assert detector.update(burn, A100, 0, T0 + 1, 1.0)[-1] == BURN_TOOL
+    # no GPM: 70 W on a 400 W A100 is within 15% of the idle-to-limit range above idle
+    assert detector.update(
+        sample(index=1, busy=1.0, power_watts=70.0, power_limit_watts=400.0), A100, 0, T0 + 1, 1.0
+    ) == [BUSY_WITHOUT_WORK]
+    assert (
+        detector.update(
+            sample(index=2, busy=1.0, power_watts=300.0, power_limit_watts=400.0),
+            A100,
+            0,
+            T0 + 1,
+            1.0,
+        )
+        == []
+    )
+
+
+def test_summaries_split_reports_across_window_edges_pro_rata() -> None:
+    summarizer = Summarizer([pb.GpuIdentity(index=0, uuid="GPU-a", model=H100)], window=10.0)
+    closed = []
+    for t, busy in (
+        (T0 + 4, 0.5),
+        (T0 + 8, 0.5),
+        (T0 + 12, 1.0),
+    ):  # 4-s reports; the last straddles T0+10
+        closed += summarizer.add(
+            report(t, 4.0, sample(busy=busy, sm_active=busy / 2, energy_millijoules=int(t * 1000)))
+        )
+    (first,) = closed
+    assert (first.window_start_unix_nano, first.window_end_unix_nano) == (
+        round(T0 * 1e9),
+        round((T0 + 10) * 1e9),
+    )
+    gpu = first.gpus[0]
+    assert gpu.present_seconds == pytest.approx(10.0)  # (T0, T0+8] and half of (T0+8, T0+12]
+    assert gpu.busy_seconds == pytest.approx(0.5 * 8 + 1.0 * 2)
+    assert gpu.sm_active_seconds == pytest.approx(
+        0.25 * 8 + 0.5 * 2
+    ) and gpu.sm_measured_seconds == pytest.approx(10)
+    assert gpu.allocated_seconds == pytest.approx(10.0)
+    # energy: counter deltas of 4 J per report (the first has no baseline), split like the time
+    assert gpu.energy_joules == pytest.approx(4.0 + 2.0)
+    (rest,) = summarizer.flush()
+    assert rest.gpus[0].present_seconds == pytest.approx(2.0)
+
+
+def test_padding_and_estimates_in_summaries() -> None:
+    summarizer = Summarizer([pb.GpuIdentity(index=0, uuid="GPU-a", model=A100)], window=10.0)
+    padded = sample(busy=1.0, effective=0.1, effective_estimated=True)
+    padded.padding.append(BURN_TOOL)
+    summarizer.add(report(T0 + 5, 5.0, padded))
+    (summary,) = summarizer.add(
+        report(T0 + 10, 5.0, sample(busy=0.6, effective=0.5, effective_estimated=True))
+    )
+    gpu = summary.gpus[0]
+    assert gpu.effective_seconds == pytest.approx(
+        0.5 + 2.5
+    ) and gpu.effective_estimated_seconds == pytest.approx(3.0)
+    assert gpu.busy_unmeasured_seconds == pytest.approx(
+        5.0 + 3.0
+    )  # no SM activity measured: busy caps it
+    assert [(p.rule, p.seconds) for p in gpu.padding] == [(BURN_TOOL, 5.0)]
+    assert (gpu.flagged.seconds, gpu.flagged.busy_seconds, gpu.flagged.effective_seconds) == (
+        5.0,
+        5.0,
+        0.5,
+    )
+
+
+def test_bounds_arithmetic() -> None:
+    summarizer = Summarizer(
+        [pb.GpuIdentity(index=i, uuid=f"GPU-{i}", model=H100) for i in range(2)], window=100.0
+    )
+    # GPU 0: measured, busy 0.8, SM 0.5 for 100 s. GPU 1: busy 0.6 for the last 50 s, SM unmeasured.
+    summarizer.add(report(T0 + 50, 50.0, sample(0, busy=0.8, sm_active=0.5, effective=0.5)))
+    (summary,) = summarizer.add(
+        report(
+            T0 + 100,
+            50.0,
+            sample(0, busy=0.8, sm_active=0.5, effective=0.5),
+            sample(1, busy=0.6, effective=0.4, effective_estimated=True),
+        )
+    )
+    figures = compute([("n1", summary.SerializeToString())], T0, T0 + 100, expected=4)
+    capacity = 4 * 100.0
+    b = bounds(figures.total.sums, capacity)
+    unobserved = capacity - 150.0
+    assert b["busy"] == Bounds(110 / capacity, 110 / capacity, (110 + unobserved) / capacity)
+    assert b["sm_active"] == Bounds(50 / capacity, 50 / capacity, (50 + 30 + unobserved) / capacity)
+    assert b["effective"] == Bounds(70 / capacity, 50 / capacity, (50 + 30 + unobserved) / capacity)
+    assert figures.coverage() == pytest.approx(150 / capacity)
+    half = compute(
+        [("n1", summary.SerializeToString())], T0 + 50, T0 + 100, expected=4
+    )  # a window cut in two
+    assert half.total.sums.values["present_seconds"] == pytest.approx(75.0)
+
+
+@pytest.mark.parametrize(
+    ("claim", "verdict"),
+    [
+        (0.2, SUPPORTED),
+        (0.25, SUPPORTED),
+        (0.3, UNDETERMINED),
+        (0.6, UNDETERMINED),
+        (0.61, REFUTED),
+    ],
+)
+def test_verdicts(claim: float, verdict: str) -> None:
+    assert Bounds(0.27, 0.25, 0.6).verdict(claim) == verdict
+
+
+def test_as_dict_names_the_measure_and_warns_about_an_understated_inventory() -> None:
+    summarizer = Summarizer(
+        [pb.GpuIdentity(index=i, uuid=f"GPU-{i}", model=H100) for i in range(3)], window=10.0
+    )
+    (summary,) = summarizer.add(report(T0 + 10, 10.0, *(sample(i, busy=0.5) for i in range(3))))
+    answer = as_dict(
+        compute([("n1", summary.SerializeToString())], T0, T0 + 10, expected=2), "busy", 0.5
+    )
+    assert (
+        answer["measure"] == "busy" and answer["figure"] == 0.75 and answer["verdict"] == SUPPORTED
+    )
+    assert "3 GPUs reported but only 2 were declared" in answer["warnings"][0]
+    with pytest.raises(ValueError, match="unknown measure"):
+        as_dict(compute([], T0, T0 + 10, expected=2), "utilization", None)
