@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pynvml
 import pytest
@@ -154,9 +155,14 @@ def test_demo_runs_and_ends_with_the_cluster_figures() -> None:
     assert re.search(r"SM active \(real work\)\s+30\.0%", out), out
     assert re.search(r"allocated \(process on GPU\)\s+50\.0%", out), out
     assert "GPUs: expected 32  reporting 32  lost 0" in out
+    # and it ends with the same run read back from the collector's durable record
+    assert "The same run from the collector's durable record" in out
+    assert re.search(r"busy\s+45\.00%\s+45\.00%\s+45\.00%", out), out
 
 
-def test_query_answers_for_a_past_period_from_the_record(tmp_path: Path, collector_factory) -> None:  # type: ignore[no-untyped-def]
+def test_query_answers_for_a_past_period_from_the_record(
+    tmp_path: Path, collector_factory: Any
+) -> None:
     import asyncio
 
     from gputally.agent import scenario

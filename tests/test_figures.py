@@ -30,7 +30,7 @@ T0 = 1_767_225_600.0  # a multiple of 300 and of 10
 
 
 def sample(index: int = 0, **fields: object) -> pb.GpuSample:
-    values = {
+    values: dict[str, object] = {
         "status": pb.GPU_STATUS_OK,
         "busy": 1.0,
         "process_count": 1,

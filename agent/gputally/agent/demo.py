@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -30,7 +32,10 @@ _LABELS = {
     "busy": "busy (NVML utilization.gpu)",
     "sm_active": "SM active (real work)",
     "allocated": "allocated (process on GPU)",
+    "effective": "effective (real work, est.)",
 }
+# The demo's record keeps short summary windows, so that a short run still fills some.
+SUMMARY_WINDOW_S = 10.0
 
 
 def _free_port() -> int:
@@ -90,9 +95,24 @@ def render(
         "",
         "cluster utilization (denominator: the expected GPUs)",
     ]
-    for measure in MEASURES:
+    for measure in (*MEASURES, "effective"):
         ratio = _get(metrics, "gputally_cluster_utilization_ratio", measure=measure)
-        lines.append(f"  {_LABELS[measure]:<28} {ratio:6.1%}  [{_bar(ratio)}]")
+        clean = _get(metrics, "gputally_cluster_utilization_without_padding_ratio", measure=measure)
+        lines.append(
+            f"  {_LABELS[measure]:<28} {ratio:6.1%}  [{_bar(ratio)}]  without padding {clean:6.1%}"
+        )
+    flagged = {
+        dict(k)["rule"]: int(v)
+        for k, v in metrics.get("gputally_cluster_padding_gpus", {}).items()
+        if v
+    }
+    lines.append(
+        "  padding: "
+        + (
+            ", ".join(f"{n} GPUs flagged by {rule}" for rule, n in sorted(flagged.items()))
+            or "no GPU flagged"
+        )
+    )
     power = _get(metrics, "gputally_cluster_power_watts")
     energy = _get(metrics, "gputally_cluster_energy_joules_total")
     lines += [
@@ -122,6 +142,7 @@ def run_demo(scenario: Scenario, args: argparse.Namespace) -> int:
     metrics_port = args.metrics_port or _free_port()
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     expected = args.expected_gpus or scenario.total_gpus
+    record = Path(tempfile.mkdtemp(prefix="gputally-demo-")) / "record.db"
     command = [
         *_gputally_command(),
         "collector",
@@ -130,6 +151,7 @@ def run_demo(scenario: Scenario, args: argparse.Namespace) -> int:
         f"--expected-gpus={expected}",
         f"--window={args.window}",
         "--lag=2",
+        f"--db={record}",
     ]
     collector = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
@@ -140,13 +162,27 @@ def run_demo(scenario: Scenario, args: argparse.Namespace) -> int:
             print(f"gputally demo: the collector did not start: {err.strip()}", file=sys.stderr)
             return 1
         interactive = sys.stdout.isatty() and not args.plain
-        return asyncio.run(_watch(scenario, args, f"127.0.0.1:{grpc_port}", url, interactive))
+        began = time.time()
+        code = asyncio.run(_watch(scenario, args, f"127.0.0.1:{grpc_port}", url, interactive))
+        ended = time.time()
     finally:
         collector.send_signal(signal.SIGTERM)
         try:
             collector.wait(10)
         except subprocess.TimeoutExpired:
             collector.kill()
+    # The same run, from the collector's durable record: what an auditor would be shown.
+    query = [*_gputally_command(), "query", f"--db={record}", "--measure=busy"]
+    # The summary windows the run covered whole (the first and last are partly empty).
+    first = math.ceil(began / SUMMARY_WINDOW_S) * SUMMARY_WINDOW_S
+    last = math.floor(ended / SUMMARY_WINDOW_S) * SUMMARY_WINDOW_S
+    if last > first:
+        query += [f"--from={first:.0f}", f"--to={last:.0f}"]
+    answer = subprocess.run(query, capture_output=True, text=True, timeout=60)
+    shown = " ".join(["gputally", *query[len(_gputally_command()) :]])
+    print(f"\nThe same run from the collector's durable record (`{shown}`):\n")
+    print(answer.stdout.rstrip() or answer.stderr.rstrip())
+    return code
 
 
 def _wait_ready(url: str, process: subprocess.Popen[str], timeout: float) -> bool:
@@ -167,7 +203,11 @@ async def _watch(
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    fleet = asyncio.ensure_future(run_fleet(scenario, target, duration=args.duration, stop=stop))
+    fleet = asyncio.ensure_future(
+        run_fleet(
+            scenario, target, duration=args.duration, stop=stop, summary_window=SUMMARY_WINDOW_S
+        )
+    )
     started = time.monotonic()
     screen = ""
     if not interactive:
