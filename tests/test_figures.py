@@ -202,3 +202,22 @@ def test_as_dict_names_the_measure_and_warns_about_an_understated_inventory() ->
     assert "3 GPUs reported but only 2 were declared" in answer["warnings"][0]
     with pytest.raises(ValueError, match="unknown measure"):
         as_dict(compute([], T0, T0 + 10, expected=2), "utilization", None)
+
+
+def test_the_estimate_table_in_the_specification() -> None:
+    """docs/utilization.md §4 quotes these estimates for the mock's H100 workloads: they rank
+    the workloads as their true SM activity does, and put the spin kernel near zero."""
+    table = {
+        "training": (0.9, 0.85, 0.89),
+        "inference": (0.6, 0.35, 0.56),
+        "readme": (0.8, 0.60, 0.78),
+        "burn": (0.13, 0.02, 0.03),
+    }
+    estimates = {}
+    for name, (power_fraction, _, quoted) in table.items():
+        got, estimated = effective(
+            sample(busy=1.0, power_watts=power_fraction * 700.0, power_limit_watts=700.0), H100
+        )
+        assert estimated and got is not None and round(got, 2) == quoted, name
+        estimates[name] = got
+    assert sorted(estimates, key=estimates.__getitem__) == sorted(table, key=lambda n: table[n][1])

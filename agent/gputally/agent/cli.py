@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 import tomllib
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .padding import DEFAULT_BURN_PATTERNS, PaddingRules
 
 log = logging.getLogger("gputally.agent")
 
@@ -243,6 +245,25 @@ def _add_summary_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long busy-without-work or a flat line must last before it is flagged as padding (default: %(default)s)",
     )
+    parser.add_argument(
+        "--burn-patterns",
+        default=",".join(DEFAULT_BURN_PATTERNS),
+        metavar="REGEX,...",
+        help="comma-separated regular expressions: a process whose command line matches one is a burn "
+        "tool, flagged as padding at once (default: %(default)s)",
+    )
+
+
+def _padding_rules(args: argparse.Namespace) -> PaddingRules:
+    patterns = tuple(p.strip() for p in args.burn_patterns.split(",") if p.strip())
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise SystemExit(
+                f"gputally: --burn-patterns: {pattern!r} is not a regular expression: {error}"
+            ) from None
+    return PaddingRules(sustain_seconds=args.padding_sustain, burn_patterns=patterns)
 
 
 def _add_mock_options(parser: argparse.ArgumentParser) -> None:
@@ -417,7 +438,6 @@ def _run_agent(args: argparse.Namespace) -> int:
     from .mock import MockNVML
     from .node import NodeAgent
     from .nvml import NvmlBackend, NvmlUnavailableError
-    from .padding import PaddingRules
     from .sampler import Sampler, snapshot
     from .scenario import ScenarioError
 
@@ -444,7 +464,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         node=node,
         interval=args.interval,
         summary_window=args.summary_window,
-        padding=PaddingRules(sustain_seconds=args.padding_sustain),
+        padding=_padding_rules(args),
     )
     try:
         inventory = sampler.open()
@@ -505,7 +525,6 @@ def _run_agent(args: argparse.Namespace) -> int:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    from .padding import PaddingRules
     from .scenario import ScenarioError
     from .simulate import run_fleet
 
@@ -524,7 +543,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
             duration=args.duration,
             interval=args.interval,
             summary_window=args.summary_window,
-            padding=PaddingRules(sustain_seconds=args.padding_sustain),
+            padding=_padding_rules(args),
         )
     )
     print(
