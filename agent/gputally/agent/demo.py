@@ -34,8 +34,13 @@ _LABELS = {
     "allocated": "allocated (process on GPU)",
     "effective": "effective (real work, est.)",
 }
-# The demo's record keeps short summary windows, so that a short run still fills some.
+# The demo's record keeps short summary windows, so that a short run still fills some whole.
 SUMMARY_WINDOW_S = 10.0
+
+
+def summary_window(duration: float | None) -> float:
+    """10 s, or less for a run too short to fill a few windows of 10 s."""
+    return SUMMARY_WINDOW_S if duration is None else float(max(1, min(10, int(duration // 3))))
 
 
 def _free_port() -> int:
@@ -174,8 +179,9 @@ def run_demo(scenario: Scenario, args: argparse.Namespace) -> int:
     # The same run, from the collector's durable record: what an auditor would be shown.
     query = [*_gputally_command(), "query", f"--db={record}", "--measure=busy"]
     # The summary windows the run covered whole (the first and last are partly empty).
-    first = math.ceil(began / SUMMARY_WINDOW_S) * SUMMARY_WINDOW_S
-    last = math.floor(ended / SUMMARY_WINDOW_S) * SUMMARY_WINDOW_S
+    window = summary_window(args.duration)
+    first = math.ceil(began / window) * window
+    last = math.floor(ended / window) * window
     if last > first:
         query += [f"--from={first:.0f}", f"--to={last:.0f}"]
     answer = subprocess.run(query, capture_output=True, text=True, timeout=60)
@@ -205,7 +211,11 @@ async def _watch(
             loop.add_signal_handler(sig, stop.set)
     fleet = asyncio.ensure_future(
         run_fleet(
-            scenario, target, duration=args.duration, stop=stop, summary_window=SUMMARY_WINDOW_S
+            scenario,
+            target,
+            duration=args.duration,
+            stop=stop,
+            summary_window=summary_window(args.duration),
         )
     )
     started = time.monotonic()

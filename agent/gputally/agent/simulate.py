@@ -24,6 +24,15 @@ class FleetStats:
     dropped: int = 0
 
 
+def _stats(agents: list[NodeAgent]) -> FleetStats:
+    stats = FleetStats(nodes=len(agents))
+    for agent in agents:
+        stats.reports += agent.reports
+        stats.acked += agent.sender.stats.acked
+        stats.dropped += agent.sender.stats.dropped
+    return stats
+
+
 def build_fleet(
     scenario: Scenario,
     collector: str,
@@ -87,12 +96,7 @@ async def run_fleet(
     finally:
         for agent in agents:
             agent.sampler.close()
-    stats = FleetStats(nodes=len(agents))
-    for agent in agents:
-        stats.reports += agent.reports
-        stats.acked += agent.sender.stats.acked
-        stats.dropped += agent.sender.stats.dropped
-    return stats
+    return _stats(agents)
 
 
 async def run_fleet_virtual(
@@ -153,9 +157,4 @@ async def run_fleet_virtual(
             await task
         for agent in agents:
             agent.sampler.close()
-    stats = FleetStats(nodes=len(agents))
-    for agent in agents:
-        stats.reports += agent.reports
-        stats.acked += agent.sender.stats.acked
-        stats.dropped += agent.sender.stats.dropped
-    return stats
+    return _stats(agents)

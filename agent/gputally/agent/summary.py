@@ -12,27 +12,10 @@ from dataclasses import dataclass, field
 
 from gputally.v1 import telemetry_pb2 as pb
 
-_SECONDS = (
-    "present_seconds",
-    "allocated_seconds",
-    "busy_seconds",
-    "sm_active_seconds",
-    "sm_measured_seconds",
-    "effective_seconds",
-    "effective_estimated_seconds",
-    "busy_unmeasured_seconds",
-    "energy_joules",
-    "lost_seconds",
-)
-_FLAGGED = (
-    "seconds",
-    "allocated_seconds",
-    "busy_seconds",
-    "sm_active_seconds",
-    "effective_seconds",
-    "effective_estimated_seconds",
-    "busy_unmeasured_seconds",
-)
+# Every number a GpuSummary and a PaddingTotal add up, straight from the protocol.
+_SECONDS = tuple(f.name for f in pb.GpuSummary.DESCRIPTOR.fields if f.type == f.TYPE_DOUBLE)
+_FLAGGED = tuple(f.name for f in pb.PaddingTotal.DESCRIPTOR.fields if f.type == f.TYPE_DOUBLE)
+_FLAGGED_MEASURES = tuple(name for name in _FLAGGED if name != "seconds")
 
 
 @dataclass(slots=True)
@@ -72,7 +55,7 @@ def contributions(
     flagged = dict.fromkeys(_FLAGGED, 0.0)
     if sample.padding:
         flagged["seconds"] = seconds
-        for key in _FLAGGED[1:]:
+        for key in _FLAGGED_MEASURES:
             flagged[key] = values[key]
     return values, flagged
 

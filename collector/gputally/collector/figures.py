@@ -16,27 +16,10 @@ from gputally.v1 import telemetry_pb2 as pb
 
 MEASURES = ("allocated", "busy", "sm_active", "effective")
 SUPPORTED, REFUTED, UNDETERMINED = "supported", "refuted", "undetermined"
-_FIELDS = (
-    "present_seconds",
-    "allocated_seconds",
-    "busy_seconds",
-    "sm_active_seconds",
-    "sm_measured_seconds",
-    "effective_seconds",
-    "effective_estimated_seconds",
-    "busy_unmeasured_seconds",
-    "energy_joules",
-    "lost_seconds",
-)
-_FLAGGED = (
-    "seconds",
-    "allocated_seconds",
-    "busy_seconds",
-    "sm_active_seconds",
-    "effective_seconds",
-    "effective_estimated_seconds",
-    "busy_unmeasured_seconds",
-)
+# Every number a GpuSummary and a PaddingTotal add up, straight from the protocol.
+_FIELDS = tuple(f.name for f in pb.GpuSummary.DESCRIPTOR.fields if f.type == f.TYPE_DOUBLE)
+_FLAGGED = tuple(f.name for f in pb.PaddingTotal.DESCRIPTOR.fields if f.type == f.TYPE_DOUBLE)
+_FLAGGED_MEASURES = tuple(name for name in _FLAGGED if name != "seconds")
 
 
 @dataclass(slots=True)
@@ -80,7 +63,7 @@ def bounds(sums: Sums, capacity: float, *, without_padding: bool = False) -> dic
         return dict.fromkeys(MEASURES, Bounds(0.0, 0.0, 0.0))
     v = dict(sums.values)
     if without_padding:  # flagged seconds count as no work; the denominator stays
-        for key in _FLAGGED[1:]:
+        for key in _FLAGGED_MEASURES:
             v[key] -= sums.flagged[key]
     unobserved = max(capacity - sums.values["present_seconds"], 0.0)
     measured_effective = v["effective_seconds"] - v["effective_estimated_seconds"]
