@@ -88,6 +88,7 @@ def main() -> int:
                 "collector",
                 f"--grpc-listen=127.0.0.1:{grpc_port}",
                 f"--metrics-listen=127.0.0.1:{metrics_port}",
+                f"--db={Path(tmp) / 'record.db'}",
             ],
             stderr=subprocess.DEVNULL,
         )

@@ -225,6 +225,7 @@ def test_the_commands_as_processes(tmp_path: Path) -> None:
             f"--grpc-listen=127.0.0.1:{grpc_port}",
             f"--metrics-listen=127.0.0.1:{metrics_port}",
             "--lag=1.5",
+            f"--db={tmp_path / 'record.db'}",
         ],
         env=env,
         stderr=subprocess.PIPE,
