@@ -170,7 +170,10 @@ def test_query_answers_for_a_past_period_from_the_record(
     from gputally.collector.record import Record
 
     db = tmp_path / "record.db"
-    collector = collector_factory(expected_gpus=64, record=Record(db))
+    from gputally.collector.keys import KeyStore
+
+    keys = KeyStore(tmp_path / "keys", trust_on_first_use=True)
+    collector = collector_factory(expected_gpus=64, record=Record(db), keys=keys)
     start = 1_767_225_600.0  # 2026-01-01T00:00:00Z
     asyncio.run(
         run_fleet_virtual(

@@ -41,6 +41,11 @@ def sample(index: int = 0, **fields: object) -> pb.GpuSample:
     return pb.GpuSample(index=index, **values)  # type: ignore[arg-type]
 
 
+def signed(summary: pb.Summary) -> bytes:
+    """A record row: the summary in its (here unsigned) envelope."""
+    return pb.SignedSummary(body=summary.SerializeToString()).SerializeToString()
+
+
 def report(t: float, dt: float, *samples: pb.GpuSample) -> pb.Report:
     return pb.Report(seq=1, time_unix_nano=round(t * 1e9), interval_seconds=dt, gpus=list(samples))
 
@@ -160,7 +165,7 @@ def test_bounds_arithmetic() -> None:
             sample(1, busy=0.6, effective=0.4, effective_estimated=True),
         )
     )
-    figures = compute([("n1", summary.SerializeToString())], T0, T0 + 100, expected=4)
+    figures = compute([("n1", signed(summary))], T0, T0 + 100, expected=4)
     capacity = 4 * 100.0
     b = bounds(figures.total.sums, capacity)
     unobserved = capacity - 150.0
@@ -169,7 +174,7 @@ def test_bounds_arithmetic() -> None:
     assert b["effective"] == Bounds(70 / capacity, 50 / capacity, (50 + 30 + unobserved) / capacity)
     assert figures.coverage() == pytest.approx(150 / capacity)
     half = compute(
-        [("n1", summary.SerializeToString())], T0 + 50, T0 + 100, expected=4
+        [("n1", signed(summary))], T0 + 50, T0 + 100, expected=4
     )  # a window cut in two
     assert half.total.sums.values["present_seconds"] == pytest.approx(75.0)
 
@@ -194,7 +199,7 @@ def test_as_dict_names_the_measure_and_warns_about_an_understated_inventory() ->
     )
     (summary,) = summarizer.add(report(T0 + 10, 10.0, *(sample(i, busy=0.5) for i in range(3))))
     answer = as_dict(
-        compute([("n1", summary.SerializeToString())], T0, T0 + 10, expected=2), "busy", 0.5
+        compute([("n1", signed(summary))], T0, T0 + 10, expected=2), "busy", 0.5
     )
     assert (
         answer["measure"] == "busy" and answer["figure"] == 0.75 and answer["verdict"] == SUPPORTED

@@ -15,6 +15,7 @@ from gputally.agent import scenario as scenario_mod
 from gputally.agent.padding import PaddingRules
 from gputally.agent.simulate import run_fleet_virtual
 from gputally.collector.figures import as_dict, compute
+from gputally.collector.keys import KeyStore
 from gputally.collector.record import Record
 from gputally.v1 import telemetry_pb2 as pb
 
@@ -32,7 +33,8 @@ def run(
 ) -> Record:
     settings = sc.run
     record = Record(tmp_path / f"{sc.name}.db")
-    collector = collector_factory(expected_gpus=settings["expected_gpus"], record=record)
+    keys = KeyStore(tmp_path / "keys", trust_on_first_use=True)
+    collector = collector_factory(expected_gpus=settings["expected_gpus"], record=record, keys=keys)
     stats = asyncio.run(
         run_fleet_virtual(
             sc,
@@ -113,7 +115,7 @@ def test_burn_padding_flags_cover_the_burn_gpus_and_only_them(
     flagged: dict[tuple[str, int], float] = {}
     present: dict[tuple[str, int], float] = {}
     for node, body in record.summaries(0, 2**62):
-        for gpu in pb.Summary.FromString(body).gpus:
+        for gpu in pb.Summary.FromString(pb.SignedSummary.FromString(body).body).gpus:
             key = (node, gpu.index)
             flagged[key] = flagged.get(key, 0.0) + gpu.flagged.seconds
             present[key] = present.get(key, 0.0) + gpu.present_seconds

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import logging
 import os
 import re
+import socket
 import sys
 import time
 import tomllib
@@ -301,6 +303,19 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         help="node name sent to the collector (default: the hostname; with the mock, the scenario's node name)",
     )
     agent.add_argument(
+        "--state-dir",
+        default=os.environ.get("STATE_DIRECTORY")
+        or str(Path.home() / ".local" / "state" / "gputally"),
+        metavar="DIR",
+        help="where the node's signing key and summary chain live, in <DIR>/<node>/ "
+        "(default: systemd's $STATE_DIRECTORY, else %(default)s)",
+    )
+    agent.add_argument(
+        "--print-public-key",
+        action="store_true",
+        help="print this node's public key (base64, for `gputally enroll`) and exit; creates the key if needed",
+    )
+    agent.add_argument(
         "--collector",
         default=DEFAULT_COLLECTOR,
         metavar="HOST:PORT",
@@ -440,6 +455,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     from .nvml import NvmlBackend, NvmlUnavailableError
     from .sampler import Sampler, snapshot
     from .scenario import ScenarioError
+    from .signing import KEY_FILE, KeyFileError, SummarySigner, load_or_create_key
 
     try:
         attributor = Attributor(args.job_map, args.slurm_gpu_dir)
@@ -459,12 +475,23 @@ def _run_agent(args: argparse.Namespace) -> int:
         if args.scenario:
             return _fail("--scenario only applies to --backend mock")
         backend = NvmlBackend(attributor=attributor)
+    node = node or socket.gethostname()
+    try:
+        key_dir = Path(args.state_dir) / node
+        key = load_or_create_key(key_dir / KEY_FILE)
+        signer = SummarySigner(key, node, key_dir)
+    except (KeyFileError, OSError) as error:
+        return _fail(f"--state-dir: {error}")
+    if args.print_public_key:
+        print(base64.b64encode(signer.public_key).decode())
+        return 0
     sampler = Sampler(
         backend,
         node=node,
         interval=args.interval,
         summary_window=args.summary_window,
         padding=_padding_rules(args),
+        signer=signer,
     )
     try:
         inventory = sampler.open()

@@ -157,6 +157,9 @@ def run_demo(scenario: Scenario, args: argparse.Namespace) -> int:
         f"--window={args.window}",
         "--lag=2",
         f"--db={record}",
+        # The demo's agents are born with it: trust each node's first key (never in production).
+        f"--keys={record.parent / 'keys'}",
+        "--trust-on-first-use",
     ]
     collector = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:

@@ -9,12 +9,15 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from gputally.v1 import telemetry_pb2 as pb
 
 from . import __version__
 from .exporter import clock_event_names
 from .nvml import GPU_ERROR, GPU_LOST, STRUCTURED, GpuInfo, GpuReading, NotAvailable, NvmlBackend
 from .padding import PaddingDetector, PaddingRules, effective
+from .signing import SummarySigner
 from .summary import Summarizer
 
 PROTOCOL_REVISION = 1
@@ -110,15 +113,18 @@ class Sampler:
         max_gap_factor: float = 2.0,
         summary_window: float = 300.0,
         padding: PaddingRules | None = None,
+        signer: SummarySigner | None = None,
     ):
         if interval <= 0:
             raise ValueError("the sampling interval must be positive")
         self.summary_window = summary_window
         self.padding = PaddingDetector(padding or PaddingRules())
         self.summarizer: Summarizer | None = None
-        self._pending: deque[pb.Summary] = deque()  # closed windows waiting for a report
+        self._pending: deque[pb.SignedSummary] = deque()  # closed windows waiting for a report
         self.backend = backend
         self.node = node or socket.gethostname()
+        # Without a key of its own (simulations, tests) the sampler signs with a fresh one.
+        self.signer = signer or SummarySigner(Ed25519PrivateKey.generate(), self.node)
         self.interval = interval
         self.clock = clock
         self.max_gap = interval * max_gap_factor
@@ -152,6 +158,7 @@ class Sampler:
             sample_interval_seconds=self.interval,
             gpus=[identity_to_proto(info) for info in self.inventory],
             protocol_revision=PROTOCOL_REVISION,
+            public_key=self.signer.public_key,
         )
 
     def tick(self) -> pb.Report:
@@ -171,7 +178,7 @@ class Sampler:
             sample.padding.extend(self.padding.update(sample, info.model, memory, now, covered))
             report.gpus.append(sample)
         if self.summarizer is not None:
-            self._pending.extend(self.summarizer.add(report))
+            self._pending.extend(self.signer.sign(s) for s in self.summarizer.add(report))
         if self._pending:
             report.summary.CopyFrom(self._pending.popleft())
         return report
@@ -180,7 +187,7 @@ class Sampler:
         """Reports carrying the summaries still open or waiting, for a clean shutdown.
         They cover no time of their own (no GPU samples, zero interval)."""
         if self.summarizer is not None:
-            self._pending.extend(self.summarizer.flush())
+            self._pending.extend(self.signer.sign(s) for s in self.summarizer.flush())
         reports = []
         while self._pending:
             self.seq += 1

@@ -12,10 +12,12 @@ import signal
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from . import server as ingest
 from .figures import MEASURES, as_dict, compute
+from .keys import KeyStore, KeyStoreError, read_public_key
 from .metrics import make_app, make_registry, serve_http
 from .record import Record, RecordError
 from .state import ClusterState
@@ -92,6 +94,18 @@ def add_collector_arguments(parser: argparse.ArgumentParser) -> None:
         help="the durable record of every summary (SQLite, WAL), read by `gputally query`; "
         "empty to keep none (default: %(default)s)",
     )
+    parser.add_argument(
+        "--keys",
+        default="",
+        metavar="DIR",
+        help="enrolled agent keys, one <node>.pub per node: only summaries signed by them are recorded "
+        "(default: none, and then nothing is recorded)",
+    )
+    parser.add_argument(
+        "--trust-on-first-use",
+        action="store_true",
+        help="for labs: enrol the first key each node presents into --keys (default: off)",
+    )
 
 
 def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
@@ -149,17 +163,48 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
     )
     query.add_argument("--json", action="store_true", help="print JSON")
     query.set_defaults(handler=run_query)
-    return {"collector": collector, "query": query}
+
+    enroll = sub.add_parser(
+        "enroll",
+        help="enrol an agent's public key for a node",
+        description="Write <node>.pub into the key directory, so the collector records that node's "
+        "signed summaries. Get the key on the node with `gputally agent --print-public-key`.",
+    )
+    enroll.add_argument(
+        "--keys", required=True, metavar="DIR", help="the collector's key directory"
+    )
+    enroll.add_argument("--node", required=True, help="the node name the agent reports as")
+    enroll.add_argument(
+        "public_key", metavar="PUBLIC_KEY", help="base64 of the 32-byte Ed25519 key"
+    )
+    enroll.set_defaults(handler=run_enroll)
+    return {"collector": collector, "query": query, "enroll": enroll}
+
+
+def run_enroll(args: argparse.Namespace) -> int:
+    try:
+        key = read_public_key(args.public_key, "PUBLIC_KEY")
+        Path(args.keys).mkdir(parents=True, exist_ok=True)
+        path = KeyStore(args.keys).enroll(args.node, key)
+    except (KeyStoreError, OSError) as error:
+        print(f"gputally enroll: {error}", file=sys.stderr)
+        return 2
+    print(f"enrolled {args.node}: {path}")
+    return 0
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     record = Record(args.db) if args.db else None
+    keys = KeyStore(args.keys, trust_on_first_use=args.trust_on_first_use) if args.keys else None
+    if record is not None and keys is None:
+        log.warning("no --keys: summaries cannot be verified, so none is recorded in %s", args.db)
     state = ClusterState(
         expected_gpus=args.expected_gpus,
         window=args.window,
         lag=args.lag,
         stale_after=args.stale_after,
         record=record,
+        keys=keys,
     )
     server, grpc_port = await ingest.start(state, args.grpc_listen)
     http, _ = serve_http(
@@ -197,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
-    except (OSError, RecordError) as error:
+    except (OSError, RecordError, KeyStoreError) as error:
         print(f"gputally collector: {error}", file=sys.stderr)
         return 2
     return 0

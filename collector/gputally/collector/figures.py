@@ -149,7 +149,7 @@ def compute(
         raise ValueError("the inventory must be at least 1 GPU")
     out = PeriodFigures(start=start, end=end, expected=expected)
     for node, body in summaries:
-        summary = pb.Summary.FromString(body)
+        summary = pb.Summary.FromString(pb.SignedSummary.FromString(body).body)
         w0, w1 = summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9
         overlap = min(w1, end) - max(w0, start)
         if overlap <= 0 or w1 <= w0:

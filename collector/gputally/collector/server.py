@@ -10,7 +10,7 @@ from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1 import telemetry_pb2_grpc as pb_grpc
 
 from . import __version__
-from .state import ClusterState, InvalidMessageError
+from .state import ClusterState, InvalidMessageError, NotEnrolledError
 
 log = logging.getLogger("gputally.collector.ingest")
 
@@ -41,6 +41,11 @@ class IngestService(pb_grpc.IngestServicer):
         hello = first.hello
         try:
             session, resume = self.state.open_session(hello)
+        except NotEnrolledError as error:
+            log.warning(
+                "hello refused", extra={"kv": {"peer": context.peer(), "error": str(error)}}
+            )
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
         except InvalidMessageError as error:
             log.warning(
                 "hello refused", extra={"kv": {"peer": context.peer(), "error": str(error)}}

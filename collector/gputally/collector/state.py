@@ -17,6 +17,8 @@ they count as zero in every ratio and lower the coverage; they are never filled 
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import threading
 import time
@@ -24,8 +26,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from google.protobuf.message import DecodeError
+
 from gputally.v1 import telemetry_pb2 as pb
 
+from .keys import KeyStore, KeyStoreError, verify
 from .record import Record
 
 # Measures integrated over time, in the order they are exposed.
@@ -42,6 +47,7 @@ _FRACTIONS = (
     "dram_active",
     "effective",
 )
+log = logging.getLogger("gputally.collector.state")
 _MAX_NODE_NAME = 253
 _MAX_INTERVAL_S = 3600.0
 _MAX_SUMMARY_WINDOW_S = 7 * 86400.0
@@ -51,6 +57,10 @@ MAX_TENANTS = 20
 
 class InvalidMessageError(ValueError):
     """A hello or report the collector refuses; the message says why."""
+
+
+class NotEnrolledError(ValueError):
+    """A node whose key is not enrolled (or not the enrolled one)."""
 
 
 @dataclass(slots=True)
@@ -115,6 +125,9 @@ class NodeState:
     missed_reports: int = 0  # sequence gaps
     xids: dict[int, int] = field(default_factory=dict)  # XID -> events reported
     summaries: int = 0  # summaries stored in the record
+    chain_seq: int = 0  # the node's latest recorded summary: its chain number and body hash
+    chain_hash: bytes = b""
+    chain_breaks: int = 0  # recorded summaries that did not continue the chain
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +295,7 @@ class ClusterState:
         stale_after: float = 15.0,
         clock: Callable[[], float] = time.time,
         record: Record | None = None,
+        keys: KeyStore | None = None,
     ):
         if window <= 0 or lag < 0 or stale_after <= 0:
             raise ValueError("window and stale_after must be positive and lag not negative")
@@ -293,6 +307,8 @@ class ClusterState:
         self.stale_after = stale_after
         self.clock = clock
         self.record = record
+        # A record keeps only summaries signed by enrolled keys: without keys, none.
+        self.keys = keys
         if record is not None and expected_gpus is not None:
             record.declare_inventory(expected_gpus, clock())
         self.nodes: dict[str, NodeState] = {}
@@ -307,6 +323,11 @@ class ClusterState:
         """Register a stream. Returns (session id, seq to resume after). A node's newer
         stream supersedes an older one still open (the agent reconnected)."""
         _check_hello(hello)
+        if self.keys is not None:
+            try:
+                self.keys.admit(hello.node, hello.public_key)
+            except KeyStoreError as error:
+                raise NotEnrolledError(str(error)) from None
         with self._lock:
             node = self.nodes.get(hello.node)
             if node is None:
@@ -351,18 +372,18 @@ class ClusterState:
         received = self.clock() if received is None else received
         with self._lock:
             node = self.nodes[name]
+            summary: pb.Summary | None = None
             try:
                 _check_report(node, report)
                 if report.HasField("summary"):
-                    _check_summary(node, report.summary)
+                    summary = self._open_summary(name, node, report.summary)
             except InvalidMessageError:
                 node.reports["rejected"] += 1
                 raise
             if report.seq <= node.last_seq:
                 node.reports["duplicate"] += 1
                 return "duplicate"
-            if report.HasField("summary") and self.record is not None:
-                summary = report.summary
+            if summary is not None and self.record is not None and self.keys is not None:
                 stored = self.record.append(
                     name,
                     node.instance_id,
@@ -370,9 +391,25 @@ class ClusterState:
                     summary.window_start_unix_nano,
                     summary.window_end_unix_nano,
                     received,
-                    summary.SerializeToString(),
+                    report.summary.SerializeToString(),  # the signed bytes, as the agent sent them
                 )
                 node.summaries += stored
+                if stored:
+                    expected = (node.chain_seq + 1, node.chain_hash)
+                    if node.chain_seq and (summary.chain_seq, summary.prev_hash) != expected:
+                        node.chain_breaks += 1
+                        log.warning(
+                            "summary chain broken",
+                            extra={
+                                "kv": {
+                                    "node": name,
+                                    "chain_seq": summary.chain_seq,
+                                    "expected": expected[0],
+                                }
+                            },
+                        )
+                    node.chain_seq = summary.chain_seq
+                    node.chain_hash = hashlib.sha256(report.summary.body).digest()
             if node.last_seq and report.seq > node.last_seq + 1:
                 node.missed_reports += report.seq - node.last_seq - 1
             node.last_seq = report.seq
@@ -422,6 +459,22 @@ class ClusterState:
             node.counters.add(added)
             self.counters.add(added)
             return "accepted"
+
+    def _open_summary(self, name: str, node: NodeState, signed: pb.SignedSummary) -> pb.Summary:
+        if self.keys is not None:
+            key = self.keys.key(name)
+            if key is None or not verify(key, signed.body, signed.signature):
+                raise InvalidMessageError(
+                    "summary signature does not verify with the node's enrolled key"
+                )
+        try:
+            summary = pb.Summary.FromString(signed.body)
+        except DecodeError:
+            raise InvalidMessageError("summary body is not a Summary message") from None
+        if summary.node != name:
+            raise InvalidMessageError(f"summary names node {summary.node!r}, not {name!r}")
+        _check_summary(node, summary)
+        return summary
 
     def _trim(self, gpu: GpuState, now: float) -> None:
         horizon = now - self.lag - self.window - 1.0

@@ -35,7 +35,7 @@ class CollectorMessage(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("node", "agent_version", "backend", "driver_version", "nvml_version", "instance_id", "sample_interval_seconds", "gpus", "protocol_revision")
+    __slots__ = ("node", "agent_version", "backend", "driver_version", "nvml_version", "instance_id", "sample_interval_seconds", "gpus", "protocol_revision", "public_key")
     NODE_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class Hello(_message.Message):
     SAMPLE_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_REVISION_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     node: str
     agent_version: str
     backend: str
@@ -54,7 +55,8 @@ class Hello(_message.Message):
     sample_interval_seconds: float
     gpus: _containers.RepeatedCompositeFieldContainer[GpuIdentity]
     protocol_revision: int
-    def __init__(self, node: _Optional[str] = ..., agent_version: _Optional[str] = ..., backend: _Optional[str] = ..., driver_version: _Optional[str] = ..., nvml_version: _Optional[str] = ..., instance_id: _Optional[int] = ..., sample_interval_seconds: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuIdentity, _Mapping]]] = ..., protocol_revision: _Optional[int] = ...) -> None: ...
+    public_key: bytes
+    def __init__(self, node: _Optional[str] = ..., agent_version: _Optional[str] = ..., backend: _Optional[str] = ..., driver_version: _Optional[str] = ..., nvml_version: _Optional[str] = ..., instance_id: _Optional[int] = ..., sample_interval_seconds: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuIdentity, _Mapping]]] = ..., protocol_revision: _Optional[int] = ..., public_key: _Optional[bytes] = ...) -> None: ...
 
 class GpuIdentity(_message.Message):
     __slots__ = ("index", "uuid", "serial", "model", "pci_bus_id", "memory_total_bytes", "power_limit_watts")
@@ -91,18 +93,32 @@ class Report(_message.Message):
     time_unix_nano: int
     interval_seconds: float
     gpus: _containers.RepeatedCompositeFieldContainer[GpuSample]
-    summary: Summary
-    def __init__(self, seq: _Optional[int] = ..., time_unix_nano: _Optional[int] = ..., interval_seconds: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuSample, _Mapping]]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ...) -> None: ...
+    summary: SignedSummary
+    def __init__(self, seq: _Optional[int] = ..., time_unix_nano: _Optional[int] = ..., interval_seconds: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuSample, _Mapping]]] = ..., summary: _Optional[_Union[SignedSummary, _Mapping]] = ...) -> None: ...
+
+class SignedSummary(_message.Message):
+    __slots__ = ("body", "signature")
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    body: bytes
+    signature: bytes
+    def __init__(self, body: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Summary(_message.Message):
-    __slots__ = ("window_start_unix_nano", "window_end_unix_nano", "gpus")
+    __slots__ = ("window_start_unix_nano", "window_end_unix_nano", "gpus", "node", "chain_seq", "prev_hash")
     WINDOW_START_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     WINDOW_END_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_SEQ_FIELD_NUMBER: _ClassVar[int]
+    PREV_HASH_FIELD_NUMBER: _ClassVar[int]
     window_start_unix_nano: int
     window_end_unix_nano: int
     gpus: _containers.RepeatedCompositeFieldContainer[GpuSummary]
-    def __init__(self, window_start_unix_nano: _Optional[int] = ..., window_end_unix_nano: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[GpuSummary, _Mapping]]] = ...) -> None: ...
+    node: str
+    chain_seq: int
+    prev_hash: bytes
+    def __init__(self, window_start_unix_nano: _Optional[int] = ..., window_end_unix_nano: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[GpuSummary, _Mapping]]] = ..., node: _Optional[str] = ..., chain_seq: _Optional[int] = ..., prev_hash: _Optional[bytes] = ...) -> None: ...
 
 class GpuSummary(_message.Message):
     __slots__ = ("index", "uuid", "serial", "model", "present_seconds", "allocated_seconds", "busy_seconds", "sm_active_seconds", "sm_measured_seconds", "effective_seconds", "effective_estimated_seconds", "busy_unmeasured_seconds", "energy_joules", "padding", "flagged", "attribution", "lost_seconds")

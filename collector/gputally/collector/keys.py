@@ -1,0 +1,88 @@
+"""Enrolled agent keys: which Ed25519 public key speaks for which node.
+
+A directory holds one file per node, `<node>.pub`, with the key's 32 bytes in base64. The
+collector records a node's summaries only when they are signed by its enrolled key. In
+trust-on-first-use mode (for labs; off by default) the first key a node presents is enrolled
+for it; a different key later is still refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+DOMAIN = b"gputally summary v1\n"  # what agents prefix to the summary body they sign
+
+
+class KeyStoreError(ValueError):
+    pass
+
+
+def read_public_key(text: str, where: str) -> bytes:
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except binascii.Error:
+        raise KeyStoreError(f"{where}: not base64") from None
+    if len(raw) != 32:
+        raise KeyStoreError(f"{where}: an Ed25519 public key has 32 bytes, this has {len(raw)}")
+    return raw
+
+
+def _checked_name(node: str) -> str:
+    if not node or "/" in node or node.startswith(".") or "\x00" in node:
+        raise KeyStoreError(f"{node!r} cannot name a key file")
+    return node
+
+
+class KeyStore:
+    def __init__(self, directory: Path | str, *, trust_on_first_use: bool = False):
+        self.directory = Path(directory)
+        self.trust_on_first_use = trust_on_first_use
+        self._lock = threading.Lock()
+        self._keys: dict[str, bytes] = {}
+        if not self.directory.is_dir():
+            if not trust_on_first_use:
+                raise KeyStoreError(f"{self.directory}: no such key directory")
+            self.directory.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.directory.glob("*.pub")):
+            self._keys[path.stem] = read_public_key(path.read_text(), str(path))
+
+    def key(self, node: str) -> bytes | None:
+        with self._lock:
+            return self._keys.get(node)
+
+    def enroll(self, node: str, public_key: bytes) -> Path:
+        if len(public_key) != 32:
+            raise KeyStoreError("an Ed25519 public key has 32 bytes")
+        path = self.directory / f"{_checked_name(node)}.pub"
+        with self._lock:
+            path.write_text(base64.b64encode(public_key).decode() + "\n")
+            self._keys[node] = public_key
+        return path
+
+    def admit(self, node: str, public_key: bytes) -> None:
+        """Raise KeyStoreError unless `public_key` speaks for `node` (enrolling it on first
+        use in trust-on-first-use mode)."""
+        enrolled = self.key(node)
+        if enrolled is None and self.trust_on_first_use and len(public_key) == 32:
+            self.enroll(node, public_key)
+            return
+        if enrolled is None:
+            raise KeyStoreError(
+                f"node {node} has no enrolled key: enroll it with `gputally enroll`"
+            )
+        if public_key != enrolled:
+            raise KeyStoreError(f"node {node} presented a key that is not the one enrolled for it")
+
+
+def verify(public_key: bytes, body: bytes, signature: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, DOMAIN + body)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
