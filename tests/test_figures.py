@@ -173,9 +173,7 @@ def test_bounds_arithmetic() -> None:
     assert b["sm_active"] == Bounds(50 / capacity, 50 / capacity, (50 + 30 + unobserved) / capacity)
     assert b["effective"] == Bounds(70 / capacity, 50 / capacity, (50 + 30 + unobserved) / capacity)
     assert figures.coverage() == pytest.approx(150 / capacity)
-    half = compute(
-        [("n1", signed(summary))], T0 + 50, T0 + 100, expected=4
-    )  # a window cut in two
+    half = compute([("n1", signed(summary))], T0 + 50, T0 + 100, expected=4)  # a window cut in two
     assert half.total.sums.values["present_seconds"] == pytest.approx(75.0)
 
 
@@ -198,9 +196,7 @@ def test_as_dict_names_the_measure_and_warns_about_an_understated_inventory() ->
         [pb.GpuIdentity(index=i, uuid=f"GPU-{i}", model=H100) for i in range(3)], window=10.0
     )
     (summary,) = summarizer.add(report(T0 + 10, 10.0, *(sample(i, busy=0.5) for i in range(3))))
-    answer = as_dict(
-        compute([("n1", signed(summary))], T0, T0 + 10, expected=2), "busy", 0.5
-    )
+    answer = as_dict(compute([("n1", signed(summary))], T0, T0 + 10, expected=2), "busy", 0.5)
     assert (
         answer["measure"] == "busy" and answer["figure"] == 0.75 and answer["verdict"] == SUPPORTED
     )

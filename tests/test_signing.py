@@ -1,0 +1,160 @@
+"""Keys, enrollment, signed and chained summaries."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gputally.agent.signing import KeyFileError, SummarySigner, load_or_create_key, public_bytes
+from gputally.collector.keys import KeyStore, KeyStoreError, verify
+from gputally.collector.record import Record
+from gputally.collector.state import ClusterState, InvalidMessageError, NotEnrolledError
+from gputally.v1 import telemetry_pb2 as pb
+from gputally.v1 import telemetry_pb2_grpc as pb_grpc
+
+from .conftest import Collector
+
+T0 = 1_767_225_600.0
+
+
+def summary(t: float = T0) -> pb.Summary:
+    s = pb.Summary(window_start_unix_nano=int(t * 1e9), window_end_unix_nano=int((t + 60) * 1e9))
+    s.gpus.add(index=0, uuid="GPU-0", present_seconds=60.0, busy_seconds=30.0)
+    return s
+
+
+def test_keys_are_created_private_and_refused_when_readable_by_others(tmp_path: Path) -> None:
+    path = tmp_path / "n1" / "agent.key"
+    key = load_or_create_key(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert public_bytes(load_or_create_key(path)) == public_bytes(key)  # loaded, not replaced
+    os.chmod(path, 0o644)
+    with pytest.raises(KeyFileError, match="readable by others"):
+        load_or_create_key(path)
+
+
+def test_summaries_are_chained_and_the_chain_survives_a_restart(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    first = SummarySigner(key, "n1", tmp_path)
+    a, b = first.sign(summary()), first.sign(summary(T0 + 60))
+    body_a, body_b = pb.Summary.FromString(a.body), pb.Summary.FromString(b.body)
+    assert (body_a.node, body_a.chain_seq, body_a.prev_hash) == ("n1", 1, b"")
+    assert (body_b.chain_seq, body_b.prev_hash) == (2, hashlib.sha256(a.body).digest())
+    assert verify(public_bytes(key), b.body, b.signature)
+    assert not verify(public_bytes(key), b.body + b"x", b.signature)
+    restarted = SummarySigner(key, "n1", tmp_path)  # a new agent process on the same node
+    c = pb.Summary.FromString(restarted.sign(summary(T0 + 120)).body)
+    assert (c.chain_seq, c.prev_hash) == (3, hashlib.sha256(b.body).digest())
+
+
+def hello(node: str, key: Ed25519PrivateKey) -> pb.Hello:
+    return pb.Hello(
+        node=node,
+        instance_id=1,
+        public_key=public_bytes(key),
+        gpus=[pb.GpuIdentity(index=0, uuid="GPU-0")],
+    )
+
+
+def test_only_enrolled_keys_speak_for_a_node(tmp_path: Path) -> None:
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    store = KeyStore(keys_dir)
+    good, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    store.enroll("n1", public_bytes(good))
+    state = ClusterState(record=Record(tmp_path / "r.db"), keys=KeyStore(keys_dir))
+    state.open_session(hello("n1", good))
+    with pytest.raises(NotEnrolledError, match="not the one enrolled"):
+        state.open_session(hello("n1", other))
+    with pytest.raises(NotEnrolledError, match="no enrolled key"):
+        state.open_session(hello("n2", good))
+    signer = SummarySigner(good, "n1")
+    ok = pb.Report(seq=1, time_unix_nano=int(T0 * 1e9), summary=signer.sign(summary()))
+    assert state.ingest("n1", ok, received=T0) == "accepted"
+    forged = pb.Report(
+        seq=2, time_unix_nano=int(T0 * 1e9), summary=SummarySigner(other, "n1").sign(summary())
+    )
+    with pytest.raises(InvalidMessageError, match="signature does not verify"):
+        state.ingest("n1", forged, received=T0)
+    altered = signer.sign(summary(T0 + 60))
+    altered.body = altered.body.replace(b"GPU-0", b"GPU-9")
+    with pytest.raises(InvalidMessageError, match="signature does not verify"):
+        state.ingest(
+            "n1", pb.Report(seq=3, time_unix_nano=int(T0 * 1e9), summary=altered), received=T0
+        )
+    assert state.record is not None and state.record.count() == 1  # only the genuine one
+
+
+def test_trust_on_first_use_enrolls_the_first_key_only(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys", trust_on_first_use=True)
+    first, second = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    store.admit("n1", public_bytes(first))
+    assert (tmp_path / "keys" / "n1.pub").exists()
+    with pytest.raises(KeyStoreError, match="not the one enrolled"):
+        store.admit("n1", public_bytes(second))
+    with pytest.raises(KeyStoreError, match="no such key directory"):
+        KeyStore(tmp_path / "missing")
+
+
+def test_an_unenrolled_agent_is_refused_with_permission_denied(
+    tmp_path: Path, collector_factory: Callable[..., Collector]
+) -> None:
+    (tmp_path / "keys").mkdir()
+    collector = collector_factory(
+        record=Record(tmp_path / "r.db"), keys=KeyStore(tmp_path / "keys")
+    )
+
+    async def talk() -> grpc.aio.AioRpcError:
+        async with grpc.aio.insecure_channel(collector.target) as channel:
+            call = pb_grpc.IngestStub(channel).Stream()
+            await call.write(pb.AgentMessage(hello=hello("n1", Ed25519PrivateKey.generate())))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call.read()
+            return refused.value
+
+    error = asyncio.run(talk())
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "gputally enroll" in (error.details() or "")
+
+
+def test_enroll_command_and_agent_public_key(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("gputally")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "gputally.agent"]
+    printed = subprocess.run(
+        [
+            *command,
+            "agent",
+            "--backend=mock",
+            f"--state-dir={tmp_path / 'state'}",
+            "--print-public-key",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert printed.returncode == 0, printed.stderr
+    key = printed.stdout.strip()
+    enrolled = subprocess.run(
+        [*command, "enroll", f"--keys={tmp_path / 'keys'}", "--node=node-00", key],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert (tmp_path / "keys" / "node-00.pub").read_text().strip() == key
+    bad = subprocess.run(
+        [*command, "enroll", f"--keys={tmp_path / 'keys'}", "--node=n", "YWJj"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "32 bytes" in bad.stderr
