@@ -99,3 +99,14 @@ def test_every_proof_we_make_verifies_and_a_changed_leaf_does_not() -> None:
             verify_consistency(old, size, root(hashes[:old]), top, consistency_proof(tree, old))
     with pytest.raises(ProofError):
         verify_inclusion(leaf_hash(b"forged"), 3, 37, inclusion_proof(hashes, 3), root(hashes))
+
+
+def test_the_frontier_gives_the_same_root_at_every_size() -> None:
+    from gputally.collector.merkle import Frontier
+
+    hashes = [leaf_hash(f"entry {i}".encode()) for i in range(70)]
+    frontier = Frontier()
+    assert frontier.root() == EMPTY_ROOT
+    for size, leaf in enumerate(hashes, start=1):
+        frontier.append(leaf)
+        assert frontier.size == size and frontier.root() == root(hashes[:size])

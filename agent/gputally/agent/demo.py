@@ -191,6 +191,17 @@ def run_demo(scenario: Scenario, args: argparse.Namespace) -> int:
     shown = " ".join(["gputally", *query[len(_gputally_command()) :]])
     print(f"\nThe same run from the collector's durable record (`{shown}`):\n")
     print(answer.stdout.rstrip() or answer.stderr.rstrip())
+    # And what an auditor checks first: signatures, chains and signed checkpoints.
+    audit = [
+        *_gputally_command(),
+        "audit",
+        "verify",
+        f"--ledger={record}",
+        f"--keys={record.parent / 'keys'}",
+    ]
+    checked = subprocess.run(audit, capture_output=True, text=True, timeout=120)
+    print(f"\n`gputally audit verify --ledger={record} --keys={record.parent / 'keys'}`:\n")
+    print(checked.stdout.rstrip() or checked.stderr.rstrip())
     return code
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 from datetime import UTC, datetime
@@ -16,8 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from . import server as ingest
+from .audit import verify_ledger
 from .figures import MEASURES, as_dict, compute
 from .keys import KeyStore, KeyStoreError, read_public_key
+from .ledger import COLLECTOR_KEY_FILE, CheckpointError, Ledger
+from .ledger import load_or_create_key as load_or_create_ledger_key
+from .ledger import public_bytes as ledger_public_bytes
 from .metrics import make_app, make_registry, serve_http
 from .record import Record, RecordError
 from .state import ClusterState
@@ -106,6 +112,24 @@ def add_collector_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="for labs: enrol the first key each node presents into --keys (default: off)",
     )
+    parser.add_argument(
+        "--collector-key",
+        default="",
+        metavar="PATH",
+        help="the collector's Ed25519 key that signs checkpoints, created on first use (default: <db>.key)",
+    )
+    parser.add_argument(
+        "--origin",
+        default=f"gputally/{socket.gethostname()}",
+        help="the log's name in its checkpoints (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--checkpoint-interval",
+        type=_positive,
+        default=60.0,
+        metavar="SECONDS",
+        help="how often to sign a checkpoint when the log grew (default: %(default)s)",
+    )
 
 
 def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
@@ -178,7 +202,54 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         "public_key", metavar="PUBLIC_KEY", help="base64 of the 32-byte Ed25519 key"
     )
     enroll.set_defaults(handler=run_enroll)
-    return {"collector": collector, "query": query, "enroll": enroll}
+
+    audit = sub.add_parser(
+        "audit",
+        help="verify the ledger and report on utilization claims, from the ledger and public keys alone",
+        description="Auditor's commands. They read only the ledger file and the public keys.",
+    )
+    audit_sub = audit.add_subparsers(dest="audit_command", metavar="AUDIT_COMMAND", required=True)
+    check = audit_sub.add_parser(
+        "verify",
+        help="check every signature, every node's chain and every checkpoint",
+        description="Check every summary's signature against the enrolled keys, every node's chain "
+        "(gaps, reorders, duplicates), and the Merkle tree against the signed checkpoints. Exits 0 only "
+        "when all holds; otherwise names the first bad entry and exits 1.",
+    )
+    check.add_argument(
+        "--ledger", required=True, metavar="PATH", help="the collector's record (its --db file)"
+    )
+    check.add_argument(
+        "--keys",
+        required=True,
+        metavar="DIR",
+        help="the agents' <node>.pub files and the collector's collector.ckey",
+    )
+    check.set_defaults(handler=run_audit_verify)
+    return {"collector": collector, "query": query, "enroll": enroll, "audit": audit}
+
+
+def run_audit_verify(args: argparse.Namespace) -> int:
+    def progress(entries: int) -> None:
+        print(f"  ... {entries:,} entries checked", file=sys.stderr, flush=True)
+
+    try:
+        result = verify_ledger(Path(args.ledger), Path(args.keys), progress=progress)
+    except (RecordError, KeyStoreError) as error:
+        print(f"gputally audit verify: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"ledger {args.ledger}: {result.entries:,} entries from {len(result.nodes)} nodes, {result.checkpoints} checkpoints"
+    )
+    if result.ok:
+        print("verified: every signature, every chain and every checkpoint holds")
+        return 0
+    first = result.problems[0]
+    where = f"entry {first.entry}" if first.entry is not None else "log"
+    print(f"FAILED at {where}: {first.message}")
+    if len(result.problems) > 1:
+        print(f"({len(result.problems) - 1} more problems after it)")
+    return 1
 
 
 def run_enroll(args: argparse.Namespace) -> int:
@@ -198,6 +269,14 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     keys = KeyStore(args.keys, trust_on_first_use=args.trust_on_first_use) if args.keys else None
     if record is not None and keys is None:
         log.warning("no --keys: summaries cannot be verified, so none is recorded in %s", args.db)
+    ledger = None
+    if record is not None and keys is not None:
+        key = load_or_create_ledger_key(Path(args.collector_key or f"{args.db}.key"))
+        ledger = Ledger(record, key, args.origin)
+        # Published beside the agents' keys for auditors (who should also check it out of band).
+        (Path(args.keys) / COLLECTOR_KEY_FILE).write_text(
+            f"{args.origin}\n{base64.b64encode(ledger_public_bytes(key)).decode()}\n"
+        )
     state = ClusterState(
         expected_gpus=args.expected_gpus,
         window=args.window,
@@ -221,10 +300,24 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         log.warning(
             "no --expected-gpus: ratios use the GPUs seen as the denominator, so GPUs that never report cannot lower them"
         )
+
+    async def checkpoints() -> None:
+        while ledger is not None:
+            try:
+                await asyncio.to_thread(ledger.checkpoint, time.time())
+            except CheckpointError as error:
+                log.error("checkpoint refused", extra={"kv": {"error": str(error)}})
+            await asyncio.sleep(args.checkpoint_interval)
+
+    signer = asyncio.ensure_future(checkpoints())
     try:
         await stop.wait()
     finally:
+        signer.cancel()
         await server.stop(args.grace)
+        if ledger is not None:
+            with contextlib.suppress(CheckpointError):
+                ledger.checkpoint(time.time())  # cover everything recorded before the stop
         http.shutdown()
         http.server_close()
         if record is not None:

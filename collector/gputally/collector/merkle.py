@@ -151,3 +151,29 @@ def verify_consistency(
         raise ProofError("consistency proof does not lead to the older root")
     if sr != root2:
         raise ProofError("consistency proof does not lead to the newer root")
+
+
+class Frontier:
+    """The right edge of a growing tree (its perfect subtrees, largest first): append is
+    amortised O(1) and the root O(log n), without keeping the leaves."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._peaks: list[tuple[int, bytes]] = []  # (height, hash)
+
+    def append(self, leaf: bytes) -> None:
+        self.size += 1
+        height, node = 0, leaf
+        while self._peaks and self._peaks[-1][0] == height:
+            _, left = self._peaks.pop()
+            node = node_hash(left, node)
+            height += 1
+        self._peaks.append((height, node))
+
+    def root(self) -> bytes:
+        if not self._peaks:
+            return EMPTY_ROOT
+        node = self._peaks[-1][1]
+        for _, left in reversed(self._peaks[:-1]):
+            node = node_hash(left, node)
+        return node

@@ -13,6 +13,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from .merkle import leaf_hash
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS summaries (
     id INTEGER PRIMARY KEY,
@@ -23,7 +25,15 @@ CREATE TABLE IF NOT EXISTS summaries (
     window_end_ns INTEGER NOT NULL,
     received REAL NOT NULL,
     body BLOB NOT NULL,
+    leaf BLOB NOT NULL,  -- RFC 9162 leaf hash of body: the entry's place in the Merkle log
     UNIQUE (node, instance, seq)
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id INTEGER PRIMARY KEY,
+    size INTEGER NOT NULL,
+    root BLOB NOT NULL,
+    note TEXT NOT NULL,  -- the signed note (C2SP tlog-checkpoint)
+    created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS summaries_by_window ON summaries (window_end_ns, window_start_ns);
 CREATE TABLE IF NOT EXISTS inventory (
@@ -78,11 +88,51 @@ class Record:
         """Store one summary durably. False when it was already stored (a resent report)."""
         with self._lock:
             cursor = self._db.execute(
-                "INSERT OR IGNORE INTO summaries (node, instance, seq, window_start_ns, window_end_ns, received, body)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (node, _signed(instance), seq, window_start_ns, window_end_ns, received, body),
+                "INSERT OR IGNORE INTO summaries"
+                " (node, instance, seq, window_start_ns, window_end_ns, received, body, leaf)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    node,
+                    _signed(instance),
+                    seq,
+                    window_start_ns,
+                    window_end_ns,
+                    received,
+                    body,
+                    leaf_hash(body),
+                ),
             )
             return cursor.rowcount == 1
+
+    def leaves_after(self, after_id: int) -> list[tuple[int, bytes]]:
+        """(id, leaf hash) of the entries after `after_id`, in log order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, leaf FROM summaries WHERE id > ? ORDER BY id", (after_id,)
+            ).fetchall()
+        return [(int(i), bytes(leaf)) for i, leaf in rows]
+
+    def entries(self) -> Iterator[tuple[int, str, bytes, bytes]]:
+        """(id, node, body, stored leaf hash) of every entry, in log order."""
+        for i, node, body, leaf in self._db.execute(
+            "SELECT id, node, body, leaf FROM summaries ORDER BY id"
+        ):
+            yield int(i), str(node), bytes(body), bytes(leaf)
+
+    def add_checkpoint(self, size: int, root: bytes, note: str, created: float) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO checkpoints (size, root, note, created) VALUES (?, ?, ?, ?)",
+                (size, root, note, created),
+            )
+
+    def checkpoints(self) -> list[tuple[int, int, bytes, str]]:
+        """(id, size, root, signed note) of every checkpoint, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, size, root, note FROM checkpoints ORDER BY id"
+            ).fetchall()
+        return [(int(i), int(size), bytes(root), str(note)) for i, size, root, note in rows]
 
     def declare_inventory(self, expected: int, since: float) -> None:
         with self._lock:

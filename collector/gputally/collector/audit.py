@@ -1,0 +1,169 @@
+"""The auditor's checks: everything re-verified from the ledger file and the public keys alone.
+
+Nothing here trusts the collector's live state or its computed figures. `verify` walks every
+entry in log order and checks, in this order, so that the first problem named is the first bad
+entry:
+
+1. the stored leaf hash is the hash of the stored bytes;
+2. the summary is signed by the key enrolled for its node, and names that node;
+3. the node's chain continues: numbers 1, 2, 3, ... and each summary carries the hash of the
+   previous one (a deletion shows as a gap, a replay or a reorder as a number out of turn);
+
+then checks every checkpoint: signed by the collector's key, for the log's origin, and its
+root equal to the root of the first `size` entries, recomputed here.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+
+from gputally.v1 import telemetry_pb2 as pb
+
+from .keys import KeyStore, KeyStoreError, verify
+from .ledger import COLLECTOR_KEY_FILE, CheckpointError, open_note
+from .merkle import Frontier, leaf_hash
+from .record import Record
+
+
+@dataclass(slots=True)
+class Problem:
+    entry: int | None  # the ledger entry (id) at fault; None for a checkpoint or the whole log
+    message: str
+
+
+@dataclass(slots=True)
+class Verification:
+    entries: int = 0
+    checkpoints: int = 0
+    nodes: set[str] = field(default_factory=set)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def read_collector_key(keys: Path) -> tuple[str, bytes]:
+    """(name, public key) from the key directory's collector.ckey: the name on one line, then
+    the key in base64."""
+    path = keys / COLLECTOR_KEY_FILE
+    try:
+        name, key = path.read_text().split("\n")[:2]
+        raw = base64.b64decode(key.strip(), validate=True)
+    except (OSError, ValueError) as error:
+        raise KeyStoreError(
+            f"{path}: the collector's public key is missing or malformed ({error})"
+        ) from None
+    if len(raw) != 32:
+        raise KeyStoreError(f"{path}: not a 32-byte Ed25519 key")
+    return name.strip(), raw
+
+
+def verify_ledger(
+    ledger: Path, keys_dir: Path, *, progress: Callable[[int], None] | None = None
+) -> Verification:
+    result = Verification()
+    keys = KeyStore(keys_dir)
+    name, collector_key = read_collector_key(keys_dir)
+    record = Record(ledger, readonly=True)
+    chains: dict[str, tuple[int, bytes]] = {}  # node -> (last chain_seq, hash of its body)
+    frontier = Frontier()
+    roots: dict[int, bytes] = {}
+    checkpoints = record.checkpoints()
+    wanted = {size for _, size, _, _ in checkpoints}
+    try:
+        for entry, node, stored, leaf in record.entries():
+            result.entries += 1
+            if progress is not None and result.entries % 100_000 == 0:
+                progress(result.entries)
+            problem = _check_entry(entry, node, stored, leaf, keys, chains)
+            if problem is not None:
+                result.problems.append(problem)
+            result.nodes.add(node)
+            frontier.append(leaf_hash(stored))
+            if frontier.size in wanted:
+                roots[frontier.size] = frontier.root()
+        last_size = 0
+        for checkpoint_id, size, _, note in checkpoints:
+            result.checkpoints += 1
+            where = f"checkpoint {checkpoint_id} (size {size})"
+            try:
+                origin, signed_size, signed_root = open_note(note, name, collector_key)
+            except CheckpointError as error:
+                result.problems.append(Problem(None, f"{where}: {error}"))
+                continue
+            if origin != name or signed_size != size:
+                result.problems.append(
+                    Problem(None, f"{where}: the note says {origin} size {signed_size}")
+                )
+            elif size < last_size:
+                result.problems.append(
+                    Problem(None, f"{where}: smaller than an earlier checkpoint ({last_size})")
+                )
+            elif size not in roots:
+                result.problems.append(
+                    Problem(None, f"{where}: the ledger has only {frontier.size} entries")
+                )
+            elif roots[size] != signed_root:
+                result.problems.append(
+                    Problem(
+                        None,
+                        f"{where}: the entries do not give the signed root: the log was altered",
+                    )
+                )
+            last_size = max(last_size, size)
+        if frontier.size > last_size:
+            result.problems.append(
+                Problem(
+                    None,
+                    f"{frontier.size - last_size} entries after the last signed checkpoint are not covered by one",
+                )
+            )
+    finally:
+        record.close()
+    result.problems.sort(key=lambda p: (p.entry is None, p.entry or 0))
+    return result
+
+
+def _check_entry(
+    entry: int,
+    node: str,
+    stored: bytes,
+    leaf: bytes,
+    keys: KeyStore,
+    chains: dict[str, tuple[int, bytes]],
+) -> Problem | None:
+    if leaf != leaf_hash(stored):
+        return Problem(entry, "its stored leaf hash is not the hash of its bytes")
+    try:
+        signed = pb.SignedSummary.FromString(stored)
+        summary = pb.Summary.FromString(signed.body)
+    except DecodeError:
+        return Problem(entry, "not a signed summary")
+    key = keys.key(node)
+    if key is None:
+        return Problem(entry, f"node {node} has no enrolled key")
+    if not verify(key, signed.body, signed.signature):
+        return Problem(entry, f"the signature of node {node} does not verify")
+    if summary.node != node:
+        return Problem(entry, f"it is filed under node {node} but names node {summary.node}")
+    last_seq, last_hash = chains.get(node, (0, b""))
+    body_hash = hashlib.sha256(signed.body).digest()
+    seq = summary.chain_seq
+    chains[node] = (max(seq, last_seq), body_hash if seq > last_seq else last_hash)
+    if seq <= last_seq:
+        return Problem(
+            entry, f"node {node}'s summary {seq} comes after {last_seq}: replayed or reordered"
+        )
+    if seq != last_seq + 1:
+        missing = f"{last_seq + 1}" if seq == last_seq + 2 else f"{last_seq + 1}..{seq - 1}"
+        return Problem(entry, f"node {node}'s summaries {missing} are missing before {seq}")
+    if summary.prev_hash != last_hash:
+        return Problem(entry, f"node {node}'s summary {seq} does not chain to summary {last_seq}")
+    return None

@@ -1,0 +1,208 @@
+"""Tamper evidence: every alteration of the ledger is caught by `audit verify`."""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gputally.agent.signing import SummarySigner
+from gputally.collector.audit import verify_ledger
+from gputally.collector.keys import KeyStore
+from gputally.collector.ledger import COLLECTOR_KEY_FILE, CheckpointError, Ledger, public_bytes
+from gputally.collector.merkle import leaf_hash
+from gputally.collector.record import Record
+from gputally.v1 import telemetry_pb2 as pb
+
+T0 = 1_767_225_600
+NODES = ("n1", "n2", "n3")
+
+
+def build(tmp_path: Path, windows: int = 4) -> tuple[Path, Path]:
+    """A ledger of 3 nodes x `windows` signed summaries, checkpointed twice."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    store = KeyStore(keys)
+    record = Record(tmp_path / "ledger.db")
+    collector_key = Ed25519PrivateKey.generate()
+    ledger = Ledger(record, collector_key, "gputally/test")
+    (keys / COLLECTOR_KEY_FILE).write_text(
+        f"gputally/test\n{base64.b64encode(public_bytes(collector_key)).decode()}\n"
+    )
+    signers = {}
+    for node in NODES:
+        key = Ed25519PrivateKey.generate()
+        signers[node] = SummarySigner(key, node)
+        store.enroll(node, signers[node].public_key)
+    for w in range(windows):
+        for node in NODES:
+            summary = pb.Summary(
+                window_start_unix_nano=(T0 + 60 * w) * 10**9,
+                window_end_unix_nano=(T0 + 60 * w + 60) * 10**9,
+            )
+            summary.gpus.add(
+                index=0, uuid=f"GPU-{node}", present_seconds=60.0, busy_seconds=6.0 * (w + 1)
+            )
+            signed = signers[node].sign(summary)
+            record.append(
+                node,
+                1,
+                w + 1,
+                summary.window_start_unix_nano,
+                summary.window_end_unix_nano,
+                0.0,
+                signed.SerializeToString(),
+            )
+        if w in (1, windows - 1):
+            assert ledger.checkpoint(float(T0 + w))
+    record.close()
+    return tmp_path / "ledger.db", keys
+
+
+def rows(db: Path) -> list[tuple[int, str, bytes]]:
+    with sqlite3.connect(db) as con:
+        return [
+            (int(i), str(n), bytes(b))
+            for i, n, b in con.execute("SELECT id, node, body FROM summaries ORDER BY id")
+        ]
+
+
+def set_body(db: Path, entry: int, body: bytes, *, fix_leaf: bool) -> None:
+    with sqlite3.connect(db) as con:
+        if fix_leaf:  # a careful forger recomputes the derived column too
+            con.execute(
+                "UPDATE summaries SET body = ?, leaf = ? WHERE id = ?",
+                (body, leaf_hash(body), entry),
+            )
+        else:
+            con.execute("UPDATE summaries SET body = ? WHERE id = ?", (body, entry))
+
+
+def test_an_untouched_ledger_verifies(tmp_path: Path) -> None:
+    db, keys = build(tmp_path)
+    result = verify_ledger(db, keys)
+    assert result.ok, result.problems
+    assert (result.entries, result.checkpoints, result.nodes) == (12, 2, set(NODES))
+
+
+@pytest.mark.parametrize("fix_leaf", [False, True])
+def test_any_single_changed_byte_in_a_summary_is_caught(tmp_path: Path, fix_leaf: bool) -> None:
+    db, keys = build(tmp_path)
+    entry, _, body = rows(db)[4]
+    for position in range(len(body)):
+        changed = bytearray(body)
+        changed[position] ^= 0x01
+        set_body(db, entry, bytes(changed), fix_leaf=fix_leaf)
+        result = verify_ledger(db, keys)
+        assert not result.ok, f"byte {position} changed unnoticed"
+        assert result.problems[0].entry == entry or result.problems[0].entry is None
+    set_body(db, entry, body, fix_leaf=True)
+    assert verify_ledger(db, keys).ok  # and the original bytes verify again
+
+
+def test_any_single_changed_byte_in_a_checkpoint_is_caught(tmp_path: Path) -> None:
+    db, keys = build(tmp_path)
+    with sqlite3.connect(db) as con:
+        checkpoint_id, note = con.execute(
+            "SELECT id, note FROM checkpoints ORDER BY id LIMIT 1"
+        ).fetchone()
+    raw = note.encode()
+    for position in range(len(raw)):
+        changed = bytearray(raw)
+        changed[position] ^= 0x01
+        try:
+            text = changed.decode()
+        except UnicodeDecodeError:
+            continue  # not storable as TEXT; the note's bytes are UTF-8 by construction
+        with sqlite3.connect(db) as con:
+            con.execute("UPDATE checkpoints SET note = ? WHERE id = ?", (text, checkpoint_id))
+        assert not verify_ledger(db, keys).ok, f"checkpoint byte {position} changed unnoticed"
+
+
+def test_a_deleted_summary_is_caught_and_named(tmp_path: Path) -> None:
+    db, keys = build(tmp_path)
+    entry, node, _ = rows(db)[4]  # n2's second summary
+    with sqlite3.connect(db) as con:
+        con.execute("DELETE FROM summaries WHERE id = ?", (entry,))
+    result = verify_ledger(db, keys)
+    assert not result.ok
+    assert result.problems[0].message == f"node {node}'s summaries 2 are missing before 3"
+
+
+def test_a_replayed_summary_is_caught(tmp_path: Path) -> None:
+    db, keys = build(tmp_path)
+    _, node, body = rows(db)[1]
+    with sqlite3.connect(db) as con:
+        con.execute(
+            "INSERT INTO summaries (node, instance, seq, window_start_ns, window_end_ns, received, body, leaf)"
+            " VALUES (?, 9, 1, 0, 1, 0, ?, ?)",
+            (node, body, leaf_hash(body)),
+        )
+    result = verify_ledger(db, keys)
+    assert "comes after 4: replayed or reordered" in result.problems[0].message
+
+
+def test_reordered_summaries_are_caught(tmp_path: Path) -> None:
+    db, keys = build(tmp_path)
+    first, second = rows(db)[0], rows(db)[3]  # n1's summaries 1 and 2
+    set_body(db, first[0], second[2], fix_leaf=True)
+    set_body(db, second[0], first[2], fix_leaf=True)
+    result = verify_ledger(db, keys)
+    assert result.problems[0].entry == first[0]
+    assert "summaries 1 are missing before 2" in result.problems[0].message
+
+
+def test_an_unenrolled_key_is_caught(tmp_path: Path) -> None:
+    db, keys = build(tmp_path)
+    (keys / "n3.pub").unlink()
+    result = verify_ledger(db, keys)
+    assert result.problems[0].message == "node n3 has no enrolled key"
+
+
+def test_a_summary_signed_by_another_key_is_caught(tmp_path: Path) -> None:
+    db, keys = build(tmp_path)
+    entry, _, body = rows(db)[2]
+    signed = pb.SignedSummary.FromString(body)
+    signed.signature = Ed25519PrivateKey.generate().sign(b"gputally summary v1\n" + signed.body)
+    set_body(db, entry, signed.SerializeToString(), fix_leaf=True)
+    assert verify_ledger(db, keys).problems[0].message == "the signature of node n3 does not verify"
+
+
+def test_the_collector_will_not_sign_after_tampering(tmp_path: Path) -> None:
+    db, _keys = build(tmp_path)
+    entry, _, _body = rows(db)[0]
+    other = rows(db)[3][2]
+    set_body(db, entry, other, fix_leaf=True)
+    ledger = Ledger(Record(db), Ed25519PrivateKey.generate(), "gputally/test")
+    assert ledger.broken
+    with pytest.raises(CheckpointError, match="no longer give the root"):
+        ledger.checkpoint(0.0)
+
+
+def test_audit_verify_command(tmp_path: Path) -> None:
+    db, keys = build(tmp_path)
+    script = Path(sys.executable).with_name("gputally")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "gputally.agent"]
+    ok = subprocess.run(
+        [*command, "audit", "verify", f"--ledger={db}", f"--keys={keys}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "12 entries from 3 nodes, 2 checkpoints" in ok.stdout and "verified" in ok.stdout
+    with sqlite3.connect(db) as con:
+        con.execute("DELETE FROM summaries WHERE id = 7")
+    bad = subprocess.run(
+        [*command, "audit", "verify", f"--ledger={db}", f"--keys={keys}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1
+    assert "FAILED at entry 10: node n1's summaries 3 are missing before 4" in bad.stdout
