@@ -25,7 +25,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from .scenario import Scenario
-from .simulate import run_fleet
+from .simulate import run_fleet, run_fleet_virtual
 
 MEASURES = ("busy", "sm_active", "allocated")
 _LABELS = {
@@ -271,5 +271,74 @@ async def _watch(
         f"\nThe busy figure counts any kernel running; SM active is the real work. Point Prometheus at {url} "
         "to keep these figures.",
         flush=True,
+    )
+    return 0
+
+
+def simulate_ledger(
+    scenario: Scenario,
+    *,
+    start: float,
+    days: float,
+    ledger: Path,
+    keys: Path,
+    interval: float,
+    summary_window: float,
+    expected_gpus: int,
+) -> int:
+    """`gputally simulate --fast`: the scenario over `days` on a virtual clock, through the real
+    agents, signing, gRPC and a real collector process that writes the ledger and signs its
+    checkpoints. Leaves the ledger and the keys an auditor needs."""
+    grpc_port, metrics_port = _free_port(), _free_port()
+    command = [
+        *_gputally_command(),
+        "collector",
+        f"--grpc-listen=127.0.0.1:{grpc_port}",
+        f"--metrics-listen=127.0.0.1:{metrics_port}",
+        f"--expected-gpus={expected_gpus}",
+        f"--db={ledger}",
+        f"--keys={keys}",
+        "--trust-on-first-use",  # the simulated agents' keys are born here: enrol them as they come
+        "--checkpoint-interval=5",
+    ]
+    collector = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    seconds = days * 86400
+    began = time.monotonic()
+
+    def progress(done: float) -> None:
+        elapsed = time.monotonic() - began
+        print(
+            f"  simulated {done / 86400:6.1f} of {days:g} days ({elapsed:5.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        if not _wait_ready(f"http://127.0.0.1:{metrics_port}/readyz", collector, 15.0):
+            print("gputally simulate: the collector did not start", file=sys.stderr)
+            return 1
+        stats = asyncio.run(
+            run_fleet_virtual(
+                scenario,
+                f"127.0.0.1:{grpc_port}",
+                seconds=seconds,
+                start=start,
+                interval=interval,
+                summary_window=summary_window,
+                progress=progress,
+            )
+        )
+    finally:
+        collector.send_signal(signal.SIGTERM)  # it signs a last checkpoint as it stops
+        try:
+            collector.wait(60)
+        except subprocess.TimeoutExpired:
+            collector.kill()
+    print(
+        f"simulated {days:g} days of {scenario.total_gpus} GPUs in {time.monotonic() - began:.0f} s: "
+        f"{stats.reports} reports, {stats.dropped} dropped\n"
+        f"ledger: {ledger}\nkeys:   {keys}\n"
+        f"verify: gputally audit verify --ledger {ledger} --keys {keys}",
+        file=sys.stderr,
     )
     return 0

@@ -94,6 +94,23 @@ def _raise(code: int) -> None:
     raise pynvml.NVMLError(code)
 
 
+@dataclass(slots=True)
+class _Value:
+    """NVML's value union, as the utilization samples use it (same attribute names)."""
+
+    uiVal: int
+    dVal: float = 0.0
+
+
+@dataclass(slots=True)
+class _Sample:
+    """An nvmlSample_t. Plain attributes rather than pynvml's ctypes structure: a simulated
+    fleet reads millions of them, and ctypes attribute access dominated its run time."""
+
+    timeStamp: int
+    sampleValue: _Value
+
+
 class MockNVML:
     """One node's NVML, as a scenario describes it. Implements ``NvmlLibrary``."""
 
@@ -297,13 +314,19 @@ class MockNVML:
         after = max(
             last_seen_us / 1e6 - self.start, self._t() - SAMPLE_BUFFER * UTILIZATION_PERIOD_S
         )
+        times = self._sample_times(after, self._t())
+        field = fields[sampling_type]
+        # Over a stretch where the load does not change every sample is the same: integrate once.
+        steady = bool(times) and not self.scenario.breakpoints(
+            self.node, gpu, times[0] - UTILIZATION_PERIOD_S, times[-1]
+        )
+        constant = self._utilization_sample(gpu, times[-1], field) if steady else 0
         samples = []
-        for t in self._sample_times(after, self._t()):
-            sample = pynvml.c_nvmlSample_t()
-            sample.timeStamp = round((self.start + t) * 1e6)
-            sample.sampleValue.uiVal = self._utilization_sample(gpu, t, fields[sampling_type])
-            if sample.timeStamp > last_seen_us:
-                samples.append(sample)
+        for t in times:
+            stamp = round((self.start + t) * 1e6)
+            if stamp > last_seen_us:
+                value = constant if steady else self._utilization_sample(gpu, t, field)
+                samples.append(_Sample(stamp, _Value(value)))
         if not samples:
             _raise(pynvml.NVML_ERROR_NOT_FOUND)  # what NVML says when nothing is newer
         return pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, samples

@@ -109,6 +109,7 @@ async def run_fleet_virtual(
     summary_window: float = 300.0,
     padding: PaddingRules | None = None,
     flush_every: int = 100,
+    progress: Callable[[float], None] | None = None,
 ) -> FleetStats:
     """Run the scenario on a virtual clock from `start` (unix seconds) for `seconds`, as fast
     as the machine allows: the same agents, summaries and gRPC streams as in real time.
@@ -147,6 +148,8 @@ async def run_fleet_virtual(
                 agent.reports += 1
             if tick % flush_every == 0:
                 await asyncio.gather(*(agents[n].sender.drain(60.0) for n in tasks))
+                if progress is not None and tick % (flush_every * 20) == 0:
+                    progress(tick * interval)
         for number in tasks:
             for report in agents[number].sampler.final_reports():
                 agents[number].sender.submit(report)
