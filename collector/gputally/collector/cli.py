@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import report as report_module
 from . import server as ingest
 from .audit import verify_ledger
 from .figures import MEASURES, as_dict, compute
@@ -226,7 +227,87 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         help="the agents' <node>.pub files and the collector's collector.ckey",
     )
     check.set_defaults(handler=run_audit_verify)
+    report = audit_sub.add_parser(
+        "report",
+        help="verify, then write report.html (plots), report.json and CSV tables for a period",
+        description="Verify the ledger (as `audit verify`), then recompute every figure for the period from "
+        "its summaries and write a self-contained report.html, report.json and CSV tables into --out.",
+    )
+    report.add_argument(
+        "--ledger", required=True, metavar="PATH", help="the collector's record (its --db file)"
+    )
+    report.add_argument(
+        "--keys",
+        required=True,
+        metavar="DIR",
+        help="the agents' <node>.pub files and collector.ckey",
+    )
+    report.add_argument(
+        "--from", dest="start", required=True, metavar="DATE", help="period start (UTC)"
+    )
+    report.add_argument(
+        "--to", dest="end", required=True, metavar="DATE", help="period end, excluded (UTC)"
+    )
+    report.add_argument(
+        "--expected-gpus",
+        type=_count,
+        required=True,
+        metavar="N",
+        help="the inventory the claim is about",
+    )
+    report.add_argument(
+        "--measure", default="busy", choices=list(MEASURES), help="default: %(default)s"
+    )
+    report.add_argument(
+        "--claim", type=_fraction, metavar="RATIO", help="claimed ratio in [0, 1], e.g. 0.85"
+    )
+    report.add_argument("--out", required=True, metavar="DIR", help="where to write the report")
+    report.set_defaults(handler=run_audit_report)
     return {"collector": collector, "query": query, "enroll": enroll, "audit": audit}
+
+
+def run_audit_report(args: argparse.Namespace) -> int:
+    def say(text: str) -> None:
+        print(f"  {text}", file=sys.stderr, flush=True)
+
+    try:
+        start, end = parse_time(args.start, time.time()), parse_time(args.end, time.time())
+    except ValueError as error:
+        return _fail(str(error))
+    if end <= start:
+        return _fail("--to must be after --from")
+    say("verifying the ledger ...")
+    try:
+        verification = verify_ledger(
+            Path(args.ledger), Path(args.keys), progress=lambda n: say(f"{n:,} entries checked")
+        )
+    except (RecordError, KeyStoreError) as error:
+        print(f"gputally audit report: {error}", file=sys.stderr)
+        return 2
+    if not verification.ok:
+        first = verification.problems[0]
+        where = f"entry {first.entry}" if first.entry is not None else "log"
+        print(
+            f"gputally audit report: the ledger does not verify (at {where}: {first.message}); no report written"
+        )
+        return 1
+    say(f"verified {verification.entries:,} entries; computing figures ...")
+    record = Record(args.ledger, readonly=True)
+    try:
+        answer = report_module.build(
+            record, start, end, args.expected_gpus, args.measure, args.claim, verification, say
+        )
+    finally:
+        record.close()
+    paths = report_module.write(answer, Path(args.out), args.measure)
+    verdict = f", claim {args.claim:.2%}: {answer['verdict']}" if args.claim is not None else ""
+    print(
+        f"{args.measure} {answer['figure']:.2%} [{answer['lower']:.2%}, {answer['upper']:.2%}], "
+        f"coverage {answer['coverage']:.1%}{verdict}"
+    )
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
 
 
 def run_audit_verify(args: argparse.Namespace) -> int:
@@ -379,7 +460,7 @@ def parse_time(text: str, now: float) -> float:
 
 
 def _fail(message: str) -> int:
-    print(f"gputally query: {message}", file=sys.stderr)
+    print(f"gputally: {message}", file=sys.stderr)
     return 2
 
 

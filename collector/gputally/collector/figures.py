@@ -112,6 +112,8 @@ class PeriodFigures:
     models: dict[str, Group] = field(default_factory=dict)
     tenants: dict[str, Group] = field(default_factory=dict)
     jobs: dict[str, Group] = field(default_factory=dict)
+    gpus: dict[str, Group] = field(default_factory=dict)  # per GPU (UUID): the distribution
+    gpu_model: dict[str, str] = field(default_factory=dict)
     energy_by_day: dict[str, float] = field(default_factory=dict)
     summaries: int = 0
 
@@ -168,7 +170,9 @@ def compute(
                 out.models.setdefault(gpu.model or "(unknown)", Group()),
                 out.tenants.setdefault(tenant, Group()),
                 out.jobs.setdefault(job, Group()),
+                out.gpus.setdefault(key, Group()),
             )
+            out.gpu_model[key] = gpu.model
             for group in groups:
                 group.sums.add(gpu, share)
                 group.gpus.add(key)

@@ -1,0 +1,311 @@
+"""`gputally audit report`: a verified ledger turned into a report a person can read.
+
+Writes, into one directory: `report.json` (the figures, bounds, coverage, verdict, energy, and
+the daily series), CSV tables (`daily.csv`, `nodes.csv`, `gpus.csv`) and `report.html`, one
+self-contained page whose plots are inline SVG, so it opens anywhere, offline, unchanged.
+Every number comes from the ledger's summaries through figures.py; nothing from a live system.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .audit import Verification
+from .figures import MEASURES, PeriodFigures, as_dict, bounds, compute
+from .record import Record
+
+DAY = 86400.0
+
+
+def _day(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d")
+
+
+def daily(
+    record: Record, start: float, end: float, expected: int, measure: str
+) -> list[tuple[str, PeriodFigures]]:
+    """The period cut into UTC days (the first and last may be partial)."""
+    days = []
+    t = start
+    while t < end:
+        next_day = min((t // DAY + 1) * DAY, end)
+        figures = compute(
+            record.summaries(int(t * 1e9), int(next_day * 1e9)), t, next_day, expected
+        )
+        days.append((_day(t), figures))
+        t = next_day
+    return days
+
+
+def build(
+    record: Record,
+    start: float,
+    end: float,
+    expected: int,
+    measure: str,
+    claim: float | None,
+    verification: Verification,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    total = compute(record.summaries(int(start * 1e9), int(end * 1e9)), start, end, expected)
+    answer = as_dict(total, measure, claim, top=10_000)
+    if progress is not None:
+        progress("period figures computed; now day by day")
+    series = []
+    heat: dict[str, dict[str, float]] = {}
+    for day, figures in daily(record, start, end, expected, measure):
+        b = bounds(figures.total.sums, figures.capacity)[measure]
+        clean = bounds(figures.total.sums, figures.capacity, without_padding=True)[measure]
+        series.append(
+            {
+                "date": day,
+                "figure": b.figure,
+                "lower": b.lower,
+                "upper": b.upper,
+                "without_padding": clean.figure,
+                "coverage": figures.coverage(),
+                "energy_kwh": figures.total.sums.values["energy_joules"] / 3.6e6,
+                "padding_gpu_hours": figures.total.sums.flagged["seconds"] / 3600.0,
+            }
+        )
+        for node, group in figures.nodes.items():
+            heat.setdefault(node, {})[day] = figures.group_bounds(group)[measure].figure
+    per_gpu = []
+    for key, group in sorted(total.gpus.items()):
+        figure = bounds(group.sums, total.seconds)[measure].figure
+        per_gpu.append({"uuid": key, "model": total.gpu_model.get(key, ""), measure: figure})
+    answer.update(
+        {
+            "daily": series,
+            "node_day": heat,
+            "per_gpu": per_gpu,
+            "verification": {
+                "entries": verification.entries,
+                "checkpoints": verification.checkpoints,
+                "nodes": len(verification.nodes),
+                "verified": verification.ok,
+            },
+        }
+    )
+    return answer
+
+
+# -- SVG ------------------------------------------------------------------------------------
+
+W, H, PAD = 720, 240, 44
+
+
+def _x(i: int, n: int) -> float:
+    return PAD + (W - 2 * PAD) * (i / max(n - 1, 1))
+
+
+def _y(v: float, top: float = 1.0) -> float:
+    return H - PAD + (2 * PAD - H) * (v / top if top > 0 else 0.0)
+
+
+def _frame(
+    title: str, body: str, labels: Sequence[str], top: float = 1.0, percent: bool = True
+) -> str:
+    ticks = "".join(
+        f'<line x1="{PAD}" x2="{W - PAD}" y1="{_y(f * top, top):.1f}" y2="{_y(f * top, top):.1f}" class="grid"/>'
+        f'<text x="{PAD - 6}" y="{_y(f * top, top) + 4:.1f}" text-anchor="end">'
+        f"{(f'{f * top:.0%}' if percent else f'{f * top:.3g}')}</text>"
+        for f in (0, 0.25, 0.5, 0.75, 1.0)
+    )
+    n = len(labels)
+    step = max(1, n // 8)
+    xlabels = "".join(
+        f'<text x="{_x(i, n):.1f}" y="{H - PAD + 16}" text-anchor="middle">{html.escape(labels[i])}</text>'
+        for i in range(0, n, step)
+    )
+    return (
+        f"<figure><figcaption>{html.escape(title)}</figcaption>"
+        f'<svg viewBox="0 0 {W} {H}" role="img" aria-label="{html.escape(title)}">{ticks}{xlabels}{body}</svg></figure>'
+    )
+
+
+def line_chart(
+    title: str,
+    labels: Sequence[str],
+    line: Sequence[float],
+    band: tuple[Sequence[float], Sequence[float]] | None = None,
+    hline: float | None = None,
+) -> str:
+    n = len(line)
+    body = ""
+    if band is not None and n:
+        upper = " ".join(f"{_x(i, n):.1f},{_y(v):.1f}" for i, v in enumerate(band[1]))
+        lower = " ".join(
+            f"{_x(i, n):.1f},{_y(v):.1f}" for i, v in reversed(list(enumerate(band[0])))
+        )
+        body += f'<polygon points="{upper} {lower}" class="band"/>'
+    if n:
+        body += (
+            '<polyline class="line" points="'
+            + " ".join(f"{_x(i, n):.1f},{_y(v):.1f}" for i, v in enumerate(line))
+            + '"/>'
+        )
+    if hline is not None:
+        body += f'<line x1="{PAD}" x2="{W - PAD}" y1="{_y(hline):.1f}" y2="{_y(hline):.1f}" class="claim"/>'
+        body += f'<text x="{W - PAD}" y="{_y(hline) - 4:.1f}" text-anchor="end" class="claimtext">claim {hline:.0%}</text>'
+    return _frame(title, body, labels)
+
+
+def bar_chart(
+    title: str, labels: Sequence[str], values: Sequence[float], percent: bool = False
+) -> str:
+    top = max(values, default=0.0) or 1.0
+    n = len(values)
+    width = max((W - 2 * PAD) / max(n, 1) - 1, 1)
+    body = "".join(
+        f'<rect x="{PAD + i * (W - 2 * PAD) / max(n, 1):.1f}" y="{_y(v, top):.1f}" width="{width:.1f}" '
+        f'height="{H - PAD - _y(v, top):.1f}" class="bar"><title>{html.escape(labels[i])}: {v:.4g}</title></rect>'
+        for i, v in enumerate(values)
+    )
+    return _frame(title, body, labels, top, percent)
+
+
+def heatmap(title: str, rows: dict[str, dict[str, float]], days: Sequence[str]) -> str:
+    names = sorted(rows)[:60]
+    cell_w = (W - 2 * PAD) / max(len(days), 1)
+    height = max(len(names), 1) * 12 + 40
+    cells = []
+    for r, name in enumerate(names):
+        cells.append(
+            f'<text x="{PAD - 4}" y="{30 + r * 12 + 9}" text-anchor="end" class="small">{html.escape(name)}</text>'
+        )
+        for c, day in enumerate(days):
+            value = rows[name].get(day)
+            shade = (
+                "#eee"
+                if value is None
+                else f"hsl(210, 70%, {95 - 60 * min(max(value, 0), 1):.0f}%)"
+            )
+            label = "no data" if value is None else f"{value:.1%}"
+            cells.append(
+                f'<rect x="{PAD + c * cell_w:.1f}" y="{30 + r * 12}" width="{max(cell_w - 0.5, 0.5):.1f}" height="11" '
+                f'fill="{shade}"><title>{html.escape(name)} {day}: {label}</title></rect>'
+            )
+    more = f" (first 60 of {len(rows)} nodes)" if len(rows) > 60 else ""
+    return (
+        f"<figure><figcaption>{html.escape(title + more)}</figcaption>"
+        f'<svg viewBox="0 0 {W} {height}" role="img" aria-label="{html.escape(title)}">{"".join(cells)}</svg></figure>'
+    )
+
+
+def histogram(title: str, values: Sequence[float], bins: int = 20) -> str:
+    counts = [0] * bins
+    for v in values:
+        counts[min(int(max(v, 0.0) * bins), bins - 1)] += 1
+    labels = [f"{i / bins:.0%}-{(i + 1) / bins:.0%}" for i in range(bins)]
+    return bar_chart(title, labels, [float(c) for c in counts])
+
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:800px;color:#222}
+h1{font-size:1.5em}table{border-collapse:collapse}td,th{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:right}
+td:first-child,th:first-child{text-align:left}.verdict{font-size:1.3em;font-weight:600}
+.supported{color:#176d2f}.refuted{color:#a11}.undetermined{color:#8a6100}
+svg{width:100%;height:auto;font-size:10px}.grid{stroke:#ddd}.line{fill:none;stroke:#1f5fbf;stroke-width:1.5}
+.band{fill:#1f5fbf;opacity:.15}.claim{stroke:#a11;stroke-dasharray:4 3}.claimtext{fill:#a11}
+.bar{fill:#1f5fbf}.small{font-size:8px}figure{margin:1.5em 0}figcaption{font-weight:600;margin-bottom:.3em}
+"""
+
+
+def render_html(r: dict[str, Any]) -> str:
+    m = r["measure"]
+    days = [d["date"] for d in r["daily"]]
+    short = [day[5:] for day in days]  # MM-DD on the axes
+    verdict = r["verdict"]
+    rows = "".join(
+        f"<tr><td>{name}</td><td>{b['figure']:.2%}</td><td>{b['lower']:.2%}</td><td>{b['upper']:.2%}</td>"
+        f"<td>{r['measures_without_padding'][name]['figure']:.2%}</td></tr>"
+        for name, b in r["measures"].items()
+    )
+    claim = (
+        f'<p class="verdict {verdict}">Claim: {m} &ge; {r["claim"]:.1%} &mdash; {verdict.upper()}'
+        f" (without flagged padding: {r['without_padding']['verdict']})</p>"
+        if r["claim"] is not None
+        else ""
+    )
+    v = r["verification"]
+    plots = [
+        line_chart(
+            f"Daily {m}: figure, with the band between its lower and upper bounds",
+            short,
+            [d["figure"] for d in r["daily"]],
+            ([d["lower"] for d in r["daily"]], [d["upper"] for d in r["daily"]]),
+            r["claim"],
+        ),
+        line_chart(
+            "Coverage: observed share of the inventory's GPU-seconds, per day",
+            short,
+            [d["coverage"] for d in r["daily"]],
+        ),
+        heatmap(f"Node x day: {m}", r["node_day"], days),
+        histogram(
+            f"Distribution of per-GPU {m} over the period ({len(r['per_gpu'])} GPUs)",
+            [g[m] for g in r["per_gpu"]],
+        ),
+        bar_chart(
+            "Padding: GPU-hours flagged per day",
+            short,
+            [d["padding_gpu_hours"] for d in r["daily"]],
+        ),
+        bar_chart("Energy per day (kWh)", short, [d["energy_kwh"] for d in r["daily"]]),
+    ]
+    warnings = "".join(f"<li>{html.escape(w)}</li>" for w in r["warnings"])
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>gputally audit report: {html.escape(r["from"])} to {html.escape(r["to"])}</title><style>{CSS}</style></head><body>
+<h1>GPU utilization audit report</h1>
+<p>Period {html.escape(r["from"])} to {html.escape(r["to"])} ({r["seconds"] / 86400:.1f} days).
+Inventory: {r["expected_gpus"]} GPUs declared, {r["seen_gpus"]} seen. Coverage {r["coverage"]:.1%}.</p>
+<p>Ledger verified: {v["entries"]:,} signed summaries from {v["nodes"]} nodes, every signature, every node's chain
+and {v["checkpoints"]} signed checkpoints hold. Every figure below is recomputed from those summaries.</p>
+{claim}
+<table><tr><th>measure</th><th>figure</th><th>lower</th><th>upper</th><th>without padding</th></tr>{rows}</table>
+<p>Energy {r["energy_kwh"]:,.1f} kWh. Padding flagged: {r["padding_gpu_hours"]:,.1f} GPU-hours.</p>
+{"<ul>" + warnings + "</ul>" if warnings else ""}
+{"".join(plots)}
+<p><small>Definitions: docs/utilization.md. The lower bound counts unobserved or unmeasured time as 0 and never counts
+estimates; the upper bound counts it at its maximum. A claim is supported at or below the lower bound, refuted above the
+upper bound, undetermined between.</small></p>
+</body></html>
+"""
+
+
+def write(report: dict[str, Any], out: Path, measure: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [
+        out / "report.json",
+        out / "daily.csv",
+        out / "nodes.csv",
+        out / "gpus.csv",
+        out / "report.html",
+    ]
+    summary = {k: v for k, v in report.items() if k not in ("node_day", "per_gpu")}
+    paths[0].write_text(json.dumps(summary, indent=2) + "\n")
+    with paths[1].open("w", newline="") as handle:
+        writer = csv.DictWriter(
+            handle, fieldnames=list(report["daily"][0]) if report["daily"] else ["date"]
+        )
+        writer.writeheader()
+        writer.writerows(report["daily"])
+    with paths[2].open("w", newline="") as handle:
+        writer = csv.DictWriter(
+            handle, fieldnames=["name", "gpus", "gpu_hours", "energy_kwh", *MEASURES]
+        )
+        writer.writeheader()
+        writer.writerows(report["by_node"])
+    with paths[3].open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["uuid", "model", measure])
+        writer.writeheader()
+        writer.writerows(report["per_gpu"])
+    paths[4].write_text(render_html(report))
+    return paths

@@ -1,0 +1,134 @@
+"""`gputally audit report`: verified ledger in, verdicts, JSON, CSV and a self-contained HTML out."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import csv
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gputally.agent import scenario as scenario_mod
+from gputally.agent.simulate import run_fleet_virtual
+from gputally.collector.keys import KeyStore
+from gputally.collector.ledger import COLLECTOR_KEY_FILE, Ledger, public_bytes
+from gputally.collector.record import Record
+
+from .conftest import Collector
+
+START = 1_740_787_200.0  # 2025-03-01T00:00:00Z
+SCENARIO = """
+[cluster]
+nodes = 2
+gpus_per_node = 4
+[[workload]]
+share = 1.0
+busy = 0.85
+sm_active = 0.5
+end = 86400
+[[workload]]
+share = 0.5
+busy = 1.0
+sm_active = 0.6
+start = 86400
+"""
+
+
+def ledger(tmp_path: Path, collector_factory: Callable[..., Collector]) -> tuple[Path, Path]:
+    sc = scenario_mod.parse(tomllib.loads(SCENARIO), name="three-days")
+    db, keys = tmp_path / "ledger.db", tmp_path / "keys"
+    record = Record(db)
+    collector = collector_factory(
+        expected_gpus=8, record=record, keys=KeyStore(keys, trust_on_first_use=True)
+    )
+    asyncio.run(
+        run_fleet_virtual(
+            sc, collector.target, seconds=3 * 86400, start=START, interval=900, summary_window=3600
+        )
+    )
+    collector.stop()
+    key = Ed25519PrivateKey.generate()
+    assert Ledger(record, key, "gputally/test").checkpoint(START)
+    (keys / COLLECTOR_KEY_FILE).write_text(
+        f"gputally/test\n{base64.b64encode(public_bytes(key)).decode()}\n"
+    )
+    return db, keys
+
+
+def report(
+    db: Path, keys: Path, out: Path, start: str, end: str, claim: str
+) -> subprocess.CompletedProcess[str]:
+    script = Path(sys.executable).with_name("gputally")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "gputally.agent"]
+    return subprocess.run(
+        [
+            *command,
+            "audit",
+            "report",
+            f"--ledger={db}",
+            f"--keys={keys}",
+            f"--from={start}",
+            f"--to={end}",
+            "--expected-gpus=8",
+            "--measure=busy",
+            f"--claim={claim}",
+            f"--out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_report_verdicts_files_and_plots(
+    tmp_path: Path, collector_factory: Callable[..., Collector]
+) -> None:
+    db, keys = ledger(tmp_path, collector_factory)
+    accepted = report(db, keys, tmp_path / "acceptance", "2025-03-01", "2025-03-02", "0.85")
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    data = json.loads((tmp_path / "acceptance" / "report.json").read_text())
+    for key in ("measure", "figure", "lower", "upper", "coverage", "verdict", "energy_kwh"):
+        assert key in data
+    assert data["measure"] == "busy" and data["verdict"] == "supported"
+    assert data["figure"] == pytest.approx(0.85, abs=0.005) and data["coverage"] == pytest.approx(
+        1.0, abs=0.005
+    )
+    assert data["energy_kwh"] > 0 and data["verification"]["verified"]
+    after = report(db, keys, tmp_path / "after", "2025-03-02", "2025-03-04", "0.85")
+    assert after.returncode == 0, after.stderr
+    data = json.loads((tmp_path / "after" / "report.json").read_text())
+    assert data["verdict"] == "refuted" and data["figure"] == pytest.approx(0.5, abs=0.005)
+    assert [d["date"] for d in data["daily"]] == ["2025-03-02", "2025-03-03"]
+    assert all(d["figure"] == pytest.approx(0.5, abs=0.005) for d in data["daily"])
+    with (tmp_path / "after" / "daily.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 2
+    with (tmp_path / "after" / "gpus.csv").open() as handle:
+        per_gpu = [float(row["busy"]) for row in csv.DictReader(handle)]
+    assert sorted(round(x, 3) for x in per_gpu) == [0.0] * 4 + [1.0] * 4
+    page = (tmp_path / "after" / "report.html").read_text()
+    assert page.count("<svg") == 6
+    assert "REFUTED" in page
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), (
+        "the report must be self-contained"
+    )
+
+
+def test_a_report_is_refused_for_a_ledger_that_does_not_verify(
+    tmp_path: Path, collector_factory: Callable[..., Collector]
+) -> None:
+    import sqlite3
+
+    db, keys = ledger(tmp_path, collector_factory)
+    with sqlite3.connect(db) as con:
+        con.execute("DELETE FROM summaries WHERE id = 5")
+    refused = report(db, keys, tmp_path / "r", "2025-03-01", "2025-03-02", "0.85")
+    assert refused.returncode == 1 and "does not verify" in refused.stdout
+    assert not (tmp_path / "r" / "report.json").exists()
