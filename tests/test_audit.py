@@ -206,3 +206,46 @@ def test_audit_verify_command(tmp_path: Path) -> None:
     )
     assert bad.returncode == 1
     assert "FAILED at entry 10: node n1's summaries 3 are missing before 4" in bad.stdout
+
+
+def test_census_counts_cards_and_peak_throughput(tmp_path: Path) -> None:
+    import json
+
+    db, keys = build(tmp_path)
+    script = Path(sys.executable).with_name("gputally")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "gputally.agent"]
+    out = subprocess.run(
+        [*command, "audit", "census", f"--ledger={db}", f"--keys={keys}", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    assert result["cards"] == 3 and result["duplicates"] == []
+    assert [c["uuid"] for c in result["inventory"]] == ["GPU-n1", "GPU-n2", "GPU-n3"]
+    assert result["inventory"][0]["gpu_hours"] == pytest.approx(4 * 60 / 3600)
+
+
+def test_census_flags_one_card_claimed_by_two_nodes() -> None:
+    from gputally.collector.census import PEAK_BF16_TFLOPS, Card, census
+
+    h100 = "NVIDIA H100 80GB HBM3"
+    cards = {
+        "GPU-a": Card(
+            "GPU-a", "S1", h100, {"n1": (0.0, 100.0), "n2": (50.0, 150.0)}
+        ),  # at once: impossible
+        "GPU-b": Card("GPU-b", "S2", h100, {"n1": (0.0, 100.0), "n3": (200.0, 300.0)}),  # moved
+        "GPU-c": Card("GPU-c", "S2", h100, {"n4": (0.0, 100.0)}),  # reuses GPU-b's serial
+        "GPU-d": Card("GPU-d", "S4", "NVIDIA A100-SXM4-80GB", {"n5": (0.0, 100.0)}),
+    }
+    result = census(cards)
+    kinds = sorted(d["kind"] for d in result["duplicates"])
+    assert kinds == [
+        "claimed by two nodes at once",
+        "moved between nodes",
+        "one serial under several UUIDs",
+    ]
+    assert result["total_peak_bf16_pflops"] == pytest.approx(
+        (3 * PEAK_BF16_TFLOPS[h100] + 312.0) / 1000
+    )

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import census as census_module
 from . import report as report_module
 from . import server as ingest
 from .audit import verify_ledger
@@ -263,6 +264,33 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
     )
     report.add_argument("--out", required=True, metavar="DIR", help="where to write the report")
     report.set_defaults(handler=run_audit_report)
+    census = audit_sub.add_parser(
+        "census",
+        help="the inventory the ledger saw: cards per model, serials, duplicate identities, peak throughput",
+        description="Verify the ledger, then list the cards it saw in the period: per model, with serials "
+        "and UUIDs, duplicate identities (one card reported by two nodes), and the theoretical peak dense "
+        "BF16 throughput per model and in total, to set against a claimed capacity.",
+    )
+    census.add_argument(
+        "--ledger", required=True, metavar="PATH", help="the collector's record (its --db file)"
+    )
+    census.add_argument(
+        "--keys",
+        required=True,
+        metavar="DIR",
+        help="the agents' <node>.pub files and collector.ckey",
+    )
+    census.add_argument(
+        "--from",
+        dest="start",
+        metavar="DATE",
+        help="period start (default: the start of the ledger)",
+    )
+    census.add_argument(
+        "--to", dest="end", metavar="DATE", help="period end (default: the end of the ledger)"
+    )
+    census.add_argument("--json", action="store_true", help="print JSON, with the full card list")
+    census.set_defaults(handler=run_audit_census)
     return {"collector": collector, "query": query, "enroll": enroll, "audit": audit}
 
 
@@ -307,6 +335,33 @@ def run_audit_report(args: argparse.Namespace) -> int:
     )
     for path in paths:
         print(f"wrote {path}")
+    return 0
+
+
+def run_audit_census(args: argparse.Namespace) -> int:
+    try:
+        verification = verify_ledger(Path(args.ledger), Path(args.keys))
+    except (RecordError, KeyStoreError) as error:
+        print(f"gputally audit census: {error}", file=sys.stderr)
+        return 2
+    if not verification.ok:
+        print(
+            f"gputally audit census: the ledger does not verify ({verification.problems[0].message})"
+        )
+        return 1
+    record = Record(args.ledger, readonly=True)
+    try:
+        span = record.span() or (0, 0)
+        now = time.time()
+        try:
+            start = parse_time(args.start, now) if args.start else span[0] / 1e9
+            end = parse_time(args.end, now) if args.end else span[1] / 1e9
+        except ValueError as error:
+            return _fail(str(error))
+        result = census_module.census(census_module.take(record, start, end))
+    finally:
+        record.close()
+    print(json.dumps(result, indent=2) if args.json else census_module.render(result))
     return 0
 
 
