@@ -249,3 +249,20 @@ def test_census_flags_one_card_claimed_by_two_nodes() -> None:
     assert result["total_peak_bf16_pflops"] == pytest.approx(
         (3 * PEAK_BF16_TFLOPS[h100] + 312.0) / 1000
     )
+
+
+def test_parallel_verification_agrees_with_the_in_process_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gputally.collector import audit
+
+    db, keys = build(tmp_path, windows=6)
+    monkeypatch.setattr(audit, "_CHUNK", 4)  # 18 entries: several batches, through worker processes
+    assert verify_ledger(db, keys, workers=2).ok
+    with sqlite3.connect(db) as con:
+        con.execute("DELETE FROM summaries WHERE id = 8")
+    parallel, serial = verify_ledger(db, keys, workers=2), verify_ledger(db, keys, workers=1)
+    assert [(p.entry, p.message) for p in parallel.problems] == [
+        (p.entry, p.message) for p in serial.problems
+    ]
+    assert parallel.problems[0].message == "node n2's summaries 3 are missing before 4"

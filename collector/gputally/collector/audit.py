@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,8 +68,69 @@ def read_collector_key(keys: Path) -> tuple[str, bytes]:
     return name.strip(), raw
 
 
+# Entries per batch handed to a worker process; below this many in all, no pool is worth it.
+_CHUNK = 20_000
+
+
+def _opened(
+    entries: list[tuple[int, str, bytes, bytes]], keys: dict[str, bytes]
+) -> list[tuple[object, ...]]:
+    """The order-free part of the checks (hashing, parsing, signatures), for a batch of
+    entries; runs in worker processes. Per entry: (problem or None, node in body, chain_seq,
+    prev_hash, body hash, leaf hash of the stored bytes)."""
+    out: list[tuple[object, ...]] = []
+    for _, node, stored, leaf in entries:
+        computed = leaf_hash(stored)
+        if leaf != computed:
+            out.append(
+                ("its stored leaf hash is not the hash of its bytes", "", 0, b"", b"", computed)
+            )
+            continue
+        try:
+            signed = pb.SignedSummary.FromString(stored)
+            summary = pb.Summary.FromString(signed.body)
+        except DecodeError:
+            out.append(("not a signed summary", "", 0, b"", b"", computed))
+            continue
+        key = keys.get(node)
+        if key is None:
+            problem: str | None = f"node {node} has no enrolled key"
+        elif not verify(key, signed.body, signed.signature):
+            problem = f"the signature of node {node} does not verify"
+        elif summary.node != node:
+            problem = f"it is filed under node {node} but names node {summary.node}"
+        else:
+            problem = None
+        out.append(
+            (
+                problem,
+                summary.node,
+                summary.chain_seq,
+                summary.prev_hash,
+                hashlib.sha256(signed.body).digest(),
+                computed,
+            )
+        )
+    return out
+
+
+def _batches(record: Record) -> Iterator[list[tuple[int, str, bytes, bytes]]]:
+    batch: list[tuple[int, str, bytes, bytes]] = []
+    for row in record.entries():
+        batch.append(row)
+        if len(batch) == _CHUNK:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def verify_ledger(
-    ledger: Path, keys_dir: Path, *, progress: Callable[[int], None] | None = None
+    ledger: Path,
+    keys_dir: Path,
+    *,
+    progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
 ) -> Verification:
     result = Verification()
     keys = KeyStore(keys_dir)
@@ -77,18 +141,30 @@ def verify_ledger(
     roots: dict[int, bytes] = {}
     checkpoints = record.checkpoints()
     wanted = {size for _, size, _, _ in checkpoints}
+    enrolled = {path.stem: keys.key(path.stem) or b"" for path in keys_dir.glob("*.pub")}
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    pool = ProcessPoolExecutor(workers) if workers > 1 and record.count() > _CHUNK else None
     try:
-        for entry, node, stored, leaf in record.entries():
-            result.entries += 1
-            if progress is not None and result.entries % 100_000 == 0:
-                progress(result.entries)
-            problem = _check_entry(entry, node, stored, leaf, keys, chains)
-            if problem is not None:
-                result.problems.append(problem)
-            result.nodes.add(node)
-            frontier.append(leaf_hash(stored))
-            if frontier.size in wanted:
-                roots[frontier.size] = frontier.root()
+        batches = _batches(record)
+        # Signatures are checked out of order, in parallel; chains and the tree, in order, here.
+        opened = (
+            pool.map(_opened, batches, itertools.repeat(enrolled))
+            if pool is not None
+            else (_opened(b, enrolled) for b in batches)
+        )
+        rows = _batches(Record(ledger, readonly=True))
+        for batch, results in zip(rows, opened, strict=True):
+            for (entry, node, _, _), checked in zip(batch, results, strict=True):
+                result.entries += 1
+                if progress is not None and result.entries % 100_000 == 0:
+                    progress(result.entries)
+                problem = _chain(entry, node, checked, chains)
+                if problem is not None:
+                    result.problems.append(problem)
+                result.nodes.add(node)
+                frontier.append(checked[5])  # type: ignore[arg-type]
+                if frontier.size in wanted:
+                    roots[frontier.size] = frontier.root()
         last_size = 0
         for checkpoint_id, size, _, note in checkpoints:
             result.checkpoints += 1
@@ -127,35 +203,23 @@ def verify_ledger(
             )
     finally:
         record.close()
+        if pool is not None:
+            pool.shutdown()
     result.problems.sort(key=lambda p: (p.entry is None, p.entry or 0))
     return result
 
 
-def _check_entry(
-    entry: int,
-    node: str,
-    stored: bytes,
-    leaf: bytes,
-    keys: KeyStore,
-    chains: dict[str, tuple[int, bytes]],
+def _chain(
+    entry: int, node: str, checked: tuple[object, ...], chains: dict[str, tuple[int, bytes]]
 ) -> Problem | None:
-    if leaf != leaf_hash(stored):
-        return Problem(entry, "its stored leaf hash is not the hash of its bytes")
-    try:
-        signed = pb.SignedSummary.FromString(stored)
-        summary = pb.Summary.FromString(signed.body)
-    except DecodeError:
-        return Problem(entry, "not a signed summary")
-    key = keys.key(node)
-    if key is None:
-        return Problem(entry, f"node {node} has no enrolled key")
-    if not verify(key, signed.body, signed.signature):
-        return Problem(entry, f"the signature of node {node} does not verify")
-    if summary.node != node:
-        return Problem(entry, f"it is filed under node {node} but names node {summary.node}")
+    problem, _, seq_value, prev_hash, body_hash, _ = checked
+    if problem is not None:
+        return Problem(entry, str(problem))
+    assert (
+        isinstance(seq_value, int) and isinstance(prev_hash, bytes) and isinstance(body_hash, bytes)
+    )
     last_seq, last_hash = chains.get(node, (0, b""))
-    body_hash = hashlib.sha256(signed.body).digest()
-    seq = summary.chain_seq
+    seq = seq_value
     chains[node] = (max(seq, last_seq), body_hash if seq > last_seq else last_hash)
     if seq <= last_seq:
         return Problem(
@@ -164,6 +228,6 @@ def _check_entry(
     if seq != last_seq + 1:
         missing = f"{last_seq + 1}" if seq == last_seq + 2 else f"{last_seq + 1}..{seq - 1}"
         return Problem(entry, f"node {node}'s summaries {missing} are missing before {seq}")
-    if summary.prev_hash != last_hash:
+    if prev_hash != last_hash:
         return Problem(entry, f"node {node}'s summary {seq} does not chain to summary {last_seq}")
     return None

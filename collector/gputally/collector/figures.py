@@ -151,11 +151,16 @@ def compute(
         raise ValueError("the inventory must be at least 1 GPU")
     out = PeriodFigures(start=start, end=end, expected=expected)
     for node, body in summaries:
-        summary = pb.Summary.FromString(pb.SignedSummary.FromString(body).body)
-        w0, w1 = summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9
-        overlap = min(w1, end) - max(w0, start)
-        if overlap <= 0 or w1 <= w0:
-            continue
+        accumulate(out, node, pb.Summary.FromString(pb.SignedSummary.FromString(body).body))
+    return out
+
+
+def accumulate(out: PeriodFigures, node: str, summary: pb.Summary) -> None:
+    """Add one summary to a period's figures, pro rata to its overlap with the period."""
+    start, end = out.start, out.end
+    w0, w1 = summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9
+    overlap = min(w1, end) - max(w0, start)
+    if overlap > 0 and w1 > w0:
         share = overlap / (w1 - w0)
         out.summaries += 1
         for gpu in summary.gpus:
@@ -178,7 +183,6 @@ def compute(
                 group.gpus.add(key)
             day = _day(max(w0, start))
             out.energy_by_day[day] = out.energy_by_day.get(day, 0.0) + gpu.energy_joules * share
-    return out
 
 
 def as_dict(
