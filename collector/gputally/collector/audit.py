@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import itertools
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +125,27 @@ def _batches(record: Record) -> Iterator[list[tuple[int, str, bytes, bytes]]]:
         yield batch
 
 
+def _opened_in_order(
+    record: Record, enrolled: dict[str, bytes], pool: ProcessPoolExecutor | None, workers: int
+) -> Iterator[tuple[list[tuple[int, str, bytes, bytes]], list[tuple[object, ...]]]]:
+    """(batch, its results) in log order, with at most two batches per worker in flight, so
+    a ledger of any size is never held in memory at once."""
+    pending: deque[tuple[list[tuple[int, str, bytes, bytes]], Future[list[tuple[object, ...]]]]] = (
+        deque()
+    )
+    for batch in _batches(record):
+        if pool is None:
+            yield batch, _opened(batch, enrolled)
+            continue
+        pending.append((batch, pool.submit(_opened, batch, enrolled)))
+        if len(pending) >= 2 * workers:
+            done, future = pending.popleft()
+            yield done, future.result()
+    while pending:
+        done, future = pending.popleft()
+        yield done, future.result()
+
+
 def verify_ledger(
     ledger: Path,
     keys_dir: Path,
@@ -145,15 +166,8 @@ def verify_ledger(
     workers = workers if workers is not None else (os.cpu_count() or 1)
     pool = ProcessPoolExecutor(workers) if workers > 1 and record.count() > _CHUNK else None
     try:
-        batches = _batches(record)
         # Signatures are checked out of order, in parallel; chains and the tree, in order, here.
-        opened = (
-            pool.map(_opened, batches, itertools.repeat(enrolled))
-            if pool is not None
-            else (_opened(b, enrolled) for b in batches)
-        )
-        rows = _batches(Record(ledger, readonly=True))
-        for batch, results in zip(rows, opened, strict=True):
+        for batch, results in _opened_in_order(record, enrolled, pool, workers):
             for (entry, node, _, _), checked in zip(batch, results, strict=True):
                 result.entries += 1
                 if progress is not None and result.entries % 100_000 == 0:

@@ -24,19 +24,49 @@ _FLAGGED_MEASURES = tuple(name for name in _FLAGGED if name != "seconds")
 
 @dataclass(slots=True)
 class Sums:
-    """GPU-seconds (and joules) added up over summaries, pro rata to the period."""
+    """GPU-seconds (and joules) added up over summaries, pro rata to the period.
 
-    values: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_FIELDS, 0.0))
-    flagged: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_FLAGGED, 0.0))
+    Kept as flat lists (in _FIELDS and _FLAGGED order): a report adds millions of GPU
+    summaries into several groups each, and list arithmetic is what keeps that fast."""
+
+    totals: list[float] = field(default_factory=lambda: [0.0] * len(_FIELDS))
+    flagged_totals: list[float] = field(default_factory=lambda: [0.0] * len(_FLAGGED))
     by_rule: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def values(self) -> dict[str, float]:
+        return dict(zip(_FIELDS, self.totals, strict=True))
+
+    @property
+    def flagged(self) -> dict[str, float]:
+        return dict(zip(_FLAGGED, self.flagged_totals, strict=True))
+
     def add(self, gpu: pb.GpuSummary, share: float) -> None:
-        for key in _FIELDS:
-            self.values[key] += getattr(gpu, key) * share
-        for key in _FLAGGED:
-            self.flagged[key] += getattr(gpu.flagged, key) * share
-        for total in gpu.padding:
-            self.by_rule[total.rule] = self.by_rule.get(total.rule, 0.0) + total.seconds * share
+        self.add_read(read(gpu), share)
+
+    def add_read(
+        self, numbers: tuple[list[float], list[float], list[tuple[str, float]]], share: float
+    ) -> None:
+        values, flagged, rules = numbers
+        totals = self.totals
+        for i, x in enumerate(values):
+            totals[i] += x * share
+        if flagged[0]:  # any flagged seconds at all
+            ftotals = self.flagged_totals
+            for i, x in enumerate(flagged):
+                ftotals[i] += x * share
+        for rule, seconds in rules:
+            self.by_rule[rule] = self.by_rule.get(rule, 0.0) + seconds * share
+
+
+def read(gpu: pb.GpuSummary) -> tuple[list[float], list[float], list[tuple[str, float]]]:
+    """A GPU summary's numbers, read once for all the groups they are added to."""
+    flagged = gpu.flagged
+    return (
+        [getattr(gpu, key) for key in _FIELDS],
+        [getattr(flagged, key) for key in _FLAGGED],
+        [(total.rule, total.seconds) for total in gpu.padding],
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +146,7 @@ class PeriodFigures:
     gpu_model: dict[str, str] = field(default_factory=dict)
     energy_by_day: dict[str, float] = field(default_factory=dict)
     summaries: int = 0
+    detail: bool = True  # False: only the totals and the nodes (a report's days need no more)
 
     @property
     def seconds(self) -> float:
@@ -165,6 +196,12 @@ def accumulate(out: PeriodFigures, node: str, summary: pb.Summary) -> None:
         out.summaries += 1
         for gpu in summary.gpus:
             key = gpu.uuid or f"{node}/{gpu.index}"
+            numbers = read(gpu)
+            if not out.detail:
+                for group in (out.total, out.nodes.setdefault(node, Group())):
+                    group.sums.add_read(numbers, share)
+                    group.gpus.add(key)
+                continue
             tenant = gpu.attribution.tenant or (
                 "(unattributed)" if not gpu.attribution.source else "(no tenant)"
             )
@@ -179,7 +216,7 @@ def accumulate(out: PeriodFigures, node: str, summary: pb.Summary) -> None:
             )
             out.gpu_model[key] = gpu.model
             for group in groups:
-                group.sums.add(gpu, share)
+                group.sums.add_read(numbers, share)
                 group.gpus.add(key)
             day = _day(max(w0, start))
             out.energy_by_day[day] = out.energy_by_day.get(day, 0.0) + gpu.energy_joules * share

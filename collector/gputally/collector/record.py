@@ -104,6 +104,18 @@ class Record:
             )
             return cursor.rowcount == 1
 
+    def append_many(self, rows: list[tuple[str, int, int, int, int, float, bytes]]) -> None:
+        """Store many summaries in one transaction (bulk loads; the collector appends one by one)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR IGNORE INTO summaries"
+                " (node, instance, seq, window_start_ns, window_end_ns, received, body, leaf)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(n, _signed(i), s, w0, w1, r, b, leaf_hash(b)) for n, i, s, w0, w1, r, b in rows],
+            )
+            self._db.execute("COMMIT")
+
     def leaves_after(self, after_id: int) -> list[tuple[int, bytes]]:
         """(id, leaf hash) of the entries after `after_id`, in log order."""
         with self._lock:

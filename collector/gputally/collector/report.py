@@ -40,7 +40,10 @@ def _periods(
     first_day, last_day = int(start // DAY), math.ceil(end / DAY) - 1  # end is excluded
     for number in range(first_day, last_day + 1):
         days[number] = PeriodFigures(
-            start=max(start, number * DAY), end=min(end, (number + 1) * DAY), expected=expected
+            start=max(start, number * DAY),
+            end=min(end, (number + 1) * DAY),
+            expected=expected,
+            detail=False,
         )
     for node, stored in record.summaries(int(start * 1e9), int(end * 1e9)):
         summary = pb.Summary.FromString(pb.SignedSummary.FromString(stored).body)
