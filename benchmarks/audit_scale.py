@@ -143,13 +143,15 @@ def main() -> int:
         generation = time.perf_counter() - began
         size = db.stat().st_size / 2**20
         print(
-            f"generated {entries:,} signed summaries ({args.gpus:,} GPUs x {args.days} days, hourly) in {generation:.0f} s; ledger {size:,.0f} MiB"
+            f"generated {entries:,} signed summaries ({args.gpus:,} GPUs x {args.days} days, hourly) "
+            f"in {generation:.0f} s; ledger {size:,.0f} MiB"
         )
         verify_s, verify_out = timed(
             [*gputally(), "audit", "verify", f"--ledger={db}", f"--keys={keys}"]
         )
         print(
-            f"audit verify: {verify_s:.1f} s, {entries / verify_s:,.0f} entries/s = {entries / verify_s / rate:.2f}x the one-core bare verify rate"
+            f"audit verify: {verify_s:.1f} s, {entries / verify_s:,.0f} entries/s "
+            f"= {entries / verify_s / rate:.2f}x the one-core bare verify rate"
         )
         print("  " + verify_out.strip().replace("\n", "\n  "))
         end = time.strftime("%Y-%m-%d", time.gmtime(START + args.days * 86400))
