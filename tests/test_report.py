@@ -132,3 +132,42 @@ def test_a_report_is_refused_for_a_ledger_that_does_not_verify(
     refused = report(db, keys, tmp_path / "r", "2025-03-01", "2025-03-02", "0.85")
     assert refused.returncode == 1 and "does not verify" in refused.stdout
     assert not (tmp_path / "r" / "report.json").exists()
+
+
+def test_the_one_pass_rollup_equals_the_direct_computation(
+    tmp_path: Path, collector_factory: Callable[..., Collector]
+) -> None:
+    from gputally.collector.audit import verify_ledger
+    from gputally.collector.figures import Rollup, as_dict, bounds, compute
+
+    db, keys = ledger(tmp_path, collector_factory)
+    start, end = START + 3600.5, START + 2 * 86400 + 7200  # cuts through windows and days
+    rollup = Rollup(start, end, 8)
+    assert verify_ledger(db, keys, collect=rollup.add).ok
+    record = Record(db, readonly=True)
+    direct = compute(record.summaries(int(start * 1e9), int(end * 1e9)), start, end, 8)
+    one_pass = rollup.period()
+
+    def rounded(value: object) -> object:  # equal up to float summation order
+        if isinstance(value, float):
+            return round(value, 9)
+        if isinstance(value, dict):
+            return {k: rounded(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rounded(v) for v in value]
+        return value
+
+    for name in ("busy", "sm_active", "allocated", "effective"):
+        assert rounded(as_dict(one_pass, name, 0.6)) == rounded(as_dict(direct, name, 0.6))
+    days = rollup.days()
+    assert [d for d, _ in days] == ["2025-03-01", "2025-03-02", "2025-03-03"]
+    for (_, day), t0, t1 in zip(
+        days,
+        (start, START + 86400, START + 2 * 86400),
+        (START + 86400, START + 2 * 86400, end),
+        strict=True,
+    ):
+        expected = compute(record.summaries(int(t0 * 1e9), int(t1 * 1e9)), t0, t1, 8)
+        assert bounds(day.total.sums, day.capacity)["busy"].figure == pytest.approx(
+            bounds(expected.total.sums, expected.capacity)["busy"].figure
+        )

@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError
 
 from gputally.v1 import telemetry_pb2 as pb
 
+from .figures import GpuNumbers, gpu_numbers
 from .keys import KeyStore, KeyStoreError, verify
 from .ledger import COLLECTOR_KEY_FILE, CheckpointError, open_note
 from .merkle import Frontier, leaf_hash
@@ -73,7 +74,7 @@ _CHUNK = 20_000
 
 
 def _opened(
-    entries: list[tuple[int, str, bytes, bytes]], keys: dict[str, bytes]
+    entries: list[tuple[int, str, bytes, bytes]], keys: dict[str, bytes], with_numbers: bool = False
 ) -> list[tuple[object, ...]]:
     """The order-free part of the checks (hashing, parsing, signatures), for a batch of
     entries; runs in worker processes. Per entry: (problem or None, node in body, chain_seq,
@@ -83,14 +84,22 @@ def _opened(
         computed = leaf_hash(stored)
         if leaf != computed:
             out.append(
-                ("its stored leaf hash is not the hash of its bytes", "", 0, b"", b"", computed)
+                (
+                    "its stored leaf hash is not the hash of its bytes",
+                    "",
+                    0,
+                    b"",
+                    b"",
+                    computed,
+                    None,
+                )
             )
             continue
         try:
             signed = pb.SignedSummary.FromString(stored)
             summary = pb.Summary.FromString(signed.body)
         except DecodeError:
-            out.append(("not a signed summary", "", 0, b"", b"", computed))
+            out.append(("not a signed summary", "", 0, b"", b"", computed, None))
             continue
         key = keys.get(node)
         if key is None:
@@ -109,6 +118,13 @@ def _opened(
                 summary.prev_hash,
                 hashlib.sha256(signed.body).digest(),
                 computed,
+                # For a report: the figures' inputs, read here, in parallel, while parsed anyway.
+                (
+                    (summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9),
+                    gpu_numbers(node, summary),
+                )
+                if with_numbers
+                else None,
             )
         )
     return out
@@ -126,7 +142,11 @@ def _batches(record: Record) -> Iterator[list[tuple[int, str, bytes, bytes]]]:
 
 
 def _opened_in_order(
-    record: Record, enrolled: dict[str, bytes], pool: ProcessPoolExecutor | None, workers: int
+    record: Record,
+    enrolled: dict[str, bytes],
+    pool: ProcessPoolExecutor | None,
+    workers: int,
+    with_numbers: bool,
 ) -> Iterator[tuple[list[tuple[int, str, bytes, bytes]], list[tuple[object, ...]]]]:
     """(batch, its results) in log order, with at most two batches per worker in flight, so
     a ledger of any size is never held in memory at once."""
@@ -135,9 +155,9 @@ def _opened_in_order(
     )
     for batch in _batches(record):
         if pool is None:
-            yield batch, _opened(batch, enrolled)
+            yield batch, _opened(batch, enrolled, with_numbers)
             continue
-        pending.append((batch, pool.submit(_opened, batch, enrolled)))
+        pending.append((batch, pool.submit(_opened, batch, enrolled, with_numbers)))
         if len(pending) >= 2 * workers:
             done, future = pending.popleft()
             yield done, future.result()
@@ -152,7 +172,10 @@ def verify_ledger(
     *,
     progress: Callable[[int], None] | None = None,
     workers: int | None = None,
+    collect: Callable[[str, tuple[float, float], list[GpuNumbers]], None] | None = None,
 ) -> Verification:
+    """Verify the ledger; with `collect`, also hand every entry's figures' inputs to it, in log
+    order (a report adds them up in the same pass)."""
     result = Verification()
     keys = KeyStore(keys_dir)
     name, collector_key = read_collector_key(keys_dir)
@@ -167,12 +190,17 @@ def verify_ledger(
     pool = ProcessPoolExecutor(workers) if workers > 1 and record.count() > _CHUNK else None
     try:
         # Signatures are checked out of order, in parallel; chains and the tree, in order, here.
-        for batch, results in _opened_in_order(record, enrolled, pool, workers):
+        for batch, results in _opened_in_order(
+            record, enrolled, pool, workers, collect is not None
+        ):
             for (entry, node, _, _), checked in zip(batch, results, strict=True):
                 result.entries += 1
                 if progress is not None and result.entries % 100_000 == 0:
                     progress(result.entries)
                 problem = _chain(entry, node, checked, chains)
+                if collect is not None and checked[6] is not None:
+                    inputs: tuple[tuple[float, float], list[GpuNumbers]] = checked[6]  # type: ignore[assignment]
+                    collect(node, inputs[0], inputs[1])
                 if problem is not None:
                     result.problems.append(problem)
                 result.nodes.add(node)
@@ -226,7 +254,7 @@ def verify_ledger(
 def _chain(
     entry: int, node: str, checked: tuple[object, ...], chains: dict[str, tuple[int, bytes]]
 ) -> Problem | None:
-    problem, _, seq_value, prev_hash, body_hash, _ = checked
+    problem, _, seq_value, prev_hash, body_hash = checked[:5]
     if problem is not None:
         return Problem(entry, str(problem))
     assert (

@@ -21,7 +21,7 @@ from . import census as census_module
 from . import report as report_module
 from . import server as ingest
 from .audit import verify_ledger
-from .figures import MEASURES, as_dict, compute
+from .figures import MEASURES, Rollup, as_dict, compute
 from .keys import KeyStore, KeyStoreError, read_public_key
 from .ledger import COLLECTOR_KEY_FILE, CheckpointError, Ledger
 from .ledger import load_or_create_key as load_or_create_ledger_key
@@ -304,10 +304,14 @@ def run_audit_report(args: argparse.Namespace) -> int:
         return _fail(str(error))
     if end <= start:
         return _fail("--to must be after --from")
-    say("verifying the ledger ...")
+    say("verifying the ledger and adding up its figures ...")
+    rollup = Rollup(start, end, args.expected_gpus)
     try:
         verification = verify_ledger(
-            Path(args.ledger), Path(args.keys), progress=lambda n: say(f"{n:,} entries checked")
+            Path(args.ledger),
+            Path(args.keys),
+            progress=lambda n: say(f"{n:,} entries checked"),
+            collect=rollup.add,
         )
     except (RecordError, KeyStoreError) as error:
         print(f"gputally audit report: {error}", file=sys.stderr)
@@ -319,14 +323,8 @@ def run_audit_report(args: argparse.Namespace) -> int:
             f"gputally audit report: the ledger does not verify (at {where}: {first.message}); no report written"
         )
         return 1
-    say(f"verified {verification.entries:,} entries; computing figures ...")
-    record = Record(args.ledger, readonly=True)
-    try:
-        answer = report_module.build(
-            record, start, end, args.expected_gpus, args.measure, args.claim, verification, say
-        )
-    finally:
-        record.close()
+    say(f"verified {verification.entries:,} entries; writing the report ...")
+    answer = report_module.build(rollup, args.measure, args.claim, verification)
     paths = report_module.write(answer, Path(args.out), args.measure)
     verdict = f", claim {args.claim:.2%}: {answer['verdict']}" if args.claim is not None else ""
     print(

@@ -296,3 +296,121 @@ def as_dict(
         + ([] if figures.summaries else ["no summary in the record overlaps this period"])
         + ([] if math.isfinite(figures.seconds) else ["the period is not finite"]),
     }
+
+
+Numbers = tuple[list[float], list[float], list[tuple[str, float]]]
+GpuNumbers = tuple[str, str, str, str, Numbers]  # key, model, tenant, job, numbers
+
+
+def gpu_numbers(node: str, summary: pb.Summary) -> list[GpuNumbers]:
+    """Each GPU's identity, attribution and numbers: what a period adds up (can run in a
+    worker process; plain tuples travel cheaply)."""
+    out = []
+    for gpu in summary.gpus:
+        tenant = gpu.attribution.tenant or (
+            "(unattributed)" if not gpu.attribution.source else "(no tenant)"
+        )
+        out.append(
+            (
+                gpu.uuid or f"{node}/{gpu.index}",
+                gpu.model or "(unknown)",
+                tenant,
+                gpu.attribution.job or "(unattributed)",
+                read(gpu),
+            )
+        )
+    return out
+
+
+class Rollup:
+    """A period's figures and its days' in one pass, adding each GPU summary once.
+
+    Sums go into one fine table keyed by (GPU, node, model, tenant, job) and one per (day, node);
+    the breakdowns are rolled up from them at the end, instead of adding every GPU summary into
+    every group it belongs to as it comes."""
+
+    def __init__(self, start: float, end: float, expected: int):
+        if end <= start:
+            raise ValueError("the period must end after it starts")
+        self.start, self.end, self.expected = start, end, expected
+        self.fine: dict[tuple[str, str, str, str, str], Sums] = {}
+        self.node_day: dict[tuple[int, str], Sums] = {}
+        self.summaries = 0
+
+    def add(self, node: str, window: tuple[float, float], gpus: list[GpuNumbers]) -> None:
+        w0, w1 = window
+        overlap = min(w1, self.end) - max(w0, self.start)
+        if overlap <= 0 or w1 <= w0:
+            return
+        share = overlap / (w1 - w0)
+        self.summaries += 1
+        node_values = [0.0] * len(_FIELDS)
+        node_flagged = [0.0] * len(_FLAGGED)
+        node_rules: list[tuple[str, float]] = []
+        for key, model, tenant, job, numbers in gpus:
+            sums = self.fine.get((key, node, model, tenant, job))
+            if sums is None:
+                sums = self.fine[(key, node, model, tenant, job)] = Sums()
+            sums.add_read(numbers, share)
+            for i, x in enumerate(numbers[0]):
+                node_values[i] += x
+            for i, x in enumerate(numbers[1]):
+                node_flagged[i] += x
+            node_rules += numbers[2]
+        day_of = 86400.0
+        for number in range(
+            int(max(w0, self.start) // day_of), math.ceil(min(w1, self.end) / day_of)
+        ):
+            d0, d1 = max(self.start, number * day_of), min(self.end, (number + 1) * day_of)
+            day_share = (min(w1, d1) - max(w0, d0)) / (w1 - w0)
+            if day_share <= 0:
+                continue
+            sums = self.node_day.get((number, node))
+            if sums is None:
+                sums = self.node_day[(number, node)] = Sums()
+            sums.add_read((node_values, node_flagged, node_rules), day_share)
+
+    def period(self) -> PeriodFigures:
+        out = PeriodFigures(
+            start=self.start, end=self.end, expected=self.expected, summaries=self.summaries
+        )
+        for (key, node, model, tenant, job), sums in self.fine.items():
+            for group in (
+                out.total,
+                out.nodes.setdefault(node, Group()),
+                out.models.setdefault(model, Group()),
+                out.tenants.setdefault(tenant, Group()),
+                out.jobs.setdefault(job, Group()),
+                out.gpus.setdefault(key, Group()),
+            ):
+                _merge(group.sums, sums)
+                group.gpus.add(key)
+            out.gpu_model[key] = model
+        for (number, _), sums in self.node_day.items():
+            day = _day(max(self.start, number * 86400.0))
+            out.energy_by_day[day] = (
+                out.energy_by_day.get(day, 0.0) + sums.totals[_FIELDS.index("energy_joules")]
+            )
+        return out
+
+    def days(self) -> list[tuple[str, PeriodFigures]]:
+        """Each UTC day's figures (totals and nodes only); GPUs per node come from the period."""
+        gpus_of: dict[str, set[str]] = {}
+        for key, node, *_ in self.fine:
+            gpus_of.setdefault(node, set()).add(key)
+        days: dict[int, PeriodFigures] = {}
+        for number in range(int(self.start // 86400), math.ceil(self.end / 86400)):
+            d0, d1 = max(self.start, number * 86400.0), min(self.end, (number + 1) * 86400.0)
+            days[number] = PeriodFigures(start=d0, end=d1, expected=self.expected, detail=False)
+        for (number, node), sums in self.node_day.items():
+            figures = days[number]
+            _merge(figures.total.sums, sums)
+            group = figures.nodes.setdefault(node, Group())
+            _merge(group.sums, sums)
+            group.gpus |= gpus_of.get(node, set())
+            figures.total.gpus |= group.gpus
+        return [(_day(f.start), f) for _, f in sorted(days.items())]
+
+
+def _merge(into: Sums, other: Sums) -> None:
+    into.add_read((other.totals, other.flagged_totals, list(other.by_rule.items())), 1.0)

@@ -11,17 +11,13 @@ from __future__ import annotations
 import csv
 import html
 import json
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gputally.v1 import telemetry_pb2 as pb
-
 from .audit import Verification
-from .figures import MEASURES, PeriodFigures, accumulate, as_dict, bounds
-from .record import Record
+from .figures import MEASURES, Rollup, as_dict, bounds
 
 DAY = 86400.0
 
@@ -30,45 +26,15 @@ def _day(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d")
 
 
-def _periods(
-    record: Record, start: float, end: float, expected: int
-) -> tuple[PeriodFigures, list[tuple[str, PeriodFigures]]]:
-    """The period's figures and each UTC day's (the first and last may be partial), in one pass
-    over the ledger: every summary is parsed once."""
-    total = PeriodFigures(start=start, end=end, expected=expected)
-    days: dict[int, PeriodFigures] = {}
-    first_day, last_day = int(start // DAY), math.ceil(end / DAY) - 1  # end is excluded
-    for number in range(first_day, last_day + 1):
-        days[number] = PeriodFigures(
-            start=max(start, number * DAY),
-            end=min(end, (number + 1) * DAY),
-            expected=expected,
-            detail=False,
-        )
-    for node, stored in record.summaries(int(start * 1e9), int(end * 1e9)):
-        summary = pb.Summary.FromString(pb.SignedSummary.FromString(stored).body)
-        accumulate(total, node, summary)
-        w0, w1 = summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9
-        for number in range(int(max(w0, start) // DAY), math.ceil(min(w1, end) / DAY)):
-            if number in days:
-                accumulate(days[number], node, summary)
-    return total, [(_day(figures.start), figures) for _, figures in sorted(days.items())]
-
-
 def build(
-    record: Record,
-    start: float,
-    end: float,
-    expected: int,
+    rollup: Rollup,
     measure: str,
     claim: float | None,
     verification: Verification,
-    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    total, days = _periods(record, start, end, expected)
+    """The report's content, from a rollup filled while the ledger was verified."""
+    total, days = rollup.period(), rollup.days()
     answer = as_dict(total, measure, claim, top=10_000)
-    if progress is not None:
-        progress("period figures computed; now day by day")
     series = []
     heat: dict[str, dict[str, float]] = {}
     for day, figures in days:
