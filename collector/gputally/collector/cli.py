@@ -218,15 +218,7 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         "(gaps, reorders, duplicates), and the Merkle tree against the signed checkpoints. Exits 0 only "
         "when all holds; otherwise names the first bad entry and exits 1.",
     )
-    check.add_argument(
-        "--ledger", required=True, metavar="PATH", help="the collector's record (its --db file)"
-    )
-    check.add_argument(
-        "--keys",
-        required=True,
-        metavar="DIR",
-        help="the agents' <node>.pub files and the collector's collector.ckey",
-    )
+    _ledger_arguments(check)
     check.set_defaults(handler=run_audit_verify)
     report = audit_sub.add_parser(
         "report",
@@ -234,15 +226,7 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         description="Verify the ledger (as `audit verify`), then recompute every figure for the period from "
         "its summaries and write a self-contained report.html, report.json and CSV tables into --out.",
     )
-    report.add_argument(
-        "--ledger", required=True, metavar="PATH", help="the collector's record (its --db file)"
-    )
-    report.add_argument(
-        "--keys",
-        required=True,
-        metavar="DIR",
-        help="the agents' <node>.pub files and collector.ckey",
-    )
+    _ledger_arguments(report)
     report.add_argument(
         "--from", dest="start", required=True, metavar="DATE", help="period start (UTC)"
     )
@@ -271,15 +255,7 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         "and UUIDs, duplicate identities (one card reported by two nodes), and the theoretical peak dense "
         "BF16 throughput per model and in total, to set against a claimed capacity.",
     )
-    census.add_argument(
-        "--ledger", required=True, metavar="PATH", help="the collector's record (its --db file)"
-    )
-    census.add_argument(
-        "--keys",
-        required=True,
-        metavar="DIR",
-        help="the agents' <node>.pub files and collector.ckey",
-    )
+    _ledger_arguments(census)
     census.add_argument(
         "--from",
         dest="start",
@@ -384,6 +360,19 @@ def run_audit_verify(args: argparse.Namespace) -> int:
     if len(result.problems) > 1:
         print(f"({len(result.problems) - 1} more problems after it)")
     return 1
+
+
+def _ledger_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every auditor's command reads: the ledger and the public keys, nothing else."""
+    parser.add_argument(
+        "--ledger", required=True, metavar="PATH", help="the collector's record (its --db file)"
+    )
+    parser.add_argument(
+        "--keys",
+        required=True,
+        metavar="DIR",
+        help="the agents' <node>.pub files and the collector's collector.ckey",
+    )
 
 
 def run_enroll(args: argparse.Namespace) -> int:
