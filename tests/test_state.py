@@ -116,6 +116,20 @@ def test_agent_clock_skew_does_not_shift_the_window() -> None:
     assert state.view(now=T0 + 10).window.ratios["busy"] == pytest.approx(0.8)
 
 
+def test_a_faster_delivery_never_counts_a_second_twice() -> None:
+    # Reports 1-5 arrive 0.3 s after they are sent, 6-10 only 0.01 s: the stream offset
+    # shrinks by 0.29 s, and report 6 would overlap report 5 in the live window.
+    state = ClusterState(expected_gpus=1, window=5.0, lag=1.0)
+    state.open_session(hello(gpus=1))
+    for k in range(1, 11):
+        delay = 0.3 if k <= 5 else 0.01
+        state.ingest("n1", report(k, T0 + k, gpu(0, 0.5)), received=T0 + k + delay)
+    window = state.view(now=T0 + 10).window
+    assert window.ratios["busy"] == pytest.approx(0.5)
+    assert window.coverage == pytest.approx(1.0)
+    assert state.counters.seconds["busy"] == pytest.approx(5.0)  # the agent's intervals
+
+
 def test_duplicates_are_ignored_and_gaps_counted() -> None:
     state = ClusterState(expected_gpus=1)
     state.open_session(hello(gpus=1))

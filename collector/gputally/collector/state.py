@@ -81,6 +81,7 @@ class GpuState:
     model: str
     status: int = pb.GPU_STATUS_UNSPECIFIED
     samples: deque[Sample] = field(default_factory=deque)
+    last_end: float = -math.inf  # collector-clock end of the newest sample
     last_energy_mj: int | None = None
     power_watts: float | None = None
     tenant: str = ""
@@ -428,7 +429,15 @@ class ClusterState:
                 ok = proto.status == pb.GPU_STATUS_OK
                 values = _values(proto) if ok else (None,) * len(MEASURES)
                 padding = tuple(proto.padding) if ok else ()
-                gpu.samples.append(Sample(end, dt, ok, values, proto.effective_estimated, padding))
+                # The stream offset only shrinks (a faster delivery than any before), which
+                # moves this report's end earlier than the previous one's placement: clip its
+                # start so that two samples never cover the same second in the live window.
+                # The counters below keep the agent's own interval, which is exact.
+                placed = min(dt, max(end - gpu.last_end, 0.0))
+                gpu.last_end = max(gpu.last_end, end)
+                gpu.samples.append(
+                    Sample(end, placed, ok, values, proto.effective_estimated, padding)
+                )
                 gpu.power_watts = proto.power_watts if proto.HasField("power_watts") else None
                 gpu.tenant = proto.attribution.tenant or proto.attribution.job
                 gpu.padding = padding
