@@ -134,16 +134,24 @@ def test_a_report_is_refused_for_a_ledger_that_does_not_verify(
     assert not (tmp_path / "r" / "report.json").exists()
 
 
+@pytest.mark.parametrize("chunk, workers", [(None, 1), (7, 2)], ids=["one-process", "pool"])
 def test_the_one_pass_rollup_equals_the_direct_computation(
-    tmp_path: Path, collector_factory: Callable[..., Collector]
+    tmp_path: Path,
+    collector_factory: Callable[..., Collector],
+    monkeypatch: pytest.MonkeyPatch,
+    chunk: int | None,
+    workers: int,
 ) -> None:
-    from gputally.collector.audit import verify_ledger
+    from gputally.collector import audit
     from gputally.collector.figures import Rollup, as_dict, bounds, compute
 
     db, keys = ledger(tmp_path, collector_factory)
+    if chunk is not None:  # batches of 7 entries over two worker processes: partial rollups merged
+        monkeypatch.setattr(audit, "_CHUNK", chunk)
     start, end = START + 3600.5, START + 2 * 86400 + 7200  # cuts through windows and days
     rollup = Rollup(start, end, 8)
-    assert verify_ledger(db, keys, collect=rollup.add).ok
+    verification = audit.verify_ledger(db, keys, rollup=rollup, workers=workers)
+    assert verification.ok and verification.entries > 3 * (chunk or 0)
     record = Record(db, readonly=True)
     direct = compute(record.summaries(int(start * 1e9), int(end * 1e9)), start, end, 8)
     one_pass = rollup.period()

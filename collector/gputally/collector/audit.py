@@ -28,7 +28,7 @@ from google.protobuf.message import DecodeError
 
 from gputally.v1 import telemetry_pb2 as pb
 
-from .figures import GpuNumbers, gpu_numbers
+from .figures import Rollup, gpu_numbers
 from .keys import KeyStore, KeyStoreError, verify
 from .ledger import COLLECTOR_KEY_FILE, CheckpointError, open_note
 from .merkle import Frontier, leaf_hash
@@ -73,13 +73,23 @@ def read_collector_key(keys: Path) -> tuple[str, bytes]:
 _CHUNK = 20_000
 
 
+Period = tuple[float, float, int]  # start, end, expected GPUs: what a Rollup adds up
+
+
 def _opened(
-    entries: list[tuple[int, str, bytes, bytes]], keys: dict[str, bytes], with_numbers: bool = False
-) -> list[tuple[object, ...]]:
+    entries: list[tuple[int, str, bytes, bytes]],
+    keys: dict[str, bytes],
+    period: Period | None = None,
+) -> tuple[list[tuple[object, ...]], Rollup | None]:
     """The order-free part of the checks (hashing, parsing, signatures), for a batch of
     entries; runs in worker processes. Per entry: (problem or None, node in body, chain_seq,
-    prev_hash, body hash, leaf hash of the stored bytes)."""
+    prev_hash, body hash, leaf hash of the stored bytes).
+
+    With a period, the batch's figures are also added up here, while every summary is parsed
+    anyway: sums do not depend on order, so the workers each roll up their share of the log
+    and the main process only merges one partial rollup per batch."""
     out: list[tuple[object, ...]] = []
+    rollup = Rollup(*period) if period is not None else None
     for _, node, stored, leaf in entries:
         computed = leaf_hash(stored)
         if leaf != computed:
@@ -91,7 +101,6 @@ def _opened(
                     b"",
                     b"",
                     computed,
-                    None,
                 )
             )
             continue
@@ -99,7 +108,7 @@ def _opened(
             signed = pb.SignedSummary.FromString(stored)
             summary = pb.Summary.FromString(signed.body)
         except DecodeError:
-            out.append(("not a signed summary", "", 0, b"", b"", computed, None))
+            out.append(("not a signed summary", "", 0, b"", b"", computed))
             continue
         key = keys.get(node)
         if key is None:
@@ -118,16 +127,15 @@ def _opened(
                 summary.prev_hash,
                 hashlib.sha256(signed.body).digest(),
                 computed,
-                # For a report: the figures' inputs, read here, in parallel, while parsed anyway.
-                (
-                    (summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9),
-                    gpu_numbers(node, summary),
-                )
-                if with_numbers
-                else None,
             )
         )
-    return out
+        if rollup is not None and problem is None:
+            rollup.add(
+                node,
+                (summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9),
+                gpu_numbers(node, summary),
+            )
+    return out, rollup
 
 
 def _batches(record: Record) -> Iterator[list[tuple[int, str, bytes, bytes]]]:
@@ -146,18 +154,23 @@ def _opened_in_order(
     enrolled: dict[str, bytes],
     pool: ProcessPoolExecutor | None,
     workers: int,
-    with_numbers: bool,
-) -> Iterator[tuple[list[tuple[int, str, bytes, bytes]], list[tuple[object, ...]]]]:
+    period: Period | None,
+) -> Iterator[
+    tuple[list[tuple[int, str, bytes, bytes]], tuple[list[tuple[object, ...]], Rollup | None]]
+]:
     """(batch, its results) in log order, with at most two batches per worker in flight, so
     a ledger of any size is never held in memory at once."""
-    pending: deque[tuple[list[tuple[int, str, bytes, bytes]], Future[list[tuple[object, ...]]]]] = (
-        deque()
-    )
+    pending: deque[
+        tuple[
+            list[tuple[int, str, bytes, bytes]],
+            Future[tuple[list[tuple[object, ...]], Rollup | None]],
+        ]
+    ] = deque()
     for batch in _batches(record):
         if pool is None:
-            yield batch, _opened(batch, enrolled, with_numbers)
+            yield batch, _opened(batch, enrolled, period)
             continue
-        pending.append((batch, pool.submit(_opened, batch, enrolled, with_numbers)))
+        pending.append((batch, pool.submit(_opened, batch, enrolled, period)))
         if len(pending) >= 2 * workers:
             done, future = pending.popleft()
             yield done, future.result()
@@ -172,10 +185,10 @@ def verify_ledger(
     *,
     progress: Callable[[int], None] | None = None,
     workers: int | None = None,
-    collect: Callable[[str, tuple[float, float], list[GpuNumbers]], None] | None = None,
+    rollup: Rollup | None = None,
 ) -> Verification:
-    """Verify the ledger; with `collect`, also hand every entry's figures' inputs to it, in log
-    order (a report adds them up in the same pass)."""
+    """Verify the ledger; with `rollup`, also add up every verified entry's figures into it,
+    in the same pass (a report needs both, and reading the ledger once is what keeps it fast)."""
     result = Verification()
     keys = KeyStore(keys_dir)
     name, collector_key = read_collector_key(keys_dir)
@@ -190,17 +203,15 @@ def verify_ledger(
     pool = ProcessPoolExecutor(workers) if workers > 1 and record.count() > _CHUNK else None
     try:
         # Signatures are checked out of order, in parallel; chains and the tree, in order, here.
-        for batch, results in _opened_in_order(
-            record, enrolled, pool, workers, collect is not None
-        ):
+        period = (rollup.start, rollup.end, rollup.expected) if rollup is not None else None
+        for batch, (results, partial) in _opened_in_order(record, enrolled, pool, workers, period):
+            if rollup is not None and partial is not None:
+                rollup.merge(partial)
             for (entry, node, _, _), checked in zip(batch, results, strict=True):
                 result.entries += 1
                 if progress is not None and result.entries % 100_000 == 0:
                     progress(result.entries)
                 problem = _chain(entry, node, checked, chains)
-                if collect is not None and checked[6] is not None:
-                    inputs: tuple[tuple[float, float], list[GpuNumbers]] = checked[6]  # type: ignore[assignment]
-                    collect(node, inputs[0], inputs[1])
                 if problem is not None:
                     result.problems.append(problem)
                 result.nodes.add(node)

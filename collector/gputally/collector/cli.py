@@ -287,7 +287,7 @@ def run_audit_report(args: argparse.Namespace) -> int:
             Path(args.ledger),
             Path(args.keys),
             progress=lambda n: say(f"{n:,} entries checked"),
-            collect=rollup.add,
+            rollup=rollup,
         )
     except (RecordError, KeyStoreError) as error:
         print(f"gputally audit report: {error}", file=sys.stderr)

@@ -7,10 +7,11 @@ record; the audit tooling runs them on a verified ledger.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from gputally.v1 import telemetry_pb2 as pb
 
@@ -19,6 +20,8 @@ SUPPORTED, REFUTED, UNDETERMINED = "supported", "refuted", "undetermined"
 # Every number a GpuSummary and a PaddingTotal add up, straight from the protocol.
 _FIELDS = tuple(f.name for f in pb.GpuSummary.DESCRIPTOR.fields if f.type == f.TYPE_DOUBLE)
 _FLAGGED = tuple(f.name for f in pb.PaddingTotal.DESCRIPTOR.fields if f.type == f.TYPE_DOUBLE)
+# A GPU summary's numbers: values (in _FIELDS order), flagged ones (_FLAGGED), seconds per rule.
+Numbers = tuple[Sequence[float], Sequence[float], list[tuple[str, float]]]
 _FLAGGED_MEASURES = tuple(name for name in _FLAGGED if name != "seconds")
 
 
@@ -44,27 +47,29 @@ class Sums:
     def add(self, gpu: pb.GpuSummary, share: float) -> None:
         self.add_read(read(gpu), share)
 
-    def add_read(
-        self, numbers: tuple[list[float], list[float], list[tuple[str, float]]], share: float
-    ) -> None:
+    def add_read(self, numbers: Numbers, share: float) -> None:
         values, flagged, rules = numbers
-        totals = self.totals
-        for i, x in enumerate(values):
-            totals[i] += x * share
+        # Comprehensions over zip run several times faster than indexed += in a loop, and
+        # a report does this for every GPU summary in the ledger.
+        self.totals = [t + x * share for t, x in zip(self.totals, values, strict=True)]
         if flagged[0]:  # any flagged seconds at all
-            ftotals = self.flagged_totals
-            for i, x in enumerate(flagged):
-                ftotals[i] += x * share
+            self.flagged_totals = [
+                t + x * share for t, x in zip(self.flagged_totals, flagged, strict=True)
+            ]
         for rule, seconds in rules:
             self.by_rule[rule] = self.by_rule.get(rule, 0.0) + seconds * share
 
 
-def read(gpu: pb.GpuSummary) -> tuple[list[float], list[float], list[tuple[str, float]]]:
+_read_values = operator.attrgetter(*_FIELDS)  # one C call per message, not one per field
+_read_flagged = operator.attrgetter(*_FLAGGED)
+assert len(_FIELDS) > 1 and len(_FLAGGED) > 1  # attrgetter returns a tuple only for several
+
+
+def read(gpu: pb.GpuSummary) -> Numbers:
     """A GPU summary's numbers, read once for all the groups they are added to."""
-    flagged = gpu.flagged
     return (
-        [getattr(gpu, key) for key in _FIELDS],
-        [getattr(flagged, key) for key in _FLAGGED],
+        _read_values(gpu),
+        _read_flagged(gpu.flagged),
         [(total.rule, total.seconds) for total in gpu.padding],
     )
 
@@ -298,7 +303,6 @@ def as_dict(
     }
 
 
-Numbers = tuple[list[float], list[float], list[tuple[str, float]]]
 GpuNumbers = tuple[str, str, str, str, Numbers]  # key, model, tenant, job, numbers
 
 
@@ -344,19 +348,20 @@ class Rollup:
             return
         share = overlap / (w1 - w0)
         self.summaries += 1
-        node_values = [0.0] * len(_FIELDS)
-        node_flagged = [0.0] * len(_FLAGGED)
         node_rules: list[tuple[str, float]] = []
         for key, model, tenant, job, numbers in gpus:
             sums = self.fine.get((key, node, model, tenant, job))
             if sums is None:
                 sums = self.fine[(key, node, model, tenant, job)] = Sums()
             sums.add_read(numbers, share)
-            for i, x in enumerate(numbers[0]):
-                node_values[i] += x
-            for i, x in enumerate(numbers[1]):
-                node_flagged[i] += x
             node_rules += numbers[2]
+        # The node's totals for this window, column by column.
+        node_values = [sum(column) for column in zip(*(g[4][0] for g in gpus), strict=True)] or [
+            0.0
+        ] * len(_FIELDS)
+        node_flagged = [sum(column) for column in zip(*(g[4][1] for g in gpus), strict=True)] or [
+            0.0
+        ] * len(_FLAGGED)
         day_of = 86400.0
         for number in range(
             int(max(w0, self.start) // day_of), math.ceil(min(w1, self.end) / day_of)
@@ -369,6 +374,14 @@ class Rollup:
             if sums is None:
                 sums = self.node_day[(number, node)] = Sums()
             sums.add_read((node_values, node_flagged, node_rules), day_share)
+
+    def merge(self, other: Rollup) -> None:
+        """Add another rollup of the same period (a worker's share of the log) into this one."""
+        if (other.start, other.end, other.expected) != (self.start, self.end, self.expected):
+            raise ValueError("only rollups of the same period and inventory can be merged")
+        self.summaries += other.summaries
+        _merge_table(self.fine, other.fine)
+        _merge_table(self.node_day, other.node_day)
 
     def period(self) -> PeriodFigures:
         out = PeriodFigures(
@@ -410,6 +423,18 @@ class Rollup:
             group.gpus |= gpus_of.get(node, set())
             figures.total.gpus |= group.gpus
         return [(_day(f.start), f) for _, f in sorted(days.items())]
+
+
+_Key = TypeVar("_Key")
+
+
+def _merge_table(into: dict[_Key, Sums], other: dict[_Key, Sums]) -> None:
+    for key, sums in other.items():
+        mine = into.get(key)
+        if mine is None:
+            into[key] = sums
+        else:
+            _merge(mine, sums)
 
 
 def _merge(into: Sums, other: Sums) -> None:
