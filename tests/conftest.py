@@ -19,12 +19,12 @@ from gputally.collector.state import ClusterState
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def require_binary(name: str) -> str:
+def require_binary(name: str, package: str = "prometheus") -> str:
     """Path of a binary a test needs. Missing: a failure in CI, a skip elsewhere."""
     path = shutil.which(name)
     if path:
         return path
-    message = f"{name} is not installed (Debian: apt-get install prometheus)"
+    message = f"{name} is not installed (Debian: apt-get install {package})"
     if IN_CI:
         pytest.fail(f"{message}; CI must have it, see .ci/run")
     pytest.skip(message)

@@ -266,3 +266,26 @@ def test_parallel_verification_agrees_with_the_in_process_one(
         (p.entry, p.message) for p in serial.problems
     ]
     assert parallel.problems[0].message == "node n2's summaries 3 are missing before 4"
+
+
+def test_the_checkpoint_key_is_published_even_when_the_key_directory_is_read_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gputally.collector.cli import _publish_checkpoint_key
+
+    keys, state = tmp_path / "keys", tmp_path / "state"
+    keys.mkdir()
+    state.mkdir()
+    text = "gputally/test\nAAAA\n"
+    _publish_checkpoint_key(text, keys, state)
+    assert (keys / COLLECTOR_KEY_FILE).read_text() == text and not (
+        state / COLLECTOR_KEY_FILE
+    ).exists()
+    # a key directory that cannot take the file (a ConfigMap, /etc under ProtectSystem=strict):
+    # simulated with a directory in the file's place, since tests may run as root
+    other = tmp_path / "readonly"
+    (other / COLLECTOR_KEY_FILE).mkdir(parents=True)
+    with caplog.at_level("INFO", logger="gputally.collector"):
+        _publish_checkpoint_key(text, other, state)
+    assert (state / COLLECTOR_KEY_FILE).read_text() == text
+    assert "copy the checkpoint key into it for auditors" in caplog.text

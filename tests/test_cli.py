@@ -66,6 +66,28 @@ def test_configuration_precedence_flag_env_file_default(
     assert "stale-after = 15.0" in lines  # the default
 
 
+def test_logging_is_configured_like_every_other_option(tmp_path: Path) -> None:
+    import os
+
+    config = tmp_path / "agent.toml"
+    config.write_text('log-format = "json"\nlog-level = "debug"\n')
+    env = {**os.environ, "GPUTALLY_AGENT_LOG_LEVEL": "warning"}
+    result = run("agent", "--config", str(config), "--print-config", env=env)
+    assert result.returncode == 0, result.stderr
+    assert 'log-format = "json"' in result.stdout.splitlines()  # from the file
+    assert 'log-level = "warning"' in result.stdout.splitlines()  # the environment beats it
+    # and it takes effect: warnings (no collector listens on port 9) as JSON lines, no debug
+    agent = run(
+        *("agent", "--config", str(config), "--backend", "mock", "--duration", "1"),
+        *("--collector", "127.0.0.1:9", "--state-dir", str(tmp_path / "state")),
+        env=env,
+    )
+    assert agent.returncode == 0, agent.stderr
+    records = [json.loads(line) for line in agent.stderr.splitlines()]
+    assert records and {r["level"] for r in records} == {"warning"}
+    assert records[0]["msg"] == "stream to collector lost"
+
+
 @pytest.mark.parametrize(
     ("content", "env", "message"),
     [

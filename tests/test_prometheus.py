@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,17 +29,24 @@ from .conftest import Collector, free_port, require_binary
 pytestmark = pytest.mark.prometheus
 
 
-def query(base: str, promql: str) -> list[dict[str, object]]:
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+def api(base: str, path: str, **params: str) -> Any:
+    url = f"{base}/api/v1/{path}?" + urllib.parse.urlencode(params)
     with urllib.request.urlopen(url, timeout=5) as response:
         body = json.load(response)
     assert body["status"] == "success", body
-    return list(body["data"]["result"])
+    return body["data"]
 
 
-def scalar(base: str, promql: str) -> float | None:
-    result = query(base, promql)
-    return float(result[0]["value"][1]) if result else None  # type: ignore[index]
+def query(base: str, promql: str, at: float | None = None) -> list[dict[str, Any]]:
+    params = {"query": promql} if at is None else {"query": promql, "time": f"{at:.3f}"}
+    data = api(base, "query", **params)
+    assert data["resultType"] == "vector", (promql, data)
+    return list(data["result"])
+
+
+def scalar(base: str, promql: str, at: float | None = None) -> float | None:
+    result = query(base, promql, at)
+    return float(result[0]["value"][1]) if result else None
 
 
 def eventually(base: str, promql: str, seconds: float = 20.0) -> float | None:
@@ -51,17 +61,26 @@ def eventually(base: str, promql: str, seconds: float = 20.0) -> float | None:
 
 
 @pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[Callable[[str], str]]:
-    """Start Prometheus scraping the given target every second; yields a starter."""
+def prometheus(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Start Prometheus scraping the collector (and optionally an agent) every second, with
+    optional rule files; yields a starter that returns the HTTP API's base URL."""
     binary = require_binary("prometheus")
     processes: list[subprocess.Popen[bytes]] = []
 
-    def start(target: str) -> str:
+    def start(target: str, agent: str | None = None, rules: Sequence[Path] = ()) -> str:
         config = tmp_path / "prometheus.yml"
+        jobs = [("gputally-collector", target)] + ([("gputally-agent", agent)] if agent else [])
         config.write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n  - job_name: gputally-collector\n"
-            f"    static_configs:\n      - targets: ['{target}']\n"
+            + "".join(
+                f"rule_files:\n  - '{r}'\n" if i == 0 else f"  - '{r}'\n"
+                for i, r in enumerate(rules)
+            )
+            + "scrape_configs:\n"
+            + "".join(
+                f"  - job_name: {job}\n    static_configs:\n      - targets: ['{address}']\n"
+                for job, address in jobs
+            )
         )
         port = free_port()
         log = (tmp_path / "prometheus.log").open("wb")
@@ -97,7 +116,7 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[str], str]]:
 
 
 def test_prometheus_scrapes_the_cluster_figures(
-    collector_factory: Callable[..., Collector], prometheus: Callable[[str], str]
+    collector_factory: Callable[..., Collector], prometheus: Callable[..., str]
 ) -> None:
     collector = collector_factory(expected_gpus=32, window=4.0, lag=1.5)
     base = prometheus(collector.metrics_url.removeprefix("http://").removesuffix("/metrics"))
@@ -130,7 +149,7 @@ def test_prometheus_scrapes_the_cluster_figures(
         )
         assert mean == pytest.approx(0.45, abs=0.01)
         per_node = query(base, 'gputally_node_utilization_ratio{measure="busy"} > 0.5')
-        assert sorted(r["metric"]["node"] for r in per_node) == ["node-00", "node-01"]  # type: ignore[index]
+        assert sorted(r["metric"]["node"] for r in per_node) == ["node-00", "node-01"]
     finally:
         fleet.join(60)
 
@@ -149,3 +168,184 @@ def test_promtool_accepts_the_exposition(collector_factory: Callable[..., Collec
     assert checked.stdout.strip() == b"" and checked.stderr.strip() == b"", (
         "promtool reported lint problems"
     )
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RULES = ROOT / "deploy" / "prometheus" / "rules"
+MEASURES = {"busy": 0.45, "sm_active": 0.30, "allocated": 0.50, "effective": 0.30}
+
+
+def _rules_every_second(tmp_path: Path) -> list[Path]:
+    """The deployed rule files with every group evaluated each second (the only change), so
+    a test of a minute sees them evaluated."""
+    out = []
+    for name in ("recording.yml", "alerts.yml"):
+        text = (RULES / name).read_text()
+        text = re.sub(r"(?m)^    interval: \d+[smhd]$", "    interval: 1s", text)
+        (tmp_path / name).write_text(text)
+        out.append(tmp_path / name)
+    return out
+
+
+def _start_agent_exporter(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """One agent serving its own /metrics (mock backend). Its stream goes nowhere (port 9):
+    the collector's figures stay those of the simulated fleet."""
+    port = free_port()
+    log = (tmp_path / "agent.log").open("wb")
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("gputally")),
+            *("agent", "--backend", "mock", "--node", "exporter-node"),
+            *("--collector", "127.0.0.1:9", "--metrics-listen", f"127.0.0.1:{port}"),
+            *("--state-dir", str(tmp_path / "agent-state"), "--duration", "120"),
+            "--log-level=error",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    return process, f"127.0.0.1:{port}"
+
+
+def _legend(template: str, labels: dict[str, str]) -> str:
+    """A series' name as Grafana's legend format gives it ("{{node}}" -> node-00)."""
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: labels.get(m.group(1), ""), template)
+
+
+def test_every_recording_rule_alert_and_dashboard_query_against_a_live_cluster(
+    tmp_path: Path,
+    collector_factory: Callable[..., Collector],
+    prometheus: Callable[..., str],
+) -> None:
+    """The deployed rules and the Grafana dashboard, evaluated by a real Prometheus that
+    scrapes a collector fed by the 4 x 8 default scenario over gRPC and a live agent. The
+    steady job runs as Slurm job 4242 of user alice, so the tenant breakdown has a tenant."""
+    import tomllib
+
+    import yaml
+
+    attributed = scenario.DEFAULT_TOML.replace(
+        'kind = "steady"\n', 'kind = "steady"\nslurm_job = 4242\nuser = "alice"\n', 1
+    )
+    assert attributed != scenario.DEFAULT_TOML
+    cluster = scenario.parse(tomllib.loads(attributed), name="default-attributed")
+
+    collector = collector_factory(expected_gpus=32, window=4.0, lag=1.5)
+    agent, agent_target = _start_agent_exporter(tmp_path)
+    base = prometheus(
+        collector.metrics_url.removeprefix("http://").removesuffix("/metrics"),
+        agent=agent_target,
+        rules=_rules_every_second(tmp_path),
+    )
+    fleet = threading.Thread(
+        target=lambda: asyncio.run(run_fleet(cluster, collector.target, duration=40.0))
+    )
+    fleet.start()
+    try:
+        # bounded wait: the live window full (coverage 1) and 12 s of rule evaluations since
+        deadline, settled = time.monotonic() + 60, None
+        while time.monotonic() < deadline:
+            coverage = scalar(base, "gputally_cluster_coverage_ratio")
+            if settled is None and coverage is not None and coverage > 0.999:
+                settled = time.monotonic()
+            if settled is not None and time.monotonic() - settled > 12:
+                break
+            time.sleep(0.5)
+        assert settled is not None, "the cluster never reached full coverage"
+        at = time.time() - 1.0  # one instant for every query: the rules' outputs agree
+
+        # -- recording rules: every one returns data; the scenario fixes its value ------------
+        records = [
+            rule["record"]
+            for group in yaml.safe_load((RULES / "recording.yml").read_text())["groups"]
+            for rule in group["rules"]
+        ]
+        for record in records:
+            assert query(base, record, at), f"{record} returned no data"
+        for window in ("1h", "1d", "30d"):
+
+            def recorded(record: str, window: str = window, **labels: str) -> float:
+                selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
+                result = scalar(base, f"gputally:{record}{window}{{{selector}}}", at)
+                assert result is not None, (record, window, labels)
+                return result
+
+            coverage = recorded("cluster_coverage:ratio_")
+            # under a minute of data in the range: the rest counts as zero, never renormalised
+            assert 0 < coverage < 0.05
+            for measure, truth in MEASURES.items():
+                observed = recorded("cluster_utilization_observed:ratio_", measure=measure)
+                assert observed == pytest.approx(truth, abs=0.01), (window, measure)
+                figure = recorded("cluster_utilization:ratio_", measure=measure)
+                assert figure == pytest.approx(observed * coverage, rel=1e-6), (window, measure)
+                clean = recorded("cluster_utilization_without_padding:ratio_", measure=measure)
+                assert clean == pytest.approx(figure, rel=1e-9)  # no padding in this scenario
+            assert recorded("cluster_padding:ratio_") == 0
+            assert recorded("cluster_energy_kwh:") > 0
+            busy, held = (
+                recorded("node_utilization:ratio_", node="node-00", measure=m)
+                for m in ("busy", "allocated")
+            )
+            assert busy / held == pytest.approx(0.9, abs=0.01)  # node-00 runs the steady job
+            assert recorded("node_utilization:ratio_", node="node-02", measure="busy") == 0
+
+        # -- alerts: every rule evaluates without error; none fires on a healthy cluster -------
+        groups = api(base, "rules")["groups"]
+        rules = [rule for group in groups for rule in group["rules"]]
+        assert len(rules) == len(records) + 11
+        for rule in rules:
+            assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
+        assert [r["name"] for r in rules if r.get("state") == "firing"] == []
+        assert scalar(base, 'up{job="gputally-agent"}', at) == 1
+
+        # -- the Grafana dashboard: every panel's queries, as Grafana would send them ----------
+        board = json.loads((ROOT / "deploy" / "grafana" / "gputally-cluster.json").read_text())
+        variables = {"instance": ".*", "node": ".*", "measure": "busy"}
+        for variable in board["templating"]["list"]:
+            if variable["type"] == "query":  # label_values(metric, label)
+                metric, label = re.fullmatch(
+                    r"label_values\((.+), (\w+)\)", variable["definition"]
+                ).groups()  # type: ignore[union-attr]
+                metric = metric.replace("$instance", ".*")
+                values = api(base, f"label/{label}/values", **{"match[]": metric})
+                assert values, variable["name"]
+        # queries allowed to be empty, and why: no XID event happens in this scenario
+        may_be_empty = {"{{node}} XID {{xid}}"}
+        known: dict[str, dict[str, float]] = {
+            "Utilization by measure (live window)": MEASURES,
+            "GPUs reporting / expected": {"reporting": 32, "expected": 32},
+            "Agents up": {"up": 4, "known": 4},
+            "$measure by node": {"node-00": 0.9, "node-02": 0.0},
+            "$measure by GPU model": {"NVIDIA H100 80GB HBM3": 0.45},
+            "$measure by tenant": {"alice": 0.9},
+            "XID events": {"all nodes": 0},
+            "GPUs lost and missing": {"lost": 0, "missing": 0},
+        }
+        checked = 0
+        for panel in board["panels"]:
+            if panel["type"] == "row":
+                continue
+            answered = False
+            for target in panel["targets"]:
+                expr = target["expr"].replace("$__rate_interval", "10s").replace("$__range", "20s")
+                for name, substitute in variables.items():
+                    expr = expr.replace(f"${name}", substitute)
+                result = query(base, expr, at)
+                if not result:
+                    assert target["legendFormat"] in may_be_empty, (panel["title"], expr)
+                    continue
+                answered = True
+                for series in result:
+                    legend = _legend(target["legendFormat"], series["metric"])
+                    expected = known.get(panel["title"], {}).get(legend)
+                    if expected is not None:
+                        checked += 1
+                        assert float(series["value"][1]) == pytest.approx(expected, abs=0.01), (
+                            panel["title"],
+                            legend,
+                        )
+            assert answered, f"panel {panel['title']!r} shows no data"
+        assert checked >= 14  # every known figure above was found and compared
+    finally:
+        fleet.join(60)
+        agent.terminate()
+        agent.wait(20)

@@ -105,6 +105,34 @@ def test_trust_on_first_use_enrolls_the_first_key_only(tmp_path: Path) -> None:
         KeyStore(tmp_path / "missing")
 
 
+def test_a_running_collector_sees_enrolments_and_revocations_without_a_restart(
+    tmp_path: Path,
+) -> None:
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    running = KeyStore(keys_dir)  # the collector's, loaded before anything is enrolled
+    first, second = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    with pytest.raises(KeyStoreError, match="no enrolled key"):
+        running.admit("n1", public_bytes(first))
+    KeyStore(keys_dir).enroll("n1", public_bytes(first))  # `gputally enroll`, another process
+    running.admit("n1", public_bytes(first))
+    # re-enrolled with a new key (a reinstalled node): the old key no longer speaks for it
+    path = keys_dir / "n1.pub"
+    before = path.stat().st_mtime_ns
+    KeyStore(keys_dir).enroll("n1", public_bytes(second))
+    os.utime(path, ns=(before + 1_000_000, before + 1_000_000))  # a coarse-clock filesystem
+    with pytest.raises(KeyStoreError, match="not the one enrolled"):
+        running.admit("n1", public_bytes(first))
+    assert running.key("n1") == public_bytes(second)
+    # a broken file does not unseat the key enrolled before it
+    path.write_text("not base64!\n")
+    assert running.key("n1") == public_bytes(second)
+    # deleting the file revokes the key
+    path.unlink()
+    assert running.key("n1") is None
+    assert running.key("../etc/passwd") is None  # names that cannot be key files
+
+
 def test_an_unenrolled_agent_is_refused_with_permission_denied(
     tmp_path: Path, collector_factory: Callable[..., Collector]
 ) -> None:

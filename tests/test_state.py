@@ -64,6 +64,22 @@ def test_counters_integrate_exactly() -> None:
     assert seconds["allocated"] == 10.0
 
 
+def test_flagged_counters_count_a_second_once_however_many_rules_flag_it() -> None:
+    state = ClusterState(expected_gpus=2, clock=lambda: T0)
+    state.open_session(hello())
+    for k in range(1, 5):
+        burn = gpu(0, 1.0, 0.05)
+        burn.padding.extend(["burn_tool", "busy_without_work"])
+        state.ingest("n1", report(k, T0 + k, burn, gpu(1, 0.5, 0.4)), received=T0 + k)
+    counters = state.counters
+    assert counters.padding == {"burn_tool": 4.0, "busy_without_work": 4.0}
+    assert counters.flagged["observed"] == 4.0  # not 8: one GPU, four seconds
+    assert counters.flagged["busy"] == pytest.approx(4.0)
+    assert counters.flagged["sm_active"] == pytest.approx(0.2)
+    # without padding, by subtraction: only GPU 1's work is left
+    assert counters.seconds["busy"] - counters.flagged["busy"] == pytest.approx(2.0)
+
+
 def test_live_window_uses_the_declared_inventory() -> None:
     state = ClusterState(expected_gpus=4, window=5.0, lag=1.0)
     state.open_session(hello())

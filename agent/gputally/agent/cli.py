@@ -78,7 +78,9 @@ def setup_logging(level: str, style: str) -> None:
 
 # -- configuration ---------------------------------------------------------------------------
 
-_COMMON = {"help", "config", "print_config", "log_level", "log_format", "handler"}
+# Not configuration: what the command line alone says (the file to read, what to print).
+# The logging options are configuration like any other (flag, environment, file).
+_COMMON = {"help", "config", "print_config", "handler"}
 
 
 class ConfigError(ValueError):

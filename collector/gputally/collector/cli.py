@@ -387,6 +387,30 @@ def run_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def _publish_checkpoint_key(text: str, keys: Path, fallback: Path) -> None:
+    """Put the checkpoint key's public half (collector.ckey) beside the agents' keys, where
+    auditors read it (and should also check it out of band). A read-only key directory (a
+    Kubernetes ConfigMap, /etc under systemd's ProtectSystem=strict) gets it beside the
+    collector's private key instead, and the log says where."""
+    for directory in (keys, fallback):
+        path = directory / COLLECTOR_KEY_FILE
+        try:
+            if not path.exists() or path.read_text() != text:
+                path.write_text(text)
+        except OSError as error:
+            log.info(
+                "cannot publish the checkpoint key here",
+                extra={"kv": {"path": str(path), "error": error.strerror}},
+            )
+            continue
+        if directory != keys:
+            log.warning(
+                "the key directory is read-only: copy the checkpoint key into it for auditors",
+                extra={"kv": {"path": str(path), "keys": str(keys)}},
+            )
+        return
+
+
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
     record = Record(args.db) if args.db else None
     keys = KeyStore(args.keys, trust_on_first_use=args.trust_on_first_use) if args.keys else None
@@ -394,11 +418,13 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
         log.warning("no --keys: summaries cannot be verified, so none is recorded in %s", args.db)
     ledger = None
     if record is not None and keys is not None:
-        key = load_or_create_ledger_key(Path(args.collector_key or f"{args.db}.key"))
+        key_path = Path(args.collector_key or f"{args.db}.key")
+        key = load_or_create_ledger_key(key_path)
         ledger = Ledger(record, key, args.origin)
-        # Published beside the agents' keys for auditors (who should also check it out of band).
-        (Path(args.keys) / COLLECTOR_KEY_FILE).write_text(
-            f"{args.origin}\n{base64.b64encode(ledger_public_bytes(key)).decode()}\n"
+        _publish_checkpoint_key(
+            f"{args.origin}\n{base64.b64encode(ledger_public_bytes(key)).decode()}\n",
+            Path(args.keys),
+            key_path.parent,
         )
     state = ClusterState(
         expected_gpus=args.expected_gpus,

@@ -1,7 +1,9 @@
 """Enrolled agent keys: which Ed25519 public key speaks for which node.
 
 A directory holds one file per node, `<node>.pub`, with the key's 32 bytes in base64. The
-collector records a node's summaries only when they are signed by its enrolled key. In
+collector records a node's summaries only when they are signed by its enrolled key. The
+directory is read again when a file changes, so `gputally enroll` (or an updated Kubernetes
+ConfigMap) takes effect without a restart, and deleting a node's file revokes its key. In
 trust-on-first-use mode (for labs; off by default) the first key a node presents is enrolled
 for it; a different key later is still refused.
 """
@@ -10,11 +12,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import threading
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+log = logging.getLogger("gputally.collector")
 
 DOMAIN = b"gputally summary v1\n"  # what agents prefix to the summary body they sign
 
@@ -39,21 +44,48 @@ def _checked_name(node: str) -> str:
     return node
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_mtime_ns, status.st_size
+
+
 class KeyStore:
     def __init__(self, directory: Path | str, *, trust_on_first_use: bool = False):
         self.directory = Path(directory)
         self.trust_on_first_use = trust_on_first_use
         self._lock = threading.Lock()
         self._keys: dict[str, bytes] = {}
+        self._seen: dict[str, tuple[int, int]] = {}  # node -> (mtime_ns, size) when read
         if not self.directory.is_dir():
             if not trust_on_first_use:
                 raise KeyStoreError(f"{self.directory}: no such key directory")
             self.directory.mkdir(parents=True, exist_ok=True)
         for path in sorted(self.directory.glob("*.pub")):
             self._keys[path.stem] = read_public_key(path.read_text(), str(path))
+            self._seen[path.stem] = _stamp(path)
 
     def key(self, node: str) -> bytes | None:
+        """The node's enrolled key as the directory holds it now (one stat per call: keys are
+        looked up once per stream and once per summary, not per report)."""
+        try:
+            path = self.directory / f"{_checked_name(node)}.pub"
+        except KeyStoreError:
+            return None
         with self._lock:
+            try:
+                stamp = _stamp(path)
+            except OSError:  # no file (never enrolled, or revoked by deleting it)
+                self._keys.pop(node, None)
+                self._seen.pop(node, None)
+                return None
+            if self._seen.get(node) != stamp:
+                try:
+                    self._keys[node] = read_public_key(path.read_text(), str(path))
+                except (OSError, KeyStoreError) as error:
+                    # A half-written or broken file: keep what was enrolled before, if anything.
+                    log.warning("cannot read enrolled key", extra={"kv": {"error": str(error)}})
+                    return self._keys.get(node)
+                self._seen[node] = stamp
             return self._keys.get(node)
 
     def enroll(self, node: str, public_key: bytes) -> Path:
@@ -61,8 +93,13 @@ class KeyStore:
             raise KeyStoreError("an Ed25519 public key has 32 bytes")
         path = self.directory / f"{_checked_name(node)}.pub"
         with self._lock:
-            path.write_text(base64.b64encode(public_key).decode() + "\n")
+            # Written whole and renamed into place: a collector reading the directory never
+            # sees half a key.
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(base64.b64encode(public_key).decode() + "\n")
+            tmp.replace(path)
             self._keys[node] = public_key
+            self._seen[node] = _stamp(path)
         return path
 
     def admit(self, node: str, public_key: bytes) -> None:

@@ -231,6 +231,15 @@ class ClusterCollector(Collector):
         for rule in PADDING_RULES:
             padding_seconds.add_metric([rule], view.counters.padding.get(rule, 0.0))
         yield padding_seconds
+        flagged = CounterMetricFamily(
+            "gputally_cluster_flagged_gpu_seconds",
+            "The part of gputally_cluster_gpu_seconds_total in time flagged as padding by any rule "
+            "(counted once however many rules flag it); subtract it for figures without padding.",
+            labels=["measure"],
+        )
+        for measure, gpu_seconds in view.counters.flagged.items():
+            flagged.add_metric([measure], gpu_seconds)
+        yield flagged
         for family, label, groups, text in (
             (
                 "gputally_model_utilization_ratio",

@@ -95,16 +95,25 @@ class Counters:
     )
     energy_joules: float = 0.0
     padding: dict[str, float] = field(default_factory=dict)  # rule -> flagged GPU-seconds
+    # The part of `seconds` in time flagged by at least one padding rule (a second flagged by
+    # two rules counts once here), so that figures without padding follow by subtraction.
+    flagged: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("observed", *MEASURES), 0.0)
+    )
 
     def add(self, other: Counters) -> None:
         for key, value in other.seconds.items():
             self.seconds[key] += value
+        for key, value in other.flagged.items():
+            self.flagged[key] += value
         self.energy_joules += other.energy_joules
         for rule, value in other.padding.items():
             self.padding[rule] = self.padding.get(rule, 0.0) + value
 
     def copy(self) -> Counters:
-        return Counters(dict(self.seconds), self.energy_joules, dict(self.padding))
+        return Counters(
+            dict(self.seconds), self.energy_joules, dict(self.padding), dict(self.flagged)
+        )
 
 
 @dataclass(slots=True)
@@ -450,6 +459,11 @@ class ClusterState:
                             added.seconds[measure] += value * dt
                     for rule in padding:
                         added.padding[rule] = added.padding.get(rule, 0.0) + dt
+                    if padding:
+                        added.flagged["observed"] += dt
+                        for measure, value in zip(MEASURES, values, strict=True):
+                            if value is not None:
+                                added.flagged[measure] += value * dt
                 if proto.HasField("energy_millijoules"):
                     energy = proto.energy_millijoules
                     if gpu.last_energy_mj is not None:

@@ -1,0 +1,290 @@
+"""The deployment files, checked by the tools that will run them.
+
+promtool checks the scrape configuration and the rules and runs the rules' unit tests;
+kubernetes-validate checks the manifests against the Kubernetes API schemas; systemd-analyze
+verifies the units; the daemons themselves parse the configuration the manifests give them.
+The generated files (monitoring.yaml, docs/configuration.md) must be in step with their
+sources. A real Prometheus evaluating the rules and the dashboard: tests/test_prometheus.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import require_binary
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+RULES = DEPLOY / "prometheus" / "rules"
+K8S = DEPLOY / "kubernetes"
+KUBERNETES_VERSION = "1.30.0"  # schemas checked against; the manifests use only stable APIs
+
+
+def run(*command: str | Path, **options: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(c) for c in command], capture_output=True, text=True, timeout=120, **options
+    )
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+# -- Prometheus ---------------------------------------------------------------------------
+
+
+def test_promtool_checks_the_scrape_configuration_and_its_rules() -> None:
+    promtool = require_binary("promtool")
+    checked = run(promtool, "check", "config", DEPLOY / "prometheus" / "prometheus.yml")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # the configuration loads both rule files (promtool checks them as part of the config)
+    assert "recording.yml" in checked.stdout and "alerts.yml" in checked.stdout
+
+
+def test_promtool_checks_the_rules() -> None:
+    promtool = require_binary("promtool")
+    checked = run(promtool, "check", "rules", RULES / "recording.yml", RULES / "alerts.yml")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 21 rules found" in checked.stdout  # recording
+    assert "SUCCESS: 11 rules found" in checked.stdout  # alerts
+
+
+@pytest.mark.parametrize("tests", ["recording_test.yml", "alerts_test.yml"])
+def test_promtool_unit_tests_of_the_rules(tests: str) -> None:
+    promtool = require_binary("promtool")
+    checked = run(promtool, "test", "rules", tests, cwd=RULES)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS" in checked.stdout
+
+
+def test_every_alert_has_a_unit_test() -> None:
+    alerts = {r["alert"] for g in documents(RULES / "alerts.yml")[0]["groups"] for r in g["rules"]}
+    tested = {
+        case["alertname"]
+        for test in documents(RULES / "alerts_test.yml")[0]["tests"]
+        for case in test.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
+    assert alerts == tested
+
+
+def test_every_recording_rule_has_a_unit_test() -> None:
+    records = {
+        r["record"] for g in documents(RULES / "recording.yml")[0]["groups"] for r in g["rules"]
+    }
+    text = (RULES / "recording_test.yml").read_text()
+    tested = set(re.findall(r"expr: (gputally:[a-z_:0-9]+)", text))
+    # every rule of the 1 h group is tested; 1 d and 30 d repeat it over longer ranges
+    assert {r for r in records if r.endswith("1h")} <= tested, {
+        r for r in records if r.endswith("1h")
+    } - tested
+    assert {r.rsplit("_", 1)[0] for r in tested} | {r.rsplit(":", 1)[0] for r in tested}
+
+
+# -- generated files ------------------------------------------------------------------------
+
+
+def test_the_prometheus_operator_objects_are_in_step_with_the_rules() -> None:
+    checked = run(sys.executable, ROOT / "scripts" / "gen-monitoring", "--check")
+    assert checked.returncode == 0, checked.stderr
+    objects = {d["kind"]: d for d in documents(K8S / "monitoring.yaml")}
+    assert set(objects) == {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+    groups = [
+        *documents(RULES / "recording.yml")[0]["groups"],
+        *documents(RULES / "alerts.yml")[0]["groups"],
+    ]
+    assert objects["PrometheusRule"]["spec"]["groups"] == groups
+
+
+def test_the_configuration_reference_is_in_step_with_the_commands() -> None:
+    checked = run(sys.executable, ROOT / "scripts" / "gen-config-doc", "--check")
+    assert checked.returncode == 0, checked.stderr
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    for option in ("GPUTALLY_AGENT_COLLECTOR", "GPUTALLY_COLLECTOR_EXPECTED_GPUS", "`--keys`"):
+        assert option in text
+
+
+# -- Kubernetes -------------------------------------------------------------------------------
+
+
+def _manifests() -> dict[tuple[str, str], dict[str, Any]]:
+    kustomization = documents(K8S / "kustomization.yaml")[0]
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for name in kustomization["resources"]:
+        for document in documents(K8S / name):
+            out[(document["kind"], document["metadata"]["name"])] = document
+    return out
+
+
+def test_the_manifests_pass_the_kubernetes_schemas(tmp_path: Path) -> None:
+    validate = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent))
+    assert validate, "kubernetes-validate comes with the dev extra"
+    files = documents(K8S / "kustomization.yaml")[0]["resources"]
+    checked = run(validate, "--strict", "-k", KUBERNETES_VERSION, *files, cwd=K8S)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.count("INFO") >= 10, checked.stdout  # each object said valid
+
+
+def test_the_schema_check_catches_a_mistake(tmp_path: Path) -> None:
+    # the same tool on a DaemonSet with a misspelt field: it must say so (strict mode)
+    validate = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent))
+    assert validate
+    broken = (K8S / "agent.yaml").read_text().replace("hostPID: true", "hostPid: true")
+    (tmp_path / "agent.yaml").write_text(broken)
+    checked = run(validate, "--strict", "-k", KUBERNETES_VERSION, tmp_path / "agent.yaml")
+    assert checked.returncode != 0 and "hostPid" in checked.stdout + checked.stderr
+
+
+def test_the_manifests_hold_together() -> None:
+    objects = _manifests()
+    daemonset = objects[("DaemonSet", "gputally-agent")]
+    deployment = objects[("Deployment", "gputally-collector")]
+    service = objects[("Service", "gputally-collector")]
+    # selectors select the pods they are meant to
+    for workload in (daemonset, deployment):
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert workload["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert (
+        service["spec"]["selector"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+    # service ports name container ports that exist
+    container_ports = {
+        p["name"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+    }
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
+    # the monitors find the service port and the agents' port
+    monitoring = {d["kind"]: d for d in documents(K8S / "monitoring.yaml")}
+    assert monitoring["ServiceMonitor"]["spec"]["selector"]["matchLabels"].items() <= (
+        service["metadata"]["labels"].items()
+    )
+    assert {e["port"] for e in monitoring["ServiceMonitor"]["spec"]["endpoints"]} <= {
+        p["name"] for p in service["spec"]["ports"]
+    }
+    agent = daemonset["spec"]["template"]
+    assert monitoring["PodMonitor"]["spec"]["selector"]["matchLabels"].items() <= (
+        agent["metadata"]["labels"].items()
+    )
+    assert {e["port"] for e in monitoring["PodMonitor"]["spec"]["podMetricsEndpoints"]} <= {
+        p["name"] for p in agent["spec"]["containers"][0]["ports"]
+    }
+    # least privilege: no API token, no capabilities, read-only root filesystems
+    for workload in (daemonset, deployment):
+        spec = workload["spec"]["template"]["spec"]
+        assert spec["automountServiceAccountToken"] is False
+        context = spec["containers"][0]["securityContext"]
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert context["readOnlyRootFilesystem"] is True
+        assert context["allowPrivilegeEscalation"] is False
+        assert not context.get("privileged", False)
+    assert not any(
+        kind in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding") for kind, _ in objects
+    )
+    # every volume the agent mounts is one of the two it needs
+    volumes = {v["name"]: v for v in agent["spec"]["volumes"]}
+    assert volumes["state"]["hostPath"]["path"] == "/var/lib/gputally"
+    assert set(volumes) == {"config", "state"}
+    # the collector's ledger is on the claim, and one writer at a time
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    claims = [
+        v for v in deployment["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v
+    ]
+    assert claims[0]["persistentVolumeClaim"]["claimName"] in {
+        name for kind, name in objects if kind == "PersistentVolumeClaim"
+    }
+
+
+@pytest.mark.parametrize("daemon", ["agent", "collector"])
+def test_the_daemons_accept_the_configuration_the_manifests_give_them(
+    daemon: str, tmp_path: Path
+) -> None:
+    objects = _manifests()
+    config = objects[("ConfigMap", f"gputally-{daemon}")]["data"][f"{daemon}.toml"]
+    (tmp_path / f"{daemon}.toml").write_text(config)
+    workload = objects[
+        ("DaemonSet", "gputally-agent")
+        if daemon == "agent"
+        else ("Deployment", "gputally-collector")
+    ]
+    container = workload["spec"]["template"]["spec"]["containers"][0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUTALLY_")}
+    for variable in container.get("env", []):
+        env[variable["name"]] = variable.get("value", "node-a")  # fieldRef: the node's name
+    args = [a.replace("/etc/gputally/", f"{tmp_path}/") for a in container["args"]]
+    gputally = Path(sys.executable).parent / "gputally"
+    checked = run(gputally, *args, "--print-config", env=env)
+    assert checked.returncode == 0, checked.stderr
+    printed = checked.stdout
+    if daemon == "agent":
+        assert 'node = "node-a"' in printed
+        assert 'collector = "gputally-collector.gputally.svc:9471"' in printed
+        assert 'metrics-listen = "0.0.0.0:9472"' in printed
+    else:
+        assert 'db = "/var/lib/gputally/gputally.db"' in printed
+        assert 'keys = "/etc/gputally/keys"' in printed
+
+
+# -- systemd ----------------------------------------------------------------------------------
+
+
+def test_the_systemd_units_verify(tmp_path: Path) -> None:
+    analyze = require_binary("systemd-analyze", package="systemd")
+    gputally = Path(sys.executable).parent / "gputally"
+    units = sorted((DEPLOY / "systemd").glob("*.service"))
+    assert [u.name for u in units] == ["gputally-agent.service", "gputally-collector.service"]
+    for unit in units:
+        # verify checks that ExecStart's binary exists: point it at this environment's
+        text = unit.read_text().replace("/usr/local/bin/gputally", str(gputally))
+        (tmp_path / unit.name).write_text(text)
+    checked = run(analyze, "verify", *sorted(tmp_path.glob("*.service")))
+    problems = [
+        line
+        for line in (checked.stdout + checked.stderr).splitlines()
+        # the host, not the unit: a container without systemd running, no such user here
+        if line.strip() and "System has not been booted with systemd" not in line
+    ]
+    assert checked.returncode == 0 and not problems, "\n".join(problems)
+
+
+# -- Grafana ------------------------------------------------------------------------------------
+
+
+def dashboard() -> dict[str, Any]:
+    return dict(json.loads((DEPLOY / "grafana" / "gputally-cluster.json").read_text()))
+
+
+def test_the_dashboard_is_importable_as_is() -> None:
+    board = dashboard()
+    assert board["uid"] == "gputally-cluster" and board["schemaVersion"] >= 36
+    assert "__inputs" not in board  # no import-time questions: a datasource variable instead
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    panels = [p for p in board["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"] and all(t["expr"] for t in panel["targets"]), panel["title"]
+        for target in panel["targets"]:
+            used = set(re.findall(r"\$(\w+)", target["expr"])) - {"__rate_interval", "__range"}
+            assert used <= set(variables), (panel["title"], used)
+    # panels do not overlap on the 24-column grid
+    cells: set[tuple[int, int]] = set()
+    for panel in board["panels"]:
+        g = panel["gridPos"]
+        assert g["x"] + g["w"] <= 24
+        mine = {
+            (x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])
+        }
+        assert not mine & cells, panel["title"]
+        cells |= mine
