@@ -238,6 +238,18 @@ def test_the_daemons_accept_the_configuration_the_manifests_give_them(
 # -- systemd ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("daemon", ["agent", "collector"])
+def test_the_daemons_accept_the_configuration_files_of_the_units(daemon: str) -> None:
+    unit = (DEPLOY / "systemd" / f"gputally-{daemon}.service").read_text()
+    assert f"--config /etc/gputally/{daemon}.toml" in unit
+    gputally = Path(sys.executable).parent / "gputally"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUTALLY_")}
+    config = DEPLOY / "systemd" / f"{daemon}.toml"
+    checked = run(gputally, daemon, "--config", config, "--print-config", env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert 'log-format = "json"' in checked.stdout.splitlines()
+
+
 def test_the_systemd_units_verify(tmp_path: Path) -> None:
     analyze = require_binary("systemd-analyze", package="systemd")
     gputally = Path(sys.executable).parent / "gputally"
