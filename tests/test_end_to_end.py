@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import os
 import subprocess
 import sys
@@ -371,3 +373,80 @@ def test_live_padding_bounds_and_breakdowns(collector_factory: Callable[..., Col
     assert value(
         metrics, "gputally_tenant_utilization_ratio", tenant="alice", measure="sm_active"
     ) == pytest.approx(0.85, abs=0.01)
+
+
+def test_summaries_signed_while_the_collector_is_away_survive_an_agent_crash(
+    tmp_path: Path, collector_factory: Callable[..., Collector]
+) -> None:
+    """The agent signs summaries while no collector listens and is then killed (no clean
+    shutdown). Started again, it sends its spool first: the ledger gets every summary, in one
+    unbroken chain, and the spool empties as the collector acknowledges."""
+    from gputally.agent.signing import SummarySigner, load_or_create_key, public_bytes
+    from gputally.collector.keys import KeyStore
+    from gputally.collector.record import Record
+
+    state_dir = tmp_path / "state" / "node-00"
+    key = load_or_create_key(state_dir / "agent.key")
+
+    def agent(target: str) -> NodeAgent:
+        sc = scenario.default()
+        sampler = Sampler(
+            NvmlBackend(MockNVML(sc, 0, time.time)),
+            node="node-00",
+            interval=0.1,
+            summary_window=0.5,
+            signer=SummarySigner(key, "node-00", state_dir),
+        )
+        sampler.open()
+        return NodeAgent(
+            sampler,
+            target,
+            backend_name="mock",
+            sample_in_thread=False,
+            sender_options={"backoff_initial": 0.05, "backoff_max": 0.2},
+        )
+
+    async def crash_after(seconds: float) -> None:
+        task = asyncio.ensure_future(agent(f"127.0.0.1:{free_port()}").run())
+        await asyncio.sleep(seconds)
+        task.cancel()  # killed: no drain, nothing acknowledged
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(crash_after(1.6))
+    spooled = sorted((state_dir / "spool").glob("*.summary"))
+    assert len(spooled) >= 3  # windows of 0.5 s closed while nobody listened
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    KeyStore(keys).enroll("node-00", public_bytes(key))
+    record = Record(tmp_path / "record.db")
+    collector = collector_factory(record=record, keys=KeyStore(keys), expected_gpus=8)
+    asyncio.run(agent(collector.target).run(duration=1.2))
+
+    bodies = [pb.SignedSummary.FromString(stored).body for _, _, stored, _ in record.entries()]
+    chain = [pb.Summary.FromString(body) for body in bodies]
+    assert [s.chain_seq for s in chain] == list(range(1, len(chain) + 1))
+    assert len(chain) >= len(spooled) + 2  # the spool first, then the new run's windows
+    for earlier, later in itertools.pairwise(range(len(chain))):
+        assert chain[later].prev_hash == hashlib.sha256(bodies[earlier]).digest()
+    assert collector.state.nodes["node-00"].chain_breaks == 0
+    assert list((state_dir / "spool").glob("*.summary")) == []  # all acknowledged
+
+
+def test_a_full_outbox_drops_plain_reports_before_summaries() -> None:
+    from gputally.agent.sender import Sender
+
+    sender = Sender("127.0.0.1:9", lambda: pb.Hello(), max_buffer=3)
+    signed = pb.SignedSummary(body=b"summary", signature=b"s")
+    sender.submit(pb.Report(seq=1, summary=signed))
+    for seq in range(2, 6):
+        sender.submit(pb.Report(seq=seq))
+    # 5 submitted into room for 3: reports 2 and 3 made way; the summary stayed
+    assert [r.seq for r in sender.outbox] == [1, 4, 5]
+    assert sender.stats.dropped == 2
+    # with nothing else left to drop, the oldest summary goes (and is counted)
+    only = Sender("127.0.0.1:9", lambda: pb.Hello(), max_buffer=2)
+    for seq in (1, 2, 3):
+        only.submit(pb.Report(seq=seq, summary=signed))
+    assert [r.seq for r in only.outbox] == [2, 3] and only.stats.dropped == 1

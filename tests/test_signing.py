@@ -186,3 +186,78 @@ def test_enroll_command_and_agent_public_key(tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "32 bytes" in bad.stderr
+
+
+# -- the spool: summaries survive the agent ------------------------------------------------
+
+
+def test_signed_summaries_wait_in_the_spool_until_acknowledged(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    signer = SummarySigner(key, "n1", tmp_path)
+    bodies = [signer.sign(summary(T0 + 60 * k)).body for k in range(3)]
+    assert [s.body for s in signer.pending()] == bodies
+    signer.acknowledged(2)
+    assert [s.body for s in signer.pending()] == bodies[2:]
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == ["000000000003.summary"]
+    # a restarted agent finds what is still unacknowledged, and goes on after it
+    again = SummarySigner(key, "n1", tmp_path)
+    assert [s.body for s in again.pending()] == bodies[2:]
+    assert again.chain_seq == 3
+
+
+def test_a_summary_spooled_just_before_a_crash_is_never_renumbered(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    signer = SummarySigner(key, "n1", tmp_path)
+    signer.sign(summary(T0))
+    chain_after_first = (tmp_path / "chain.json").read_bytes()
+    second = signer.sign(summary(T0 + 60))
+    # the agent died after spooling summary 2 and before saving the chain's position
+    (tmp_path / "chain.json").write_bytes(chain_after_first)
+    restarted = SummarySigner(key, "n1", tmp_path)
+    third = pb.Summary.FromString(restarted.sign(summary(T0 + 120)).body)
+    assert third.chain_seq == 3
+    assert third.prev_hash == hashlib.sha256(second.body).digest()
+
+
+def test_an_unreadable_spool_file_is_a_clear_error(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    SummarySigner(key, "n1", tmp_path).sign(summary())
+    (tmp_path / "spool" / "000000000001.summary").write_bytes(b"\xff\xff")
+    with pytest.raises(KeyFileError, match=r"unreadable spooled summary.*move it away"):
+        SummarySigner(key, "n1", tmp_path)
+
+
+def test_the_collector_records_a_resent_summary_once_and_refuses_a_rewrite(
+    tmp_path: Path,
+) -> None:
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    key = Ed25519PrivateKey.generate()
+    KeyStore(keys_dir).enroll("n1", public_bytes(key))
+    record = Record(tmp_path / "r.db")
+    signer = SummarySigner(key, "n1")
+    first, second = signer.sign(summary(T0)), signer.sign(summary(T0 + 60))
+
+    def carrying(seq: int, signed: pb.SignedSummary) -> pb.Report:
+        return pb.Report(seq=seq, time_unix_nano=int(T0 * 1e9), summary=signed)
+
+    state = ClusterState(record=record, keys=KeyStore(keys_dir))
+    state.open_session(hello("n1", key))
+    assert state.ingest("n1", carrying(1, first), received=T0) == "accepted"
+    # the agent restarts (a new instance, sequence numbers from 1) and sends its spool again
+    restarted = hello("n1", key)
+    restarted.instance_id = 2
+    state.open_session(restarted)
+    assert state.ingest("n1", carrying(1, first), received=T0) == "accepted"
+    assert record.count() == 1 and state.nodes["n1"].summaries_resent == 1
+    # the same number with other content (signed by the node's key) would rewrite the chain
+    rewrite = SummarySigner(key, "n1").sign(summary(T0 + 600))
+    with pytest.raises(InvalidMessageError, match="not the one recorded under that number"):
+        state.ingest("n1", carrying(2, rewrite), received=T0)
+    # a restarted collector picks the chain up from its record
+    state = ClusterState(record=record, keys=KeyStore(keys_dir))
+    state.open_session(hello("n1", key))
+    assert state.ingest("n1", carrying(1, first), received=T0) == "accepted"  # resent again
+    assert state.ingest("n1", carrying(2, second), received=T0) == "accepted"
+    node = state.nodes["n1"]
+    assert record.count() == 2 and node.summaries == 1 and node.chain_breaks == 0

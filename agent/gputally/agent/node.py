@@ -48,13 +48,25 @@ class NodeAgent:
         return Sender(
             self.collector,
             lambda: self.sampler.hello(instance_id, self.backend_name),
+            on_acked=self._acked,
             **self._sender_options,
         )
+
+    def _acked(self, report: pb.Report) -> None:
+        if report.HasField("summary"):
+            chain_seq = pb.Summary.FromString(report.summary.body).chain_seq
+            try:
+                self.sampler.signer.acknowledged(chain_seq)
+            except OSError as error:  # the spool is tidied again at the next acknowledgement
+                log.warning("cannot tidy the summary spool", extra={"kv": {"error": str(error)}})
 
     async def run(self, duration: float | None = None, stop: asyncio.Event | None = None) -> None:
         loop = asyncio.get_running_loop()
         stop = stop or asyncio.Event()
         sender_task: asyncio.Task[None] | None = asyncio.ensure_future(self.sender.run())
+        # What a previous run signed but never got acknowledged goes first.
+        for report in self.sampler.spooled_reports():
+            self.sender.submit(report)
         start = loop.time()
         deadline = None if duration is None else start + duration
         tick = 0

@@ -183,6 +183,17 @@ class Sampler:
             report.summary.CopyFrom(self._pending.popleft())
         return report
 
+    def spooled_reports(self) -> list[pb.Report]:
+        """Reports carrying the summaries a previous run of this agent signed but did not get
+        acknowledged (the signer's spool), to send first. They cover no time of their own."""
+        reports = []
+        for signed in self.signer.pending():
+            self.seq += 1
+            reports.append(
+                pb.Report(seq=self.seq, time_unix_nano=int(self.clock() * 1e9), summary=signed)
+            )
+        return reports
+
     def final_reports(self) -> list[pb.Report]:
         """Reports carrying the summaries still open or waiting, for a clean shutdown.
         They cover no time of their own (no GPU samples, zero interval)."""

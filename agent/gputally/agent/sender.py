@@ -5,6 +5,8 @@ The stream sends what is in the outbox in batches, the collector acknowledges se
 and acknowledged reports leave the outbox. After a reconnect everything not yet acknowledged is
 sent again (the collector drops duplicates). When the outbox is full the oldest report is
 dropped and counted: the collector then sees a gap, i.e. unobserved seconds, never invented data.
+A report that carries a signed summary is dropped only when nothing else can be: summaries are
+small, and they are the record auditors read.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Sender:
         backoff_max: float = 30.0,
         rng: random.Random | None = None,
         channel_options: tuple[tuple[str, int], ...] = CHANNEL_OPTIONS,
+        on_acked: Callable[[pb.Report], None] | None = None,
     ):
         if max_buffer < 1 or max_batch < 1:
             raise ValueError("max_buffer and max_batch must be at least 1")
@@ -78,6 +81,7 @@ class Sender:
         self.backoff_max = backoff_max
         self._rng = rng or random.Random()
         self._options = channel_options
+        self._on_acked = on_acked  # e.g. drop an acknowledged summary from the agent's spool
         self.outbox: deque[pb.Report] = deque()
         self._sent_upto = 0  # highest seq written on the current stream
         self._wakeup = asyncio.Event()
@@ -91,7 +95,8 @@ class Sender:
     def submit(self, report: pb.Report) -> None:
         """Queue one report. Never blocks; call it on the sender's event loop."""
         if len(self.outbox) >= self.max_buffer:
-            self.outbox.popleft()
+            victim = next((r for r in self.outbox if not r.HasField("summary")), self.outbox[0])
+            self.outbox.remove(victim)
             self.stats.dropped += 1
         self.outbox.append(report)
         self.stats.submitted += 1
@@ -227,7 +232,9 @@ class Sender:
                 extra={"kv": {"seq": rejection.seq, "reason": rejection.reason}},
             )
         while self.outbox and self.outbox[0].seq <= acked_seq:
-            self.outbox.popleft()
+            report = self.outbox.popleft()
             self.stats.acked += 1
+            if self._on_acked is not None:
+                self._on_acked(report)
         if not self.outbox:
             self._drained.set()

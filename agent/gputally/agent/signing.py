@@ -4,9 +4,12 @@ Each agent holds an Ed25519 key. Every summary names its node, carries the next 
 node's chain and the SHA-256 of the previous summary's body, and is signed as serialized. A
 deleted, reordered, replayed or altered summary then breaks a signature or the chain.
 
-The chain's position is saved (atomically) before a summary is handed to the sender: if the
-agent dies after that, the summary is lost and the chain shows a gap, which is the truth. It is
-never numbered twice.
+With a state directory, every signed summary is also written to a spool (`spool/`, one file
+per chain number) before it is handed to the sender, and removed when the collector has
+acknowledged it. An agent that dies while the collector is away sends its spool again when it
+starts: the summaries survive the agent, and the collector recognises one it already recorded.
+A summary is never numbered twice: the chain's position is the newest of chain.json and the
+spool.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf.message import DecodeError
 
 from gputally.v1 import telemetry_pb2 as pb
 
 DOMAIN = b"gputally summary v1\n"  # signatures over summaries cannot be replayed as anything else
 KEY_FILE = "agent.key"
 CHAIN_FILE = "chain.json"
+SPOOL_DIR = "spool"
 
 
 class KeyFileError(RuntimeError):
@@ -81,6 +86,7 @@ class SummarySigner:
         self.node = node
         self.public_key = public_bytes(key)
         self._state = None if state_dir is None else state_dir / CHAIN_FILE
+        self._spool = None if state_dir is None else state_dir / SPOOL_DIR
         self.chain_seq = 0
         self.prev_hash = b""
         if self._state is not None and self._state.exists():
@@ -93,6 +99,44 @@ class SummarySigner:
                 raise KeyFileError(
                     f"{self._state}: unreadable chain state ({error}); move it away to start a new chain"
                 ) from None
+        # A summary spooled just before the agent died, with chain.json not yet updated: the
+        # chain goes on after it, so that its number is never given to another summary.
+        for signed in self.pending():
+            summary = pb.Summary.FromString(signed.body)
+            if summary.chain_seq > self.chain_seq:
+                self.chain_seq = summary.chain_seq
+                self.prev_hash = hashlib.sha256(signed.body).digest()
+
+    def _spooled(self) -> list[tuple[int, Path]]:
+        if self._spool is None or not self._spool.is_dir():
+            return []
+        out = []
+        for path in self._spool.glob("*.summary"):
+            try:
+                out.append((int(path.stem), path))
+            except ValueError:
+                continue  # not ours
+        return sorted(out)
+
+    def pending(self) -> list[pb.SignedSummary]:
+        """The spooled summaries the collector has not acknowledged, in chain order."""
+        out = []
+        for _, path in self._spooled():
+            try:
+                signed = pb.SignedSummary.FromString(path.read_bytes())
+                pb.Summary.FromString(signed.body)
+            except (OSError, DecodeError) as error:
+                raise KeyFileError(
+                    f"{path}: unreadable spooled summary ({error}); move it away to go on"
+                ) from None
+            out.append(signed)
+        return out
+
+    def acknowledged(self, chain_seq: int) -> None:
+        """The collector has recorded the summaries up to `chain_seq`: drop them from the spool."""
+        for seq, path in self._spooled():
+            if seq <= chain_seq:
+                path.unlink(missing_ok=True)
 
     def sign(self, summary: pb.Summary) -> pb.SignedSummary:
         summary.node = self.node
@@ -100,6 +144,10 @@ class SummarySigner:
         summary.prev_hash = self.prev_hash
         body = summary.SerializeToString(deterministic=True)
         signed = pb.SignedSummary(body=body, signature=self.key.sign(DOMAIN + body))
+        if self._spool is not None:  # durable before anything else knows the summary
+            _write_private(
+                self._spool / f"{summary.chain_seq:012d}.summary", signed.SerializeToString()
+            )
         self.chain_seq += 1
         self.prev_hash = hashlib.sha256(body).digest()
         if self._state is not None:

@@ -157,6 +157,17 @@ class ClusterCollector(Collector):
             "Reports never received (gaps in sequence numbers).",
             labels=["node"],
         )
+        node_summaries = CounterMetricFamily(
+            "gputally_node_summaries",
+            "Signed summaries received: recorded in the ledger, or resent (already recorded).",
+            labels=["node", "result"],
+        )
+        node_breaks = CounterMetricFamily(
+            "gputally_node_chain_breaks",
+            "Recorded summaries that did not continue the node's chain: summaries lost on the "
+            "way (a gap auditors will see) or an agent that started a new chain.",
+            labels=["node"],
+        )
         xid = CounterMetricFamily(
             "gputally_node_xid_events",
             "XID errors the node's GPUs reported (e.g. 79: fell off the bus).",
@@ -179,6 +190,9 @@ class ClusterCollector(Collector):
             for result, count in node.reports.items():
                 node_reports.add_metric([node.name, result], count)
             node_missed.add_metric([node.name], node.missed_reports)
+            node_summaries.add_metric([node.name, "recorded"], node.summaries)
+            node_summaries.add_metric([node.name, "resent"], node.summaries_resent)
+            node_breaks.add_metric([node.name], node.chain_breaks)
         yield from (
             up,
             node_gpus,
@@ -190,6 +204,8 @@ class ClusterCollector(Collector):
             node_last,
             node_reports,
             node_missed,
+            node_summaries,
+            node_breaks,
         )
         yield xid
         yield GaugeMetricFamily(

@@ -116,6 +116,14 @@ class Record:
             )
             self._db.execute("COMMIT")
 
+    def recent(self, node: str, limit: int) -> list[bytes]:
+        """The stored bytes of the node's newest `limit` summaries, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT body FROM summaries WHERE node = ? ORDER BY id DESC LIMIT ?", (node, limit)
+            ).fetchall()
+        return [bytes(body) for (body,) in rows]
+
     def leaves_after(self, after_id: int) -> list[tuple[int, bytes]]:
         """(id, leaf hash) of the entries after `after_id`, in log order."""
         with self._lock:

@@ -138,6 +138,8 @@ class NodeState:
     chain_seq: int = 0  # the node's latest recorded summary: its chain number and body hash
     chain_hash: bytes = b""
     chain_breaks: int = 0  # recorded summaries that did not continue the chain
+    chain_loaded: bool = False  # chain_seq/chain_hash read back from the record (after a restart)
+    summaries_resent: int = 0  # summaries sent again that the record already held
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +171,8 @@ class NodeView:
     power_watts: float
     xids: dict[int, int]
     summaries: int
+    summaries_resent: int
+    chain_breaks: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,7 +397,16 @@ class ClusterState:
             if report.seq <= node.last_seq:
                 node.reports["duplicate"] += 1
                 return "duplicate"
+            resent = False
             if summary is not None and self.record is not None and self.keys is not None:
+                try:
+                    resent = self._recorded_already(name, node, report.summary, summary)
+                except InvalidMessageError:
+                    node.reports["rejected"] += 1
+                    raise
+            if resent:
+                node.summaries_resent += 1
+            elif summary is not None and self.record is not None and self.keys is not None:
                 stored = self.record.append(
                     name,
                     node.instance_id,
@@ -498,6 +511,38 @@ class ClusterState:
             raise InvalidMessageError(f"summary names node {summary.node!r}, not {name!r}")
         _check_summary(node, summary)
         return summary
+
+    # How far back a summary sent again is looked for in the record: an agent resends only
+    # what was not acknowledged, which is the newest few (one per stream interruption).
+    _RESEND_HORIZON = 256
+
+    def _recorded_already(
+        self, name: str, node: NodeState, signed: pb.SignedSummary, summary: pb.Summary
+    ) -> bool:
+        """True for a summary the record already holds (an agent sends its spool again when
+        its acknowledgement was lost); InvalidMessageError for one that would rewrite the
+        node's recorded chain; False for a new one."""
+        assert self.record is not None
+        if not node.chain_loaded:
+            # After a collector restart, the chain goes on from what the record holds.
+            node.chain_loaded = True
+            newest = self.record.recent(name, 1)
+            if newest and not node.chain_seq:
+                body = pb.SignedSummary.FromString(newest[0]).body
+                node.chain_seq = pb.Summary.FromString(body).chain_seq
+                node.chain_hash = hashlib.sha256(body).digest()
+        if summary.chain_seq > node.chain_seq:
+            return False
+        for stored in self.record.recent(name, self._RESEND_HORIZON):
+            earlier = pb.SignedSummary.FromString(stored).body
+            if earlier == signed.body:
+                return True
+            if pb.Summary.FromString(earlier).chain_seq == summary.chain_seq:
+                break  # same number, other content: a rewrite, refused below
+        raise InvalidMessageError(
+            f"summary {summary.chain_seq} of node {name} is not the one recorded under that number "
+            f"(the recorded chain is at {node.chain_seq}): refused, so the record is not rewritten"
+        )
 
     def _trim(self, gpu: GpuState, now: float) -> None:
         horizon = now - self.lag - self.window - 1.0
@@ -605,6 +650,8 @@ class ClusterState:
                         power_watts=power,
                         xids=dict(node.xids),
                         summaries=node.summaries,
+                        summaries_resent=node.summaries_resent,
+                        chain_breaks=node.chain_breaks,
                     )
                 )
             ranked = sorted(tenants.items(), key=lambda kv: (-len(kv[1]), kv[0]))
