@@ -32,7 +32,7 @@ _LABELS = {
     "busy": "busy (NVML utilization.gpu)",
     "sm_active": "SM active (real work)",
     "allocated": "allocated (process on GPU)",
-    "effective": "effective (real work, est.)",
+    "effective": "effective (SM, else est.)",
 }
 # The demo's record keeps short summary windows, so that a short run still fills some whole.
 SUMMARY_WINDOW_S = 10.0
