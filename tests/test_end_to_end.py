@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -91,12 +92,19 @@ def test_declared_inventory_is_the_denominator(collector_factory: Callable[..., 
     assert value(metrics, "gputally_cluster_coverage_ratio") == pytest.approx(0.5, abs=0.01)
 
 
-def _agent(target: str, node: int = 0, name: str | None = None, interval: float = 0.2) -> NodeAgent:
+def _agent(
+    target: str,
+    node: int = 0,
+    name: str | None = None,
+    interval: float = 0.2,
+    **sampler_options: Any,
+) -> NodeAgent:
     sc = scenario.default()
     sampler = Sampler(
         NvmlBackend(MockNVML(sc, node, time.time)),
         node=name or sc.node_name(node),
         interval=interval,
+        **sampler_options,
     )
     sampler.open()
     return NodeAgent(
@@ -388,23 +396,9 @@ def test_summaries_signed_while_the_collector_is_away_survive_an_agent_crash(
     state_dir = tmp_path / "state" / "node-00"
     key = load_or_create_key(state_dir / "agent.key")
 
-    def agent(target: str) -> NodeAgent:
-        sc = scenario.default()
-        sampler = Sampler(
-            NvmlBackend(MockNVML(sc, 0, time.time)),
-            node="node-00",
-            interval=0.1,
-            summary_window=0.5,
-            signer=SummarySigner(key, "node-00", state_dir),
-        )
-        sampler.open()
-        return NodeAgent(
-            sampler,
-            target,
-            backend_name="mock",
-            sample_in_thread=False,
-            sender_options={"backoff_initial": 0.05, "backoff_max": 0.2},
-        )
+    def agent(target: str) -> NodeAgent:  # a fresh process's agent: its signer reads the disk
+        signer = SummarySigner(key, "node-00", state_dir)
+        return _agent(target, interval=0.1, summary_window=0.5, signer=signer)
 
     async def crash_after(seconds: float) -> None:
         task = asyncio.ensure_future(agent(f"127.0.0.1:{free_port()}").run())
