@@ -190,10 +190,12 @@ def test_the_manifests_hold_together() -> None:
     assert not any(
         kind in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding") for kind, _ in objects
     )
-    # every volume the agent mounts is one of the two it needs
+    # every volume the agent mounts is one of the three it needs
     volumes = {v["name"]: v for v in agent["spec"]["volumes"]}
     assert volumes["state"]["hostPath"]["path"] == "/var/lib/gputally"
-    assert set(volumes) == {"config", "state"}
+    assert set(volumes) == {"config", "state", "pod-resources"}
+    mounts = {m["name"]: m for m in agent["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["pod-resources"]["readOnly"] is True
     # the collector's ledger is on the claim, and one writer at a time
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"]["type"] == "Recreate"

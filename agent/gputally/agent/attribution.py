@@ -7,7 +7,10 @@ first of these that answers:
 1. a static map (TOML: GPU UUID or index -> tenant/job), for fixed reservations;
 2. a Slurm job-mapping directory, as written by a prolog script in the style of Princeton's
    jobstats: one file per GPU, named by its index or UUID, holding ``JOBID [USER]``;
-3. the cgroup of the GPU's processes: a Slurm job (``.../job_1234/...``) or a Kubernetes pod
+3. the kubelet's pod resources API (a gRPC service on a Unix socket): the pod a GPU is
+   allocated to, with its namespace as the tenant and its name as the job, whether or not a
+   process runs on the GPU yet;
+4. the cgroup of the GPU's processes: a Slurm job (``.../job_1234/...``) or a Kubernetes pod
    (``...pod<uid>...``).
 
 Values are cut to a bounded length, and there is at most one tenant and job per GPU, so the
@@ -19,14 +22,23 @@ reports host PIDs.
 
 from __future__ import annotations
 
+import logging
+import math
 import re
+import time
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import grpc
 import psutil
+
+from gputally.kubelet.v1 import podresources_pb2 as podresources
+from gputally.kubelet.v1 import podresources_pb2_grpc as podresources_grpc
+
+log = logging.getLogger("gputally.agent")
 
 MAX_LABEL = 128  # longest tenant/job/command kept: bounded labels, bounded messages
 _SLURM_JOB = re.compile(r"/job_(\d+)(?:/|$)")
@@ -125,12 +137,93 @@ class JobMapError(ValueError):
     pass
 
 
+KUBELET_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+
+
+class PodResources:
+    """Which pod each GPU is allocated to, from the kubelet's pod resources API.
+
+    The answer is cached for `refresh` seconds: the agent asks for every GPU every second,
+    the kubelet's allocations change at pod starts. A socket that does not exist (not a
+    Kubernetes node) is silently no source; a kubelet that does not answer is logged once per
+    distinct error and is no source until it answers again. Never raises: attribution must not
+    stop sampling."""
+
+    def __init__(
+        self,
+        socket: Path | str,
+        *,
+        refresh: float = 10.0,
+        timeout: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.socket = Path(socket)
+        self.refresh = refresh
+        self.timeout = timeout
+        self.clock = clock
+        self.lists = 0  # List calls made (the cache's effect is measurable)
+        self.last_error = ""
+        self._by_uuid: dict[str, Attribution] = {}
+        self._fetched = -math.inf
+        self._channel: grpc.Channel | None = None
+
+    def lookup(self, uuid: str) -> Attribution | None:
+        now = self.clock()
+        if now - self._fetched >= self.refresh:
+            self._fetched = now
+            self._by_uuid = self._list()
+        return self._by_uuid.get(uuid)
+
+    def _list(self) -> dict[str, Attribution]:
+        if not self.socket.exists():
+            return {}
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(f"unix://{self.socket.resolve()}")
+        self.lists += 1
+        try:
+            response = podresources_grpc.PodResourcesListerStub(self._channel).List(
+                podresources.ListPodResourcesRequest(), timeout=self.timeout
+            )
+        except grpc.RpcError as error:
+            message = f"{error.code().name}: {error.details()}"
+            if message != self.last_error:
+                log.warning(
+                    "kubelet pod resources unavailable",
+                    extra={"kv": {"socket": str(self.socket), "error": message}},
+                )
+            self.last_error = message
+            return {}
+        self.last_error = ""
+        out: dict[str, Attribution] = {}
+        for pod in response.pod_resources:
+            held = Attribution("kubernetes", _cut(pod.namespace), _cut(pod.name))
+            for container in pod.containers:
+                for device in container.devices:
+                    if not device.resource_name.startswith("nvidia.com/"):
+                        continue
+                    for device_id in device.device_ids:
+                        # "<uuid>::<n>": the n-th share of a time-sliced GPU
+                        out[device_id.partition("::")[0]] = held
+        return out
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+
 class Attributor:
     """Attribution of each GPU from the sources above, in their order."""
 
-    def __init__(self, static_map: Path | str | None = None, slurm_dir: Path | str | None = None):
+    def __init__(
+        self,
+        static_map: Path | str | None = None,
+        slurm_dir: Path | str | None = None,
+        kubelet_socket: Path | str | None = None,
+    ):
         self.static: dict[str, Attribution] = load_static_map(static_map) if static_map else {}
         self.slurm_dir = Path(slurm_dir) if slurm_dir else None
+        self.kubelet = PodResources(kubelet_socket) if kubelet_socket else None
 
     def attribute(
         self, index: int, uuid: str, cgroups: Iterable[str], users: Iterable[str]
@@ -150,6 +243,10 @@ class Attributor:
                     return Attribution(
                         "slurm", _cut(words[1]) if len(words) > 1 else "", _cut(words[0])
                     )
+        if self.kubelet is not None and uuid:
+            held = self.kubelet.lookup(uuid)
+            if held is not None:
+                return held
         return from_cgroups(cgroups, users)
 
 

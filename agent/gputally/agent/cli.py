@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .attribution import KUBELET_SOCKET
 from .padding import DEFAULT_BURN_PATTERNS, PaddingRules
 
 log = logging.getLogger("gputally.agent")
@@ -348,6 +349,14 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         help="Slurm job mapping written by a prolog: one file per GPU (named by index or UUID) holding JOBID [USER]",
     )
     agent.add_argument(
+        "--kubelet-socket",
+        default=KUBELET_SOCKET,
+        metavar="PATH",
+        help="the kubelet's pod resources socket: a GPU allocated to a pod is attributed to its "
+        "namespace (tenant) and name (job); used when it exists, empty to never ask "
+        "(default: %(default)s)",
+    )
+    agent.add_argument(
         "--duration",
         type=_positive,
         metavar="SECONDS",
@@ -491,7 +500,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     from .signing import KEY_FILE, KeyFileError, SummarySigner, load_or_create_key
 
     try:
-        attributor = Attributor(args.job_map, args.slurm_gpu_dir)
+        attributor = Attributor(args.job_map, args.slurm_gpu_dir, args.kubelet_socket or None)
     except JobMapError as error:
         return _fail(f"--job-map: {error}")
     node = args.node

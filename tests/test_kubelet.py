@@ -1,0 +1,169 @@
+"""Attribution from the kubelet's pod resources API: a fake kubelet serves the real gRPC
+service on a Unix socket, and the agent reads it as it would on a Kubernetes node."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gputally.agent.attribution import Attribution, Attributor, PodResources
+from gputally.kubelet.v1 import podresources_pb2 as pr
+from gputally.kubelet.v1 import podresources_pb2_grpc as pr_grpc
+
+
+class FakeKubelet(pr_grpc.PodResourcesListerServicer):
+    def __init__(self) -> None:
+        self.pods: list[pr.PodResources] = []
+        self.calls = 0
+        self.failing = False  # answer UNAVAILABLE, as a restarting kubelet does
+
+    def List(
+        self, request: pr.ListPodResourcesRequest, context: object
+    ) -> pr.ListPodResourcesResponse:
+        self.calls += 1
+        if self.failing:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "kubelet restarting")  # type: ignore[attr-defined]
+        return pr.ListPodResourcesResponse(pod_resources=self.pods)
+
+
+def pod(namespace: str, name: str, resource: str, *device_ids: str) -> pr.PodResources:
+    return pr.PodResources(
+        name=name,
+        namespace=namespace,
+        containers=[
+            pr.ContainerResources(
+                name="main",
+                devices=[pr.ContainerDevices(resource_name=resource, device_ids=list(device_ids))],
+            )
+        ],
+    )
+
+
+@pytest.fixture
+def kubelet(tmp_path: Path) -> Iterator[Callable[[], tuple[FakeKubelet, Path]]]:
+    servers: list[grpc.Server] = []
+
+    def start() -> tuple[FakeKubelet, Path]:
+        fake = FakeKubelet()
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        pr_grpc.add_PodResourcesListerServicer_to_server(fake, server)
+        socket = tmp_path / "kubelet.sock"
+        assert server.add_insecure_port(f"unix://{socket}") != 0 or socket.exists()
+        server.start()
+        servers.append(server)
+        return fake, socket
+
+    yield start
+    for server in servers:
+        server.stop(0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_gpus_are_attributed_to_the_pods_they_are_allocated_to(
+    kubelet: Callable[[], tuple[FakeKubelet, Path]],
+) -> None:
+    fake, socket = kubelet()
+    fake.pods = [
+        pod("ml-team", "trainer-0", "nvidia.com/gpu", "GPU-aaa", "GPU-bbb"),
+        pod("inference", "server-7", "nvidia.com/gpu", "GPU-ccc::1"),  # a time-sliced share
+        pod("storage", "cache", "example.com/nvme", "GPU-ddd"),  # not a GPU resource
+    ]
+    clock = Clock()
+    source = PodResources(socket, refresh=10.0, clock=clock)
+    assert source.lookup("GPU-aaa") == Attribution("kubernetes", "ml-team", "trainer-0")
+    assert source.lookup("GPU-bbb") == Attribution("kubernetes", "ml-team", "trainer-0")
+    assert source.lookup("GPU-ccc") == Attribution("kubernetes", "inference", "server-7")
+    assert source.lookup("GPU-ddd") is None
+    assert source.lookup("GPU-eee") is None
+    assert fake.calls == 1  # five lookups within the refresh period: one List
+    # a pod ends and another starts: seen at the next refresh, not before
+    fake.pods = [pod("ml-team", "trainer-1", "nvidia.com/gpu", "GPU-aaa")]
+    clock.now = 9.0
+    assert source.lookup("GPU-aaa") == Attribution("kubernetes", "ml-team", "trainer-0")
+    clock.now = 10.0
+    assert source.lookup("GPU-aaa") == Attribution("kubernetes", "ml-team", "trainer-1")
+    assert source.lookup("GPU-bbb") is None
+    assert fake.calls == 2
+    source.close()
+
+
+def test_the_order_of_sources_and_a_kubelet_that_goes_away(
+    tmp_path: Path,
+    kubelet: Callable[[], tuple[FakeKubelet, Path]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake, socket = kubelet()
+    fake.pods = [pod("ml-team", "trainer-0", "nvidia.com/gpu", "GPU-aaa", "GPU-bbb")]
+    static = tmp_path / "map.toml"
+    static.write_text('[gpus]\n"GPU-bbb" = "reserved/bench"\n')
+    attributor = Attributor(static, None, socket)
+    pod_cgroup = "/kubepods/burstable/pod12345678-1234-1234-1234-123456789abc/cri-containerd-x"
+    # the static map comes first; then the kubelet; then the processes' cgroups
+    assert attributor.attribute(1, "GPU-bbb", [], []) == Attribution("static", "reserved", "bench")
+    assert attributor.attribute(0, "GPU-aaa", [pod_cgroup], []) == Attribution(
+        "kubernetes", "ml-team", "trainer-0"
+    )
+    assert attributor.attribute(2, "GPU-zzz", [pod_cgroup], []) == Attribution(
+        "kubernetes", "", "pod/12345678-1234-1234-1234-123456789abc"
+    )
+    # the kubelet stops answering: attribution falls back, says so once, never raises
+    fake.failing = True
+    assert attributor.kubelet is not None
+    attributor.kubelet._fetched = -1e9  # due for a refresh
+    with caplog.at_level("WARNING", logger="gputally.agent"):
+        assert attributor.attribute(0, "GPU-aaa", [], []) == Attribution()
+        attributor.kubelet._fetched = -1e9
+        assert attributor.attribute(0, "GPU-aaa", [], []) == Attribution()
+    assert caplog.text.count("kubelet pod resources unavailable") == 1
+    assert "UNAVAILABLE: kubelet restarting" in attributor.kubelet.last_error
+    # and it comes back
+    fake.failing = False
+    attributor.kubelet._fetched = -1e9
+    assert attributor.attribute(0, "GPU-aaa", [], []).tenant == "ml-team"
+    assert attributor.kubelet.last_error == ""
+    # no socket at all (not a Kubernetes node): silently no source
+    absent = PodResources(tmp_path / "missing.sock")
+    assert absent.lookup("GPU-aaa") is None and absent.lists == 0
+
+
+def test_the_agent_reports_the_pod_of_each_gpu(
+    tmp_path: Path, kubelet: Callable[[], tuple[FakeKubelet, Path]]
+) -> None:
+    gputally = [str(Path(sys.executable).with_name("gputally"))]
+
+    def snapshot(*options: str) -> dict[str, object]:
+        result = subprocess.run(
+            [*gputally, "agent", "--backend", "mock", "--once", "--json", *options],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        return dict(json.loads(result.stdout))
+
+    gpus = snapshot("--kubelet-socket", "")["gpus"]
+    assert isinstance(gpus, list)
+    uuids = [g["uuid"] for g in gpus]
+    fake, socket = kubelet()
+    fake.pods = [pod("ml-team", "trainer-0", "nvidia.com/gpu", uuids[0], uuids[1])]
+    attributed = snapshot("--kubelet-socket", str(socket))["gpus"]
+    assert isinstance(attributed, list)
+    assert [g["attribution"] for g in attributed[:3]] == [
+        {"source": "kubernetes", "tenant": "ml-team", "job": "trainer-0"},
+        {"source": "kubernetes", "tenant": "ml-team", "job": "trainer-0"},
+        snapshot("--kubelet-socket", "")["gpus"][2]["attribution"],  # type: ignore[index]
+    ]
