@@ -289,3 +289,57 @@ def test_the_checkpoint_key_is_published_even_when_the_key_directory_is_read_onl
         _publish_checkpoint_key(text, other, state)
     assert (state / COLLECTOR_KEY_FILE).read_text() == text
     assert "copy the checkpoint key into it for auditors" in caplog.text
+
+
+def rotated(tmp_path: Path, *, late_old_key: bool) -> tuple[Path, Path]:
+    """Node n1 signs two summaries with its first key, is reinstalled (a new key, enrolled
+    with --rotate, starting a new chain), signs two more; optionally its old key then signs
+    one more."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    store = KeyStore(keys)
+    record = Record(tmp_path / "ledger.db")
+    collector_key = Ed25519PrivateKey.generate()
+    ledger = Ledger(record, collector_key, "gputally/test")
+    (keys / COLLECTOR_KEY_FILE).write_text(
+        f"gputally/test\n{base64.b64encode(public_bytes(collector_key)).decode()}\n"
+    )
+    old = SummarySigner(Ed25519PrivateKey.generate(), "n1")
+    new = SummarySigner(Ed25519PrivateKey.generate(), "n1")
+    store.enroll("n1", old.public_key)
+    store.enroll("n1", new.public_key, rotate=True)
+    signers = [old, old, new, new] + ([old] if late_old_key else [])
+    for w, signer in enumerate(signers):
+        summary = pb.Summary(
+            window_start_unix_nano=(T0 + 60 * w) * 10**9,
+            window_end_unix_nano=(T0 + 60 * w + 60) * 10**9,
+        )
+        summary.gpus.add(index=0, uuid="GPU-n1", present_seconds=60.0, busy_seconds=30.0)
+        signed = signer.sign(summary)
+        record.append(
+            "n1",
+            1 if signer is old else 2,
+            w + 1,
+            summary.window_start_unix_nano,
+            summary.window_end_unix_nano,
+            0.0,
+            signed.SerializeToString(),
+        )
+    assert ledger.checkpoint(float(T0 + 600))
+    record.close()
+    return tmp_path / "ledger.db", keys
+
+
+def test_a_rotated_key_starts_a_new_chain_and_the_old_one_still_verifies(tmp_path: Path) -> None:
+    db, keys = rotated(tmp_path, late_old_key=False)
+    result = verify_ledger(db, keys)
+    assert result.ok, result.problems
+    assert result.entries == 4
+
+
+def test_a_retired_key_cannot_sign_after_the_rotation(tmp_path: Path) -> None:
+    db, keys = rotated(tmp_path, late_old_key=True)
+    result = verify_ledger(db, keys)
+    assert [(p.entry, p.message) for p in result.problems] == [
+        (5, "node n1's summary is signed with a key it had retired (key 1)")
+    ]

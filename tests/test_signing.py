@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import os
 import subprocess
@@ -116,14 +117,19 @@ def test_a_running_collector_sees_enrolments_and_revocations_without_a_restart(
         running.admit("n1", public_bytes(first))
     KeyStore(keys_dir).enroll("n1", public_bytes(first))  # `gputally enroll`, another process
     running.admit("n1", public_bytes(first))
-    # re-enrolled with a new key (a reinstalled node): the old key no longer speaks for it
+    # a new key (a reinstalled node) replaces the old one only by an explicit rotation
     path = keys_dir / "n1.pub"
+    with pytest.raises(KeyStoreError, match=r"already has another key.*--rotate"):
+        KeyStore(keys_dir).enroll("n1", public_bytes(second))
     before = path.stat().st_mtime_ns
-    KeyStore(keys_dir).enroll("n1", public_bytes(second))
+    KeyStore(keys_dir).enroll("n1", public_bytes(second), rotate=True)
     os.utime(path, ns=(before + 1_000_000, before + 1_000_000))  # a coarse-clock filesystem
-    with pytest.raises(KeyStoreError, match="not the one enrolled"):
+    with pytest.raises(KeyStoreError, match="retired by a rotation"):
         running.admit("n1", public_bytes(first))
     assert running.key("n1") == public_bytes(second)
+    assert running.keys("n1") == [public_bytes(first), public_bytes(second)]
+    with pytest.raises(KeyStoreError, match="cannot be made current again"):
+        KeyStore(keys_dir).enroll("n1", public_bytes(first), rotate=True)
     # a broken file does not unseat the key enrolled before it
     path.write_text("not base64!\n")
     assert running.key("n1") == public_bytes(second)
@@ -186,6 +192,14 @@ def test_enroll_command_and_agent_public_key(tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "32 bytes" in bad.stderr
+    # a reinstalled node's new key: refused without --rotate, then made current with it
+    new = base64.b64encode(public_bytes(Ed25519PrivateKey.generate())).decode()
+    enroll = [*command, "enroll", f"--keys={tmp_path / 'keys'}", "--node=node-00", new]
+    refused = subprocess.run(enroll, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--rotate" in refused.stderr
+    rotated = subprocess.run([*enroll, "--rotate"], capture_output=True, text=True, timeout=60)
+    assert rotated.returncode == 0, rotated.stderr
+    assert (tmp_path / "keys" / "node-00.pub").read_text().split() == [key, new]
 
 
 # -- the spool: summaries survive the agent ------------------------------------------------
@@ -225,6 +239,60 @@ def test_an_unreadable_spool_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "spool" / "000000000001.summary").write_bytes(b"\xff\xff")
     with pytest.raises(KeyFileError, match=r"unreadable spooled summary.*move it away"):
         SummarySigner(key, "n1", tmp_path)
+
+
+def test_after_a_key_rotation_the_collector_records_the_new_chain_without_a_break(
+    tmp_path: Path,
+) -> None:
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    old_key, new_key = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    KeyStore(keys_dir).enroll("n1", public_bytes(old_key))
+    record = Record(tmp_path / "r.db")
+    state = ClusterState(record=record, keys=KeyStore(keys_dir))
+    old = SummarySigner(old_key, "n1")
+    state.open_session(hello("n1", old_key))
+    for seq in (1, 2):
+        report = pb.Report(
+            seq=seq, time_unix_nano=int(T0 * 1e9), summary=old.sign(summary(T0 + 60 * seq))
+        )
+        assert state.ingest("n1", report, received=T0) == "accepted"
+    # the node is reinstalled: a new key, enrolled with --rotate, and a new chain from 1
+    KeyStore(keys_dir).enroll("n1", public_bytes(new_key), rotate=True)
+    new = SummarySigner(new_key, "n1")
+    reinstalled = hello("n1", new_key)
+    reinstalled.instance_id = 2
+    state.open_session(reinstalled)
+    first = new.sign(summary(T0 + 180))
+    assert (
+        state.ingest(
+            "n1", pb.Report(seq=1, time_unix_nano=int(T0 * 1e9), summary=first), received=T0
+        )
+        == "accepted"
+    )
+    node = state.nodes["n1"]
+    assert record.count() == 3 and node.chain_breaks == 0 and node.summaries_resent == 0
+    # the old key no longer speaks for the node
+    with pytest.raises(NotEnrolledError, match="retired by a rotation"):
+        state.open_session(hello("n1", old_key))
+    # a restarted collector goes on with the new key's chain, from its record
+    state = ClusterState(record=record, keys=KeyStore(keys_dir))
+    state.open_session(reinstalled)
+    assert (
+        state.ingest(
+            "n1", pb.Report(seq=1, time_unix_nano=int(T0 * 1e9), summary=first), received=T0
+        )
+        == "accepted"
+    )
+    second = new.sign(summary(T0 + 240))
+    assert (
+        state.ingest(
+            "n1", pb.Report(seq=2, time_unix_nano=int(T0 * 1e9), summary=second), received=T0
+        )
+        == "accepted"
+    )
+    node = state.nodes["n1"]
+    assert record.count() == 4 and node.summaries_resent == 1 and node.chain_breaks == 0
 
 
 def test_the_collector_records_a_resent_summary_once_and_refuses_a_rewrite(

@@ -78,12 +78,12 @@ Period = tuple[float, float, int]  # start, end, expected GPUs: what a Rollup ad
 
 def _opened(
     entries: list[tuple[int, str, bytes, bytes]],
-    keys: dict[str, bytes],
+    keys: dict[str, list[bytes]],
     period: Period | None = None,
 ) -> tuple[list[tuple[object, ...]], Rollup | None]:
     """The order-free part of the checks (hashing, parsing, signatures), for a batch of
     entries; runs in worker processes. Per entry: (problem or None, node in body, chain_seq,
-    prev_hash, body hash, leaf hash of the stored bytes).
+    prev_hash, body hash, leaf hash of the stored bytes, which of the node's keys signed it).
 
     With a period, the batch's figures are also added up here, while every summary is parsed
     anyway: sums do not depend on order, so the workers each roll up their share of the log
@@ -101,6 +101,7 @@ def _opened(
                     b"",
                     b"",
                     computed,
+                    0,
                 )
             )
             continue
@@ -108,12 +109,17 @@ def _opened(
             signed = pb.SignedSummary.FromString(stored)
             summary = pb.Summary.FromString(signed.body)
         except DecodeError:
-            out.append(("not a signed summary", "", 0, b"", b"", computed))
+            out.append(("not a signed summary", "", 0, b"", b"", computed, 0))
             continue
-        key = keys.get(node)
-        if key is None:
+        node_keys = keys.get(node) or []
+        # Oldest first: a node's entries before a rotation are most of its history.
+        signer = next(
+            (i for i, key in enumerate(node_keys) if verify(key, signed.body, signed.signature)),
+            None,
+        )
+        if not node_keys:
             problem: str | None = f"node {node} has no enrolled key"
-        elif not verify(key, signed.body, signed.signature):
+        elif signer is None:
             problem = f"the signature of node {node} does not verify"
         elif summary.node != node:
             problem = f"it is filed under node {node} but names node {summary.node}"
@@ -127,6 +133,7 @@ def _opened(
                 summary.prev_hash,
                 hashlib.sha256(signed.body).digest(),
                 computed,
+                signer or 0,
             )
         )
         if rollup is not None and problem is None:
@@ -151,7 +158,7 @@ def _batches(record: Record) -> Iterator[list[tuple[int, str, bytes, bytes]]]:
 
 def _opened_in_order(
     record: Record,
-    enrolled: dict[str, bytes],
+    enrolled: dict[str, list[bytes]],
     pool: ProcessPoolExecutor | None,
     workers: int,
     period: Period | None,
@@ -193,12 +200,13 @@ def verify_ledger(
     keys = KeyStore(keys_dir)
     name, collector_key = read_collector_key(keys_dir)
     record = Record(ledger, readonly=True)
-    chains: dict[str, tuple[int, bytes]] = {}  # node -> (last chain_seq, hash of its body)
+    # node -> (last chain_seq, hash of its body, index of the key that signed it)
+    chains: dict[str, tuple[int, bytes, int]] = {}
     frontier = Frontier()
     roots: dict[int, bytes] = {}
     checkpoints = record.checkpoints()
     wanted = {size for _, size, _, _ in checkpoints}
-    enrolled = {path.stem: keys.key(path.stem) or b"" for path in keys_dir.glob("*.pub")}
+    enrolled = {path.stem: keys.keys(path.stem) for path in keys_dir.glob("*.pub")}
     workers = workers if workers is not None else (os.cpu_count() or 1)
     pool = ProcessPoolExecutor(workers) if workers > 1 and record.count() > _CHUNK else None
     try:
@@ -263,17 +271,26 @@ def verify_ledger(
 
 
 def _chain(
-    entry: int, node: str, checked: tuple[object, ...], chains: dict[str, tuple[int, bytes]]
+    entry: int, node: str, checked: tuple[object, ...], chains: dict[str, tuple[int, bytes, int]]
 ) -> Problem | None:
-    problem, _, seq_value, prev_hash, body_hash = checked[:5]
+    problem, _, seq_value, prev_hash, body_hash, _, signer = checked[:7]
     if problem is not None:
         return Problem(entry, str(problem))
     assert (
-        isinstance(seq_value, int) and isinstance(prev_hash, bytes) and isinstance(body_hash, bytes)
+        isinstance(seq_value, int)
+        and isinstance(prev_hash, bytes)
+        and isinstance(body_hash, bytes)
+        and isinstance(signer, int)
     )
-    last_seq, last_hash = chains.get(node, (0, b""))
+    last_seq, last_hash, last_signer = chains.get(node, (0, b"", 0))
+    if signer < last_signer:
+        return Problem(
+            entry, f"node {node}'s summary is signed with a key it had retired (key {signer + 1})"
+        )
+    if signer > last_signer:  # the node's key was rotated: its new key starts a new chain
+        last_seq, last_hash = 0, b""
     seq = seq_value
-    chains[node] = (max(seq, last_seq), body_hash if seq > last_seq else last_hash)
+    chains[node] = (max(seq, last_seq), body_hash if seq > last_seq else last_hash, signer)
     if seq <= last_seq:
         return Problem(
             entry, f"node {node}'s summary {seq} comes after {last_seq}: replayed or reordered"

@@ -201,6 +201,12 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
     )
     enroll.add_argument("--node", required=True, help="the node name the agent reports as")
     enroll.add_argument(
+        "--rotate",
+        action="store_true",
+        help="the node has a key already (e.g. it was reinstalled): make this one its current key; "
+        "the old one stays, to verify what it signed, and no longer speaks for the node",
+    )
+    enroll.add_argument(
         "public_key", metavar="PUBLIC_KEY", help="base64 of the 32-byte Ed25519 key"
     )
     enroll.set_defaults(handler=run_enroll)
@@ -379,7 +385,7 @@ def run_enroll(args: argparse.Namespace) -> int:
     try:
         key = read_public_key(args.public_key, "PUBLIC_KEY")
         Path(args.keys).mkdir(parents=True, exist_ok=True)
-        path = KeyStore(args.keys).enroll(args.node, key)
+        path = KeyStore(args.keys).enroll(args.node, key, rotate=args.rotate)
     except (KeyStoreError, OSError) as error:
         print(f"gputally enroll: {error}", file=sys.stderr)
         return 2

@@ -139,6 +139,7 @@ class NodeState:
     chain_hash: bytes = b""
     chain_breaks: int = 0  # recorded summaries that did not continue the chain
     chain_loaded: bool = False  # chain_seq/chain_hash read back from the record (after a restart)
+    chain_key: bytes = b""  # the key the node's chain is signed with; a new key, a new chain
     summaries_resent: int = 0  # summaries sent again that the record already held
 
 
@@ -349,6 +350,11 @@ class ClusterState:
             if node.instance_id != hello.instance_id:
                 node.instance_id = hello.instance_id
                 node.last_seq = 0
+            if self.keys is not None and node.chain_key != hello.public_key:
+                # A rotated key (or the first stream since the collector started): the chain
+                # is the new key's, read back from the record if it has that key's summaries.
+                node.chain_key = hello.public_key
+                node.chain_seq, node.chain_hash, node.chain_loaded = 0, b"", False
             self._next_session += 1
             if node.session == 0:
                 self._sessions += 1
@@ -528,9 +534,12 @@ class ClusterState:
             node.chain_loaded = True
             newest = self.record.recent(name, 1)
             if newest and not node.chain_seq:
-                body = pb.SignedSummary.FromString(newest[0]).body
-                node.chain_seq = pb.Summary.FromString(body).chain_seq
-                node.chain_hash = hashlib.sha256(body).digest()
+                latest = pb.SignedSummary.FromString(newest[0])
+                key = self.keys.key(name) if self.keys is not None else None
+                # only the current key's chain goes on; a rotated key's starts afresh
+                if key is not None and verify(key, latest.body, latest.signature):
+                    node.chain_seq = pb.Summary.FromString(latest.body).chain_seq
+                    node.chain_hash = hashlib.sha256(latest.body).digest()
         if summary.chain_seq > node.chain_seq:
             return False
         for stored in self.record.recent(name, self._RESEND_HORIZON):
