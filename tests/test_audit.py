@@ -23,17 +23,21 @@ T0 = 1_767_225_600
 NODES = ("n1", "n2", "n3")
 
 
-def build(tmp_path: Path, windows: int = 4) -> tuple[Path, Path]:
-    """A ledger of 3 nodes x `windows` signed summaries, checkpointed twice."""
+def empty_ledger(tmp_path: Path) -> tuple[Path, KeyStore, Record, Ledger]:
+    """A key directory (with the collector's checkpoint key) and an empty ledger."""
     keys = tmp_path / "keys"
     keys.mkdir()
-    store = KeyStore(keys)
     record = Record(tmp_path / "ledger.db")
     collector_key = Ed25519PrivateKey.generate()
-    ledger = Ledger(record, collector_key, "gputally/test")
     (keys / COLLECTOR_KEY_FILE).write_text(
         f"gputally/test\n{base64.b64encode(public_bytes(collector_key)).decode()}\n"
     )
+    return keys, KeyStore(keys), record, Ledger(record, collector_key, "gputally/test")
+
+
+def build(tmp_path: Path, windows: int = 4) -> tuple[Path, Path]:
+    """A ledger of 3 nodes x `windows` signed summaries, checkpointed twice."""
+    keys, store, record, ledger = empty_ledger(tmp_path)
     signers = {}
     for node in NODES:
         key = Ed25519PrivateKey.generate()
@@ -295,15 +299,7 @@ def rotated(tmp_path: Path, *, late_old_key: bool) -> tuple[Path, Path]:
     """Node n1 signs two summaries with its first key, is reinstalled (a new key, enrolled
     with --rotate, starting a new chain), signs two more; optionally its old key then signs
     one more."""
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    store = KeyStore(keys)
-    record = Record(tmp_path / "ledger.db")
-    collector_key = Ed25519PrivateKey.generate()
-    ledger = Ledger(record, collector_key, "gputally/test")
-    (keys / COLLECTOR_KEY_FILE).write_text(
-        f"gputally/test\n{base64.b64encode(public_bytes(collector_key)).decode()}\n"
-    )
+    keys, store, record, ledger = empty_ledger(tmp_path)
     old = SummarySigner(Ed25519PrivateKey.generate(), "n1")
     new = SummarySigner(Ed25519PrivateKey.generate(), "n1")
     store.enroll("n1", old.public_key)

@@ -57,6 +57,11 @@ def test_summaries_are_chained_and_the_chain_survives_a_restart(tmp_path: Path) 
     assert (c.chain_seq, c.prev_hash) == (3, hashlib.sha256(b.body).digest())
 
 
+def carrying(seq: int, signed: pb.SignedSummary) -> pb.Report:
+    """A summary-only report, as an agent sends a closed window."""
+    return pb.Report(seq=seq, time_unix_nano=int(T0 * 1e9), summary=signed)
+
+
 def hello(node: str, key: Ed25519PrivateKey) -> pb.Hello:
     return pb.Hello(
         node=node,
@@ -89,9 +94,7 @@ def test_only_enrolled_keys_speak_for_a_node(tmp_path: Path) -> None:
     altered = signer.sign(summary(T0 + 60))
     altered.body = altered.body.replace(b"GPU-0", b"GPU-9")
     with pytest.raises(InvalidMessageError, match="signature does not verify"):
-        state.ingest(
-            "n1", pb.Report(seq=3, time_unix_nano=int(T0 * 1e9), summary=altered), received=T0
-        )
+        state.ingest("n1", carrying(3, altered), received=T0)
     assert state.record is not None and state.record.count() == 1  # only the genuine one
 
 
@@ -253,10 +256,8 @@ def test_after_a_key_rotation_the_collector_records_the_new_chain_without_a_brea
     old = SummarySigner(old_key, "n1")
     state.open_session(hello("n1", old_key))
     for seq in (1, 2):
-        report = pb.Report(
-            seq=seq, time_unix_nano=int(T0 * 1e9), summary=old.sign(summary(T0 + 60 * seq))
-        )
-        assert state.ingest("n1", report, received=T0) == "accepted"
+        signed = old.sign(summary(T0 + 60 * seq))
+        assert state.ingest("n1", carrying(seq, signed), received=T0) == "accepted"
     # the node is reinstalled: a new key, enrolled with --rotate, and a new chain from 1
     KeyStore(keys_dir).enroll("n1", public_bytes(new_key), rotate=True)
     new = SummarySigner(new_key, "n1")
@@ -264,12 +265,7 @@ def test_after_a_key_rotation_the_collector_records_the_new_chain_without_a_brea
     reinstalled.instance_id = 2
     state.open_session(reinstalled)
     first = new.sign(summary(T0 + 180))
-    assert (
-        state.ingest(
-            "n1", pb.Report(seq=1, time_unix_nano=int(T0 * 1e9), summary=first), received=T0
-        )
-        == "accepted"
-    )
+    assert state.ingest("n1", carrying(1, first), received=T0) == "accepted"
     node = state.nodes["n1"]
     assert record.count() == 3 and node.chain_breaks == 0 and node.summaries_resent == 0
     # the old key no longer speaks for the node
@@ -278,19 +274,9 @@ def test_after_a_key_rotation_the_collector_records_the_new_chain_without_a_brea
     # a restarted collector goes on with the new key's chain, from its record
     state = ClusterState(record=record, keys=KeyStore(keys_dir))
     state.open_session(reinstalled)
-    assert (
-        state.ingest(
-            "n1", pb.Report(seq=1, time_unix_nano=int(T0 * 1e9), summary=first), received=T0
-        )
-        == "accepted"
-    )
+    assert state.ingest("n1", carrying(1, first), received=T0) == "accepted"
     second = new.sign(summary(T0 + 240))
-    assert (
-        state.ingest(
-            "n1", pb.Report(seq=2, time_unix_nano=int(T0 * 1e9), summary=second), received=T0
-        )
-        == "accepted"
-    )
+    assert state.ingest("n1", carrying(2, second), received=T0) == "accepted"
     node = state.nodes["n1"]
     assert record.count() == 4 and node.summaries_resent == 1 and node.chain_breaks == 0
 
@@ -305,9 +291,6 @@ def test_the_collector_records_a_resent_summary_once_and_refuses_a_rewrite(
     record = Record(tmp_path / "r.db")
     signer = SummarySigner(key, "n1")
     first, second = signer.sign(summary(T0)), signer.sign(summary(T0 + 60))
-
-    def carrying(seq: int, signed: pb.SignedSummary) -> pb.Report:
-        return pb.Report(seq=seq, time_unix_nano=int(T0 * 1e9), summary=signed)
 
     state = ClusterState(record=record, keys=KeyStore(keys_dir))
     state.open_session(hello("n1", key))
