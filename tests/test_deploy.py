@@ -302,3 +302,107 @@ def test_the_dashboard_is_importable_as_is() -> None:
         }
         assert not mine & cells, panel["title"]
         cells |= mine
+
+
+# A stand-in for kubectl, enough of it for enroll.sh: the cluster is a directory (pods.txt: the
+# agent pods and their nodes; configmap/: the gputally-agent-keys ConfigMap, absent until
+# applied), `exec` runs the real `gputally agent --print-public-key` on a state directory of
+# the pod's own (deleting it is a reinstall), and `create --dry-run` writes, instead of YAML, the
+# directory the ConfigMap is made from, which `apply` then copies into the cluster.
+FAKE_KUBECTL = """\
+import shutil, subprocess, sys
+from pathlib import Path
+cluster = Path(sys.argv[0]).resolve().parent.parent / "cluster"
+args = sys.argv[1:]
+if args[:1] == ["-n"]:
+    args = args[2:]
+keys = cluster / "configmap"
+def template():
+    return args[args.index("--template") + 1]
+if args[:3] == ["get", "configmap", "gputally-agent-keys"]:
+    if not keys.is_dir():
+        sys.exit("Error from server (NotFound)")
+    if "--template" in args:
+        t = template()
+        if t.startswith("{{range"):
+            print("".join(p.name + "\\n" for p in sorted(keys.iterdir())), end="")
+        else:
+            name = t.split('"')[1]
+            print((keys / name).read_text(), end="")
+elif args[:2] == ["get", "pods"]:
+    print((cluster / "pods.txt").read_text(), end="")
+elif args[:1] == ["exec"]:
+    pod = args[1]
+    command = args[args.index("--") + 1 :]
+    i = command.index("--config")
+    del command[i : i + 2]
+    command[0] = str(Path(sys.executable).parent / "gputally")
+    command += ["--backend", "mock", "--state-dir", str(cluster / "state" / pod)]
+    sys.exit(subprocess.run(command).returncode)
+elif args[:2] == ["create", "configmap"]:
+    print([a for a in args if a.startswith("--from-file=")][0].split("=", 1)[1])
+elif args[:1] == ["diff"]:
+    sys.exit(1)
+elif args[:1] == ["apply"]:
+    source = Path(Path(args[args.index("-f") + 1]).read_text().strip())
+    shutil.rmtree(keys, ignore_errors=True)
+    shutil.copytree(source, keys)
+else:
+    sys.exit(f"fake kubectl: unexpected {args}")
+"""
+
+
+def test_enrolling_on_kubernetes_keeps_each_nodes_key_history(tmp_path: Path) -> None:
+    from gputally.collector.keys import KeyStore
+
+    (tmp_path / "bin").mkdir()
+    kubectl = tmp_path / "bin" / "kubectl"
+    kubectl.write_text(f"#!{sys.executable}\n{FAKE_KUBECTL}")
+    kubectl.chmod(0o755)
+    cluster = tmp_path / "cluster"
+    cluster.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUTALLY_")}
+    env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
+
+    def enroll(*args: str) -> subprocess.CompletedProcess[str]:
+        return run("sh", K8S / "enroll.sh", *args, env=env)
+
+    def keys(node: str) -> list[bytes]:
+        return KeyStore(cluster / "configmap").keys(node)
+
+    (cluster / "pods.txt").write_text("agent-x1 node-a\nagent-y1 node-b\n")
+    first = enroll()
+    assert first.returncode == 0, first.stderr
+    assert "node-a: enrolled (from agent-x1)" in first.stderr
+    assert sorted(p.name for p in (cluster / "configmap").iterdir()) == ["node-a.pub", "node-b.pub"]
+    key_a, key_b = keys("node-a"), keys("node-b")
+    assert len(key_a) == len(key_b) == 1 and key_a != key_b
+
+    again = enroll()  # nothing changed: nothing to do, nothing refused
+    assert again.returncode == 0 and "node-a: enrolled already" in again.stderr
+    assert keys("node-a") == key_a
+
+    # node-a is reinstalled (a new key); node-b's agent is gone (its key must stay)
+    shutil.copytree(cluster / "state" / "agent-x1", tmp_path / "old-x1")
+    shutil.rmtree(cluster / "state" / "agent-x1")
+    (cluster / "pods.txt").write_text("agent-x1 node-a\n")
+    refused = enroll()
+    assert refused.returncode != 0
+    assert "node-a: REFUSED: its agent presents another key" in refused.stderr
+    assert "--rotate node-a" in refused.stderr
+    assert keys("node-a") == key_a and keys("node-b") == key_b
+
+    rotated = enroll("--rotate", "node-a")
+    assert rotated.returncode == 0, rotated.stderr
+    assert "node-a: key rotated" in rotated.stderr
+    history = keys("node-a")
+    assert len(history) == 2 and history[0] == key_a[0] and history[1] != key_a[0]
+    assert keys("node-b") == key_b
+
+    # the old key back (a backup of the node restored): never made current again
+    shutil.rmtree(cluster / "state" / "agent-x1")
+    shutil.copytree(tmp_path / "old-x1", cluster / "state" / "agent-x1")
+    retired = enroll("--rotate", "node-a")
+    assert retired.returncode != 0
+    assert "node-a: REFUSED: its agent presents a key retired by a rotation" in retired.stderr
+    assert keys("node-a") == history
