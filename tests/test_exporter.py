@@ -203,6 +203,13 @@ def test_health_attribution_xid_and_mig_families(tmp_path: Path) -> None:
     mig = {k: v for k, v in got.items() if k[0] == "gputally_mig_sm_active_ratio"}
     # GPU 0 trains on both of its instances, GPU 1 is idle on both
     assert sorted(round(v, 6) for v in mig.values()) == [0.0, 0.0, 0.85, 0.85]
+    # each instance is attributed on its own (here: the job running in both of GPU 0's)
+    owners = sorted(
+        (dict(k[1])["gpu"], dict(k[1])["gpu_instance"], dict(k[1])["job"])
+        for k, v in got.items()
+        if k[0] == "gputally_mig_attribution_info" and v == 1
+    )
+    assert owners == [("0", "1", "31337"), ("0", "2", "31337")]
     # MIG: the parents' busy is not available, so there is no series at all (never a 0)
     assert [k for k in got if k[0] == "gputally_gpu_busy_ratio"] == []
     assert at("gputally_gpu_up", 0) == 1

@@ -167,3 +167,79 @@ def test_the_agent_reports_the_pod_of_each_gpu(
         {"source": "kubernetes", "tenant": "ml-team", "job": "trainer-0"},
         snapshot("--kubelet-socket", "")["gpus"][2]["attribution"],  # type: ignore[index]
     ]
+
+
+def test_mig_instances_are_attributed_to_the_pods_they_are_handed_to(
+    tmp_path: Path, kubelet: Callable[[], tuple[FakeKubelet, Path]]
+) -> None:
+    import tomllib
+
+    from gputally.agent import scenario as scenario_mod
+    from gputally.agent.mock import ManualClock, MockNVML
+    from gputally.agent.nvml import NvmlBackend
+    from gputally.agent.sampler import reading_to_proto
+
+    toml = """
+    [cluster]
+    nodes = 1
+    gpus_per_node = 3
+    gpu_model = "NVIDIA H100 80GB HBM3"
+    mig_instances = 3
+    [[workload]]
+    gpus = 3
+    kind = "training"
+    """
+    sc = scenario_mod.parse(tomllib.loads(toml))
+    clock = ManualClock()
+    lib = MockNVML(sc, 0, clock)
+    lib.nvmlInit()  # the instances' UUIDs, as the device plugin hands them out
+    mig = [
+        [
+            lib.nvmlDeviceGetUUID(
+                lib.nvmlDeviceGetMigDeviceHandleByIndex(lib.nvmlDeviceGetHandleByIndex(g), i)
+            )
+            for i in range(3)
+        ]
+        for g in range(3)
+    ]
+    lib.nvmlShutdown()
+    fake, socket = kubelet()
+    # GPU 0 is shared by two pods; GPU 1 is one pod's on all its instances; GPU 2 is mapped
+    # statically, as a whole and one instance of it (an index never names an instance)
+    fake.pods = [
+        pod("ml-team", "trainer-0", "nvidia.com/mig-2g.20gb", mig[0][0], mig[0][1]),
+        pod("inference", "server-7", "nvidia.com/mig-2g.20gb", mig[0][2]),
+        pod("ml-team", "trainer-1", "nvidia.com/mig-2g.20gb", *mig[1]),
+    ]
+    static = tmp_path / "map.toml"
+    static.write_text(f'[gpus]\n"2" = "ops/maint"\n"{mig[2][0]}" = "reserved/bench"\n')
+    backend = NvmlBackend(
+        lib,
+        monotonic=clock,
+        clock=clock,
+        events="poll",
+        attributor=Attributor(static, None, socket),
+    )
+    backend.open()
+    clock.advance(1.0)
+    shared, whole, mapped = backend.read()
+    trainer_0 = Attribution("kubernetes", "ml-team", "trainer-0")
+    trainer_1 = Attribution("kubernetes", "ml-team", "trainer-1")
+    assert [m.attribution for m in shared.mig] == [
+        trainer_0,
+        trainer_0,
+        Attribution("kubernetes", "inference", "server-7"),
+    ]
+    assert shared.attribution == Attribution()  # shared out: charged to no single owner
+    assert [m.attribution for m in whole.mig] == [trainer_1] * 3
+    assert whole.attribution == trainer_1
+    assert mapped.attribution == Attribution("static", "ops", "maint")
+    assert [m.attribution for m in mapped.mig] == [
+        Attribution("static", "reserved", "bench"),
+        Attribution(),
+        Attribution(),
+    ]
+    sample = reading_to_proto(shared)
+    assert [m.attribution.job for m in sample.mig] == ["trainer-0", "trainer-0", "server-7"]
+    assert not sample.HasField("attribution")
+    backend.close()

@@ -13,8 +13,14 @@ first of these that answers:
 4. the cgroup of the GPU's processes: a Slurm job (``.../job_1234/...``) or a Kubernetes pod
    (``...pod<uid>...``).
 
-Values are cut to a bounded length, and there is at most one tenant and job per GPU, so the
-label sets that come out of attribution stay bounded by the number of GPUs.
+A GPU in MIG mode is shared out by instance: each MIG instance is attributed the same way, by
+its own UUID (the name Kubernetes device plugins and Slurm hand it out by) and its own
+processes; the GPU itself goes to its instances' owner when they all have the same one, and to
+nobody when they are shared: the collector's per-tenant figures leave such a GPU out, and the
+instances' own series (the agent's ``gputally_mig_*``) name their owners.
+
+Values are cut to a bounded length, and there is at most one tenant and job per GPU or MIG
+instance, so the label sets that come out of attribution stay bounded by the number of devices.
 
 When the agent runs in a container it needs the host's PID namespace (``hostPID: true``): NVML
 reports host PIDs.
@@ -27,7 +33,7 @@ import math
 import re
 import time
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -226,15 +232,34 @@ class Attributor:
         self.kubelet = PodResources(kubelet_socket) if kubelet_socket else None
 
     def attribute(
-        self, index: int, uuid: str, cgroups: Iterable[str], users: Iterable[str]
+        self,
+        index: int | None,
+        uuid: str,
+        cgroups: Iterable[str],
+        users: Iterable[str],
+        *,
+        instances: Sequence[Attribution] | None = None,
     ) -> Attribution:
-        for key in (uuid, str(index)):
-            if key and key in self.static:
+        """The GPU's (or, with `index` None, a MIG instance's) tenant and job. For a GPU in
+        MIG mode, `instances` holds its instances' attributions: with no source naming the
+        GPU itself, it is charged to its instances' owner when they all have the same one,
+        and to nobody when they are shared (the instances carry their own)."""
+        explicit = self._explicit(index, uuid)
+        if explicit is not None:
+            return explicit
+        if instances is not None:
+            owners = {a for a in instances if a.source}
+            return owners.pop() if len(owners) == 1 else UNATTRIBUTED
+        return from_cgroups(cgroups, users)
+
+    def _explicit(self, index: int | None, uuid: str) -> Attribution | None:
+        # A MIG instance is named only by its UUID: an index names the physical GPU.
+        names = [n for n in (uuid, "" if index is None else str(index)) if n]
+        for key in names:
+            if key in self.static:
                 return self.static[key]
         if self.slurm_dir is not None:
-            for name in (uuid, str(index)):
-                if not name:
-                    continue
+            for name in names:
                 try:
                     words = (self.slurm_dir / name).read_text().split()
                 except OSError:
@@ -244,10 +269,8 @@ class Attributor:
                         "slurm", _cut(words[1]) if len(words) > 1 else "", _cut(words[0])
                     )
         if self.kubelet is not None and uuid:
-            held = self.kubelet.lookup(uuid)
-            if held is not None:
-                return held
-        return from_cgroups(cgroups, users)
+            return self.kubelet.lookup(uuid)
+        return None
 
 
 def load_static_map(path: Path | str) -> dict[str, Attribution]:

@@ -252,6 +252,11 @@ class NodeExporter(Collector):
             labels=[*labels, "source", "tenant", "job"],
         )
         mig_labels = ["gpu", "uuid", "gpu_instance", "mig_uuid"]
+        mig_attribution = GaugeMetricFamily(
+            "gputally_mig_attribution_info",
+            "The tenant and job a MIG instance is handed to.",
+            labels=[*mig_labels, "source", "tenant", "job"],
+        )
         mig = {
             field: GaugeMetricFamily(name, text, labels=mig_labels)
             for field, name, text in (
@@ -294,12 +299,16 @@ class NodeExporter(Collector):
                     for field, family in mig.items():
                         if instance.HasField(field):
                             family.add_metric(ids, getattr(instance, field))
+                    if instance.attribution.source:
+                        a = instance.attribution
+                        mig_attribution.add_metric([*ids, a.source, a.tenant, a.job], 1)
         yield up
         yield from families.values()
         yield reasons
         yield from labelled.values()
         yield attribution
         yield from mig.values()
+        yield mig_attribution
         xid = CounterMetricFamily(
             "gputally_gpu_xid_events",
             "XID errors seen since the agent started.",

@@ -206,6 +206,7 @@ class MigReading:
     memory_used_bytes: int | NotAvailable = NotAvailable("not read")
     process_count: int | NotAvailable = NotAvailable("not read")
     sm_active: float | NotAvailable = NotAvailable("not read")
+    attribution: Attribution = UNATTRIBUTED  # its pod or job: instances are shared out
 
 
 # GpuReading fields that are not single measurements.
@@ -529,6 +530,8 @@ class NvmlBackend:
         self._read_gpm(gpu, reading)
         for instance in gpu.mig:
             reading.mig.append(self._read_mig(gpu, instance))
+        if gpu.mig_enabled:
+            self._attribute_mig(gpu, reading)
         values = reading.measurements().values()
         lost = next((v for v in values if is_lost(v)), None)
         if isinstance(lost, NotAvailable):
@@ -641,6 +644,8 @@ class NvmlBackend:
             process.user, process.command, process.cgroup = facts.user, facts.command, facts.cgroup
             process.container_id = container_id(facts.cgroup)
         reading.processes = processes
+        if gpu.mig_enabled:
+            return  # attributed once its instances are (see _attribute_mig)
         reading.attribution = self._attributor.attribute(
             gpu.info.index,
             gpu.info.uuid,
@@ -750,6 +755,23 @@ class NvmlBackend:
             gpu.gpm, lambda s: self._lib.nvmlGpmSampleGet(gpu.handle, s)
         ).items():
             setattr(reading, name, value)
+
+    def _attribute_mig(self, gpu: _Gpu, reading: GpuReading) -> None:
+        """Each instance to its own pod or job (Kubernetes and Slurm hand out MIG instances by
+        their UUIDs), then the GPU to their common owner, if they have one."""
+        processes = [] if isinstance(reading.processes, NotAvailable) else reading.processes
+        for instance in reading.mig:
+            inside = [p for p in processes if p.gpu_instance_id == instance.gpu_instance_id]
+            instance.attribution = self._attributor.attribute(
+                None, instance.uuid, (p.cgroup for p in inside), (p.user for p in inside)
+            )
+        reading.attribution = self._attributor.attribute(
+            gpu.info.index,
+            gpu.info.uuid,
+            (),
+            (),
+            instances=[m.attribution for m in reading.mig],
+        )
 
     def _read_mig(self, gpu: _Gpu, instance: _Mig) -> MigReading:
         reading = MigReading(

@@ -76,6 +76,11 @@ def reading_to_proto(reading: GpuReading) -> pb.GpuSample:
             instance,
             ("memory_total_bytes", "memory_used_bytes", "process_count", "sm_active", "slices"),
         )
+        if instance.attribution.source:
+            owner = instance.attribution
+            mig.attribution.CopyFrom(
+                pb.Attribution(source=owner.source, tenant=owner.tenant, job=owner.job)
+            )
     return sample
 
 

@@ -299,7 +299,7 @@ class Attribution(_message.Message):
     def __init__(self, source: _Optional[str] = ..., tenant: _Optional[str] = ..., job: _Optional[str] = ...) -> None: ...
 
 class MigSample(_message.Message):
-    __slots__ = ("gpu_instance_id", "compute_instance_id", "uuid", "memory_total_bytes", "memory_used_bytes", "process_count", "sm_active", "slices")
+    __slots__ = ("gpu_instance_id", "compute_instance_id", "uuid", "memory_total_bytes", "memory_used_bytes", "process_count", "sm_active", "slices", "attribution")
     GPU_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +308,7 @@ class MigSample(_message.Message):
     PROCESS_COUNT_FIELD_NUMBER: _ClassVar[int]
     SM_ACTIVE_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     gpu_instance_id: int
     compute_instance_id: int
     uuid: str
@@ -316,7 +317,8 @@ class MigSample(_message.Message):
     process_count: int
     sm_active: float
     slices: int
-    def __init__(self, gpu_instance_id: _Optional[int] = ..., compute_instance_id: _Optional[int] = ..., uuid: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., process_count: _Optional[int] = ..., sm_active: _Optional[float] = ..., slices: _Optional[int] = ...) -> None: ...
+    attribution: Attribution
+    def __init__(self, gpu_instance_id: _Optional[int] = ..., compute_instance_id: _Optional[int] = ..., uuid: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., process_count: _Optional[int] = ..., sm_active: _Optional[float] = ..., slices: _Optional[int] = ..., attribution: _Optional[_Union[Attribution, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("collector_version", "resume_after_seq")
