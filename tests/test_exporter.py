@@ -12,7 +12,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gputally.agent.exporter import NodeExporter, clock_event_names, make_registry
+from gputally.agent.exporter import NodeExporter, make_registry
+from gputally.agent.nvml import clock_event_names
 from gputally.v1 import telemetry_pb2 as pb
 
 from .conftest import free_port, require_binary

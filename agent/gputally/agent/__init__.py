@@ -1,8 +1,5 @@
 """gputally agent: samples the GPUs of one node and streams the readings to the collector."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("gputally")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+source"
+# The distribution's version, written here rather than read through importlib.metadata, whose
+# imports the agent daemon would carry for nothing (a test keeps it equal to pyproject.toml's).
+__version__ = "0.1.0"

@@ -2,7 +2,8 @@
 
 Subcommands are plugged in through the ``gputally.commands`` entry-point group (see
 pyproject.toml), so the agent's and the collector's commands live with their own code and
-neither package imports the other. This module also gives every subcommand the same
+neither package imports the other (the agent's own commands skip the discovery: see
+``OWN_COMMANDS``). This module also gives every subcommand the same
 configuration rules and logging:
 
 * configuration: a flag beats an environment variable (``GPUTALLY_<COMMAND>_<OPTION>``), which
@@ -25,7 +26,6 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Sequence
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +186,17 @@ def _print_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             print(f"{key} = {json.dumps(str(value))}")
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+# The commands `register` below defines. For these (the agent daemon runs on every node), the
+# parser is built without the entry-point discovery, whose imports (importlib.metadata and the
+# collector's modules) would cost the daemon megabytes that it keeps for its whole life.
+OWN_COMMANDS = ("agent", "simulate", "demo")
+
+
+def build_parser(
+    command: str | None = None,
+) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `gputally` parser with every plugged-in command, or only this module's own when
+    `command` is one of them."""
     parser = argparse.ArgumentParser(
         prog="gputally",
         description="Real, auditable GPU cluster utilization. Agents sample NVML on every node and "
@@ -196,9 +206,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parser.add_argument("--version", action="version", version=f"gputally {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands: dict[str, argparse.ArgumentParser] = {}
-    for entry in sorted(entry_points(group="gputally.commands"), key=lambda e: e.name):
-        register: Callable[[Any], dict[str, argparse.ArgumentParser]] = entry.load()
+    if command in OWN_COMMANDS:
         commands.update(register(sub))
+    else:
+        from importlib.metadata import entry_points
+
+        for entry in sorted(entry_points(group="gputally.commands"), key=lambda e: e.name):
+            plugin: Callable[[Any], dict[str, argparse.ArgumentParser]] = entry.load()
+            commands.update(plugin(sub))
     for command_parser in commands.values():
         _add_common(command_parser)
     return parser, commands
@@ -206,7 +221,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, commands = build_parser()
+    parser, commands = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     command_parser = commands[args.command]
     try:

@@ -14,32 +14,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import pynvml
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gputally.v1 import telemetry_pb2 as pb
 
+from .nvml import CLOCK_EVENT_REASONS
 from .sender import SenderStats
-
-# NVML clock-event (throttle) reason bits, by the name we expose.
-CLOCK_EVENT_REASONS: tuple[tuple[str, int], ...] = (
-    ("gpu_idle", pynvml.nvmlClocksEventReasonGpuIdle),
-    ("applications_clocks_setting", pynvml.nvmlClocksEventReasonApplicationsClocksSetting),
-    ("sw_power_cap", pynvml.nvmlClocksEventReasonSwPowerCap),
-    ("hw_slowdown", pynvml.nvmlClocksEventReasonHwSlowdown),
-    ("sync_boost", pynvml.nvmlClocksEventReasonSyncBoost),
-    ("sw_thermal_slowdown", pynvml.nvmlClocksEventReasonSwThermalSlowdown),
-    ("hw_thermal_slowdown", pynvml.nvmlClocksEventReasonHwThermalSlowdown),
-    ("hw_power_brake_slowdown", pynvml.nvmlClocksEventReasonHwPowerBrakeSlowdown),
-    ("display_clock_setting", pynvml.nvmlClocksEventReasonDisplayClockSetting),
-)
-
-
-def clock_event_names(mask: int) -> list[str]:
-    return [name for name, bit in CLOCK_EVENT_REASONS if mask & bit]
-
 
 # GpuSample field -> (metric name, help, scale to base units)
 _GAUGES: tuple[tuple[str, str, str, float], ...] = (

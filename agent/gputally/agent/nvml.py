@@ -175,6 +175,24 @@ class GpuInfo:
 GPU_OK = "ok"
 GPU_LOST = "lost"
 GPU_ERROR = "error"
+# NVML clock-event (throttle) reason bits, by the name we expose.
+CLOCK_EVENT_REASONS: tuple[tuple[str, int], ...] = (
+    ("gpu_idle", pynvml.nvmlClocksEventReasonGpuIdle),
+    ("applications_clocks_setting", pynvml.nvmlClocksEventReasonApplicationsClocksSetting),
+    ("sw_power_cap", pynvml.nvmlClocksEventReasonSwPowerCap),
+    ("hw_slowdown", pynvml.nvmlClocksEventReasonHwSlowdown),
+    ("sync_boost", pynvml.nvmlClocksEventReasonSyncBoost),
+    ("sw_thermal_slowdown", pynvml.nvmlClocksEventReasonSwThermalSlowdown),
+    ("hw_thermal_slowdown", pynvml.nvmlClocksEventReasonHwThermalSlowdown),
+    ("hw_power_brake_slowdown", pynvml.nvmlClocksEventReasonHwPowerBrakeSlowdown),
+    ("display_clock_setting", pynvml.nvmlClocksEventReasonDisplayClockSetting),
+)
+
+
+def clock_event_names(mask: int) -> list[str]:
+    return [name for name, bit in CLOCK_EVENT_REASONS if mask & bit]
+
+
 NO_INSTANCE = 0xFFFFFFFF  # NVML's "not in a MIG instance"
 
 

@@ -14,8 +14,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gputally.v1 import telemetry_pb2 as pb
 
 from . import __version__
-from .exporter import clock_event_names
-from .nvml import GPU_ERROR, GPU_LOST, STRUCTURED, GpuInfo, GpuReading, NotAvailable, NvmlBackend
+from .nvml import (
+    GPU_ERROR,
+    GPU_LOST,
+    STRUCTURED,
+    GpuInfo,
+    GpuReading,
+    NotAvailable,
+    NvmlBackend,
+    clock_event_names,
+)
 from .padding import PaddingDetector, PaddingRules, effective
 from .signing import SummarySigner
 from .summary import Summarizer

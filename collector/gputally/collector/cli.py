@@ -17,18 +17,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import census as census_module
-from . import report as report_module
-from . import server as ingest
-from .audit import verify_ledger
-from .figures import MEASURES, Rollup, as_dict, compute
+# Only what the argument parsers need is imported here: every `gputally` command, the agent
+# included, builds these parsers, and the agent's resident memory is a target of its own. Each
+# command imports the rest when it runs.
+from .figures import MEASURES
 from .keys import KeyStore, KeyStoreError, read_public_key
-from .ledger import COLLECTOR_KEY_FILE, CheckpointError, Ledger
-from .ledger import load_or_create_key as load_or_create_ledger_key
-from .ledger import public_bytes as ledger_public_bytes
-from .metrics import make_app, make_registry, serve_http
-from .record import Record, RecordError
-from .state import ClusterState
 
 log = logging.getLogger("gputally.collector")
 
@@ -277,6 +270,11 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
 
 
 def run_audit_report(args: argparse.Namespace) -> int:
+    from . import report as report_module
+    from .audit import verify_ledger
+    from .figures import Rollup
+    from .record import RecordError
+
     def say(text: str) -> None:
         print(f"  {text}", file=sys.stderr, flush=True)
 
@@ -319,6 +317,10 @@ def run_audit_report(args: argparse.Namespace) -> int:
 
 
 def run_audit_census(args: argparse.Namespace) -> int:
+    from . import census as census_module
+    from .audit import verify_ledger
+    from .record import Record, RecordError
+
     try:
         verification = verify_ledger(Path(args.ledger), Path(args.keys))
     except (RecordError, KeyStoreError) as error:
@@ -346,6 +348,9 @@ def run_audit_census(args: argparse.Namespace) -> int:
 
 
 def run_audit_verify(args: argparse.Namespace) -> int:
+    from .audit import verify_ledger
+    from .record import RecordError
+
     def progress(entries: int) -> None:
         print(f"  ... {entries:,} entries checked", file=sys.stderr, flush=True)
 
@@ -398,6 +403,8 @@ def _publish_checkpoint_key(text: str, keys: Path, fallback: Path) -> None:
     auditors read it (and should also check it out of band). A read-only key directory (a
     Kubernetes ConfigMap, /etc under systemd's ProtectSystem=strict) gets it beside the
     collector's private key instead, and the log says where."""
+    from .ledger import COLLECTOR_KEY_FILE
+
     for directory in (keys, fallback):
         path = directory / COLLECTOR_KEY_FILE
         try:
@@ -418,6 +425,14 @@ def _publish_checkpoint_key(text: str, keys: Path, fallback: Path) -> None:
 
 
 async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    from . import server as ingest
+    from .ledger import CheckpointError, Ledger
+    from .ledger import load_or_create_key as load_or_create_ledger_key
+    from .ledger import public_bytes as ledger_public_bytes
+    from .metrics import make_app, make_registry, serve_http
+    from .record import Record
+    from .state import ClusterState
+
     record = Record(args.db) if args.db else None
     keys = KeyStore(args.keys, trust_on_first_use=args.trust_on_first_use) if args.keys else None
     if record is not None and keys is None:
@@ -480,6 +495,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .record import RecordError
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -539,6 +556,9 @@ def _fail(message: str) -> int:
 
 
 def run_query(args: argparse.Namespace) -> int:
+    from .figures import as_dict, compute
+    from .record import Record, RecordError
+
     try:
         record = Record(args.db, readonly=True)
     except RecordError as error:
