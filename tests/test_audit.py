@@ -12,10 +12,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gputally.agent.signing import SummarySigner
-from gputally.collector.audit import verify_ledger
+from gputally.collector.audit import Receipt, ReceiptError, keys_digest, verify_ledger
 from gputally.collector.keys import KeyStore
 from gputally.collector.ledger import COLLECTOR_KEY_FILE, CheckpointError, Ledger, public_bytes
 from gputally.collector.merkle import leaf_hash
+from gputally.collector.merkle import root as merkle_root
 from gputally.collector.record import Record
 from gputally.v1 import telemetry_pb2 as pb
 
@@ -339,3 +340,128 @@ def test_a_retired_key_cannot_sign_after_the_rotation(tmp_path: Path) -> None:
     assert [(p.entry, p.message) for p in result.problems] == [
         (5, "node n1's summary is signed with a key it had retired (key 1)")
     ]
+
+
+# -- receipts: a full verification's record, so that a report need not check signatures again
+
+
+def _prefix_receipt(db: Path, keys: Path, size: int) -> Receipt:
+    """The receipt a full verification of the ledger's first `size` entries would have left."""
+    leaves = [leaf_hash(body) for _, _, body in rows(db)[:size]]
+    return Receipt("gputally/test", size, merkle_root(leaves), keys_digest(keys), "earlier")
+
+
+def test_a_receipt_spares_the_signatures_it_covers_and_no_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gputally.collector import audit
+
+    db, keys = build(tmp_path)
+    full = verify_ledger(db, keys)
+    assert full.ok and full.trusted == 0
+    receipt = Receipt.of(full, "now")
+    assert (receipt.size, receipt.root) == (12, merkle_root([leaf_hash(b) for *_, b in rows(db)]))
+    assert Receipt.load(_written(tmp_path / "r.json", receipt)) == receipt
+
+    from gputally.collector.keys import verify as real_verify
+
+    checked: list[bytes] = []
+
+    def counting(key: bytes, body: bytes, signature: bytes) -> bool:
+        checked.append(body)
+        return real_verify(key, body, signature)
+
+    monkeypatch.setattr(audit, "verify", counting)
+    monkeypatch.setattr(audit, "_CHUNK", 4)  # the receipt's edge falls inside a batch
+    assert verify_ledger(db, keys, workers=1, receipt=receipt).trusted == 12
+    assert checked == []
+    partial = verify_ledger(db, keys, workers=1, receipt=_prefix_receipt(db, keys, 6))
+    assert partial.ok and partial.trusted == 6
+    assert len(checked) == 6  # entries 7..12, every one of them
+
+
+def test_a_receipt_never_hides_a_change(tmp_path: Path) -> None:
+    db, keys = build(tmp_path)
+    receipt = Receipt.of(verify_ledger(db, keys), "now")
+    entry, _, body = rows(db)[4]
+    signed = pb.SignedSummary.FromString(body)
+    signed.signature = bytes([signed.signature[0] ^ 1]) + signed.signature[1:]
+    set_body(db, entry, signed.SerializeToString(), fix_leaf=True)  # the leaf hash made to match
+    result = verify_ledger(db, keys, receipt=receipt)
+    # not the same bytes as the receipt's: every signature checked again, the forgery named
+    assert result.trusted == 0 and "not those the receipt was made from" in result.receipt_note
+    assert (result.problems[0].entry, result.problems[0].message) == (
+        entry,
+        "the signature of node n2 does not verify",
+    )
+    # after the receipt's entries, a bad signature is checked and named as well
+    assert verify_ledger(db, keys, receipt=_prefix_receipt(db, keys, 4)).problems[0].entry == entry
+
+
+def test_a_receipt_holds_only_for_its_keys_and_log(tmp_path: Path) -> None:
+    db, keys = build(tmp_path)
+    receipt = Receipt.of(verify_ledger(db, keys), "now")
+    other = Receipt("gputally/elsewhere", receipt.size, receipt.root, receipt.keys_digest, "")
+    assert verify_ledger(db, keys, receipt=other).receipt_note == (
+        "the receipt is for the log gputally/elsewhere, not gputally/test"
+    )
+    longer = Receipt(receipt.origin, 13, receipt.root, receipt.keys_digest, "")
+    assert verify_ledger(db, keys, receipt=longer).receipt_note == (
+        "the receipt covers 13 entries, the ledger holds 12"
+    )
+    KeyStore(keys).enroll("n9", Ed25519PrivateKey.generate().public_key().public_bytes_raw())
+    changed = verify_ledger(db, keys, receipt=receipt)
+    assert changed.ok and changed.trusted == 0
+    assert changed.receipt_note == "the key directory is not the one the receipt was made with"
+    # a receipt comes only from a full verification that holds
+    trusting = verify_ledger(db, keys, receipt=Receipt.of(changed, "now"))
+    assert trusting.ok and trusting.trusted == 12
+    with pytest.raises(ReceiptError):
+        Receipt.of(trusting, "later")
+    with sqlite3.connect(db) as con:
+        con.execute("DELETE FROM summaries WHERE id = 7")
+    with pytest.raises(ReceiptError):
+        Receipt.of(verify_ledger(db, keys), "later")
+
+
+def _written(path: Path, receipt: Receipt) -> Path:
+    path.write_text(receipt.dumps())
+    return path
+
+
+def test_audit_report_with_a_receipt_gives_the_same_report(tmp_path: Path) -> None:
+    import json
+
+    db, keys = build(tmp_path)
+    script = Path(sys.executable).with_name("gputally")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "gputally.agent"]
+
+    def gputally(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*command, "audit", *args, f"--ledger={db}", f"--keys={keys}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    receipt = tmp_path / "receipt.json"
+    made = gputally("verify", f"--receipt={receipt}")
+    assert made.returncode == 0 and f"receipt: {receipt} (size 12," in made.stdout
+    period = ["--from=2026-01-01", "--to=2026-01-02", "--expected-gpus=3", "--claim=0.1"]
+    reports = {}
+    for name, extra in (("full", []), ("receipt", [f"--receipt={receipt}"])):
+        ran = gputally("report", *period, f"--out={tmp_path / name}", *extra)
+        assert ran.returncode == 0, ran.stderr
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    full, by_receipt = reports["full"], reports["receipt"]
+    assert by_receipt["verification"]["signatures_by_receipt"] == 12
+    assert full["verification"]["signatures_by_receipt"] == 0
+    for report in (full, by_receipt):
+        report["verification"].pop("signatures_by_receipt")
+        report["verification"].pop("receipt_verified_at")
+    assert full == by_receipt and full["figure"] > 0
+    html = (tmp_path / "receipt" / "report.html").read_text()
+    assert "The signatures of the first 12 summaries were checked by the full verification" in html
+    receipt.write_text("{not json")
+    broken = gputally("report", *period, f"--out={tmp_path / 'x'}", f"--receipt={receipt}")
+    assert broken.returncode != 0 and "not a usable receipt" in broken.stderr

@@ -11,12 +11,22 @@ entry:
 
 then checks every checkpoint: signed by the collector's key, for the log's origin, and its
 root equal to the root of the first `size` entries, recomputed here.
+
+Signatures are most of the cost. A full verification can leave a *receipt*: the log's size
+and Merkle root, and a digest of the key directory, as they were when every signature held.
+A later run given the receipt (`audit report --receipt`) skips the Ed25519 checks of the
+entries the receipt covers, for nodes with a single key, and of nothing else: it still
+recomputes every leaf hash and the root at the receipt's size, so the receipt vouches only
+for bytes identical to those it was made from, under the same keys; a root, size or key
+directory that differs makes the run verify everything. Chains and checkpoints are always
+checked in full.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -47,10 +57,81 @@ class Verification:
     checkpoints: int = 0
     nodes: set[str] = field(default_factory=set)
     problems: list[Problem] = field(default_factory=list)
+    root: bytes = b""  # of all the entries, as recomputed
+    keys_digest: str = ""
+    origin: str = ""
+    trusted: int = 0  # entries whose signatures a receipt vouched for instead of this run
+    receipt_note: str = ""  # why a receipt given was not used, if it was not
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+class ReceiptError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What a full, successful verification saw (see the module's docstring)."""
+
+    origin: str
+    size: int
+    root: bytes
+    keys_digest: str
+    verified_at: str
+
+    def dumps(self) -> str:
+        return json.dumps(
+            {
+                "gputally_receipt": 1,
+                "origin": self.origin,
+                "size": self.size,
+                "root": self.root.hex(),
+                "keys_digest": self.keys_digest,
+                "verified_at": self.verified_at,
+            },
+            indent=2,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Receipt:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("gputally_receipt") != 1:
+                raise ValueError("not a gputally receipt (format 1)")
+            return cls(
+                str(data["origin"]),
+                int(data["size"]),
+                bytes.fromhex(data["root"]),
+                str(data["keys_digest"]),
+                str(data.get("verified_at", "")),
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ReceiptError(f"{path}: not a usable receipt ({error})") from None
+
+    @classmethod
+    def of(cls, verification: Verification, when: str) -> Receipt:
+        if not verification.ok or verification.trusted:
+            raise ReceiptError("a receipt is made only by a full verification that holds")
+        return cls(
+            verification.origin,
+            verification.entries,
+            verification.root,
+            verification.keys_digest,
+            when,
+        )
+
+
+def keys_digest(keys: Path) -> str:
+    """SHA-256 over the key directory's key files (names and contents): a receipt holds only
+    for the keys it was made with."""
+    digest = hashlib.sha256()
+    for path in sorted([*keys.glob("*.pub"), keys / COLLECTOR_KEY_FILE]):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def read_collector_key(keys: Path) -> tuple[str, bytes]:
@@ -80,6 +161,7 @@ def _opened(
     entries: list[tuple[int, str, bytes, bytes]],
     keys: dict[str, list[bytes]],
     period: Period | None = None,
+    trusted: int = 0,
 ) -> tuple[list[tuple[object, ...]], Rollup | None]:
     """The order-free part of the checks (hashing, parsing, signatures), for a batch of
     entries; runs in worker processes. Per entry: (problem or None, node in body, chain_seq,
@@ -87,10 +169,13 @@ def _opened(
 
     With a period, the batch's figures are also added up here, while every summary is parsed
     anyway: sums do not depend on order, so the workers each roll up their share of the log
-    and the main process only merges one partial rollup per batch."""
+    and the main process only merges one partial rollup per batch.
+
+    The first `trusted` entries of the batch are covered by a receipt: their signatures are
+    not checked again where the node has one key (see the module's docstring)."""
     out: list[tuple[object, ...]] = []
     rollup = Rollup(*period) if period is not None else None
-    for _, node, stored, leaf in entries:
+    for position, (_, node, stored, leaf) in enumerate(entries):
         computed = leaf_hash(stored)
         if leaf != computed:
             out.append(
@@ -112,11 +197,19 @@ def _opened(
             out.append(("not a signed summary", "", 0, b"", b"", computed, 0))
             continue
         node_keys = keys.get(node) or []
-        # Oldest first: a node's entries before a rotation are most of its history.
-        signer = next(
-            (i for i, key in enumerate(node_keys) if verify(key, signed.body, signed.signature)),
-            None,
-        )
+        signer: int | None
+        if position < trusted and len(node_keys) == 1:
+            signer = 0  # verified with this very key over these very bytes (the receipt)
+        else:
+            # Oldest first: a node's entries before a rotation are most of its history.
+            signer = next(
+                (
+                    i
+                    for i, key in enumerate(node_keys)
+                    if verify(key, signed.body, signed.signature)
+                ),
+                None,
+            )
         if not node_keys:
             problem: str | None = f"node {node} has no enrolled key"
         elif signer is None:
@@ -162,6 +255,7 @@ def _opened_in_order(
     pool: ProcessPoolExecutor | None,
     workers: int,
     period: Period | None,
+    trusted: int = 0,
 ) -> Iterator[
     tuple[list[tuple[int, str, bytes, bytes]], tuple[list[tuple[object, ...]], Rollup | None]]
 ]:
@@ -173,11 +267,14 @@ def _opened_in_order(
             Future[tuple[list[tuple[object, ...]], Rollup | None]],
         ]
     ] = deque()
+    offset = 0
     for batch in _batches(record):
+        covered = max(0, min(len(batch), trusted - offset))
+        offset += len(batch)
         if pool is None:
-            yield batch, _opened(batch, enrolled, period)
+            yield batch, _opened(batch, enrolled, period, covered)
             continue
-        pending.append((batch, pool.submit(_opened, batch, enrolled, period)))
+        pending.append((batch, pool.submit(_opened, batch, enrolled, period, covered)))
         if len(pending) >= 2 * workers:
             done, future = pending.popleft()
             yield done, future.result()
@@ -193,12 +290,37 @@ def verify_ledger(
     progress: Callable[[int], None] | None = None,
     workers: int | None = None,
     rollup: Rollup | None = None,
+    receipt: Receipt | None = None,
 ) -> Verification:
     """Verify the ledger; with `rollup`, also add up every verified entry's figures into it,
-    in the same pass (a report needs both, and reading the ledger once is what keeps it fast)."""
+    in the same pass (a report needs both, and reading the ledger once is what keeps it fast).
+    With `receipt`, the signatures it vouches for are not checked again, if it holds for this
+    ledger and these keys; when the ledger turns out not to be the one it was made from, the
+    whole verification is run again without it."""
+    result = _verify(ledger, keys_dir, progress, workers, rollup, receipt)
+    if result.trusted and result.root == b"":  # the receipt's root did not come out
+        if rollup is not None:
+            rollup.clear()
+        result = _verify(ledger, keys_dir, progress, workers, rollup, None)
+        result.receipt_note = (
+            "the ledger's first entries are not those the receipt was made from: "
+            "every signature was checked"
+        )
+    return result
+
+
+def _verify(
+    ledger: Path,
+    keys_dir: Path,
+    progress: Callable[[int], None] | None,
+    workers: int | None,
+    rollup: Rollup | None,
+    receipt: Receipt | None,
+) -> Verification:
     result = Verification()
     keys = KeyStore(keys_dir)
     name, collector_key = read_collector_key(keys_dir)
+    result.origin, result.keys_digest = name, keys_digest(keys_dir)
     record = Record(ledger, readonly=True)
     # node -> (last chain_seq, hash of its body, index of the key that signed it)
     chains: dict[str, tuple[int, bytes, int]] = {}
@@ -207,12 +329,27 @@ def verify_ledger(
     checkpoints = record.checkpoints()
     wanted = {size for _, size, _, _ in checkpoints}
     enrolled = {path.stem: keys.keys(path.stem) for path in keys_dir.glob("*.pub")}
+    count = record.count()
+    if receipt is not None:
+        if receipt.origin != name:
+            result.receipt_note = f"the receipt is for the log {receipt.origin}, not {name}"
+        elif receipt.keys_digest != result.keys_digest:
+            result.receipt_note = "the key directory is not the one the receipt was made with"
+        elif receipt.size > count:
+            result.receipt_note = (
+                f"the receipt covers {receipt.size:,} entries, the ledger holds {count:,}"
+            )
+        else:
+            result.trusted = receipt.size
+            wanted.add(receipt.size)
     workers = workers if workers is not None else (os.cpu_count() or 1)
-    pool = ProcessPoolExecutor(workers) if workers > 1 and record.count() > _CHUNK else None
+    pool = ProcessPoolExecutor(workers) if workers > 1 and count > _CHUNK else None
     try:
         # Signatures are checked out of order, in parallel; chains and the tree, in order, here.
         period = (rollup.start, rollup.end, rollup.expected) if rollup is not None else None
-        for batch, (results, partial) in _opened_in_order(record, enrolled, pool, workers, period):
+        for batch, (results, partial) in _opened_in_order(
+            record, enrolled, pool, workers, period, result.trusted
+        ):
             if rollup is not None and partial is not None:
                 rollup.merge(partial)
             for (entry, node, _, _), checked in zip(batch, results, strict=True):
@@ -226,6 +363,9 @@ def verify_ledger(
                 frontier.append(checked[5])  # type: ignore[arg-type]
                 if frontier.size in wanted:
                     roots[frontier.size] = frontier.root()
+        if result.trusted and (receipt is None or roots.get(result.trusted) != receipt.root):
+            return result  # root left empty: verify_ledger runs again, trusting nothing
+        result.root = frontier.root()
         last_size = 0
         for checkpoint_id, size, _, note in checkpoints:
             result.checkpoints += 1

@@ -15,13 +15,16 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Only what the argument parsers need is imported here: every `gputally` command, the agent
 # included, builds these parsers, and the agent's resident memory is a target of its own. Each
 # command imports the rest when it runs.
 from .figures import MEASURES
 from .keys import KeyStore, KeyStoreError, read_public_key
+
+if TYPE_CHECKING:
+    from .audit import Receipt, Verification
 
 log = logging.getLogger("gputally.collector")
 
@@ -218,6 +221,12 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         "when all holds; otherwise names the first bad entry and exits 1.",
     )
     _ledger_arguments(check)
+    check.add_argument(
+        "--receipt",
+        metavar="FILE",
+        help="when all holds, write a receipt here: the log's size and root and the keys' digest, "
+        "so that `audit report --receipt FILE` need not check these signatures again",
+    )
     check.set_defaults(handler=run_audit_verify)
     report = audit_sub.add_parser(
         "report",
@@ -226,6 +235,7 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         "its summaries and write a self-contained report.html, report.json and CSV tables into --out.",
     )
     _ledger_arguments(report)
+    _receipt_argument(report)
     report.add_argument(
         "--from", dest="start", required=True, metavar="DATE", help="period start (UTC)"
     )
@@ -255,6 +265,7 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         "BF16 throughput per model and in total, to set against a claimed capacity.",
     )
     _ledger_arguments(census)
+    _receipt_argument(census)
     census.add_argument(
         "--from",
         dest="start",
@@ -284,6 +295,7 @@ def run_audit_report(args: argparse.Namespace) -> int:
         return _fail(str(error))
     if end <= start:
         return _fail("--to must be after --from")
+    receipt = _load_receipt(args, "report")
     say("verifying the ledger and adding up its figures ...")
     rollup = Rollup(start, end, args.expected_gpus)
     try:
@@ -292,10 +304,12 @@ def run_audit_report(args: argparse.Namespace) -> int:
             Path(args.keys),
             progress=lambda n: say(f"{n:,} entries checked"),
             rollup=rollup,
+            receipt=receipt,
         )
     except (RecordError, KeyStoreError) as error:
         print(f"gputally audit report: {error}", file=sys.stderr)
         return 2
+    _say_receipt(verification, receipt, args)
     if not verification.ok:
         first = verification.problems[0]
         where = f"entry {first.entry}" if first.entry is not None else "log"
@@ -304,7 +318,13 @@ def run_audit_report(args: argparse.Namespace) -> int:
         )
         return 1
     say(f"verified {verification.entries:,} entries; writing the report ...")
-    answer = report_module.build(rollup, args.measure, args.claim, verification)
+    answer = report_module.build(
+        rollup,
+        args.measure,
+        args.claim,
+        verification,
+        receipt.verified_at if receipt is not None and verification.trusted else "",
+    )
     paths = report_module.write(answer, Path(args.out), args.measure)
     verdict = f", claim {args.claim:.2%}: {answer['verdict']}" if args.claim is not None else ""
     print(
@@ -321,11 +341,13 @@ def run_audit_census(args: argparse.Namespace) -> int:
     from .audit import verify_ledger
     from .record import Record, RecordError
 
+    receipt = _load_receipt(args, "census")
     try:
-        verification = verify_ledger(Path(args.ledger), Path(args.keys))
+        verification = verify_ledger(Path(args.ledger), Path(args.keys), receipt=receipt)
     except (RecordError, KeyStoreError) as error:
         print(f"gputally audit census: {error}", file=sys.stderr)
         return 2
+    _say_receipt(verification, receipt, args)
     if not verification.ok:
         print(
             f"gputally audit census: the ledger does not verify ({verification.problems[0].message})"
@@ -348,7 +370,7 @@ def run_audit_census(args: argparse.Namespace) -> int:
 
 
 def run_audit_verify(args: argparse.Namespace) -> int:
-    from .audit import verify_ledger
+    from .audit import Receipt, verify_ledger
     from .record import RecordError
 
     def progress(entries: int) -> None:
@@ -364,6 +386,17 @@ def run_audit_verify(args: argparse.Namespace) -> int:
     )
     if result.ok:
         print("verified: every signature, every chain and every checkpoint holds")
+        if args.receipt:
+            when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            path = Path(args.receipt)
+            try:
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_text(Receipt.of(result, when).dumps() + "\n")
+                tmp.replace(path)
+            except OSError as error:
+                print(f"gputally audit verify: --receipt: {error}", file=sys.stderr)
+                return 2
+            print(f"receipt: {path} (size {result.entries:,}, root {result.root.hex()[:16]}...)")
         return 0
     first = result.problems[0]
     where = f"entry {first.entry}" if first.entry is not None else "log"
@@ -384,6 +417,41 @@ def _ledger_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="the agents' <node>.pub files and the collector's collector.ckey",
     )
+
+
+def _receipt_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--receipt",
+        metavar="FILE",
+        help="a receipt from `audit verify --receipt`: the signatures it covers are not checked again "
+        "(every hash, chain and checkpoint still is; a ledger or key directory that differs from the "
+        "receipt's is verified in full)",
+    )
+
+
+def _load_receipt(args: argparse.Namespace, command: str) -> Receipt | None:
+    """The receipt named by --receipt (None without one); exits with a message when unusable."""
+    from .audit import Receipt, ReceiptError
+
+    if not args.receipt:
+        return None
+    try:
+        return Receipt.load(Path(args.receipt))
+    except ReceiptError as error:
+        raise SystemExit(f"gputally audit {command}: {error}") from None
+
+
+def _say_receipt(
+    verification: Verification, receipt: Receipt | None, args: argparse.Namespace
+) -> None:
+    if verification.trusted and receipt is not None:
+        print(
+            f"  signatures of the first {verification.trusted:,} entries: by the receipt "
+            f"{args.receipt} (verified {receipt.verified_at})",
+            file=sys.stderr,
+        )
+    elif receipt is not None:
+        print(f"  receipt not used: {verification.receipt_note}", file=sys.stderr)
 
 
 def run_enroll(args: argparse.Namespace) -> int:

@@ -375,6 +375,10 @@ class Rollup:
                 sums = self.node_day[(number, node)] = Sums()
             sums.add_read((node_values, node_flagged, node_rules), day_share)
 
+    def clear(self) -> None:
+        """Back to nothing added (a verification that has to start again)."""
+        self.fine, self.node_day, self.summaries = {}, {}, 0
+
     def merge(self, other: Rollup) -> None:
         """Add another rollup of the same period (a worker's share of the log) into this one."""
         if (other.start, other.end, other.expected) != (self.start, self.end, self.expected):

@@ -31,6 +31,7 @@ def build(
     measure: str,
     claim: float | None,
     verification: Verification,
+    receipt_verified_at: str = "",
 ) -> dict[str, Any]:
     """The report's content, from a rollup filled while the ledger was verified."""
     total, days = rollup.period(), rollup.days()
@@ -68,6 +69,10 @@ def build(
                 "checkpoints": verification.checkpoints,
                 "nodes": len(verification.nodes),
                 "verified": verification.ok,
+                # Whose Ed25519 checks these are: this run's, or a receipt's for the first
+                # `signatures_by_receipt` entries (the same bytes, under the same keys).
+                "signatures_by_receipt": verification.trusted,
+                "receipt_verified_at": receipt_verified_at,
             },
         }
     )
@@ -213,6 +218,13 @@ def render_html(r: dict[str, Any]) -> str:
         else ""
     )
     v = r["verification"]
+    by_receipt = (
+        f" The signatures of the first {v['signatures_by_receipt']:,} summaries were checked by the"
+        f" full verification of {html.escape(v['receipt_verified_at'])}, whose receipt holds for"
+        " these very bytes and keys; this run recomputed every hash, chain and checkpoint."
+        if v["signatures_by_receipt"]
+        else ""
+    )
     plots = [
         line_chart(
             f"Daily {m}: figure, with the band between its lower and upper bounds",
@@ -245,7 +257,7 @@ def render_html(r: dict[str, Any]) -> str:
 <p>Period {html.escape(r["from"])} to {html.escape(r["to"])} ({r["seconds"] / 86400:.1f} days).
 Inventory: {r["expected_gpus"]} GPUs declared, {r["seen_gpus"]} seen. Coverage {r["coverage"]:.1%}.</p>
 <p>Ledger verified: {v["entries"]:,} signed summaries from {v["nodes"]} nodes, every signature, every node's chain
-and {v["checkpoints"]} signed checkpoints hold. Every figure below is recomputed from those summaries.</p>
+and {v["checkpoints"]} signed checkpoints hold. Every figure below is recomputed from those summaries.{by_receipt}</p>
 {claim}
 <table><tr><th>measure</th><th>figure</th><th>lower</th><th>upper</th><th>without padding</th></tr>{rows}</table>
 <p>Energy {r["energy_kwh"]:,.1f} kWh. Padding flagged: {r["padding_gpu_hours"]:,.1f} GPU-hours.</p>
