@@ -236,6 +236,13 @@ def test_every_recording_rule_alert_and_dashboard_query_against_a_live_cluster(
         agent=agent_target,
         rules=_rules_every_second(tmp_path),
     )
+    # Prometheus holds the counters at 0 before the fleet starts, so that its increase() over
+    # any range sees every GPU-second: without that sample, the ratios over a range depend on
+    # which part of the first reports landed before the first scrape.
+    deadline = time.monotonic() + 20
+    while scalar(base, 'gputally_cluster_gpu_seconds_total{measure="observed"}') != 0:
+        assert time.monotonic() < deadline, "prometheus never scraped the idle collector"
+        time.sleep(0.2)
     fleet = threading.Thread(
         target=lambda: asyncio.run(run_fleet(cluster, collector.target, duration=40.0))
     )
