@@ -198,12 +198,14 @@ def test_query_answers_for_a_past_period_from_the_record(
     keys = KeyStore(tmp_path / "keys", trust_on_first_use=True)
     collector = collector_factory(expected_gpus=64, record=Record(db), keys=keys)
     start = 1_767_225_600.0  # 2026-01-01T00:00:00Z
-    asyncio.run(
+    stats = asyncio.run(
         run_fleet_virtual(
             scenario.default(), collector.target, seconds=1200, start=start, interval=5
         )
     )
     collector.stop()
+    # Every node covered time from the start to its last tick: the span the demo queries.
+    assert (stats.observed_from, stats.observed_to) == (start, start + 1200)
     result = run(
         "query",
         "--db",

@@ -25,7 +25,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from .scenario import Scenario
-from .simulate import run_fleet, run_fleet_virtual
+from .simulate import FleetStats, run_fleet, run_fleet_virtual
 
 MEASURES = ("busy", "sm_active", "allocated")
 _LABELS = {
@@ -170,9 +170,9 @@ def run_demo(scenario: Scenario, args: argparse.Namespace) -> int:
             print(f"gputally demo: the collector did not start: {err.strip()}", file=sys.stderr)
             return 1
         interactive = sys.stdout.isatty() and not args.plain
-        began = time.time()
-        code = asyncio.run(_watch(scenario, args, f"127.0.0.1:{grpc_port}", url, interactive))
-        ended = time.time()
+        code, stats = asyncio.run(
+            _watch(scenario, args, f"127.0.0.1:{grpc_port}", url, interactive)
+        )
     finally:
         collector.send_signal(signal.SIGTERM)
         try:
@@ -181,10 +181,14 @@ def run_demo(scenario: Scenario, args: argparse.Namespace) -> int:
             collector.kill()
     # The same run, from the collector's durable record: what an auditor would be shown.
     query = [*_gputally_command(), "query", f"--db={record}", "--measure=busy"]
-    # The summary windows the run covered whole (the first and last are partly empty).
+    # The summary windows that every node covered whole: the agents start and stop a few
+    # milliseconds apart, and a window they straddle is rightly not fully observed.
     window = summary_window(args.duration)
-    first = math.ceil(began / window) * window
-    last = math.floor(ended / window) * window
+    if stats.observed_from is not None and stats.observed_to is not None:
+        first = math.ceil(stats.observed_from / window) * window
+        last = math.floor(stats.observed_to / window) * window
+    else:
+        first = last = 0.0
     if last > first:
         query += [f"--from={first:.0f}", f"--to={last:.0f}"]
     answer = subprocess.run(query, capture_output=True, text=True, timeout=60)
@@ -217,7 +221,7 @@ def _wait_ready(url: str, process: subprocess.Popen[str], timeout: float) -> boo
 
 async def _watch(
     scenario: Scenario, args: argparse.Namespace, target: str, url: str, interactive: bool
-) -> int:
+) -> tuple[int, FleetStats]:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -272,7 +276,7 @@ async def _watch(
         "to keep these figures.",
         flush=True,
     )
-    return 0
+    return 0, stats
 
 
 def simulate_ledger(

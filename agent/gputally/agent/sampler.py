@@ -144,10 +144,12 @@ class Sampler:
         self.seq = 0
         self.inventory: list[GpuInfo] = []
         self._last: float | None = None
+        self.opened_at: float | None = None  # when coverage began: the clock at open()
+        self.last_sample_at: float | None = None
 
     def open(self) -> list[GpuInfo]:
         self.inventory = self.backend.open()
-        self._last = self.clock()
+        self._last = self.opened_at = self.clock()
         self.summarizer = Summarizer(
             [identity_to_proto(i) for i in self.inventory], self.summary_window
         )
@@ -179,7 +181,7 @@ class Sampler:
         now = self.clock()
         last = self._last if self._last is not None else now - self.interval
         covered = min(max(now - last, 0.0), self.max_gap)
-        self._last = now
+        self._last = self.last_sample_at = now
         self.seq += 1
         report = pb.Report(seq=self.seq, time_unix_nano=int(now * 1e9), interval_seconds=covered)
         for info, reading in zip(self.inventory, readings, strict=True):

@@ -22,6 +22,10 @@ class FleetStats:
     reports: int = 0
     acked: int = 0
     dropped: int = 0
+    # The span every node observed (unix seconds): from the last node to start covering time
+    # to the first node to take its last sample. A query over it sees no unobserved second.
+    observed_from: float | None = None
+    observed_to: float | None = None
 
 
 def _stats(agents: list[NodeAgent]) -> FleetStats:
@@ -30,6 +34,10 @@ def _stats(agents: list[NodeAgent]) -> FleetStats:
         stats.reports += agent.reports
         stats.acked += agent.sender.stats.acked
         stats.dropped += agent.sender.stats.dropped
+    opened = [a.sampler.opened_at for a in agents if a.sampler.opened_at is not None]
+    sampled = [a.sampler.last_sample_at for a in agents if a.sampler.last_sample_at is not None]
+    if agents and len(opened) == len(agents) and len(sampled) == len(agents):
+        stats.observed_from, stats.observed_to = max(opened), min(sampled)
     return stats
 
 
