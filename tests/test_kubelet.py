@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -169,15 +170,18 @@ def test_the_agent_reports_the_pod_of_each_gpu(
     ]
 
 
-def test_mig_instances_are_attributed_to_the_pods_they_are_handed_to(
-    tmp_path: Path, kubelet: Callable[[], tuple[FakeKubelet, Path]]
-) -> None:
+def mig_node(
+    tmp_path: Path, kubelet: Callable[[], tuple[FakeKubelet, Path]], start: float
+) -> tuple[Any, Any]:
+    """A node of 3 H100s in MIG mode, 3 instances of 2 slices each (1 of 7 left over), all
+    training. GPU 0 is shared by two pods; GPU 1 is one pod's on all its instances; GPU 2 is
+    mapped statically, as a whole and one instance of it (an index never names an instance).
+    Returns the opened backend and its clock."""
     import tomllib
 
     from gputally.agent import scenario as scenario_mod
     from gputally.agent.mock import ManualClock, MockNVML
     from gputally.agent.nvml import NvmlBackend
-    from gputally.agent.sampler import reading_to_proto
 
     toml = """
     [cluster]
@@ -190,7 +194,7 @@ def test_mig_instances_are_attributed_to_the_pods_they_are_handed_to(
     kind = "training"
     """
     sc = scenario_mod.parse(tomllib.loads(toml))
-    clock = ManualClock()
+    clock = ManualClock(start)
     lib = MockNVML(sc, 0, clock)
     lib.nvmlInit()  # the instances' UUIDs, as the device plugin hands them out
     mig = [
@@ -204,8 +208,6 @@ def test_mig_instances_are_attributed_to_the_pods_they_are_handed_to(
     ]
     lib.nvmlShutdown()
     fake, socket = kubelet()
-    # GPU 0 is shared by two pods; GPU 1 is one pod's on all its instances; GPU 2 is mapped
-    # statically, as a whole and one instance of it (an index never names an instance)
     fake.pods = [
         pod("ml-team", "trainer-0", "nvidia.com/mig-2g.20gb", mig[0][0], mig[0][1]),
         pod("inference", "server-7", "nvidia.com/mig-2g.20gb", mig[0][2]),
@@ -221,6 +223,15 @@ def test_mig_instances_are_attributed_to_the_pods_they_are_handed_to(
         attributor=Attributor(static, None, socket),
     )
     backend.open()
+    return backend, clock
+
+
+def test_mig_instances_are_attributed_to_the_pods_they_are_handed_to(
+    tmp_path: Path, kubelet: Callable[[], tuple[FakeKubelet, Path]]
+) -> None:
+    from gputally.agent.sampler import reading_to_proto
+
+    backend, clock = mig_node(tmp_path, kubelet, 1_750_000_000.0)
     clock.advance(1.0)
     shared, whole, mapped = backend.read()
     trainer_0 = Attribution("kubernetes", "ml-team", "trainer-0")
@@ -243,3 +254,89 @@ def test_mig_instances_are_attributed_to_the_pods_they_are_handed_to(
     assert [m.attribution.job for m in sample.mig] == ["trainer-0", "trainer-0", "server-7"]
     assert not sample.HasField("attribution")
     backend.close()
+
+
+def test_a_shared_mig_gpu_is_charged_to_its_owners_by_slices(
+    tmp_path: Path, kubelet: Callable[[], tuple[FakeKubelet, Path]]
+) -> None:
+    """The signed summaries split each MIG GPU among its instances' owners, 2/7 per instance
+    and the unpartitioned 1/7 to the GPU's own owner; the record's tenant and job figures are
+    built from those shares, and the cluster's from the whole GPUs."""
+    from gputally.agent.sampler import Sampler
+    from gputally.collector.figures import Rollup, as_dict, compute, gpu_numbers
+    from gputally.v1 import telemetry_pb2 as pb
+
+    start, window = 1_750_000_020.0, 60.0  # a multiple of the window: whole windows only
+    backend, clock = mig_node(tmp_path, kubelet, start)
+    sampler = Sampler(backend, node="mig-node", clock=clock, summary_window=window)
+    sampler.open()
+    signed = []
+    for _ in range(180):
+        clock.advance(1.0)
+        report = sampler.tick()
+        if report.HasField("summary"):
+            signed.append(report.summary)
+    signed += [r.summary for r in sampler.final_reports()]
+    summaries = [pb.Summary.FromString(s.body) for s in signed]
+    assert [s.window_start_unix_nano / 1e9 - start for s in summaries] == [0.0, 60.0, 120.0]
+    gpu0, gpu1, gpu2 = summaries[1].gpus
+    assert not gpu1.shares and gpu1.attribution.job == "trainer-1"  # one owner: no shares
+    assert not gpu0.HasField("attribution")
+    seven = window / 7
+    # The slice no instance holds goes to GPU 0's own owner: none.
+    assert [s.attribution.job for s in gpu0.shares] == ["", "server-7", "trainer-0"]
+    assert [s.present_seconds for s in gpu0.shares] == pytest.approx([seven, 2 * seven, 4 * seven])
+    unheld, server, trainer = gpu0.shares
+    assert (unheld.allocated_seconds, unheld.sm_active_seconds) == (0.0, 0.0)
+    assert unheld.sm_measured_seconds == pytest.approx(seven)  # nothing can run there
+    assert trainer.allocated_seconds == pytest.approx(4 * seven)
+    assert trainer.sm_active_seconds == pytest.approx(0.85 * 4 * seven)
+    assert server.busy_missing_seconds == pytest.approx(2 * seven)  # NVML refuses it under MIG
+    assert trainer.energy_joules == pytest.approx(gpu0.energy_joules * 4 / 7)
+    assert sum(s.present_seconds for s in gpu0.shares) == pytest.approx(gpu0.present_seconds)
+    assert [(s.attribution.tenant, s.attribution.job) for s in gpu2.shares] == [
+        ("ops", "maint"),  # the whole GPU's static owner keeps what the instance does not
+        ("reserved", "bench"),
+    ]
+    assert gpu2.shares[0].allocated_seconds == pytest.approx(4 * seven)
+    assert gpu2.shares[0].present_seconds == pytest.approx(5 * seven)
+
+    bodies = [("mig-node", s.SerializeToString()) for s in signed]
+    period = (start, start + 180.0)
+    figures = compute(bodies, *period, expected=3)
+    rollup = Rollup(*period, expected=3)
+    for summary in summaries:
+        rollup.add(
+            "mig-node",
+            (summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9),
+            gpu_numbers("mig-node", summary),
+        )
+    for answer in (
+        as_dict(figures, "allocated", None),
+        as_dict(rollup.period(), "allocated", None),
+    ):
+        tenants = {row["name"]: row for row in answer["by_tenant"]}
+        hours = 180 / 3600 / 7
+        assert {name: row["gpu_hours"] for name, row in tenants.items()} == {
+            "ml-team": pytest.approx(11 * hours),  # 4/7 of GPU 0, all of GPU 1
+            "ops": pytest.approx(5 * hours),
+            "inference": pytest.approx(2 * hours),
+            "reserved": pytest.approx(2 * hours),
+            "(unattributed)": pytest.approx(1 * hours),
+        }
+        assert tenants["ml-team"]["gpus"] == 2 and tenants["ops"]["gpus"] == 1
+        assert tenants["ops"]["allocated"] == pytest.approx(0.8)  # 4 of its 5 slices hold work
+        assert tenants["ops"]["sm_active"] == pytest.approx(0.85 * 0.8)
+        assert tenants["ml-team"]["allocated"] == pytest.approx(1.0)
+        assert tenants["(unattributed)"]["allocated"] == 0.0
+        jobs = {row["name"]: row["gpu_hours"] for row in answer["by_job"]}
+        assert jobs["trainer-0"] == pytest.approx(4 * hours)
+        # The cluster counts whole GPUs: each has processes, and busy is not known at all.
+        assert answer["measures"]["allocated"]["figure"] == pytest.approx(1.0)
+        assert answer["measures"]["busy"] == {
+            "figure": 0.0,
+            "lower": 0.0,
+            "upper": pytest.approx(1.0),
+        }
+    energy = {row["name"]: row["energy_kwh"] for row in as_dict(figures, "busy", None)["by_tenant"]}
+    assert sum(energy.values()) == pytest.approx(figures.total.sums.values["energy_joules"] / 3.6e6)

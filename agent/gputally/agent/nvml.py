@@ -228,7 +228,7 @@ class MigReading:
 
 
 # GpuReading fields that are not single measurements.
-STRUCTURED = ("processes", "xid_events", "attribution", "mig_enabled", "mig")
+STRUCTURED = ("processes", "xid_events", "attribution", "mig_enabled", "mig_slices", "mig")
 
 
 @dataclass(slots=True)
@@ -269,6 +269,8 @@ class GpuReading:
     xid_events: list[tuple[int, float]] = field(default_factory=list)  # (XID, unix time)
     attribution: Attribution = UNATTRIBUTED
     mig_enabled: bool = False
+    # Under MIG: the GPU's compute slices, what each instance's `slices` is a part of.
+    mig_slices: int | NotAvailable | None = None
     mig: list[MigReading] = field(default_factory=list)
 
     def measurements(self) -> dict[str, object]:
@@ -330,6 +332,7 @@ class _Gpu:
     samples_seen_us: int = 0
     process_util_seen_us: int = 0
     mig_enabled: bool = False
+    mig_slices: int | NotAvailable | None = None
     mig: list[_Mig] = field(default_factory=list)
     facts: dict[int, tuple[float, ProcessFacts | None]] = field(default_factory=dict)
 
@@ -470,6 +473,9 @@ class NvmlBackend:
             return
         gpu.mig_enabled = True
         count = query(self._lib.nvmlDeviceGetMaxMigDeviceCount, gpu.handle)
+        # As many MIG devices at most as the GPU has 1g compute slices (7 on A100 and H100,
+        # 4 on A30): the whole an instance's gpuInstanceSliceCount is a part of.
+        gpu.mig_slices = count
         for slot in range(0 if isinstance(count, NotAvailable) else count):
             handle = query(self._lib.nvmlDeviceGetMigDeviceHandleByIndex, gpu.handle, slot)
             if isinstance(handle, NotAvailable):
@@ -516,7 +522,9 @@ class NvmlBackend:
         return value
 
     def _read_gpu(self, gpu: _Gpu) -> GpuReading:
-        reading = GpuReading(index=gpu.info.index, mig_enabled=gpu.mig_enabled)
+        reading = GpuReading(
+            index=gpu.info.index, mig_enabled=gpu.mig_enabled, mig_slices=gpu.mig_slices
+        )
         if self._events is not None:
             reading.xid_events = self._events.take(gpu.info.index)
         if gpu.info.lost is not None or gpu.handle is None:

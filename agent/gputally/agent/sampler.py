@@ -73,6 +73,8 @@ def reading_to_proto(reading: GpuReading) -> pb.GpuSample:
             )
         )
     sample.mig_enabled = reading.mig_enabled
+    if isinstance(reading.mig_slices, int):
+        sample.mig_slices = reading.mig_slices
     for instance in reading.mig:
         mig = sample.mig.add(
             gpu_instance_id=instance.gpu_instance_id,
@@ -262,6 +264,11 @@ def snapshot(info: list[GpuInfo], readings: list[GpuReading]) -> dict[str, Any]:
                 "xid_events": [{"xid": code, "time": when} for code, when in reading.xid_events],
                 "attribution": record(reading.attribution),
                 "mig_enabled": reading.mig_enabled,
+                **(
+                    {"mig_slices": value(reading.mig_slices)}
+                    if reading.mig_slices is not None
+                    else {}
+                ),
                 "mig": [record(m) for m in reading.mig],
             }
         )

@@ -24,6 +24,8 @@ class _Totals:
     flagged: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_FLAGGED, 0.0))
     by_rule: dict[str, float] = field(default_factory=dict)
     attribution: pb.Attribution | None = None
+    # MIG: owner (serialized attribution) -> (attribution, values); see shares().
+    shares: dict[bytes, tuple[pb.Attribution, dict[str, float]]] = field(default_factory=dict)
 
 
 def contributions(
@@ -39,8 +41,12 @@ def contributions(
     values["present_seconds"] = seconds
     if sample.HasField("process_count"):
         values["allocated_seconds"] = seconds * (sample.process_count > 0)
+    else:
+        values["allocated_missing_seconds"] = seconds
     busy = sample.busy * seconds if sample.HasField("busy") else 0.0
     values["busy_seconds"] = busy
+    if not sample.HasField("busy"):
+        values["busy_missing_seconds"] = seconds
     if sample.HasField("sm_active"):
         values["sm_active_seconds"] = sample.sm_active * seconds
         values["sm_measured_seconds"] = seconds
@@ -58,6 +64,60 @@ def contributions(
         for key in _FLAGGED_MEASURES:
             flagged[key] = values[key]
     return values, flagged
+
+
+def shares(
+    sample: pb.GpuSample, seconds: float, values: dict[str, float]
+) -> list[tuple[pb.Attribution, dict[str, float]]]:
+    """A MIG GPU's contributions split among the owners of its instances, in proportion to the
+    compute slices each instance holds (docs/utilization.md §9).
+
+    Slices that no instance of an owner of its own holds (an instance handed to nobody, or not
+    partitioned at all) go to the GPU's own attribution. Allocated and SM-active seconds come
+    from each instance's processes and GPM; busy and energy, which NVML gives only for the
+    whole GPU, are split by slices. Where the slices are unknown, the whole GPU goes to its
+    own attribution."""
+    whole = sample.attribution
+    total = sample.mig_slices if sample.HasField("mig_slices") else 0
+    held = sum(m.slices for m in sample.mig)
+    if (
+        sample.status != pb.GPU_STATUS_OK
+        or total <= 0
+        or held > total
+        or any(not m.HasField("slices") for m in sample.mig)
+    ):
+        return [(whole, values)]
+    parts: dict[bytes, tuple[pb.Attribution, dict[str, float]]] = {}
+
+    def part(owner: pb.Attribution, fraction: float) -> dict[str, float]:
+        key = owner.SerializeToString(deterministic=True)
+        if key not in parts:
+            parts[key] = (owner, dict.fromkeys(_SECONDS, 0.0))
+        out = parts[key][1]
+        for name in ("present_seconds", "busy_seconds", "busy_missing_seconds", "energy_joules"):
+            out[name] += values[name] * fraction
+        return out
+
+    rest = (total - held) / total
+    if rest > 0:  # no instance there: no process, no kernel can run on these slices
+        out = part(whole, rest)
+        out["sm_measured_seconds"] += seconds * rest
+    for instance in sample.mig:
+        fraction = instance.slices / total
+        out = part(instance.attribution if instance.attribution.source else whole, fraction)
+        if instance.HasField("process_count"):
+            out["allocated_seconds"] += seconds * fraction * (instance.process_count > 0)
+        else:
+            out["allocated_missing_seconds"] += seconds * fraction
+        if instance.HasField("sm_active"):
+            out["sm_active_seconds"] += instance.sm_active * seconds * fraction
+            out["effective_seconds"] += instance.sm_active * seconds * fraction
+            out["sm_measured_seconds"] += seconds * fraction
+        else:  # capped by busy where NVML gave it, as for a whole GPU
+            out["busy_unmeasured_seconds"] += (
+                values["busy_seconds"] if sample.HasField("busy") else seconds
+            ) * fraction
+    return list(parts.values())
 
 
 class Summarizer:
@@ -81,6 +141,7 @@ class Summarizer:
             values, flagged = contributions(sample, report.interval_seconds, joules)
             if report.interval_seconds <= 0:
                 continue
+            owners = shares(sample, report.interval_seconds, values) if sample.mig_enabled else []
             first, last = math.floor(start / self.window), math.floor(end / self.window)
             for number in range(first, last + 1):
                 w0, w1 = number * self.window, (number + 1) * self.window
@@ -98,6 +159,15 @@ class Summarizer:
                     )
                 if sample.attribution.source:
                     totals.attribution = sample.attribution
+                # MIG mode is fixed for an agent's life (changing it resets the GPU), so a
+                # GPU's shares cover either all of its seconds or none.
+                for owner, part in owners:
+                    owner_key = owner.SerializeToString(deterministic=True)
+                    held = totals.shares.get(owner_key)
+                    if held is None:
+                        held = totals.shares[owner_key] = (owner, dict.fromkeys(_SECONDS, 0.0))
+                    for name, value in part.items():
+                        held[1][name] += value * share
         closed = sorted(n for n in self._open if (n + 1) * self.window <= end + 1e-9)
         return [self._emit(n) for n in closed]
 
@@ -137,4 +207,13 @@ class Summarizer:
                 setattr(gpu.flagged, key, value)
             if totals.attribution is not None:
                 gpu.attribution.CopyFrom(totals.attribution)
+            if len(totals.shares) > 1:  # one owner only: `attribution` already says it
+                for owner, part in sorted(
+                    totals.shares.values(), key=lambda p: (p[0].tenant, p[0].job, p[0].source)
+                ):
+                    held = gpu.shares.add()
+                    if owner.source:
+                        held.attribution.CopyFrom(owner)
+                    for key, value in part.items():
+                        setattr(held, key, value)
         return summary

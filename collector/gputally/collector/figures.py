@@ -103,13 +103,19 @@ def bounds(sums: Sums, capacity: float, *, without_padding: bool = False) -> dic
     unobserved = max(capacity - sums.values["present_seconds"], 0.0)
     measured_effective = v["effective_seconds"] - v["effective_estimated_seconds"]
     unmeasured_cap = v["busy_unmeasured_seconds"]
+    # Seconds present without utilization.gpu or a process list (e.g. under MIG) count as
+    # neither: they raise only the upper bound, as unobserved ones do.
     raw = {
         "allocated": (
             v["allocated_seconds"],
             v["allocated_seconds"],
-            v["allocated_seconds"] + unobserved,
+            v["allocated_seconds"] + v["allocated_missing_seconds"] + unobserved,
         ),
-        "busy": (v["busy_seconds"], v["busy_seconds"], v["busy_seconds"] + unobserved),
+        "busy": (
+            v["busy_seconds"],
+            v["busy_seconds"],
+            v["busy_seconds"] + v["busy_missing_seconds"] + unobserved,
+        ),
         "sm_active": (
             v["sm_active_seconds"],
             v["sm_active_seconds"],
@@ -131,6 +137,13 @@ def bounds(sums: Sums, capacity: float, *, without_padding: bool = False) -> dic
 class Group:
     sums: Sums = field(default_factory=Sums)
     gpus: set[str] = field(default_factory=set)
+
+
+def owner(attribution: pb.Attribution) -> tuple[str, str]:
+    """The tenant and job a GPU's (or a MIG share's) seconds are charged to, as breakdowns
+    name them."""
+    tenant = attribution.tenant or ("(unattributed)" if not attribution.source else "(no tenant)")
+    return tenant, attribution.job or "(unattributed)"
 
 
 def _day(seconds: float) -> str:
@@ -207,18 +220,23 @@ def accumulate(out: PeriodFigures, node: str, summary: pb.Summary) -> None:
                     group.sums.add_read(numbers, share)
                     group.gpus.add(key)
                 continue
-            tenant = gpu.attribution.tenant or (
-                "(unattributed)" if not gpu.attribution.source else "(no tenant)"
-            )
-            job = gpu.attribution.job or "(unattributed)"
-            groups = (
+            groups = [
                 out.total,
                 out.nodes.setdefault(node, Group()),
                 out.models.setdefault(gpu.model or "(unknown)", Group()),
-                out.tenants.setdefault(tenant, Group()),
-                out.jobs.setdefault(job, Group()),
                 out.gpus.setdefault(key, Group()),
-            )
+            ]
+            # A MIG GPU shared out is charged to its owners share by share (§9).
+            held = [(owner(s.attribution), read(s)) for s in gpu.shares] or [
+                (owner(gpu.attribution), numbers)
+            ]
+            for (tenant, job), part in held:
+                for group in (
+                    out.tenants.setdefault(tenant, Group()),
+                    out.jobs.setdefault(job, Group()),
+                ):
+                    group.sums.add_read(part, share)
+                    group.gpus.add(key)
             out.gpu_model[key] = gpu.model
             for group in groups:
                 group.sums.add_read(numbers, share)
@@ -303,24 +321,26 @@ def as_dict(
     }
 
 
-GpuNumbers = tuple[str, str, str, str, Numbers]  # key, model, tenant, job, numbers
+# key, model, tenant, job, numbers, and a MIG GPU's shares: (tenant, job, numbers) each.
+# A GPU with shares has tenant and job SHARED: its owners are in the shares.
+GpuNumbers = tuple[str, str, str, str, Numbers, list[tuple[str, str, Numbers]]]
+SHARED = ""  # never a name owner() gives
 
 
 def gpu_numbers(node: str, summary: pb.Summary) -> list[GpuNumbers]:
     """Each GPU's identity, attribution and numbers: what a period adds up (can run in a
     worker process; plain tuples travel cheaply)."""
-    out = []
+    out: list[GpuNumbers] = []
     for gpu in summary.gpus:
-        tenant = gpu.attribution.tenant or (
-            "(unattributed)" if not gpu.attribution.source else "(no tenant)"
-        )
+        tenant, job = owner(gpu.attribution) if not gpu.shares else (SHARED, SHARED)
         out.append(
             (
                 gpu.uuid or f"{node}/{gpu.index}",
                 gpu.model or "(unknown)",
                 tenant,
-                gpu.attribution.job or "(unattributed)",
+                job,
                 read(gpu),
+                [(*owner(s.attribution), read(s)) for s in gpu.shares],
             )
         )
     return out
@@ -339,6 +359,8 @@ class Rollup:
         self.start, self.end, self.expected = start, end, expected
         self.fine: dict[tuple[str, str, str, str, str], Sums] = {}
         self.node_day: dict[tuple[int, str], Sums] = {}
+        # MIG shares, keyed (GPU, tenant, job): only the tenant and job breakdowns use them.
+        self.held: dict[tuple[str, str, str], Sums] = {}
         self.summaries = 0
 
     def add(self, node: str, window: tuple[float, float], gpus: list[GpuNumbers]) -> None:
@@ -349,12 +371,17 @@ class Rollup:
         share = overlap / (w1 - w0)
         self.summaries += 1
         node_rules: list[tuple[str, float]] = []
-        for key, model, tenant, job, numbers in gpus:
+        for key, model, tenant, job, numbers, held in gpus:
             sums = self.fine.get((key, node, model, tenant, job))
             if sums is None:
                 sums = self.fine[(key, node, model, tenant, job)] = Sums()
             sums.add_read(numbers, share)
             node_rules += numbers[2]
+            for part_tenant, part_job, part in held:
+                sums = self.held.get((key, part_tenant, part_job))
+                if sums is None:
+                    sums = self.held[(key, part_tenant, part_job)] = Sums()
+                sums.add_read(part, share)
         # The node's totals for this window, column by column.
         node_values = [sum(column) for column in zip(*(g[4][0] for g in gpus), strict=True)] or [
             0.0
@@ -377,7 +404,7 @@ class Rollup:
 
     def clear(self) -> None:
         """Back to nothing added (a verification that has to start again)."""
-        self.fine, self.node_day, self.summaries = {}, {}, 0
+        self.fine, self.node_day, self.held, self.summaries = {}, {}, {}, 0
 
     def merge(self, other: Rollup) -> None:
         """Add another rollup of the same period (a worker's share of the log) into this one."""
@@ -386,23 +413,35 @@ class Rollup:
         self.summaries += other.summaries
         _merge_table(self.fine, other.fine)
         _merge_table(self.node_day, other.node_day)
+        _merge_table(self.held, other.held)
 
     def period(self) -> PeriodFigures:
         out = PeriodFigures(
             start=self.start, end=self.end, expected=self.expected, summaries=self.summaries
         )
         for (key, node, model, tenant, job), sums in self.fine.items():
-            for group in (
+            groups = [
                 out.total,
                 out.nodes.setdefault(node, Group()),
                 out.models.setdefault(model, Group()),
-                out.tenants.setdefault(tenant, Group()),
-                out.jobs.setdefault(job, Group()),
                 out.gpus.setdefault(key, Group()),
-            ):
+            ]
+            if tenant != SHARED:
+                groups += [
+                    out.tenants.setdefault(tenant, Group()),
+                    out.jobs.setdefault(job, Group()),
+                ]
+            for group in groups:
                 _merge(group.sums, sums)
                 group.gpus.add(key)
             out.gpu_model[key] = model
+        for (key, tenant, job), sums in self.held.items():
+            for group in (
+                out.tenants.setdefault(tenant, Group()),
+                out.jobs.setdefault(job, Group()),
+            ):
+                _merge(group.sums, sums)
+                group.gpus.add(key)
         for (number, _), sums in self.node_day.items():
             day = _day(max(self.start, number * 86400.0))
             out.energy_by_day[day] = (
