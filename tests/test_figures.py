@@ -177,6 +177,20 @@ def test_bounds_arithmetic() -> None:
     assert half.total.sums.values["present_seconds"] == pytest.approx(75.0)
 
 
+def test_seconds_without_busy_or_processes_are_unknown_not_idle() -> None:
+    summarizer = Summarizer([pb.GpuIdentity(index=0, uuid="GPU-0", model=H100)], window=100.0)
+    summarizer.add(report(T0 + 60, 60.0, sample(0, busy=0.5)))
+    # 40 s in which NVML answered neither utilization.gpu nor the process list
+    (summary,) = summarizer.add(report(T0 + 100, 40.0, sample(0, busy=None, process_count=None)))
+    (gpu,) = summary.gpus
+    assert (gpu.busy_missing_seconds, gpu.allocated_missing_seconds) == (40.0, 40.0)
+    assert (gpu.busy_seconds, gpu.allocated_seconds) == (30.0, 60.0)
+    figures = compute([("n1", signed(summary))], T0, T0 + 100, expected=1)
+    b = bounds(figures.total.sums, 100.0)
+    assert b["busy"] == Bounds(0.3, 0.3, 0.7) and b["allocated"] == Bounds(0.6, 0.6, 1.0)
+    assert figures.coverage() == 1.0  # present all along: only those measures are unknown
+
+
 @pytest.mark.parametrize(
     ("claim", "verdict"),
     [
