@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from gputally.agent.attribution import Attribution, Attributor, PodResources
+from gputally.collector.state import ClusterState, InvalidMessageError
 from gputally.kubelet.v1 import podresources_pb2 as pr
 from gputally.kubelet.v1 import podresources_pb2_grpc as pr_grpc
 
@@ -270,10 +271,11 @@ def test_a_shared_mig_gpu_is_charged_to_its_owners_by_slices(
     backend, clock = mig_node(tmp_path, kubelet, start)
     sampler = Sampler(backend, node="mig-node", clock=clock, summary_window=window)
     sampler.open()
-    signed = []
+    signed, reports = [], []
     for _ in range(180):
         clock.advance(1.0)
         report = sampler.tick()
+        reports.append(report)
         if report.HasField("summary"):
             signed.append(report.summary)
     signed += [r.summary for r in sampler.final_reports()]
@@ -340,3 +342,43 @@ def test_a_shared_mig_gpu_is_charged_to_its_owners_by_slices(
         }
     energy = {row["name"]: row["energy_kwh"] for row in as_dict(figures, "busy", None)["by_tenant"]}
     assert sum(energy.values()) == pytest.approx(figures.total.sums.values["energy_joules"] / 3.6e6)
+
+    # The live view splits the same way, sample by sample (unattributed slices in no tenant).
+    state = ClusterState(expected_gpus=3, window=30.0, lag=0.0, clock=clock)
+    state.open_session(sampler.hello(1, "mock"))
+    for report in reports:
+        state.ingest("mig-node", report, received=report.time_unix_nano / 1e9)
+    live = state.view().by_tenant
+    assert {t: f.gpus for t, f in live.items()} == pytest.approx(
+        {"ml-team": 11 / 7, "ops": 5 / 7, "inference": 2 / 7, "reserved": 2 / 7}
+    )
+    assert {t: f.ratios["allocated"] for t, f in live.items()} == pytest.approx(
+        {"ml-team": 1.0, "ops": 0.8, "inference": 1.0, "reserved": 1.0}
+    )
+    assert live["ops"].ratios["sm_active"] == pytest.approx(0.85 * 0.8)
+    assert live["inference"].coverage == pytest.approx(1.0)
+    assert live["ops"].upper["busy"] == pytest.approx(1.0)  # busy: not known under MIG
+
+
+def test_a_summary_whose_shares_do_not_add_up_to_the_gpu_is_refused() -> None:
+    from gputally.v1 import telemetry_pb2 as pb
+
+    state = ClusterState(expected_gpus=1, clock=lambda: 0.0)
+    state.open_session(
+        pb.Hello(node="n1", instance_id=1, gpus=[pb.GpuIdentity(index=0, uuid="GPU-0")])
+    )
+    gpu = pb.GpuSummary(index=0, uuid="GPU-0", present_seconds=60.0)
+    gpu.shares.add(present_seconds=40.0).attribution.tenant = "a"
+    gpu.shares.add(present_seconds=10.0).attribution.tenant = "b"
+    summary = pb.Summary(
+        node="n1",
+        window_start_unix_nano=0,
+        window_end_unix_nano=60 * 10**9,
+        gpus=[gpu],
+        chain_seq=1,
+    )
+    signed = pb.SignedSummary(body=summary.SerializeToString())
+    report = pb.Report(seq=1, time_unix_nano=60 * 10**9, summary=signed)
+    with pytest.raises(InvalidMessageError, match="its shares hold 50 s, the GPU 60 s"):
+        state.ingest("n1", report)
+    assert state.nodes["n1"].reports == {"accepted": 0, "duplicate": 0, "rejected": 1}

@@ -267,7 +267,8 @@ class ClusterCollector(Collector):
                 "gputally_tenant_utilization_ratio",
                 "tenant",
                 view.by_tenant,
-                f'over the GPUs attributed to the tenant (top {MAX_TENANTS}, the rest as "(other)")',
+                "over the GPUs attributed to the tenant, a shared MIG GPU by its slices "
+                f'(top {MAX_TENANTS}, the rest as "(other)")',
             ),
         ):
             metric = GaugeMetricFamily(

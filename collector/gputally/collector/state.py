@@ -23,7 +23,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
@@ -71,6 +71,7 @@ class Sample:
     values: tuple[float | None, ...]  # one per MEASURES entry; None: not available
     estimated: bool  # "effective" is the power-based estimate
     padding: tuple[str, ...]  # rules flagging this sample
+    weight: float = 1.0  # the part of the GPU it stands for: a MIG share's slices, else 1
 
 
 @dataclass(slots=True)
@@ -86,6 +87,9 @@ class GpuState:
     power_watts: float | None = None
     tenant: str = ""
     padding: tuple[str, ...] = ()
+    # A MIG GPU shared by several owners: each tenant's part of it now, and its samples.
+    held: dict[str, float] = field(default_factory=dict)
+    shares: dict[str, deque[Sample]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -147,7 +151,7 @@ class NodeState:
 class WindowFigures:
     """One population's figures over the live window (docs/utilization.md §5, live)."""
 
-    gpus: int  # denominator
+    gpus: float  # denominator (a tenant's MIG shares count by their slices)
     ratios: dict[str, float]  # measure -> figure in [0, 1]
     coverage: float  # observed GPU-seconds / (gpus x window)
     measured: dict[str, float]  # measure -> share of GPU-seconds where it was measured
@@ -270,21 +274,34 @@ def _check_summary(node: NodeState, summary: pb.Summary) -> None:
             raise InvalidMessageError(
                 f"summary: GPU index {gpu.index} was not in this node's hello"
             )
-        for name in (
-            "present_seconds",
-            "allocated_seconds",
-            "busy_seconds",
-            "sm_active_seconds",
-            "effective_seconds",
-            "lost_seconds",
-        ):
-            value = getattr(gpu, name)
-            if not (0.0 <= value <= slack) or not math.isfinite(value):
+        for part, what in ((gpu, ""), *((s, f" share {k}") for k, s in enumerate(gpu.shares))):
+            if part.shares and part is not gpu:
+                raise InvalidMessageError(f"summary GPU {gpu.index}{what}: a share has no shares")
+            for name in (
+                "present_seconds",
+                "allocated_seconds",
+                "busy_seconds",
+                "sm_active_seconds",
+                "effective_seconds",
+                "lost_seconds",
+                "busy_missing_seconds",
+                "allocated_missing_seconds",
+            ):
+                value = getattr(part, name)
+                if not (0.0 <= value <= slack) or not math.isfinite(value):
+                    raise InvalidMessageError(
+                        f"summary GPU {gpu.index}{what}: {name} must be within the window "
+                        f"({length:g} s), got {value!r}"
+                    )
+            if part.energy_joules < 0 or not math.isfinite(part.energy_joules):
                 raise InvalidMessageError(
-                    f"summary GPU {gpu.index}: {name} must be within the window ({length:g} s), got {value!r}"
+                    f"summary GPU {gpu.index}{what}: energy_joules must be >= 0"
                 )
-        if gpu.energy_joules < 0 or not math.isfinite(gpu.energy_joules):
-            raise InvalidMessageError(f"summary GPU {gpu.index}: energy_joules must be >= 0")
+        held = sum(s.present_seconds for s in gpu.shares)
+        if gpu.shares and abs(held - gpu.present_seconds) > 1e-6 * length + 1e-6:
+            raise InvalidMessageError(
+                f"summary GPU {gpu.index}: its shares hold {held:g} s, the GPU {gpu.present_seconds:g} s"
+            )
 
 
 def _values(sample: pb.GpuSample) -> tuple[float | None, ...]:
@@ -296,6 +313,58 @@ def _values(sample: pb.GpuSample) -> tuple[float | None, ...]:
         sample.effective if sample.HasField("effective") else None,
         sample.memory_busy if sample.HasField("memory_busy") else None,
     )
+
+
+def _owner(attribution: pb.Attribution) -> str:
+    return attribution.tenant or attribution.job
+
+
+def _mig_shares(sample: pb.GpuSample) -> dict[str, tuple[float, tuple[float | None, ...]]]:
+    """A MIG GPU shared by several owners, split by compute slices as the agent's summaries
+    split it (docs/utilization.md §9): tenant -> (its fraction of the GPU, its values in
+    MEASURES order). Empty when the GPU has one owner or none, or its slices are unknown."""
+    total = sample.mig_slices if sample.HasField("mig_slices") else 0
+    held = sum(m.slices for m in sample.mig)
+    if not sample.mig or total <= 0 or held > total:
+        return {}
+    if any(not m.HasField("slices") for m in sample.mig):
+        return {}
+    whole = _owner(sample.attribution)
+    # Per tenant: its fraction, and its allocated and SM-active slices (None once one of its
+    # instances does not say).
+    fractions: dict[str, float] = {}
+    allocated: dict[str, float | None] = {}
+    active: dict[str, float | None] = {}
+    if held < total:  # slices in no instance: nothing can run there
+        fractions[whole] = (total - held) / total
+        allocated[whole] = active[whole] = 0.0
+    for instance in sample.mig:
+        name = _owner(instance.attribution) if instance.attribution.source else whole
+        fraction = instance.slices / total
+        fractions[name] = fractions.get(name, 0.0) + fraction
+        a, s = allocated.get(name, 0.0), active.get(name, 0.0)
+        allocated[name] = (
+            a + fraction * (instance.process_count > 0)
+            if a is not None and instance.HasField("process_count")
+            else None
+        )
+        active[name] = (
+            s + fraction * instance.sm_active
+            if s is not None and instance.HasField("sm_active")
+            else None
+        )
+    if len(fractions) < 2:
+        return {}
+    busy = sample.busy if sample.HasField("busy") else None
+    memory_busy = sample.memory_busy if sample.HasField("memory_busy") else None
+    out: dict[str, tuple[float, tuple[float | None, ...]]] = {}
+    for name, fraction in fractions.items():
+        if not name or not fraction:
+            continue  # unattributed: in no tenant, as a whole unattributed GPU is
+        a, s = allocated[name], active[name]
+        sm = None if s is None else s / fraction
+        out[name] = (fraction, (busy, None if a is None else a / fraction, sm, sm, memory_busy))
+    return out
 
 
 class ClusterState:
@@ -467,7 +536,13 @@ class ClusterState:
                     Sample(end, placed, ok, values, proto.effective_estimated, padding)
                 )
                 gpu.power_watts = proto.power_watts if proto.HasField("power_watts") else None
-                gpu.tenant = proto.attribution.tenant or proto.attribution.job
+                gpu.tenant = _owner(proto.attribution)
+                gpu.held = {}
+                for tenant, (fraction, part) in (_mig_shares(proto) if ok else {}).items():
+                    gpu.held[tenant] = fraction
+                    gpu.shares.setdefault(tenant, deque()).append(
+                        Sample(end, placed, ok, part, False, (), fraction)
+                    )
                 gpu.padding = padding
                 for event in proto.xid_events:
                     node.xids[event.code] = node.xids.get(event.code, 0) + 1
@@ -555,14 +630,18 @@ class ClusterState:
 
     def _trim(self, gpu: GpuState, now: float) -> None:
         horizon = now - self.lag - self.window - 1.0
-        while gpu.samples and gpu.samples[0].end < horizon:
-            gpu.samples.popleft()
+        for samples in (gpu.samples, *gpu.shares.values()):
+            while samples and samples[0].end < horizon:
+                samples.popleft()
+        for tenant in [t for t, samples in gpu.shares.items() if not samples]:
+            del gpu.shares[tenant]
 
     # -- views -----------------------------------------------------------------------------
 
     def _window(
-        self, gpus: list[GpuState], denominator: int, start: float, end: float
+        self, gpus: list[Iterable[Sample]], denominator: float, start: float, end: float
     ) -> WindowFigures:
+        """Figures over the samples of `gpus` (one sample series per GPU or MIG share)."""
         n = len(MEASURES)
         figure, lower, caps, measured, flagged = (
             [0.0] * n,
@@ -572,11 +651,12 @@ class ClusterState:
             [0.0] * n,
         )
         observed = 0.0
-        for gpu in gpus:
-            for sample in gpu.samples:
+        for samples in gpus:
+            for sample in samples:
                 overlap = min(sample.end, end) - max(sample.end - sample.seconds, start)
                 if overlap <= 0 or not sample.ok:
                     continue
+                overlap *= sample.weight
                 observed += overlap
                 busy = sample.values[_I["busy"]]
                 for i, value in enumerate(sample.values):
@@ -624,7 +704,7 @@ class ClusterState:
             all_gpus: list[GpuState] = []
             nodes: list[NodeView] = []
             models: dict[str, list[GpuState]] = {}
-            tenants: dict[str, list[GpuState]] = {}
+            tenants: dict[str, list[tuple[Iterable[Sample], float]]] = {}
             padding_gpus: dict[str, int] = {}
             reporting_total = 0
             power_total = 0.0
@@ -639,8 +719,10 @@ class ClusterState:
                 for gpu in gpus:
                     models.setdefault(gpu.model, []).append(gpu)
                 for gpu in reporting:
-                    if gpu.tenant:
-                        tenants.setdefault(gpu.tenant, []).append(gpu)
+                    for tenant, fraction in gpu.held.items():
+                        tenants.setdefault(tenant, []).append((gpu.shares[tenant], fraction))
+                    if gpu.tenant and not gpu.held:
+                        tenants.setdefault(gpu.tenant, []).append((gpu.samples, 1.0))
                     for rule in gpu.padding:
                         padding_gpus[rule] = padding_gpus.get(rule, 0) + 1
                 nodes.append(
@@ -652,7 +734,7 @@ class ClusterState:
                         reporting=len(reporting),
                         backend=node.backend,
                         last_received=node.last_received,
-                        window=self._window(gpus, len(gpus), start, end),
+                        window=self._window([g.samples for g in gpus], len(gpus), start, end),
                         counters=node.counters.copy(),
                         reports=dict(node.reports),
                         missed_reports=node.missed_reports,
@@ -663,7 +745,7 @@ class ClusterState:
                         chain_breaks=node.chain_breaks,
                     )
                 )
-            ranked = sorted(tenants.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+            ranked = sorted(tenants.items(), key=lambda kv: (-sum(f for _, f in kv[1]), kv[0]))
             shown = dict(ranked[:MAX_TENANTS])
             rest = [g for _, gs in ranked[MAX_TENANTS:] for g in gs]
             if rest:
@@ -678,12 +760,18 @@ class ClusterState:
                 seen=seen,
                 reporting=reporting_total,
                 sessions=self._sessions,
-                window=self._window(all_gpus, expected, start, end),
+                window=self._window([g.samples for g in all_gpus], expected, start, end),
                 counters=self.counters.copy(),
                 power_watts=power_total,
                 nodes=nodes,
                 models={m: len(g) for m, g in models.items()},
-                by_model={m: self._window(g, len(g), start, end) for m, g in models.items()},
-                by_tenant={t: self._window(g, len(g), start, end) for t, g in shown.items()},
+                by_model={
+                    m: self._window([x.samples for x in g], len(g), start, end)
+                    for m, g in models.items()
+                },
+                by_tenant={
+                    t: self._window([s for s, _ in g], sum(f for _, f in g), start, end)
+                    for t, g in shown.items()
+                },
                 padding_gpus=padding_gpus,
             )
