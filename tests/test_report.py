@@ -39,6 +39,8 @@ share = 0.5
 busy = 1.0
 sm_active = 0.6
 start = 86400
+slurm_job = 4242
+user = "alice"
 """
 
 
@@ -113,8 +115,21 @@ def test_report_verdicts_files_and_plots(
     with (tmp_path / "after" / "gpus.csv").open() as handle:
         per_gpu = [float(row["busy"]) for row in csv.DictReader(handle)]
     assert sorted(round(x, 3) for x in per_gpu) == [0.0] * 4 + [1.0] * 4
+    # Who held what: alice's Slurm job ran on 4 GPUs for the 2 days, the other 4 were idle.
+    with (tmp_path / "after" / "tenants.csv").open() as handle:
+        tenants = {row["name"]: row for row in csv.DictReader(handle)}
+    assert sorted(tenants) == ["(unattributed)", "alice"]
+    assert float(tenants["alice"]["gpu_hours"]) == pytest.approx(4 * 48, abs=0.01)
+    assert float(tenants["alice"]["busy"]) == pytest.approx(1.0)
+    assert float(tenants["(unattributed)"]["allocated"]) == 0.0
+    with (tmp_path / "after" / "jobs.csv").open() as handle:
+        assert {row["name"]: row["gpus"] for row in csv.DictReader(handle)}["4242"] == "4"
+    with (tmp_path / "after" / "models.csv").open() as handle:
+        (model,) = csv.DictReader(handle)
+    assert float(model["gpu_hours"]) == pytest.approx(8 * 48, abs=0.01)
     page = (tmp_path / "after" / "report.html").read_text()
     assert page.count("<svg") == 6
+    assert re.search(r"<h2>Per tenant</h2>.*?<td>alice</td><td>192\.0</td>", page, re.S)
     assert "REFUTED" in page
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), (
         "the report must be self-contained"

@@ -1,7 +1,8 @@
 """`gputally audit report`: a verified ledger turned into a report a person can read.
 
 Writes, into one directory: `report.json` (the figures, bounds, coverage, verdict, energy, and
-the daily series), CSV tables (`daily.csv`, `nodes.csv`, `gpus.csv`) and `report.html`, one
+the daily series), CSV tables (`daily.csv`, `nodes.csv`, `models.csv`, `tenants.csv`,
+`jobs.csv`, `gpus.csv`) and `report.html`, one
 self-contained page whose plots are inline SVG, so it opens anywhere, offline, unchanged.
 Every number comes from the ledger's summaries through figures.py; nothing from a live system.
 """
@@ -201,6 +202,38 @@ svg{width:100%;height:auto;font-size:10px}.grid{stroke:#ddd}.line{fill:none;stro
 """
 
 
+# The breakdown tables of the page (all rows are in the CSV files), and how many rows each.
+_TABLES = (
+    ("by_model", "Per GPU model", "over the model's GPUs seen"),
+    ("by_tenant", "Per tenant", "over the GPU-hours the tenant held"),
+    ("by_job", "Per job", "over the GPU-hours the job held"),
+)
+_TABLE_ROWS = 20
+
+
+def breakdown_table(rows: Sequence[dict[str, Any]], title: str, over: str) -> str:
+    """One breakdown, largest first by GPU-hours: the figure of every measure."""
+    if not rows:
+        return ""
+    body = "".join(
+        f"<tr><td>{html.escape(str(row['name']))}</td><td>{row['gpu_hours']:,.1f}</td>"
+        + "".join(f"<td>{row[m]:.2%}</td>" for m in MEASURES)
+        + f"<td>{row['energy_kwh']:,.1f}</td></tr>"
+        for row in rows[:_TABLE_ROWS]
+    )
+    more = (
+        f"<p><small>{len(rows) - _TABLE_ROWS} more in the CSV file.</small></p>"
+        if len(rows) > _TABLE_ROWS
+        else ""
+    )
+    head = "".join(f"<th>{m}</th>" for m in MEASURES)
+    return (
+        f"<h2>{title}</h2><p><small>Figures {over}; a MIG GPU shared by several tenants is "
+        f"charged by its compute slices.</small></p><table><tr><th>name</th><th>GPU-hours</th>"
+        f"{head}<th>kWh</th></tr>{body}</table>{more}"
+    )
+
+
 def render_html(r: dict[str, Any]) -> str:
     m = r["measure"]
     days = [d["date"] for d in r["daily"]]
@@ -263,6 +296,7 @@ and {v["checkpoints"]} signed checkpoints hold. Every figure below is recomputed
 <p>Energy {r["energy_kwh"]:,.1f} kWh. Padding flagged: {r["padding_gpu_hours"]:,.1f} GPU-hours.</p>
 {"<ul>" + warnings + "</ul>" if warnings else ""}
 {"".join(plots)}
+{"".join(breakdown_table(r[key], title, over) for key, title, over in _TABLES)}
 <p><small>Definitions: docs/utilization.md. The lower bound counts unobserved or unmeasured time as 0 and never counts
 estimates; the upper bound counts it at its maximum. A claim is supported at or below the lower bound, refuted above the
 upper bound, undetermined between.</small></p>
@@ -272,10 +306,12 @@ upper bound, undetermined between.</small></p>
 
 def write(report: dict[str, Any], out: Path, measure: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
+    breakdowns = {"nodes.csv": "by_node", "models.csv": "by_model", "tenants.csv": "by_tenant"}
+    breakdowns["jobs.csv"] = "by_job"
     paths = [
         out / "report.json",
         out / "daily.csv",
-        out / "nodes.csv",
+        *(out / name for name in breakdowns),
         out / "gpus.csv",
         out / "report.html",
     ]
@@ -287,15 +323,16 @@ def write(report: dict[str, Any], out: Path, measure: str) -> list[Path]:
         )
         writer.writeheader()
         writer.writerows(report["daily"])
-    with paths[2].open("w", newline="") as handle:
-        writer = csv.DictWriter(
-            handle, fieldnames=["name", "gpus", "gpu_hours", "energy_kwh", *MEASURES]
-        )
-        writer.writeheader()
-        writer.writerows(report["by_node"])
-    with paths[3].open("w", newline="") as handle:
+    for name, key in breakdowns.items():
+        with (out / name).open("w", newline="") as handle:
+            writer = csv.DictWriter(
+                handle, fieldnames=["name", "gpus", "gpu_hours", "energy_kwh", *MEASURES]
+            )
+            writer.writeheader()
+            writer.writerows(report[key])
+    with (out / "gpus.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["uuid", "model", measure])
         writer.writeheader()
         writer.writerows(report["per_gpu"])
-    paths[4].write_text(render_html(report))
+    paths[-1].write_text(render_html(report))
     return paths
