@@ -49,9 +49,13 @@ class Sums:
 
     def add_read(self, numbers: Numbers, share: float) -> None:
         values, flagged, rules = numbers
-        # Comprehensions over zip run several times faster than indexed += in a loop, and
-        # a report does this for every GPU summary in the ledger.
-        self.totals = [t + x * share for t, x in zip(self.totals, values, strict=True)]
+        # map(add) and comprehensions over zip run several times faster than indexed += in
+        # a loop, and a report does this for every GPU summary in the ledger. A whole window
+        # (share 1, most of them) takes map(add), twice as fast again, with the same sums.
+        if share == 1.0:
+            self.totals = list(map(operator.add, self.totals, values))
+        else:
+            self.totals = [t + x * share for t, x in zip(self.totals, values, strict=True)]
         if flagged[0]:  # any flagged seconds at all
             self.flagged_totals = [
                 t + x * share for t, x in zip(self.flagged_totals, flagged, strict=True)
@@ -332,15 +336,22 @@ def gpu_numbers(node: str, summary: pb.Summary) -> list[GpuNumbers]:
     worker process; plain tuples travel cheaply)."""
     out: list[GpuNumbers] = []
     for gpu in summary.gpus:
-        tenant, job = owner(gpu.attribution) if not gpu.shares else (SHARED, SHARED)
+        shares = gpu.shares
+        tenant, job = owner(gpu.attribution) if not shares else (SHARED, SHARED)
+        padding = gpu.padding
         out.append(
             (
                 gpu.uuid or f"{node}/{gpu.index}",
                 gpu.model or "(unknown)",
                 tenant,
                 job,
-                read(gpu),
-                [(*owner(s.attribution), read(s)) for s in gpu.shares],
+                # read(gpu), inlined: this runs for every GPU summary of a report
+                (
+                    _read_values(gpu),
+                    _read_flagged(gpu.flagged),
+                    [(total.rule, total.seconds) for total in padding] if padding else [],
+                ),
+                [(*owner(s.attribution), read(s)) for s in shares] if shares else [],
             )
         )
     return out
