@@ -236,3 +236,26 @@ def test_the_estimate_table_in_the_specification() -> None:
         assert estimated and got is not None and round(got, 2) == quoted, name
         estimates[name] = got
     assert sorted(estimates, key=estimates.__getitem__) == sorted(table, key=lambda n: table[n][1])
+
+
+def test_a_mig_gpu_whose_instances_all_go_to_another_owner_is_charged_to_it() -> None:
+    """A GPU mapped as a whole to one owner, every instance of it handed to another: the
+    instances' owner holds it all (a share of 1), not the whole GPU's mapping."""
+    summarizer = Summarizer([pb.GpuIdentity(index=0, uuid="GPU-0", model=H100)], window=100.0)
+    mine = pb.Attribution(source="kubernetes", tenant="ml", job="trainer")
+    gpu = sample(0, busy=None, mig_enabled=True, mig_slices=7, sm_active=0.5)
+    gpu.attribution.CopyFrom(pb.Attribution(source="static", tenant="ops", job="maint"))
+    for slices in (3, 4):
+        gpu.mig.add(slices=slices, process_count=1, sm_active=0.5).attribution.CopyFrom(mine)
+    (summary,) = summarizer.add(report(T0 + 100, 100.0, gpu))
+    (share,) = summary.gpus[0].shares
+    assert share.attribution == mine
+    assert (share.present_seconds, share.allocated_seconds) == (100.0, 100.0)
+    assert share.sm_active_seconds == pytest.approx(50.0)
+    figures = compute([("n1", signed(summary))], T0, T0 + 100, expected=1)
+    assert sorted(figures.tenants) == ["ml"] and sorted(figures.jobs) == ["trainer"]
+    # the GPU's own owner, holding it all, needs no share
+    gpu.mig[0].attribution.CopyFrom(gpu.attribution)
+    gpu.mig[1].attribution.CopyFrom(gpu.attribution)
+    (summary,) = summarizer.add(report(T0 + 200, 100.0, gpu))
+    assert not summary.gpus[0].shares and summary.gpus[0].attribution.tenant == "ops"

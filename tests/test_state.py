@@ -250,3 +250,23 @@ def test_energy_falls_back_to_integrated_power_without_a_counter() -> None:
         sample = pb.GpuSample(index=0, status=pb.GPU_STATUS_OK, busy=1.0, power_watts=250.0)
         state.ingest("n1", report(seq, T0 + seq, sample, interval=2.0), received=T0 + seq)
     assert state.counters.energy_joules == pytest.approx(3 * 2.0 * 250.0)
+
+
+def test_live_tenants_of_a_mig_gpu_follow_its_instances_owners() -> None:
+    state = ClusterState(expected_gpus=1, window=10.0, lag=0.0, clock=lambda: T0 + 10)
+    state.open_session(hello(gpus=1))
+    for k in range(1, 11):
+        sample = gpu(0, 0.0, sm=0.5)
+        sample.ClearField("busy")  # NVML refuses it under MIG
+        sample.mig_enabled, sample.mig_slices = True, 7
+        sample.attribution.CopyFrom(pb.Attribution(source="static", tenant="ops"))
+        for slices, tenant in ((3, "ml"), (4, "ml" if k > 5 else "ops")):
+            instance = sample.mig.add(slices=slices, process_count=1, sm_active=0.5)
+            instance.attribution.CopyFrom(pb.Attribution(source="kubernetes", tenant=tenant))
+        state.ingest("n1", report(k, T0 + k, sample), received=T0 + k)
+    tenants = state.view().by_tenant
+    # now all 7 slices are ml's, whatever the whole-GPU map says; ops's share has gone
+    assert set(tenants) == {"ml"} and tenants["ml"].gpus == 1.0
+    # ml held 3/7 for the first 5 s and all of it for the last 5: 0.5 x 7/7 + 0.5 x 3/7
+    assert tenants["ml"].coverage == pytest.approx((5 * 3 / 7 + 5) / 10)
+    assert tenants["ml"].ratios["allocated"] == pytest.approx((5 * 3 / 7 + 5) / 10)

@@ -207,7 +207,9 @@ class Summarizer:
                 setattr(gpu.flagged, key, value)
             if totals.attribution is not None:
                 gpu.attribution.CopyFrom(totals.attribution)
-            if len(totals.shares) > 1:  # one owner only: `attribution` already says it
+            # One owner only, and the GPU's own: `attribution` already says it all.
+            mine = (totals.attribution or pb.Attribution()).SerializeToString(deterministic=True)
+            if len(totals.shares) > 1 or (totals.shares and mine not in totals.shares):
                 for owner, part in sorted(
                     totals.shares.values(), key=lambda p: (p[0].tenant, p[0].job, p[0].source)
                 ):

@@ -353,7 +353,7 @@ def _mig_shares(sample: pb.GpuSample) -> dict[str, tuple[float, tuple[float | No
             if s is not None and instance.HasField("sm_active")
             else None
         )
-    if len(fractions) < 2:
+    if set(fractions) == {whole}:  # one owner only, the GPU's own
         return {}
     busy = sample.busy if sample.HasField("busy") else None
     memory_busy = sample.memory_busy if sample.HasField("memory_busy") else None
