@@ -240,10 +240,21 @@ def test_query_answers_for_a_past_period_from_the_record(
         "0.3",
         "--expected-gpus",
         "32",
+        "--by",
+        "tenant,model",
     )
     assert text.returncode == 0, text.stderr
     assert re.search(r"claim\s+sm_active >= 30\.00%: SUPPORTED", text.stdout), text.stdout
     assert "coverage 100.0%" in text.stdout
+    # the breakdowns asked for, in that order: 32 GPUs x 1200 s, allocated busy SM effective
+    figures = r"\s+32\s+10\.7\s+50\.00%\s+45\.00%\s+30\.00%\s+30\.00%\s+[0-9.]+\n"
+    assert re.search(
+        r"by tenant \(over the GPU-hours the tenant held.*\n.*\n\(unattributed\)"
+        + figures
+        + r"\nby model .*\n.*\nNVIDIA H100 80GB HBM3"
+        + figures.removesuffix(r"\n"),
+        text.stdout,
+    ), text.stdout
 
 
 @pytest.mark.parametrize(
@@ -259,6 +270,7 @@ def test_query_answers_for_a_past_period_from_the_record(
         (["--db", "{tmp}/empty.db", "--from=-1h", "--to=-2h"], "--to must be after --from"),
         (["--db", "{tmp}/empty.db", "--from=-1h", "--to", "now"], "declares no inventory"),
         (["--db", "{tmp}/empty.db", "--claim", "85"], "write 85% as 0.85"),
+        (["--by", "tenants"], "'tenants': the breakdowns are node, model, tenant, job"),
     ],
 )
 def test_query_errors_are_explained(tmp_path: Path, args: list[str], message: str) -> None:

@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,6 +183,14 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         type=_count,
         metavar="N",
         help="inventory (default: the one the collector declared)",
+    )
+    query.add_argument(
+        "--by",
+        type=_breakdowns,
+        default="",
+        metavar="LIST",
+        help="also print the figures per node, model, tenant and/or job, the 50 largest, "
+        "e.g. --by tenant,model (the JSON always holds every breakdown)",
     )
     query.add_argument("--json", action="store_true", help="print JSON")
     query.set_defaults(handler=run_query)
@@ -656,12 +665,35 @@ def run_query(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer, indent=2))
     else:
-        print(render(answer))
+        print(render(answer, [name for name in args.by.split(",") if name]))
     return 0
 
 
-def render(answer: dict[str, Any]) -> str:
-    """The answer for a person: the claim's measure first, every other measure after."""
+# `query --by` choices: the breakdowns of figures.as_dict, and what each is over.
+BREAKDOWNS = ("node", "model", "tenant", "job")
+_OVER = {
+    "node": "over the node's GPUs seen x the period",
+    "model": "over the model's GPUs seen x the period",
+    "tenant": "over the GPU-hours the tenant held; a shared MIG GPU by its slices",
+    "job": "over the GPU-hours the job held; a shared MIG GPU by its slices",
+}
+
+
+def _breakdowns(text: str) -> str:
+    """`--by`: a comma-separated list of BREAKDOWNS, checked, each once (kept as text, so
+    that a config file and the environment give it the same way)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BREAKDOWNS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(map(repr, unknown))}: the breakdowns are {', '.join(BREAKDOWNS)}"
+        )
+    return ",".join(dict.fromkeys(names))
+
+
+def render(answer: dict[str, Any], by: Sequence[str] = ()) -> str:
+    """The answer for a person: the claim's measure first, every other measure after, then
+    the breakdowns asked for."""
     days = answer["seconds"] / 86400
     lines = [
         f"period      {answer['from']} .. {answer['to']} ({days:.2f} days)",
@@ -692,4 +724,23 @@ def render(answer: dict[str, Any]) -> str:
     ]
     for warning in answer["warnings"]:
         lines.append(f"warning     {warning}")
+    measures = list(answer["measures"])
+    for name in by:
+        rows = answer[f"by_{name}"]
+        width = max([len(name), *(len(str(row["name"])) for row in rows)])
+        lines += [
+            "",
+            f"by {name} ({_OVER[name]})",
+            f"{name:<{width}}{'GPUs':>7}{'GPU-h':>10}"
+            + "".join(f"{m:>11}" for m in measures)
+            + f"{'kWh':>10}",
+        ]
+        for row in rows:
+            lines.append(
+                f"{row['name']:<{width}}{row['gpus']:>7}{row['gpu_hours']:>10.1f}"
+                + "".join(f"{row[m]:>11.2%}" for m in measures)
+                + f"{row['energy_kwh']:>10.2f}"
+            )
+        if not rows:
+            lines.append("(none in this period)")
     return "\n".join(lines)
