@@ -276,7 +276,9 @@ def _check_summary(node: NodeState, summary: pb.Summary) -> None:
             )
         for part, what in ((gpu, ""), *((s, f" share {k}") for k, s in enumerate(gpu.shares))):
             if part.shares and part is not gpu:
-                raise InvalidMessageError(f"summary GPU {gpu.index}{what}: a share has no shares")
+                raise InvalidMessageError(
+                    f"summary GPU {gpu.index}{what}: a share cannot have shares of its own"
+                )
             for name in (
                 "present_seconds",
                 "allocated_seconds",
@@ -322,7 +324,8 @@ def _owner(attribution: pb.Attribution) -> str:
 def _mig_shares(sample: pb.GpuSample) -> dict[str, tuple[float, tuple[float | None, ...]]]:
     """A MIG GPU shared by several owners, split by compute slices as the agent's summaries
     split it (docs/utilization.md §9): tenant -> (its fraction of the GPU, its values in
-    MEASURES order). Empty when the GPU has one owner or none, or its slices are unknown."""
+    MEASURES order). Empty when all of it is the GPU's own owner's (or nobody's), or its
+    slices are unknown."""
     total = sample.mig_slices if sample.HasField("mig_slices") else 0
     held = sum(m.slices for m in sample.mig)
     if not sample.mig or total <= 0 or held > total:
@@ -630,7 +633,11 @@ class ClusterState:
 
     def _trim(self, gpu: GpuState, now: float) -> None:
         horizon = now - self.lag - self.window - 1.0
-        for samples in (gpu.samples, *gpu.shares.values()):
+        while gpu.samples and gpu.samples[0].end < horizon:
+            gpu.samples.popleft()
+        if not gpu.shares:  # every report trims every GPU: keep the common case bare
+            return
+        for samples in gpu.shares.values():
             while samples and samples[0].end < horizon:
                 samples.popleft()
         for tenant in [t for t, samples in gpu.shares.items() if not samples]:
