@@ -32,7 +32,7 @@ def free_port() -> int:
 
 def gputally() -> list[str]:
     script = Path(sys.executable).with_name("gputally")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "gputally.agent"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gputally.cli"]
 
 
 def watch(

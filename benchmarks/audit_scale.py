@@ -16,7 +16,6 @@ Target (issue 5): verify and report together under 10 minutes on a 2-core machin
 from __future__ import annotations
 
 import argparse
-import base64
 import shutil
 import subprocess
 import sys
@@ -26,11 +25,12 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gputally.agent.signing import SummarySigner
-from gputally.collector.keys import KeyStore
-from gputally.collector.ledger import COLLECTOR_KEY_FILE, Ledger, public_bytes
-from gputally.collector.record import Record
+from gputally.agent.chain import SummarySigner
+from gputally.collector.record.keys import KeyStore
+from gputally.collector.record.ledger import COLLECTOR_KEY_FILE, Ledger, collector_key_text
+from gputally.collector.record.store import Record
 from gputally.v1 import telemetry_pb2 as pb
+from gputally.v1.signing import public_bytes
 
 START = 1_740_787_200  # 2025-03-01T00:00:00Z
 HOUR = 3600
@@ -38,7 +38,7 @@ HOUR = 3600
 
 def gputally() -> list[str]:
     script = Path(sys.executable).with_name("gputally")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "gputally.agent"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gputally.cli"]
 
 
 def bare_verify_rate(seconds: float = 3.0) -> float:
@@ -63,7 +63,7 @@ def generate(out: Path, gpus: int, days: int, per_node: int = 8) -> tuple[Path, 
     collector_key = Ed25519PrivateKey.generate()
     ledger = Ledger(record, collector_key, "gputally/bench")
     (keys / COLLECTOR_KEY_FILE).write_text(
-        f"gputally/bench\n{base64.b64encode(public_bytes(collector_key)).decode()}\n"
+        collector_key_text("gputally/bench", public_bytes(collector_key))
     )
     signers = []
     for n in range(nodes):

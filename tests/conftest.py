@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from gputally.collector import server as ingest
-from gputally.collector.metrics import make_app, make_registry, serve_http
-from gputally.collector.state import ClusterState
+from gputally.cli.options import address
+from gputally.collector.live import server as ingest
+from gputally.collector.live.metrics import make_app, make_registry, serve_http
+from gputally.collector.live.state import ClusterState
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -48,7 +49,7 @@ class Collector:
         if not self._started.wait(10):
             raise RuntimeError("collector did not start")
         self.http, _ = serve_http(
-            make_app(make_registry(self.state), ready=lambda: True), "127.0.0.1:0"
+            make_app(make_registry(self.state), ready=lambda: True), address("127.0.0.1:0")
         )
         self.metrics_url = f"http://127.0.0.1:{self.http.server_port}/metrics"
 

@@ -13,7 +13,8 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gputally.agent.scenario import MODELS, Load, Scenario
+from gputally.agent.sim.physics import MODELS, Load
+from gputally.agent.sim.scenario import Scenario
 
 MEASURES = ("allocated", "busy", "sm_active", "effective")
 IDLE = {

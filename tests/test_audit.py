@@ -2,38 +2,28 @@
 
 from __future__ import annotations
 
-import base64
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gputally.agent.signing import SummarySigner
-from gputally.collector.audit import Receipt, ReceiptError, keys_digest, verify_ledger
-from gputally.collector.keys import KeyStore
-from gputally.collector.ledger import COLLECTOR_KEY_FILE, CheckpointError, Ledger, public_bytes
-from gputally.collector.merkle import leaf_hash
-from gputally.collector.merkle import root as merkle_root
-from gputally.collector.record import Record
+from gputally.agent.chain import SummarySigner
+from gputally.collector.audit.verify import Receipt, ReceiptError, keys_digest, verify_ledger
+from gputally.collector.record.keys import KeyStore
+from gputally.collector.record.ledger import COLLECTOR_KEY_FILE, CheckpointError, Ledger
+from gputally.collector.record.merkle import leaf_hash
+from gputally.collector.record.merkle import root as merkle_root
+from gputally.collector.record.store import Record
 from gputally.v1 import telemetry_pb2 as pb
+from gputally.v1.signing import public_bytes, sign_summary
 
-T0 = 1_767_225_600
+from .factories import empty_ledger, gputally_command
+
+T0 = 1_767_225_600  # whole seconds: the windows below are built in nanoseconds
+
 NODES = ("n1", "n2", "n3")
-
-
-def empty_ledger(tmp_path: Path) -> tuple[Path, KeyStore, Record, Ledger]:
-    """A key directory (with the collector's checkpoint key) and an empty ledger."""
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    record = Record(tmp_path / "ledger.db")
-    collector_key = Ed25519PrivateKey.generate()
-    (keys / COLLECTOR_KEY_FILE).write_text(
-        f"gputally/test\n{base64.b64encode(public_bytes(collector_key)).decode()}\n"
-    )
-    return keys, KeyStore(keys), record, Ledger(record, collector_key, "gputally/test")
 
 
 def build(tmp_path: Path, windows: int = 4) -> tuple[Path, Path]:
@@ -173,7 +163,7 @@ def test_a_summary_signed_by_another_key_is_caught(tmp_path: Path) -> None:
     db, keys = build(tmp_path)
     entry, _, body = rows(db)[2]
     signed = pb.SignedSummary.FromString(body)
-    signed.signature = Ed25519PrivateKey.generate().sign(b"gputally summary v1\n" + signed.body)
+    signed.signature = sign_summary(Ed25519PrivateKey.generate(), signed.body)
     set_body(db, entry, signed.SerializeToString(), fix_leaf=True)
     assert verify_ledger(db, keys).problems[0].message == "the signature of node n3 does not verify"
 
@@ -191,8 +181,7 @@ def test_the_collector_will_not_sign_after_tampering(tmp_path: Path) -> None:
 
 def test_audit_verify_command(tmp_path: Path) -> None:
     db, keys = build(tmp_path)
-    script = Path(sys.executable).with_name("gputally")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "gputally.agent"]
+    command = gputally_command()
     ok = subprocess.run(
         [*command, "audit", "verify", f"--ledger={db}", f"--keys={keys}"],
         capture_output=True,
@@ -217,8 +206,7 @@ def test_census_counts_cards_and_peak_throughput(tmp_path: Path) -> None:
     import json
 
     db, keys = build(tmp_path)
-    script = Path(sys.executable).with_name("gputally")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "gputally.agent"]
+    command = gputally_command()
     out = subprocess.run(
         [*command, "audit", "census", f"--ledger={db}", f"--keys={keys}", "--json"],
         capture_output=True,
@@ -233,7 +221,7 @@ def test_census_counts_cards_and_peak_throughput(tmp_path: Path) -> None:
 
 
 def test_census_flags_one_card_claimed_by_two_nodes() -> None:
-    from gputally.collector.census import PEAK_BF16_TFLOPS, Card, census
+    from gputally.collector.audit.census import PEAK_BF16_TFLOPS, Card, census
 
     h100 = "NVIDIA H100 80GB HBM3"
     cards = {
@@ -259,7 +247,7 @@ def test_census_flags_one_card_claimed_by_two_nodes() -> None:
 def test_parallel_verification_agrees_with_the_in_process_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gputally.collector import audit
+    from gputally.collector.audit import verify as audit
 
     db, keys = build(tmp_path, windows=6)
     monkeypatch.setattr(audit, "_CHUNK", 4)  # 18 entries: several batches, through worker processes
@@ -276,13 +264,14 @@ def test_parallel_verification_agrees_with_the_in_process_one(
 def test_the_checkpoint_key_is_published_even_when_the_key_directory_is_read_only(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from gputally.collector.cli import _publish_checkpoint_key
+    from gputally.collector.record.ledger import collector_key_text, publish_collector_key
 
     keys, state = tmp_path / "keys", tmp_path / "state"
     keys.mkdir()
     state.mkdir()
-    text = "gputally/test\nAAAA\n"
-    _publish_checkpoint_key(text, keys, state)
+    *_, ledger = empty_ledger(tmp_path / "elsewhere")
+    text = collector_key_text(ledger.origin, public_bytes(ledger.key))
+    publish_collector_key(ledger, keys, state)
     assert (keys / COLLECTOR_KEY_FILE).read_text() == text and not (
         state / COLLECTOR_KEY_FILE
     ).exists()
@@ -291,7 +280,7 @@ def test_the_checkpoint_key_is_published_even_when_the_key_directory_is_read_onl
     other = tmp_path / "readonly"
     (other / COLLECTOR_KEY_FILE).mkdir(parents=True)
     with caplog.at_level("INFO", logger="gputally.collector"):
-        _publish_checkpoint_key(text, other, state)
+        publish_collector_key(ledger, other, state)
     assert (state / COLLECTOR_KEY_FILE).read_text() == text
     assert "copy the checkpoint key into it for auditors" in caplog.text
 
@@ -354,7 +343,7 @@ def _prefix_receipt(db: Path, keys: Path, size: int) -> Receipt:
 def test_a_receipt_spares_the_signatures_it_covers_and_no_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gputally.collector import audit
+    from gputally.collector.audit import verify as audit
 
     db, keys = build(tmp_path)
     full = verify_ledger(db, keys)
@@ -363,7 +352,7 @@ def test_a_receipt_spares_the_signatures_it_covers_and_no_others(
     assert (receipt.size, receipt.root) == (12, merkle_root([leaf_hash(b) for *_, b in rows(db)]))
     assert Receipt.load(_written(tmp_path / "r.json", receipt)) == receipt
 
-    from gputally.collector.keys import verify as real_verify
+    from gputally.v1.signing import verify_summary as real_verify
 
     checked: list[bytes] = []
 
@@ -371,7 +360,7 @@ def test_a_receipt_spares_the_signatures_it_covers_and_no_others(
         checked.append(body)
         return real_verify(key, body, signature)
 
-    monkeypatch.setattr(audit, "verify", counting)
+    monkeypatch.setattr(audit, "verify_summary", counting)
     monkeypatch.setattr(audit, "_CHUNK", 4)  # the receipt's edge falls inside a batch
     assert verify_ledger(db, keys, workers=1, receipt=receipt).trusted == 12
     assert checked == []
@@ -433,8 +422,7 @@ def test_audit_report_with_a_receipt_gives_the_same_report(tmp_path: Path) -> No
     import json
 
     db, keys = build(tmp_path)
-    script = Path(sys.executable).with_name("gputally")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "gputally.agent"]
+    command = gputally_command()
 
     def gputally(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

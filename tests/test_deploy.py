@@ -353,7 +353,7 @@ else:
 
 
 def test_enrolling_on_kubernetes_keeps_each_nodes_key_history(tmp_path: Path) -> None:
-    from gputally.collector.keys import KeyStore
+    from gputally.collector.record.keys import KeyStore
 
     (tmp_path / "bin").mkdir()
     kubectl = tmp_path / "bin" / "kubectl"

@@ -7,7 +7,6 @@ import hashlib
 import itertools
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,19 +15,21 @@ from typing import Any
 import grpc
 import pytest
 
-from gputally.agent import scenario
-from gputally.agent.demo import scrape
-from gputally.agent.mock import MockNVML
+from gputally.agent.attribution import Attributor
+from gputally.agent.backend import NvmlBackend
 from gputally.agent.node import NodeAgent
-from gputally.agent.nvml import NvmlBackend
 from gputally.agent.sampler import Sampler
-from gputally.agent.simulate import run_fleet
-from gputally.collector import server as ingest
-from gputally.collector.state import ClusterState
+from gputally.agent.sim import scenario
+from gputally.agent.sim.demo import scrape
+from gputally.agent.sim.fleet import run_fleet
+from gputally.agent.sim.mock import MockNVML
+from gputally.collector.live import server as ingest
+from gputally.collector.live.state import ClusterState
 from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1 import telemetry_pb2_grpc as pb_grpc
 
 from .conftest import Collector, free_port
+from .factories import gpu_sample, gputally_command, hello, report
 
 Metrics = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
@@ -100,8 +101,10 @@ def _agent(
     **sampler_options: Any,
 ) -> NodeAgent:
     sc = scenario.default()
+    lib = MockNVML(sc, node, time.time)
     sampler = Sampler(
-        NvmlBackend(MockNVML(sc, node, time.time)),
+        NvmlBackend(lib),
+        attributor=Attributor(processes=lib.processes),
         node=name or sc.node_name(node),
         interval=interval,
         **sampler_options,
@@ -165,29 +168,12 @@ def test_bad_report_is_rejected_with_a_reason_and_the_stream_goes_on(
     async def talk() -> list[pb.CollectorMessage]:
         async with grpc.aio.insecure_channel(collector.target) as channel:
             call = pb_grpc.IngestStub(channel).Stream()
-            hello = pb.Hello(
-                node="raw", instance_id=1, gpus=[pb.GpuIdentity(index=0, uuid="GPU-x")]
-            )
-            await call.write(pb.AgentMessage(hello=hello))
+            await call.write(pb.AgentMessage(hello=hello("raw", 1)))
             replies = [await call.read()]
-            good = pb.Report(
-                seq=1,
-                time_unix_nano=time.time_ns(),
-                interval_seconds=1.0,
-                gpus=[pb.GpuSample(index=0, status=pb.GPU_STATUS_OK, busy=0.5)],
-            )
-            bad = pb.Report(
-                seq=2,
-                time_unix_nano=time.time_ns(),
-                interval_seconds=1.0,
-                gpus=[pb.GpuSample(index=0, status=pb.GPU_STATUS_OK, busy=7.0)],
-            )
-            also_good = pb.Report(
-                seq=3,
-                time_unix_nano=time.time_ns(),
-                interval_seconds=1.0,
-                gpus=[pb.GpuSample(index=0, status=pb.GPU_STATUS_OK, busy=1.0)],
-            )
+            now = time.time()
+            good = report(1, now, gpu_sample(0, busy=0.5))
+            bad = report(2, now, gpu_sample(0, busy=7.0))
+            also_good = report(3, now, gpu_sample(0, busy=1.0))
             await call.write(pb.AgentMessage(batch=pb.ReportBatch(reports=[good, bad, also_good])))
             replies.append(await call.read())
             await call.done_writing()
@@ -220,8 +206,7 @@ def test_a_stream_that_does_not_start_with_hello_is_refused(
 
 
 def _gputally() -> list[str]:
-    script = Path(sys.executable).with_name("gputally")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "gputally.agent"]
+    return gputally_command()
 
 
 def test_the_commands_as_processes(tmp_path: Path) -> None:
@@ -389,9 +374,11 @@ def test_summaries_signed_while_the_collector_is_away_survive_an_agent_crash(
     """The agent signs summaries while no collector listens and is then killed (no clean
     shutdown). Started again, it sends its spool first: the ledger gets every summary, in one
     unbroken chain, and the spool empties as the collector acknowledges."""
-    from gputally.agent.signing import SummarySigner, load_or_create_key, public_bytes
-    from gputally.collector.keys import KeyStore
-    from gputally.collector.record import Record
+    from gputally.agent.chain import SummarySigner
+    from gputally.collector.record.keys import KeyStore
+    from gputally.collector.record.store import Record
+    from gputally.v1.signing import load_or_create_private_key as load_or_create_key
+    from gputally.v1.signing import public_bytes
 
     state_dir = tmp_path / "state" / "node-00"
     key = load_or_create_key(state_dir / "agent.key")
@@ -424,7 +411,7 @@ def test_summaries_signed_while_the_collector_is_away_survive_an_agent_crash(
     assert len(chain) >= len(spooled) + 2  # the spool first, then the new run's windows
     for earlier, later in itertools.pairwise(range(len(chain))):
         assert chain[later].prev_hash == hashlib.sha256(bodies[earlier]).digest()
-    assert collector.state.nodes["node-00"].chain_breaks == 0
+    assert collector.state.intake.chain("node-00").breaks == 0
     assert list((state_dir / "spool").glob("*.summary")) == []  # all acknowledged
 
 

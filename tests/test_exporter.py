@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +16,7 @@ from gputally.agent.nvml import clock_event_names
 from gputally.v1 import telemetry_pb2 as pb
 
 from .conftest import free_port, require_binary
+from .factories import gputally_command, mock_node
 
 HELLO = pb.Hello(
     node="n1",
@@ -82,6 +82,55 @@ def test_counters_are_integrated_and_missing_fields_have_no_series() -> None:
     assert got[("gputally_agent_last_collect_success", ())] == 1
 
 
+def test_the_exporter_counts_what_the_signed_summaries_count() -> None:
+    """Both integrate by gputally.v1.accounting. On a board without an energy counter (before
+    Volta) the power readings are integrated: the agent's own /metrics once said 0 J there
+    while its summaries said the right figure."""
+    toml = """
+    [cluster]
+    nodes = 1
+    gpus_per_node = 2
+    gpu_model = "NVIDIA A100-SXM4-80GB"
+    [[workload]]
+    gpus = 1
+    kind = "training"
+    [[fault]]
+    kind = "unsupported"
+    function = "nvmlDeviceGetTotalEnergyConsumption"
+    """
+    node = mock_node(toml, name="n1", summary_window=10.0)
+    exporter = NodeExporter(node.sampler.hello(1, "mock"))
+    summaries = []
+    for _ in range(20):
+        node.clock.advance(1.0)
+        report = node.sampler.tick()
+        assert not any(g.HasField("energy_millijoules") for g in report.gpus)
+        exporter.update(report)
+        if report.HasField("summary"):
+            summaries.append(pb.Summary.FromString(report.summary.body))
+    summaries += [pb.Summary.FromString(r.summary.body) for r in node.sampler.final_reports()]
+    got = samples(exporter)
+    uuids = [node.lib.gpu_uuid(i) for i in range(2)]
+    for index, uuid in enumerate(uuids):
+        labels = {"gpu": str(index), "uuid": uuid, "model": "NVIDIA A100-SXM4-80GB"}
+
+        def series(name: str, labels: dict[str, str] = labels, **extra: str) -> float:
+            return got[(name, tuple(sorted({**labels, **extra}.items())))]
+
+        gpus = [g for s in summaries for g in s.gpus if g.index == index]
+        joules = sum(g.energy_joules for g in gpus)
+        assert joules == pytest.approx((360.0 if index == 0 else 55.0) * 20)  # W x s
+        assert series("gputally_gpu_energy_joules_total") == pytest.approx(joules)
+        for measure, name in (
+            ("observed", "present"),
+            ("busy", "busy"),
+            ("sm_active", "sm_active"),
+        ):
+            assert series("gputally_gpu_seconds_total", measure=measure) == pytest.approx(
+                sum(getattr(g, f"{name}_seconds") for g in gpus)
+            )
+
+
 def test_clock_event_reasons_are_decoded_by_name() -> None:
     assert clock_event_names(0) == []
     assert clock_event_names(0x1 | 0x4 | 0x40) == [
@@ -94,8 +143,7 @@ def test_clock_event_reasons_are_decoded_by_name() -> None:
 def test_the_agent_serves_its_metrics_and_promtool_accepts_them(tmp_path: Path) -> None:
     promtool = require_binary("promtool")
     port = free_port()
-    script = Path(sys.executable).with_name("gputally")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "gputally.agent"]
+    command = gputally_command()
     # No collector is listening: the agent keeps sampling and serving regardless.
     agent = subprocess.Popen(
         [
@@ -146,13 +194,6 @@ def test_the_agent_serves_its_metrics_and_promtool_accepts_them(tmp_path: Path) 
 
 
 def test_health_attribution_xid_and_mig_families(tmp_path: Path) -> None:
-    import tomllib
-
-    from gputally.agent import scenario as scenario_mod
-    from gputally.agent.mock import ManualClock, MockNVML
-    from gputally.agent.nvml import NvmlBackend
-    from gputally.agent.sampler import Sampler
-
     toml = """
     [cluster]
     nodes = 1
@@ -173,13 +214,8 @@ def test_health_attribution_xid_and_mig_families(tmp_path: Path) -> None:
     gpu = 0
     count = 2
     """
-    sc = scenario_mod.parse(tomllib.loads(toml))
-    clock = ManualClock()
-    lib = MockNVML(sc, 0, clock)
-    sampler = Sampler(
-        NvmlBackend(lib, monotonic=clock, clock=clock, events="poll"), node="n1", clock=clock
-    )
-    sampler.open()
+    node = mock_node(toml, name="n1")
+    sampler, lib, clock = node.sampler, node.lib, node.clock
     exporter = NodeExporter(sampler.hello(1, "mock"))
     for _ in range(3):
         clock.advance(1.0)

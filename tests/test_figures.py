@@ -4,29 +4,23 @@ from __future__ import annotations
 
 import pytest
 
-from gputally.agent.padding import (
+from gputally.agent.padding import PaddingDetector, PaddingRules, effective
+from gputally.agent.summary import Summarizer
+from gputally.collector.audit.figures import as_dict, bounds, compute
+from gputally.v1 import telemetry_pb2 as pb
+from gputally.v1.accounting import (
     BURN_TOOL,
     BUSY_WITHOUT_WORK,
     FLATLINE_LOW_MEMORY,
-    PaddingDetector,
-    PaddingRules,
-    effective,
-)
-from gputally.agent.summary import Summarizer
-from gputally.collector.figures import (
     REFUTED,
     SUPPORTED,
     UNDETERMINED,
     Bounds,
-    as_dict,
-    bounds,
-    compute,
 )
-from gputally.v1 import telemetry_pb2 as pb
 
-H100 = "NVIDIA H100 80GB HBM3"
-A100 = "NVIDIA A100-SXM4-80GB"
-T0 = 1_767_225_600.0  # a multiple of 300 and of 10
+from . import factories
+from .factories import A100, H100, T0
+from .factories import envelope as signed
 
 
 def sample(index: int = 0, **fields: object) -> pb.GpuSample:
@@ -41,13 +35,8 @@ def sample(index: int = 0, **fields: object) -> pb.GpuSample:
     return pb.GpuSample(index=index, **values)  # type: ignore[arg-type]
 
 
-def signed(summary: pb.Summary) -> bytes:
-    """A record row: the summary in its (here unsigned) envelope."""
-    return pb.SignedSummary(body=summary.SerializeToString()).SerializeToString()
-
-
 def report(t: float, dt: float, *samples: pb.GpuSample) -> pb.Report:
-    return pb.Report(seq=1, time_unix_nano=round(t * 1e9), interval_seconds=dt, gpus=list(samples))
+    return factories.report(1, t, *samples, interval=dt)
 
 
 def test_effective_is_sm_activity_else_the_labelled_power_estimate() -> None:
@@ -259,3 +248,20 @@ def test_a_mig_gpu_whose_instances_all_go_to_another_owner_is_charged_to_it() ->
     gpu.mig[1].attribution.CopyFrom(gpu.attribution)
     (summary,) = summarizer.add(report(T0 + 200, 100.0, gpu))
     assert not summary.gpus[0].shares and summary.gpus[0].attribution.tenant == "ops"
+
+
+def test_padding_flags_present_seconds_only() -> None:
+    """A GPU that is not OK is not present: a padding rule on it flags nothing, in the
+    summaries as in the live view (summaries used to count the rule's seconds anyway)."""
+    from gputally.collector.live.state import ClusterState
+
+    summarizer = Summarizer([pb.GpuIdentity(index=0, uuid="GPU-0", model=H100)], window=10.0)
+    lost = pb.GpuSample(index=0, status=pb.GPU_STATUS_LOST, padding=[BURN_TOOL])
+    (summary,) = summarizer.add(report(T0 + 10, 10.0, lost))
+    gpu = summary.gpus[0]
+    assert (gpu.present_seconds, gpu.lost_seconds) == (0.0, 10.0)
+    assert list(gpu.padding) == [] and gpu.flagged.seconds == 0.0
+    state = ClusterState(expected_gpus=1)
+    state.open_session(factories.hello("n1", 1))
+    state.ingest("n1", factories.report(1, T0 + 10, lost, interval=10.0), received=T0 + 10)
+    assert state.counters.padding == {} and state.counters.flagged["observed"] == 0.0

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from pathlib import Path
 
 import pytest
 
-from gputally.agent import scenario as scenario_mod
-from gputally.agent.mock import ManualClock, MockNVML
-from gputally.agent.nvml import NvmlBackend
 from gputally.agent.sampler import snapshot
+
+from .factories import mock_node, scenario
 
 GOLDEN = Path(__file__).parent / "golden"
 NODE = """
@@ -45,15 +43,13 @@ gpu = 3
     ("name", "model"), [("h100", "NVIDIA H100 80GB HBM3"), ("a100", "NVIDIA A100-SXM4-80GB")]
 )
 def test_snapshot_matches_golden_file(name: str, model: str) -> None:
-    sc = scenario_mod.parse(tomllib.loads(NODE.format(model=model)), name=f"golden-{name}")
-    clock = ManualClock(1_750_000_000.0)
-    backend = NvmlBackend(MockNVML(sc, 0, clock), monotonic=clock)
-    inventory = backend.open()
-    clock.advance(1.0)
+    sc = scenario(NODE.format(model=model), name=f"golden-{name}")
+    node = mock_node(sc, start=1_750_000_000.0)
+    node.clock.advance(1.0)
     got = {
         "node": sc.node_name(0),
-        "driver_version": backend.driver_version,
-        **snapshot(inventory, backend.read()),
+        "driver_version": node.backend.driver_version,
+        **snapshot(node.sampler.inventory, node.read()),
     }
     path = GOLDEN / f"{name}.json"
     text = json.dumps(got, indent=2, sort_keys=True) + "\n"

@@ -14,10 +14,15 @@ from typing import Any
 import grpc
 import pytest
 
-from gputally.agent.attribution import Attribution, Attributor, PodResources
-from gputally.collector.state import ClusterState, InvalidMessageError
+from gputally.agent.attribution import Attributor, PodResources
+from gputally.agent.readings import Attribution
+from gputally.agent.sim.mock import ManualClock
+from gputally.collector.live.state import ClusterState
+from gputally.collector.live.validate import InvalidMessageError
 from gputally.kubelet.v1 import podresources_pb2 as pr
 from gputally.kubelet.v1 import podresources_pb2_grpc as pr_grpc
+
+from .factories import MockNode, hello, mock_node, scenario
 
 
 class FakeKubelet(pr_grpc.PodResourcesListerServicer):
@@ -67,14 +72,6 @@ def kubelet(tmp_path: Path) -> Iterator[Callable[[], tuple[FakeKubelet, Path]]]:
         server.stop(0)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_gpus_are_attributed_to_the_pods_they_are_allocated_to(
     kubelet: Callable[[], tuple[FakeKubelet, Path]],
 ) -> None:
@@ -84,7 +81,7 @@ def test_gpus_are_attributed_to_the_pods_they_are_allocated_to(
         pod("inference", "server-7", "nvidia.com/gpu", "GPU-ccc::1"),  # a time-sliced share
         pod("storage", "cache", "example.com/nvme", "GPU-ddd"),  # not a GPU resource
     ]
-    clock = Clock()
+    clock = ManualClock(0.0)
     source = PodResources(socket, refresh=10.0, clock=clock)
     assert source.lookup("GPU-aaa") == Attribution("kubernetes", "ml-team", "trainer-0")
     assert source.lookup("GPU-bbb") == Attribution("kubernetes", "ml-team", "trainer-0")
@@ -172,31 +169,29 @@ def test_the_agent_reports_the_pod_of_each_gpu(
 
 
 def mig_node(
-    tmp_path: Path, kubelet: Callable[[], tuple[FakeKubelet, Path]], start: float
-) -> tuple[Any, Any]:
+    tmp_path: Path,
+    kubelet: Callable[[], tuple[FakeKubelet, Path]],
+    start: float,
+    **sampler_options: Any,
+) -> MockNode:
     """A node of 3 H100s in MIG mode, 3 instances of 2 slices each (1 of 7 left over), all
     training. GPU 0 is shared by two pods; GPU 1 is one pod's on all its instances; GPU 2 is
-    mapped statically, as a whole and one instance of it (an index never names an instance).
-    Returns the opened backend and its clock."""
-    import tomllib
+    mapped statically, as a whole and one instance of it (an index never names an instance)."""
+    from gputally.agent.sim.mock import MockNVML
 
-    from gputally.agent import scenario as scenario_mod
-    from gputally.agent.mock import ManualClock, MockNVML
-    from gputally.agent.nvml import NvmlBackend
-
-    toml = """
-    [cluster]
-    nodes = 1
-    gpus_per_node = 3
-    gpu_model = "NVIDIA H100 80GB HBM3"
-    mig_instances = 3
-    [[workload]]
-    gpus = 3
-    kind = "training"
-    """
-    sc = scenario_mod.parse(tomllib.loads(toml))
-    clock = ManualClock(start)
-    lib = MockNVML(sc, 0, clock)
+    sc = scenario(
+        """
+        [cluster]
+        nodes = 1
+        gpus_per_node = 3
+        gpu_model = "NVIDIA H100 80GB HBM3"
+        mig_instances = 3
+        [[workload]]
+        gpus = 3
+        kind = "training"
+        """
+    )
+    lib = MockNVML(sc, 0, ManualClock(start))
     lib.nvmlInit()  # the instances' UUIDs, as the device plugin hands them out
     mig = [
         [
@@ -216,15 +211,7 @@ def mig_node(
     ]
     static = tmp_path / "map.toml"
     static.write_text(f'[gpus]\n"2" = "ops/maint"\n"{mig[2][0]}" = "reserved/bench"\n')
-    backend = NvmlBackend(
-        lib,
-        monotonic=clock,
-        clock=clock,
-        events="poll",
-        attributor=Attributor(static, None, socket),
-    )
-    backend.open()
-    return backend, clock
+    return mock_node(sc, start=start, static=static, kubelet=socket, **sampler_options)
 
 
 def test_mig_instances_are_attributed_to_the_pods_they_are_handed_to(
@@ -232,9 +219,9 @@ def test_mig_instances_are_attributed_to_the_pods_they_are_handed_to(
 ) -> None:
     from gputally.agent.sampler import reading_to_proto
 
-    backend, clock = mig_node(tmp_path, kubelet, 1_750_000_000.0)
-    clock.advance(1.0)
-    shared, whole, mapped = backend.read()
+    node = mig_node(tmp_path, kubelet, 1_750_000_000.0)
+    node.clock.advance(1.0)
+    shared, whole, mapped = node.read()
     trainer_0 = Attribution("kubernetes", "ml-team", "trainer-0")
     trainer_1 = Attribution("kubernetes", "ml-team", "trainer-1")
     assert [m.attribution for m in shared.mig] == [
@@ -254,7 +241,7 @@ def test_mig_instances_are_attributed_to_the_pods_they_are_handed_to(
     sample = reading_to_proto(shared)
     assert [m.attribution.job for m in sample.mig] == ["trainer-0", "trainer-0", "server-7"]
     assert not sample.HasField("attribution")
-    backend.close()
+    node.close()
 
 
 def test_a_shared_mig_gpu_is_charged_to_its_owners_by_slices(
@@ -263,14 +250,12 @@ def test_a_shared_mig_gpu_is_charged_to_its_owners_by_slices(
     """The signed summaries split each MIG GPU among its instances' owners, 2/7 per instance
     and the unpartitioned 1/7 to the GPU's own owner; the record's tenant and job figures are
     built from those shares, and the cluster's from the whole GPUs."""
-    from gputally.agent.sampler import Sampler
-    from gputally.collector.figures import Rollup, as_dict, compute, gpu_numbers
+    from gputally.collector.audit.figures import Rollup, as_dict, compute, gpu_numbers
     from gputally.v1 import telemetry_pb2 as pb
 
     start, window = 1_750_000_020.0, 60.0  # a multiple of the window: whole windows only
-    backend, clock = mig_node(tmp_path, kubelet, start)
-    sampler = Sampler(backend, node="mig-node", clock=clock, summary_window=window)
-    sampler.open()
+    node = mig_node(tmp_path, kubelet, start, name="mig-node", summary_window=window)
+    sampler, clock = node.sampler, node.clock
     signed, reports = [], []
     for _ in range(180):
         clock.advance(1.0)
@@ -364,9 +349,7 @@ def test_a_summary_whose_shares_do_not_add_up_to_the_gpu_is_refused() -> None:
     from gputally.v1 import telemetry_pb2 as pb
 
     state = ClusterState(expected_gpus=1, clock=lambda: 0.0)
-    state.open_session(
-        pb.Hello(node="n1", instance_id=1, gpus=[pb.GpuIdentity(index=0, uuid="GPU-0")])
-    )
+    state.open_session(hello("n1", 1))
     gpu = pb.GpuSummary(index=0, uuid="GPU-0", present_seconds=60.0)
     gpu.shares.add(present_seconds=40.0).attribution.tenant = "a"
     gpu.shares.add(present_seconds=10.0).attribution.tenant = "b"

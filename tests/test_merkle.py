@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gputally.collector.merkle import (
+from gputally.collector.record.merkle import (
     EMPTY_ROOT,
     ProofError,
     consistency_proof,
@@ -102,7 +102,7 @@ def test_every_proof_we_make_verifies_and_a_changed_leaf_does_not() -> None:
 
 
 def test_the_frontier_gives_the_same_root_at_every_size() -> None:
-    from gputally.collector.merkle import Frontier
+    from gputally.collector.record.merkle import Frontier
 
     hashes = [leaf_hash(f"entry {i}".encode()) for i in range(70)]
     frontier = Frontier()

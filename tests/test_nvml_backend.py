@@ -2,32 +2,26 @@
 
 from __future__ import annotations
 
-import tomllib
-
 import pynvml
 import pytest
 
-from gputally.agent import scenario as scenario_mod
-from gputally.agent.mock import ManualClock, MockNVML
-from gputally.agent.nvml import (
-    GPU_LOST,
-    GPU_OK,
-    NotAvailable,
-    NvmlBackend,
-    NvmlUnavailableError,
-    query,
-)
-from gputally.agent.sampler import Sampler, reading_to_proto
+from gputally.agent.backend import NvmlBackend
+from gputally.agent.nvml import NvmlUnavailableError, query
+from gputally.agent.readings import GPU_LOST, GPU_OK, NotAvailable
+from gputally.agent.sampler import reading_to_proto
+from gputally.agent.sim.mock import ManualClock, MockNVML
+from gputally.agent.sim.physics import MODELS
 from gputally.v1 import telemetry_pb2 as pb
 
-H100 = scenario_mod.MODELS["NVIDIA H100 80GB HBM3"]
+from .factories import mock_node
+
+H100 = MODELS["NVIDIA H100 80GB HBM3"]
 
 
 def make(toml: str, node: int = 0) -> tuple[NvmlBackend, MockNVML, ManualClock]:
-    sc = scenario_mod.parse(tomllib.loads(toml), name="t")
-    clock = ManualClock()
-    lib = MockNVML(sc, node, clock)
-    return NvmlBackend(lib, monotonic=clock, clock=clock, events="poll"), lib, clock
+    """The backend alone, not yet opened: these tests are about what NVML gives."""
+    mock = mock_node(toml, node=node, opened=False)
+    return mock.backend, mock.lib, mock.clock
 
 
 ONE_NODE = """
@@ -204,9 +198,8 @@ def test_query_turns_any_nvml_error_into_not_available() -> None:
 
 
 def test_sampler_numbers_reports_and_caps_uncovered_gaps() -> None:
-    backend, _, clock = make(ONE_NODE)
-    sampler = Sampler(backend, node="n1", interval=1.0, clock=clock)
-    sampler.open()
+    mock = mock_node(ONE_NODE, name="n1", interval=1.0)
+    sampler, clock = mock.sampler, mock.clock
     clock.advance(1.0)
     first = sampler.tick()
     clock.advance(1.0)

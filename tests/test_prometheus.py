@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from gputally.agent import scenario
-from gputally.agent.simulate import run_fleet
+from gputally.agent.sim import scenario
+from gputally.agent.sim.fleet import run_fleet
 
 from .conftest import Collector, free_port, require_binary
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import csv
 import json
 import re
 import subprocess
-import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -16,13 +14,15 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gputally.agent import scenario as scenario_mod
-from gputally.agent.simulate import run_fleet_virtual
-from gputally.collector.keys import KeyStore
-from gputally.collector.ledger import COLLECTOR_KEY_FILE, Ledger, public_bytes
-from gputally.collector.record import Record
+from gputally.agent.sim import scenario as scenario_mod
+from gputally.agent.sim.fleet import run_fleet_virtual
+from gputally.collector.record.keys import KeyStore
+from gputally.collector.record.ledger import COLLECTOR_KEY_FILE, Ledger, collector_key_text
+from gputally.collector.record.store import Record
+from gputally.v1.signing import public_bytes
 
 from .conftest import Collector
+from .factories import gputally_command
 
 START = 1_740_787_200.0  # 2025-03-01T00:00:00Z
 SCENARIO = """
@@ -59,17 +59,14 @@ def ledger(tmp_path: Path, collector_factory: Callable[..., Collector]) -> tuple
     collector.stop()
     key = Ed25519PrivateKey.generate()
     assert Ledger(record, key, "gputally/test").checkpoint(START)
-    (keys / COLLECTOR_KEY_FILE).write_text(
-        f"gputally/test\n{base64.b64encode(public_bytes(key)).decode()}\n"
-    )
+    (keys / COLLECTOR_KEY_FILE).write_text(collector_key_text("gputally/test", public_bytes(key)))
     return db, keys
 
 
 def report(
     db: Path, keys: Path, out: Path, start: str, end: str, claim: str
 ) -> subprocess.CompletedProcess[str]:
-    script = Path(sys.executable).with_name("gputally")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "gputally.agent"]
+    command = gputally_command()
     return subprocess.run(
         [
             *command,
@@ -157,8 +154,8 @@ def test_the_one_pass_rollup_equals_the_direct_computation(
     chunk: int | None,
     workers: int,
 ) -> None:
-    from gputally.collector import audit
-    from gputally.collector.figures import Rollup, as_dict, bounds, compute
+    from gputally.collector.audit import verify as audit
+    from gputally.collector.audit.figures import Rollup, as_dict, bounds, compute
 
     db, keys = ledger(tmp_path, collector_factory)
     if chunk is not None:  # batches of 7 entries over two worker processes: partial rollups merged

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gputally.agent import scenario
+from gputally.agent.sim import scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 

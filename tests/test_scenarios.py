@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from gputally.agent import scenario as scenario_mod
 from gputally.agent.padding import PaddingRules
-from gputally.agent.simulate import run_fleet_virtual
-from gputally.collector.figures import as_dict, compute
-from gputally.collector.keys import KeyStore
-from gputally.collector.record import Record
+from gputally.agent.sim import scenario as scenario_mod
+from gputally.agent.sim.fleet import run_fleet_virtual
+from gputally.collector.audit.figures import as_dict, compute
+from gputally.collector.record.keys import KeyStore
+from gputally.collector.record.store import Record
 from gputally.v1 import telemetry_pb2 as pb
 
 from .conftest import Collector

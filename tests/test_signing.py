@@ -7,7 +7,6 @@ import base64
 import hashlib
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,22 +14,20 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gputally.agent.signing import KeyFileError, SummarySigner, load_or_create_key, public_bytes
-from gputally.collector.keys import KeyStore, KeyStoreError, verify
-from gputally.collector.record import Record
-from gputally.collector.state import ClusterState, InvalidMessageError, NotEnrolledError
+from gputally.agent.chain import ChainStateError, SummarySigner
+from gputally.collector.live.state import ClusterState, NotEnrolledError
+from gputally.collector.live.validate import InvalidMessageError
+from gputally.collector.record.keys import KeyStore, KeyStoreError
+from gputally.collector.record.store import Record
 from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1 import telemetry_pb2_grpc as pb_grpc
+from gputally.v1.signing import KeyFileError, public_bytes
+from gputally.v1.signing import load_or_create_private_key as load_or_create_key
+from gputally.v1.signing import verify_summary as verify
 
+from . import factories
 from .conftest import Collector
-
-T0 = 1_767_225_600.0
-
-
-def summary(t: float = T0) -> pb.Summary:
-    s = pb.Summary(window_start_unix_nano=int(t * 1e9), window_end_unix_nano=int((t + 60) * 1e9))
-    s.gpus.add(index=0, uuid="GPU-0", present_seconds=60.0, busy_seconds=30.0)
-    return s
+from .factories import T0, carrying, gputally_command, summary
 
 
 def test_keys_are_created_private_and_refused_when_readable_by_others(tmp_path: Path) -> None:
@@ -41,6 +38,47 @@ def test_keys_are_created_private_and_refused_when_readable_by_others(tmp_path: 
     os.chmod(path, 0o644)
     with pytest.raises(KeyFileError, match="readable by others"):
         load_or_create_key(path)
+
+
+def test_a_key_file_is_written_whole_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "state" / "collector.key"
+
+    def full_disk(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        load_or_create_key(path)
+    assert list(path.parent.iterdir()) == []  # no key, and no temporary file left behind
+    monkeypatch.undo()
+    load_or_create_key(path)
+    assert [p.name for p in path.parent.iterdir()] == ["collector.key"]
+
+
+def test_the_collector_refuses_a_checkpoint_key_others_can_read(tmp_path: Path) -> None:
+    """The collector's key signs every checkpoint: it is kept as the agents' keys are (the
+    collector once took any file, and wrote it without fsync)."""
+    db, key = tmp_path / "record.db", tmp_path / "record.db.key"
+    load_or_create_key(key)
+    key.chmod(0o644)
+    done = subprocess.run(
+        [
+            *gputally_command(),
+            "collector",
+            f"--db={db}",
+            f"--keys={tmp_path / 'keys'}",
+            "--trust-on-first-use",
+            "--grpc-listen=127.0.0.1:0",
+            "--metrics-listen=127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{key}: the private key is readable by others; run `chmod 600 {key}`" in done.stderr
 
 
 def test_summaries_are_chained_and_the_chain_survives_a_restart(tmp_path: Path) -> None:
@@ -57,18 +95,8 @@ def test_summaries_are_chained_and_the_chain_survives_a_restart(tmp_path: Path) 
     assert (c.chain_seq, c.prev_hash) == (3, hashlib.sha256(b.body).digest())
 
 
-def carrying(seq: int, signed: pb.SignedSummary) -> pb.Report:
-    """A summary-only report, as an agent sends a closed window."""
-    return pb.Report(seq=seq, time_unix_nano=int(T0 * 1e9), summary=signed)
-
-
 def hello(node: str, key: Ed25519PrivateKey) -> pb.Hello:
-    return pb.Hello(
-        node=node,
-        instance_id=1,
-        public_key=public_bytes(key),
-        gpus=[pb.GpuIdentity(index=0, uuid="GPU-0")],
-    )
+    return factories.hello(node, 1, key=key)
 
 
 def test_only_enrolled_keys_speak_for_a_node(tmp_path: Path) -> None:
@@ -164,8 +192,7 @@ def test_an_unenrolled_agent_is_refused_with_permission_denied(
 
 
 def test_enroll_command_and_agent_public_key(tmp_path: Path) -> None:
-    script = Path(sys.executable).with_name("gputally")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "gputally.agent"]
+    command = gputally_command()
     printed = subprocess.run(
         [
             *command,
@@ -240,7 +267,7 @@ def test_an_unreadable_spool_file_is_a_clear_error(tmp_path: Path) -> None:
     key = Ed25519PrivateKey.generate()
     SummarySigner(key, "n1", tmp_path).sign(summary())
     (tmp_path / "spool" / "000000000001.summary").write_bytes(b"\xff\xff")
-    with pytest.raises(KeyFileError, match=r"unreadable spooled summary.*move it away"):
+    with pytest.raises(ChainStateError, match=r"unreadable spooled summary.*move it away"):
         SummarySigner(key, "n1", tmp_path)
 
 
@@ -266,8 +293,8 @@ def test_after_a_key_rotation_the_collector_records_the_new_chain_without_a_brea
     state.open_session(reinstalled)
     first = new.sign(summary(T0 + 180))
     assert state.ingest("n1", carrying(1, first), received=T0) == "accepted"
-    node = state.nodes["n1"]
-    assert record.count() == 3 and node.chain_breaks == 0 and node.summaries_resent == 0
+    chain = state.intake.chain("n1")
+    assert record.count() == 3 and chain.breaks == 0 and chain.resent == 0
     # the old key no longer speaks for the node
     with pytest.raises(NotEnrolledError, match="retired by a rotation"):
         state.open_session(hello("n1", old_key))
@@ -277,8 +304,8 @@ def test_after_a_key_rotation_the_collector_records_the_new_chain_without_a_brea
     assert state.ingest("n1", carrying(1, first), received=T0) == "accepted"
     second = new.sign(summary(T0 + 240))
     assert state.ingest("n1", carrying(2, second), received=T0) == "accepted"
-    node = state.nodes["n1"]
-    assert record.count() == 4 and node.summaries_resent == 1 and node.chain_breaks == 0
+    chain = state.intake.chain("n1")
+    assert record.count() == 4 and chain.resent == 1 and chain.breaks == 0
 
 
 def test_the_collector_records_a_resent_summary_once_and_refuses_a_rewrite(
@@ -300,7 +327,7 @@ def test_the_collector_records_a_resent_summary_once_and_refuses_a_rewrite(
     restarted.instance_id = 2
     state.open_session(restarted)
     assert state.ingest("n1", carrying(1, first), received=T0) == "accepted"
-    assert record.count() == 1 and state.nodes["n1"].summaries_resent == 1
+    assert record.count() == 1 and state.intake.chain("n1").resent == 1
     # the same number with other content (signed by the node's key) would rewrite the chain
     rewrite = SummarySigner(key, "n1").sign(summary(T0 + 600))
     with pytest.raises(InvalidMessageError, match="not the one recorded under that number"):
@@ -310,5 +337,5 @@ def test_the_collector_records_a_resent_summary_once_and_refuses_a_rewrite(
     state.open_session(hello("n1", key))
     assert state.ingest("n1", carrying(1, first), received=T0) == "accepted"  # resent again
     assert state.ingest("n1", carrying(2, second), received=T0) == "accepted"
-    node = state.nodes["n1"]
-    assert record.count() == 2 and node.summaries == 1 and node.chain_breaks == 0
+    chain = state.intake.chain("n1")
+    assert record.count() == 2 and chain.recorded == 1 and chain.breaks == 0

@@ -4,40 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from gputally.collector.state import ClusterState, InvalidMessageError
+from gputally.collector.live.state import ClusterState
+from gputally.collector.live.validate import InvalidMessageError
 from gputally.v1 import telemetry_pb2 as pb
 
-T0 = 1_750_000_000.0
-
-
-def hello(node: str = "n1", gpus: int = 2, instance: int = 1) -> pb.Hello:
-    return pb.Hello(
-        node=node,
-        instance_id=instance,
-        gpus=[
-            pb.GpuIdentity(index=i, uuid=f"GPU-{node}-{i}", model="NVIDIA H100 80GB HBM3")
-            for i in range(gpus)
-        ],
-    )
-
-
-def report(seq: int, t: float, *samples: pb.GpuSample, interval: float = 1.0) -> pb.Report:
-    return pb.Report(
-        seq=seq, time_unix_nano=int(t * 1e9), interval_seconds=interval, gpus=list(samples)
-    )
+from .factories import T0, busy_sample, gpu_sample, hello, report
 
 
 def gpu(
     index: int, busy: float, sm: float | None = None, procs: int = 1, energy: int | None = None
 ) -> pb.GpuSample:
-    sample = pb.GpuSample(
-        index=index, status=pb.GPU_STATUS_OK, busy=busy, process_count=procs, power_watts=100.0
-    )
-    if sm is not None:
-        sample.sm_active = sm
-    if energy is not None:
-        sample.energy_millijoules = energy
-    return sample
+    return busy_sample(index, busy, sm, procs, energy)
 
 
 def feed(
@@ -204,19 +181,25 @@ def test_bad_reports_are_rejected_whole_and_change_nothing(bad: pb.Report, messa
 @pytest.mark.parametrize(
     ("msg", "message"),
     [
-        (pb.Hello(node=""), "node name is empty"),
-        (pb.Hello(node="a b"), "without spaces"),
+        (pb.Hello(node="", protocol_revision=1), "node name is empty"),
+        (pb.Hello(node="a b", protocol_revision=1), "without spaces"),
         (
-            pb.Hello(node="n", gpus=[pb.GpuIdentity(index=0), pb.GpuIdentity(index=0)]),
+            pb.Hello(
+                node="n",
+                protocol_revision=1,
+                gpus=[pb.GpuIdentity(index=0), pb.GpuIdentity(index=0)],
+            ),
             "indices repeat",
         ),
         (
             pb.Hello(
                 node="n",
+                protocol_revision=1,
                 gpus=[pb.GpuIdentity(index=0, uuid="U"), pb.GpuIdentity(index=1, uuid="U")],
             ),
             "UUIDs repeat",
         ),
+        (pb.Hello(node="n"), "protocol_revision is not set"),
     ],
 )
 def test_bad_hellos_are_refused(msg: pb.Hello, message: str) -> None:
@@ -270,3 +253,56 @@ def test_live_tenants_of_a_mig_gpu_follow_its_instances_owners() -> None:
     # ml held 3/7 for the first 5 s and all of it for the last 5: 0.5 x 7/7 + 0.5 x 3/7
     assert tenants["ml"].coverage == pytest.approx((5 * 3 / 7 + 5) / 10)
     assert tenants["ml"].ratios["allocated"] == pytest.approx((5 * 3 / 7 + 5) / 10)
+
+
+def _live_and_recorded(samples: list[pb.GpuSample], seconds: int = 10):
+    """The same samples, one a second, through the live window and through a summary."""
+    from gputally.agent.summary import Summarizer
+    from gputally.collector.audit.figures import as_dict, compute
+
+    from .factories import envelope
+
+    state = ClusterState(expected_gpus=1, window=float(seconds), lag=0.0)
+    state.open_session(hello(gpus=1))
+    summarizer = Summarizer(list(hello(gpus=1).gpus), window=float(seconds))
+    summaries = []
+    for k in range(1, seconds + 1):
+        reported = report(k, T0 + k, *samples)
+        state.ingest("n1", reported, received=T0 + k)
+        summaries += summarizer.add(reported)
+    (summary,) = summaries
+    figures = compute([("n1", envelope(summary))], T0, T0 + seconds, expected=1)
+    recorded = {row["name"]: row for row in as_dict(figures, "allocated", None)["by_tenant"]}
+    return state.view(now=T0 + seconds).by_tenant, recorded
+
+
+def test_a_mig_owner_with_one_unmeasured_instance_counts_the_same_live_and_recorded() -> None:
+    """Owner a holds 3 + 2 of 7 slices, and NVML lists the processes of its 3-slice instance
+    only; b holds 2 slices. The measured part of a's GPU counts, the unmeasured part only
+    widens the bound, in the live view exactly as in the summaries (the live view used to
+    drop all of a's allocated time once one of its instances did not say)."""
+    mig = gpu_sample(0, mig_enabled=True, mig_slices=7, sm_active=0.5)
+    a = pb.Attribution(source="kubernetes", tenant="a", job="a-0")
+    b = pb.Attribution(source="kubernetes", tenant="b", job="b-0")
+    mig.mig.add(gpu_instance_id=1, slices=3, process_count=1, sm_active=0.6).attribution.CopyFrom(a)
+    mig.mig.add(gpu_instance_id=2, slices=2, sm_active=0.6).attribution.CopyFrom(a)
+    mig.mig.add(gpu_instance_id=3, slices=2, process_count=0, sm_active=0.0).attribution.CopyFrom(b)
+    live, recorded = _live_and_recorded([mig])
+    assert set(live) == set(recorded) == {"a", "b"}
+    assert live["a"].gpus == pytest.approx(5 / 7) and live["b"].gpus == pytest.approx(2 / 7)
+    assert live["a"].ratios["allocated"] == pytest.approx(3 / 5)  # 3 of its 5 slices measured busy
+    assert live["a"].upper["allocated"] == pytest.approx(1.0)  # the other 2 could have been
+    assert live["a"].ratios["sm_active"] == pytest.approx(0.6)
+    for tenant in ("a", "b"):
+        for measure in ("allocated", "sm_active", "busy"):
+            assert live[tenant].ratios[measure] == pytest.approx(recorded[tenant][measure])
+
+
+def test_the_live_view_names_tenants_as_the_record_does() -> None:
+    """A Slurm job whose user is unknown is charged to "(no tenant)", live and recorded; the
+    live view used to name the tenant after the job."""
+    slurm = busy_sample(0, 0.5)
+    slurm.attribution.CopyFrom(pb.Attribution(source="slurm", job="4242"))
+    live, recorded = _live_and_recorded([slurm])
+    assert set(live) == set(recorded) == {"(no tenant)"}
+    assert live["(no tenant)"].ratios["busy"] == pytest.approx(recorded["(no tenant)"]["busy"])

@@ -5,21 +5,18 @@ from __future__ import annotations
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pynvml
 import pytest
 
-from gputally.agent import scenario as scenario_mod
-from gputally.agent.attribution import (
-    Attribution,
-    Attributor,
-    JobMapError,
-    container_id,
-    from_cgroups,
-)
-from gputally.agent.mock import ManualClock, MockNVML, process_id
-from gputally.agent.nvml import GPU_LOST, NO_INSTANCE, NotAvailable, NvmlBackend
+from gputally.agent.attribution import Attributor, JobMapError, container_id, from_cgroups
+from gputally.agent.readings import GPU_LOST, NO_INSTANCE, Attribution, NotAvailable
 from gputally.agent.sampler import reading_to_proto
+from gputally.agent.sim import scenario as scenario_mod
+from gputally.agent.sim.mock import ManualClock, MockNVML, process_id
+
+from .factories import MockNode, mock_node
 
 POD = "3f2c1a9e-0b7d-4c55-9a3e-2f6c9d6a1c00"
 NODE = f"""
@@ -45,14 +42,11 @@ command = "python sweep.py --lr 3e-4"
 """
 
 
-def make(toml: str, *, events: str = "poll", attributor: Attributor | None = None):
-    sc = scenario_mod.parse(tomllib.loads(toml), name="depth")
-    clock = ManualClock()
-    lib = MockNVML(sc, 0, clock)
-    backend = NvmlBackend(lib, monotonic=clock, clock=clock, events=events, attributor=attributor)
-    backend.open()
-    clock.advance(1.0)
-    return backend, lib, clock
+def make(toml: str, **options: Any) -> tuple[MockNode, MockNVML, ManualClock]:
+    """Node 0 of `toml`, opened, one second later: what its readings say."""
+    node = mock_node(toml, **options)
+    node.clock.advance(1.0)
+    return node, node.lib, node.clock
 
 
 def test_processes_carry_host_facts_and_per_process_utilization() -> None:
@@ -97,7 +91,7 @@ def test_a_static_map_beats_the_slurm_directory_which_beats_cgroups(tmp_path: Pa
     slurm.mkdir()
     (slurm / "0").write_text("9999 carol\n")  # overrides the cgroup's job 4242
     (slurm / "2").write_text("1 nobody\n")  # loses to the static map
-    backend, _, _ = make(NODE, attributor=Attributor(static, slurm))
+    backend, _, _ = make(NODE, static=static, slurm=slurm)
     training, inference, sweep, idle = backend.read()
     assert training.attribution == Attribution("slurm", "carol", "9999")
     assert inference.attribution.source == "kubernetes"

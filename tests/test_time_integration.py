@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import tomllib
 
 import pytest
 
-from gputally.agent import scenario as scenario_mod
-from gputally.agent.mock import ManualClock, MockNVML
-from gputally.agent.nvml import NvmlBackend
-from gputally.agent.sampler import Sampler
+from gputally.agent.sim import scenario as scenario_mod
+from gputally.agent.sim.mock import ManualClock, MockNVML
+
+from .factories import mock_node, scenario
 
 # A square wave that does not line up with the 1-s ticks nor with 30-s scrapes:
 # full load for 2.9 s of every 7.25 s.
@@ -35,12 +34,8 @@ def true_busy_seconds(sc: scenario_mod.Scenario, t0: float, t1: float) -> float:
 
 
 def agent_busy_seconds(toml: str, seconds: int) -> float:
-    sc = scenario_mod.parse(tomllib.loads(toml))
-    clock = ManualClock()
-    sampler = Sampler(
-        NvmlBackend(MockNVML(sc, 0, clock), monotonic=clock), node="n", interval=1.0, clock=clock
-    )
-    sampler.open()
+    node = mock_node(toml, name="n", interval=1.0)
+    sampler, clock = node.sampler, node.clock
     total = 0.0
     for _ in range(seconds):
         clock.advance(1.0)
@@ -51,9 +46,8 @@ def agent_busy_seconds(toml: str, seconds: int) -> float:
 
 def scraped_gauge_busy_seconds(toml: str, seconds: int, every: int) -> float:
     """What a 30-s scraped exporter reports: utilization.gpu read at each scrape, held between."""
-    sc = scenario_mod.parse(tomllib.loads(toml))
     clock = ManualClock()
-    lib = MockNVML(sc, 0, clock)
+    lib = MockNVML(scenario(toml), 0, clock)
     lib.nvmlInit()
     handle = lib.nvmlDeviceGetHandleByIndex(0)
     readings: list[float] = []
@@ -64,7 +58,7 @@ def scraped_gauge_busy_seconds(toml: str, seconds: int, every: int) -> float:
 
 
 def test_square_wave_integral_matches_the_truth_within_one_percent() -> None:
-    sc = scenario_mod.parse(tomllib.loads(SQUARE))
+    sc = scenario(SQUARE)
     truth = true_busy_seconds(sc, 0.0, 60.0)
     assert truth == pytest.approx(25.2)  # 8 full periods x 2.9 s + 2.0 s of the 9th
     agent = agent_busy_seconds(SQUARE, 60)
@@ -76,7 +70,7 @@ def test_square_wave_integral_matches_the_truth_within_one_percent() -> None:
 
 
 def test_without_the_sample_buffer_polling_is_the_fallback() -> None:
-    sc = scenario_mod.parse(tomllib.loads(SQUARE))
+    sc = scenario(SQUARE)
     truth = true_busy_seconds(sc, 0.0, 60.0)
     polled = agent_busy_seconds(SQUARE + NO_SAMPLE_BUFFER, 60)
     with_buffer = agent_busy_seconds(SQUARE, 60)
@@ -89,12 +83,8 @@ def test_a_stall_longer_than_the_driver_buffer_is_not_filled_in() -> None:
     toml = SQUARE.replace('kind = "square"', 'kind = "steady"').replace(
         "period = 7.25\nduty = 0.4\n", ""
     )
-    sc = scenario_mod.parse(tomllib.loads(toml))
-    clock = ManualClock()
-    sampler = Sampler(
-        NvmlBackend(MockNVML(sc, 0, clock), monotonic=clock), node="n", interval=1.0, clock=clock
-    )
-    sampler.open()
+    node = mock_node(toml, name="n", interval=1.0)
+    sampler, clock = node.sampler, node.clock
     clock.advance(1.0)
     sampler.tick()
     clock.advance(60.0)  # the agent was stopped for a minute

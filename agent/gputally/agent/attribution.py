@@ -1,8 +1,8 @@
 """Who is using a GPU: process facts from the host, and the GPU's tenant and job.
 
-NVML names the processes on a GPU by PID only. This module adds what the host knows about each
-(user, command line, cgroup, container) and attributes the GPU to a tenant and a job, from the
-first of these that answers:
+NVML names the processes on a GPU by PID only. :meth:`Attributor.annotate` adds to the
+backend's readings what the host knows about each (user, command line, cgroup, container) and
+attributes the GPU to a tenant and a job, from the first of these that answers:
 
 1. a static map (TOML: GPU UUID or index -> tenant/job), for fixed reservations;
 2. a Slurm job-mapping directory, as written by a prolog script in the style of Princeton's
@@ -34,7 +34,6 @@ import re
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -44,9 +43,22 @@ import psutil
 from gputally.kubelet.v1 import podresources_pb2 as podresources
 from gputally.kubelet.v1 import podresources_pb2_grpc as podresources_grpc
 
+from .readings import (
+    GPU_LOST,
+    UNATTRIBUTED,
+    Attribution,
+    GpuInfo,
+    GpuReading,
+    NotAvailable,
+    ProcessFacts,
+    ProcessInfo,
+)
+
 log = logging.getLogger("gputally.agent")
 
 MAX_LABEL = 128  # longest tenant/job/command kept: bounded labels, bounded messages
+# Host facts about a process are looked up again after this many seconds.
+PROCESS_FACTS_TTL_S = 60.0
 _SLURM_JOB = re.compile(r"/job_(\d+)(?:/|$)")
 _K8S_POD = re.compile(
     r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})"
@@ -54,23 +66,6 @@ _K8S_POD = re.compile(
 _CONTAINER = re.compile(
     r"(?:docker-|cri-containerd-|crio-|containerd-)?([0-9a-f]{64})(?:\.scope)?$"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessFacts:
-    user: str
-    command: str
-    cgroup: str
-
-
-@dataclass(frozen=True, slots=True)
-class Attribution:
-    source: str = ""  # "static", "slurm", "kubernetes"; "" when unattributed
-    tenant: str = ""
-    job: str = ""
-
-
-UNATTRIBUTED = Attribution()
 
 
 class ProcessInspector(Protocol):
@@ -226,10 +221,60 @@ class Attributor:
         static_map: Path | str | None = None,
         slurm_dir: Path | str | None = None,
         kubelet_socket: Path | str | None = None,
+        *,
+        processes: ProcessInspector | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ):
         self.static: dict[str, Attribution] = load_static_map(static_map) if static_map else {}
         self.slurm_dir = Path(slurm_dir) if slurm_dir else None
         self.kubelet = PodResources(kubelet_socket) if kubelet_socket else None
+        # The host the processes run on: this one, or a simulated node's.
+        self.processes: ProcessInspector = processes or HostProcesses()
+        self._monotonic = monotonic
+        self._facts: dict[int, tuple[float, ProcessFacts | None]] = {}  # pid -> (when, facts)
+
+    def annotate(self, inventory: Sequence[GpuInfo], readings: Sequence[GpuReading]) -> None:
+        """Add the host's facts to every process of `readings` and attribute each GPU (and,
+        under MIG, each instance, then the GPU by its instances)."""
+        now = self._monotonic()
+        alive: set[int] = set()
+        for info, reading in zip(inventory, readings, strict=True):
+            processes = [] if isinstance(reading.processes, NotAvailable) else reading.processes
+            for process in processes:
+                alive.add(process.pid)
+                self._describe(process, now)
+            if reading.status == GPU_LOST:
+                continue
+            if reading.mig_enabled:
+                for instance in reading.mig:
+                    inside = [p for p in processes if p.gpu_instance_id == instance.gpu_instance_id]
+                    instance.attribution = self.attribute(
+                        None, instance.uuid, (p.cgroup for p in inside), (p.user for p in inside)
+                    )
+                reading.attribution = self.attribute(
+                    info.index, info.uuid, (), (), instances=[m.attribution for m in reading.mig]
+                )
+            elif not isinstance(reading.processes, NotAvailable):
+                # Only with a process list, as the cgroups are part of the answer.
+                reading.attribution = self.attribute(
+                    info.index,
+                    info.uuid,
+                    (p.cgroup for p in processes),
+                    (p.user for p in processes),
+                )
+        for pid in [pid for pid in self._facts if pid not in alive]:
+            del self._facts[pid]
+
+    def _describe(self, process: ProcessInfo, now: float) -> None:
+        cached = self._facts.get(process.pid)
+        if cached is None or cached[1] is None or now - cached[0] > PROCESS_FACTS_TTL_S:
+            cached = self._facts[process.pid] = (now, self.processes.describe(process.pid))
+        facts = cached[1]
+        if facts is None:
+            process.exited = True
+            return
+        process.user, process.command, process.cgroup = facts.user, facts.command, facts.cgroup
+        process.container_id = container_id(facts.cgroup)
 
     def attribute(
         self,

@@ -3,8 +3,10 @@
 Collection is decoupled from scrapes: the sampling loop hands each Report to
 :meth:`NodeExporter.update`, and a scrape renders the latest one. A scrape never calls NVML,
 so a slow or frequent scraper cannot slow sampling down or hang a GPU. The per-GPU
-``_seconds_total`` counters are integrated from every report, so Prometheus gets exact averages
-over any range with ``increase()``, not a guess from one gauge reading per scrape.
+``_seconds_total`` and energy counters are integrated from every report by the same rules as
+the signed summaries (gputally.v1.accounting), so Prometheus gets exact averages over any range
+with ``increase()``, not a guess from one gauge reading per scrape, and the same figures the
+record holds.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gputally.v1 import accounting
 from gputally.v1 import telemetry_pb2 as pb
 
 from .nvml import CLOCK_EVENT_REASONS
@@ -127,7 +130,20 @@ _LABELLED: tuple[tuple[str, str, str, str, tuple[tuple[str, str], ...]], ...] = 
         (("tx", "nvlink_tx_bytes"), ("rx", "nvlink_rx_bytes")),
     ),
 )
-_SECONDS = ("observed", "busy", "allocated", "sm_active")
+# MigSample field -> (metric name, help).
+_MIG: tuple[tuple[str, str, str], ...] = (
+    ("sm_active", "gputally_mig_sm_active_ratio", "Share of the instance's SMs active (GPM)."),
+    ("memory_used_bytes", "gputally_mig_memory_used_bytes", "Device memory used in the instance."),
+    ("memory_total_bytes", "gputally_mig_memory_total_bytes", "Device memory of the instance."),
+    ("process_count", "gputally_mig_processes", "Compute processes in the instance."),
+)
+_LABELS = ["gpu", "uuid", "model"]
+# The gputally_gpu_seconds_total measures, and the accounting field each one adds up: the
+# collector's cluster counters have the same ones.
+_SECONDS = (
+    ("observed", "present_seconds"),
+    *((m, f"{m}_seconds") for m in accounting.MEASURES),
+)
 
 
 class NodeExporter(Collector):
@@ -138,9 +154,9 @@ class NodeExporter(Collector):
         self.sender_stats = sender_stats
         self.latest: pb.Report | None = None
         self.last_success = 0.0
-        self.seconds = {index: dict.fromkeys(_SECONDS, 0.0) for index in self.gpus}
+        self.seconds = {index: _zero_seconds() for index in self.gpus}
         self.joules = dict.fromkeys(self.gpus, 0.0)
-        self._energy: dict[int, int] = {}
+        self._energy: dict[int, accounting.EnergyCounter] = {}
         self.xids: dict[tuple[int, int], int] = {}  # (gpu, XID) -> events since start
 
     def update(self, report: pb.Report) -> None:
@@ -153,22 +169,13 @@ class NodeExporter(Collector):
                     self.xids[(sample.index, event.code)] = (
                         self.xids.get((sample.index, event.code), 0) + 1
                     )
-                counters = self.seconds.setdefault(sample.index, dict.fromkeys(_SECONDS, 0.0))
-                if sample.status == pb.GPU_STATUS_OK:
-                    counters["observed"] += dt
-                    if sample.HasField("busy"):
-                        counters["busy"] += sample.busy * dt
-                    if sample.HasField("process_count"):
-                        counters["allocated"] += dt * (sample.process_count > 0)
-                    if sample.HasField("sm_active"):
-                        counters["sm_active"] += sample.sm_active * dt
-                if sample.HasField("energy_millijoules"):
-                    energy, last = sample.energy_millijoules, self._energy.get(sample.index)
-                    if last is not None:  # a smaller value: the driver reloaded, counting from zero
-                        self.joules[sample.index] = self.joules.get(sample.index, 0.0) + (
-                            (energy - last if energy >= last else energy) / 1000.0
-                        )
-                    self._energy[sample.index] = energy
+                meter = self._energy.setdefault(sample.index, accounting.EnergyCounter())
+                joules = meter.joules(sample, dt)
+                self.joules[sample.index] = self.joules.get(sample.index, 0.0) + joules
+                values = accounting.contributions(sample, dt)
+                counters = self.seconds.setdefault(sample.index, _zero_seconds())
+                for measure, name in _SECONDS:
+                    counters[measure] += values[name]
 
     def collect(self) -> Iterator[Any]:
         with self._lock:
@@ -177,171 +184,172 @@ class NodeExporter(Collector):
             joules = dict(self.joules)
             xids = dict(self.xids)
             last_success = self.last_success
-        labels = ["gpu", "uuid", "model"]
+        samples = list(report.gpus) if report is not None else []
+        yield from self._identity()
+        yield from self._readings(samples)
+        yield from self._mig(samples)
+        yield from self._counters(seconds, joules, xids)
+        yield from self._agent(report is not None, last_success)
 
-        def key(index: int) -> list[str]:
-            gpu = self.gpus.get(index)
-            return [str(index), gpu.uuid if gpu else "", gpu.model if gpu else ""]
+    def _key(self, index: int) -> list[str]:
+        """A GPU's label values, in _LABELS order."""
+        gpu = self.gpus.get(index)
+        return [str(index), gpu.uuid if gpu else "", gpu.model if gpu else ""]
 
+    def _identity(self) -> Iterator[Any]:
         info = GaugeMetricFamily(
-            "gputally_gpu_info", "GPU identity.", labels=[*labels, "serial", "pci_bus_id"]
+            "gputally_gpu_info", "GPU identity.", labels=[*_LABELS, "serial", "pci_bus_id"]
         )
-        for index, gpu in sorted(self.gpus.items()):
-            info.add_metric([*key(index), gpu.serial, gpu.pci_bus_id], 1)
-        yield info
         total = GaugeMetricFamily(
-            "gputally_gpu_memory_total_bytes", "Device memory.", labels=labels
+            "gputally_gpu_memory_total_bytes", "Device memory.", labels=_LABELS
         )
         for index, gpu in sorted(self.gpus.items()):
+            info.add_metric([*self._key(index), gpu.serial, gpu.pci_bus_id], 1)
             if gpu.HasField("memory_total_bytes"):
-                total.add_metric(key(index), gpu.memory_total_bytes)
+                total.add_metric(self._key(index), gpu.memory_total_bytes)
+        yield info
         yield total
+
+    def _readings(self, samples: list[pb.GpuSample]) -> Iterator[Any]:
+        """The latest sample's values. A field that is absent (not available) has no
+        series, never a 0."""
         up = GaugeMetricFamily(
             "gputally_gpu_up",
             "1 when the GPU's telemetry was read; 0 when lost or failing.",
-            labels=labels,
+            labels=_LABELS,
         )
-        families = {
-            field: GaugeMetricFamily(name, text, labels=labels) for field, name, text, _ in _GAUGES
+        gauges = {
+            field: GaugeMetricFamily(name, text, labels=_LABELS) for field, name, text, _ in _GAUGES
         }
         reasons = GaugeMetricFamily(
             "gputally_gpu_clock_event_reason",
             "1 for each active clock-event (throttle) reason.",
-            labels=[*labels, "reason"],
+            labels=[*_LABELS, "reason"],
         )
-        if report is not None:
-            for sample in report.gpus:
-                up.add_metric(key(sample.index), int(sample.status == pb.GPU_STATUS_OK))
-                for field, _, _, scale in _GAUGES:
-                    if sample.HasField(field):  # absent means not available: no series, never 0
-                        families[field].add_metric(
-                            key(sample.index), getattr(sample, field) * scale
-                        )
-                if sample.HasField("clock_event_reasons"):
-                    for name, bit in CLOCK_EVENT_REASONS:
-                        reasons.add_metric(
-                            [*key(sample.index), name], int(bool(sample.clock_event_reasons & bit))
-                        )
         labelled = {
             name: (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
-                name, text, labels=[*labels, label]
+                name, text, labels=[*_LABELS, label]
             )
             for kind, name, text, label, _ in _LABELLED
         }
         attribution = GaugeMetricFamily(
             "gputally_gpu_attribution_info",
             "The tenant and job the GPU is attributed to.",
-            labels=[*labels, "source", "tenant", "job"],
+            labels=[*_LABELS, "source", "tenant", "job"],
         )
-        mig_labels = ["gpu", "uuid", "gpu_instance", "mig_uuid"]
-        mig_attribution = GaugeMetricFamily(
-            "gputally_mig_attribution_info",
-            "The tenant and job a MIG instance is handed to.",
-            labels=[*mig_labels, "source", "tenant", "job"],
-        )
-        mig = {
-            field: GaugeMetricFamily(name, text, labels=mig_labels)
-            for field, name, text in (
-                (
-                    "sm_active",
-                    "gputally_mig_sm_active_ratio",
-                    "Share of the instance's SMs active (GPM).",
-                ),
-                (
-                    "memory_used_bytes",
-                    "gputally_mig_memory_used_bytes",
-                    "Device memory used in the instance.",
-                ),
-                (
-                    "memory_total_bytes",
-                    "gputally_mig_memory_total_bytes",
-                    "Device memory of the instance.",
-                ),
-                ("process_count", "gputally_mig_processes", "Compute processes in the instance."),
-            )
-        }
-        if report is not None:
-            for sample in report.gpus:
-                for _, name, _, _, members in _LABELLED:
-                    for value_label, field in members:
-                        if sample.HasField(field):
-                            labelled[name].add_metric(
-                                [*key(sample.index), value_label], getattr(sample, field)
-                            )
-                if sample.attribution.source:
-                    a = sample.attribution
-                    attribution.add_metric([*key(sample.index), a.source, a.tenant, a.job], 1)
-                for instance in sample.mig:
-                    ids = [
-                        str(sample.index),
-                        key(sample.index)[1],
-                        str(instance.gpu_instance_id),
-                        instance.uuid,
-                    ]
-                    for field, family in mig.items():
-                        if instance.HasField(field):
-                            family.add_metric(ids, getattr(instance, field))
-                    if instance.attribution.source:
-                        a = instance.attribution
-                        mig_attribution.add_metric([*ids, a.source, a.tenant, a.job], 1)
+        for sample in samples:
+            key = self._key(sample.index)
+            up.add_metric(key, int(sample.status == pb.GPU_STATUS_OK))
+            for field, _, _, scale in _GAUGES:
+                if sample.HasField(field):
+                    gauges[field].add_metric(key, getattr(sample, field) * scale)
+            if sample.HasField("clock_event_reasons"):
+                for name, bit in CLOCK_EVENT_REASONS:
+                    reasons.add_metric([*key, name], int(bool(sample.clock_event_reasons & bit)))
+            for _, name, _, _, members in _LABELLED:
+                for value_label, field in members:
+                    if sample.HasField(field):
+                        labelled[name].add_metric([*key, value_label], getattr(sample, field))
+            if sample.attribution.source:
+                a = sample.attribution
+                attribution.add_metric([*key, a.source, a.tenant, a.job], 1)
         yield up
-        yield from families.values()
+        yield from gauges.values()
         yield reasons
         yield from labelled.values()
         yield attribution
-        yield from mig.values()
-        yield mig_attribution
+
+    def _mig(self, samples: list[pb.GpuSample]) -> Iterator[Any]:
+        labels = ["gpu", "uuid", "gpu_instance", "mig_uuid"]
+        families = {
+            field: GaugeMetricFamily(name, text, labels=labels) for field, name, text in _MIG
+        }
+        attribution = GaugeMetricFamily(
+            "gputally_mig_attribution_info",
+            "The tenant and job a MIG instance is handed to.",
+            labels=[*labels, "source", "tenant", "job"],
+        )
+        for sample in samples:
+            for instance in sample.mig:
+                ids = [
+                    str(sample.index),
+                    self._key(sample.index)[1],
+                    str(instance.gpu_instance_id),
+                    instance.uuid,
+                ]
+                for field, family in families.items():
+                    if instance.HasField(field):
+                        family.add_metric(ids, getattr(instance, field))
+                if instance.attribution.source:
+                    a = instance.attribution
+                    attribution.add_metric([*ids, a.source, a.tenant, a.job], 1)
+        yield from families.values()
+        yield attribution
+
+    def _counters(
+        self,
+        seconds: dict[int, dict[str, float]],
+        joules: dict[int, float],
+        xids: dict[tuple[int, int], int],
+    ) -> Iterator[Any]:
         xid = CounterMetricFamily(
             "gputally_gpu_xid_events",
             "XID errors seen since the agent started.",
-            labels=[*labels, "xid"],
+            labels=[*_LABELS, "xid"],
         )
         for (index, code), count in sorted(xids.items()):
-            xid.add_metric([*key(index), str(code)], count)
+            xid.add_metric([*self._key(index), str(code)], count)
         yield xid
         counter = CounterMetricFamily(
             "gputally_gpu_seconds",
             "Seconds integrated from every sample: observed, and each measure weighted by its value.",
-            labels=[*labels, "measure"],
+            labels=[*_LABELS, "measure"],
         )
         for index, values in sorted(seconds.items()):
             for measure, value in values.items():
-                counter.add_metric([*key(index), measure], value)
+                counter.add_metric([*self._key(index), measure], value)
         yield counter
         energy = CounterMetricFamily(
-            "gputally_gpu_energy_joules", "Energy drawn since the agent started.", labels=labels
+            "gputally_gpu_energy_joules", "Energy drawn since the agent started.", labels=_LABELS
         )
         for index, value in sorted(joules.items()):
-            energy.add_metric(key(index), value)
+            energy.add_metric(self._key(index), value)
         yield energy
+
+    def _agent(self, collected: bool, last_success: float) -> Iterator[Any]:
         yield GaugeMetricFamily(
             "gputally_agent_last_collect_success",
             "1 when the latest sampling tick succeeded.",
-            value=int(report is not None),
+            value=int(collected),
         )
         yield GaugeMetricFamily(
             "gputally_agent_last_collect_timestamp_seconds",
             "When the latest sampling tick finished.",
             value=last_success,
         )
-        if self.sender_stats is not None:
-            stats = self.sender_stats()
-            sent = CounterMetricFamily(
-                "gputally_agent_reports", "Reports by outcome at the collector.", labels=["result"]
-            )
-            for result, value in (
-                ("submitted", stats.submitted),
-                ("acked", stats.acked),
-                ("rejected", stats.rejected),
-                ("dropped", stats.dropped),
-            ):
-                sent.add_metric([result], value)
-            yield sent
-            yield GaugeMetricFamily(
-                "gputally_agent_collector_connected",
-                "1 while the stream to the collector is open.",
-                value=int(stats.connected),
-            )
+        if self.sender_stats is None:
+            return
+        stats = self.sender_stats()
+        sent = CounterMetricFamily(
+            "gputally_agent_reports", "Reports by outcome at the collector.", labels=["result"]
+        )
+        for result, value in (
+            ("submitted", stats.submitted),
+            ("acked", stats.acked),
+            ("rejected", stats.rejected),
+            ("dropped", stats.dropped),
+        ):
+            sent.add_metric([result], value)
+        yield sent
+        yield GaugeMetricFamily(
+            "gputally_agent_collector_connected",
+            "1 while the stream to the collector is open.",
+            value=int(stats.connected),
+        )
+
+
+def _zero_seconds() -> dict[str, float]:
+    return {measure: 0.0 for measure, _ in _SECONDS}
 
 
 def make_registry(exporter: NodeExporter) -> CollectorRegistry:

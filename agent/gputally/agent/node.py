@@ -35,7 +35,7 @@ class NodeAgent:
         # Real NVML calls can take milliseconds each; a thread keeps the event loop (and so
         # the stream) responsive. The mock is fast enough to run on the loop itself.
         self.sample_in_thread = sample_in_thread
-        self._down = down  # simulated outages: no sampling, no stream
+        self.down = down  # simulated outages: no sampling, no stream
         self._sender_options = sender_options or {}
         self._on_report = on_report  # e.g. the local /metrics exporter
         self.sender = self._new_sender()
@@ -85,7 +85,7 @@ class NodeAgent:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), max(due - loop.time(), 0))
                     break
-                if self._down is not None and self._down(self.sampler.clock()):
+                if self.down is not None and self.down(self.sampler.clock()):
                     if sender_task is not None:
                         self.sender.stop()
                         await sender_task

@@ -11,9 +11,11 @@ import re
 from dataclasses import dataclass, field
 
 from gputally.v1 import telemetry_pb2 as pb
+from gputally.v1.accounting import BURN_TOOL, BUSY_WITHOUT_WORK, FLATLINE_LOW_MEMORY
 
-# Idle power of known models, in watts, for the effective-work estimate. Other models: 10% of
-# the power limit.
+# Idle power of known models, in watts, that the effective-work estimate assumes. Other models:
+# 10% of the power limit. (The simulation's model profiles, sim/scenario.py, give simulated
+# boards the same idle draw on purpose: there the estimate can be checked exactly.)
 IDLE_WATTS: dict[str, float] = {
     "NVIDIA H100 80GB HBM3": 70.0,
     "NVIDIA H200": 75.0,
@@ -22,10 +24,6 @@ IDLE_WATTS: dict[str, float] = {
     "NVIDIA L40S": 32.0,
 }
 
-BUSY_WITHOUT_WORK = "busy_without_work"
-FLATLINE_LOW_MEMORY = "flatline_low_memory"
-BURN_TOOL = "burn_tool"
-RULES = (BUSY_WITHOUT_WORK, FLATLINE_LOW_MEMORY, BURN_TOOL)
 DEFAULT_BURN_PATTERNS = (r"\bgpu[_-]?burn\b", r"\bdcgmproftester", r"\bstress-ng\b.*--gpu")
 
 

@@ -1,4 +1,4 @@
-"""Turns backend readings into protocol messages: one Hello per stream, one Report per tick."""
+"""Turns the node's readings into protocol messages: one Hello per stream, one Report per tick."""
 
 from __future__ import annotations
 
@@ -11,32 +11,27 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gputally.v1 import PROTOCOL_REVISION, __version__
 from gputally.v1 import telemetry_pb2 as pb
 
-from . import __version__
-from .nvml import (
+from .attribution import Attributor
+from .backend import NvmlBackend
+from .chain import SummarySigner
+from .nvml import clock_event_names
+from .padding import PaddingDetector, PaddingRules, effective
+from .readings import (
     GPU_ERROR,
     GPU_LOST,
-    STRUCTURED,
+    GPU_OK,
+    MEASUREMENTS,
+    Attribution,
     GpuInfo,
     GpuReading,
     NotAvailable,
-    NvmlBackend,
-    clock_event_names,
 )
-from .padding import PaddingDetector, PaddingRules, effective
-from .signing import SummarySigner
 from .summary import Summarizer
 
-PROTOCOL_REVISION = 1
-
-_STATUS = {"ok": pb.GPU_STATUS_OK, GPU_LOST: pb.GPU_STATUS_LOST, GPU_ERROR: pb.GPU_STATUS_ERROR}
-# Reading fields copied into GpuSample fields of the same name.
-_SAMPLE_FIELDS = tuple(
-    name
-    for name in GpuReading.__dataclass_fields__
-    if name not in ("index", "status", "error", *STRUCTURED)
-)
+_STATUS = {GPU_OK: pb.GPU_STATUS_OK, GPU_LOST: pb.GPU_STATUS_LOST, GPU_ERROR: pb.GPU_STATUS_ERROR}
 
 
 def _set_present(message: Any, source: object, names: tuple[str, ...]) -> None:
@@ -49,7 +44,7 @@ def _set_present(message: Any, source: object, names: tuple[str, ...]) -> None:
 def reading_to_proto(reading: GpuReading) -> pb.GpuSample:
     """A NotAvailable value is left absent in the message: absent means "not available"."""
     sample = pb.GpuSample(index=reading.index, status=_STATUS[reading.status], error=reading.error)
-    _set_present(sample, reading, _SAMPLE_FIELDS)
+    _set_present(sample, reading, MEASUREMENTS)
     if not isinstance(reading.processes, NotAvailable):
         for process in reading.processes:
             message = sample.processes.add(
@@ -65,13 +60,8 @@ def reading_to_proto(reading: GpuReading) -> pb.GpuSample:
             _set_present(message, process, ("sm_util", "memory_util"))
     for code, when in reading.xid_events:
         sample.xid_events.add(code=code, time_unix_nano=int(when * 1e9))
-    attribution = reading.attribution
-    if attribution.source:
-        sample.attribution.CopyFrom(
-            pb.Attribution(
-                source=attribution.source, tenant=attribution.tenant, job=attribution.job
-            )
-        )
+    if reading.attribution.source:
+        sample.attribution.CopyFrom(_attribution(reading.attribution))
     sample.mig_enabled = reading.mig_enabled
     if isinstance(reading.mig_slices, int):
         sample.mig_slices = reading.mig_slices
@@ -87,11 +77,12 @@ def reading_to_proto(reading: GpuReading) -> pb.GpuSample:
             ("memory_total_bytes", "memory_used_bytes", "process_count", "sm_active", "slices"),
         )
         if instance.attribution.source:
-            owner = instance.attribution
-            mig.attribution.CopyFrom(
-                pb.Attribution(source=owner.source, tenant=owner.tenant, job=owner.job)
-            )
+            mig.attribution.CopyFrom(_attribution(instance.attribution))
     return sample
+
+
+def _attribution(owner: Attribution) -> pb.Attribution:
+    return pb.Attribution(source=owner.source, tenant=owner.tenant, job=owner.job)
 
 
 def identity_to_proto(info: GpuInfo) -> pb.GpuIdentity:
@@ -110,7 +101,8 @@ def identity_to_proto(info: GpuInfo) -> pb.GpuIdentity:
 
 
 class Sampler:
-    """Reads the backend once per tick and numbers the reports.
+    """Reads the node once per tick (the backend, then the attribution) and numbers the
+    reports.
 
     Each report covers the interval since the previous tick, capped at ``max_gap_factor``
     sampling intervals: NVML's utilization counters only look back about a second, so time
@@ -122,6 +114,7 @@ class Sampler:
         self,
         backend: NvmlBackend,
         *,
+        attributor: Attributor | None = None,
         node: str | None = None,
         interval: float = 1.0,
         clock: Callable[[], float] = time.time,
@@ -137,6 +130,7 @@ class Sampler:
         self.summarizer: Summarizer | None = None
         self._pending: deque[pb.SignedSummary] = deque()  # closed windows waiting for a report
         self.backend = backend
+        self.attributor = attributor or Attributor(monotonic=clock)
         self.node = node or socket.gethostname()
         # Without a key of its own (simulations, tests) the sampler signs with a fresh one.
         self.signer = signer or SummarySigner(Ed25519PrivateKey.generate(), self.node)
@@ -178,8 +172,14 @@ class Sampler:
             public_key=self.signer.public_key,
         )
 
-    def tick(self) -> pb.Report:
+    def read(self) -> list[GpuReading]:
+        """Every GPU's reading, with its processes described and the GPU attributed."""
         readings = self.backend.read()
+        self.attributor.annotate(self.inventory, readings)
+        return readings
+
+    def tick(self) -> pb.Report:
+        readings = self.read()
         now = self.clock()
         last = self._last if self._last is not None else now - self.interval
         covered = min(max(now - last, 0.0), self.max_gap)

@@ -1,8 +1,13 @@
-"""gputally collector: receives agent streams, aggregates cluster utilization, exposes it."""
+"""gputally collector: one per cluster. Two halves, one folder each:
 
-from importlib.metadata import PackageNotFoundError, version
+* ``live/``, the live path: gRPC ingest (``server``) -> message checks (``validate``) -> signed
+  summaries into the record (``intake``) -> the live window and counters (``state``) ->
+  Prometheus (``metrics``);
+* ``record/``, the durable record: the SQLite file (``store``), its Merkle tree (``merkle``) and
+  signed checkpoints (``ledger``), the enrolled keys (``keys``);
+* ``audit/``, the auditor's side, reading only a record and public keys: ``verify`` (every
+  signature, chain and checkpoint), ``figures`` (any period's figures from its summaries),
+  ``report`` and ``census``.
 
-try:
-    __version__ = version("gputally")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+source"
+``cli`` defines the collector's commands.
+"""

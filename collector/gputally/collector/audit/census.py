@@ -14,7 +14,7 @@ from typing import Any
 
 from gputally.v1 import telemetry_pb2 as pb
 
-from .record import Record
+from ..record.store import Record
 
 # Peak dense (without sparsity) BF16/FP16 tensor throughput, TFLOP/s, from NVIDIA's datasheets:
 # "NVIDIA H100 Tensor Core GPU" (H100 SXM: 989.4; 1,979 with sparsity), "NVIDIA H200 Tensor

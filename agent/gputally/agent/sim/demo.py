@@ -24,10 +24,13 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .scenario import Scenario
-from .simulate import FleetStats, run_fleet, run_fleet_virtual
+from gputally.v1.accounting import RECORDED_MEASURES
 
-MEASURES = ("busy", "sm_active", "allocated")
+from ..padding import PaddingRules
+from .fleet import FleetStats, run_fleet, run_fleet_virtual
+from .scenario import Scenario
+
+# What each measure's line says on screen (the node table shows the first three).
 _LABELS = {
     "busy": "busy (NVML utilization.gpu)",
     "sm_active": "SM active (real work)",
@@ -55,7 +58,7 @@ def _gputally_command() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("gputally")
-    return [found] if found else [sys.executable, "-m", "gputally.agent"]
+    return [found] if found else [sys.executable, "-m", "gputally.cli"]
 
 
 def scrape(url: str, timeout: float = 2.0) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
@@ -100,7 +103,7 @@ def render(
         "",
         "cluster utilization (denominator: the expected GPUs)",
     ]
-    for measure in (*MEASURES, "effective"):
+    for measure in RECORDED_MEASURES:
         ratio = _get(metrics, "gputally_cluster_utilization_ratio", measure=measure)
         clean = _get(metrics, "gputally_cluster_utilization_without_padding_ratio", measure=measure)
         lines.append(
@@ -124,13 +127,14 @@ def render(
         "",
         f"power now {power / 1000:7.2f} kW    energy so far {energy / 3.6e6:8.4f} kWh",
         "",
-        "  node          up   busy  SM act  alloc",
+        "  node          up   busy   alloc  SM act",
     ]
     nodes = sorted({dict(k)["node"] for k in metrics.get("gputally_node_up", {})})
     for node in nodes[:16]:
         up = "yes" if _get(metrics, "gputally_node_up", node=node) else "NO "
         figures = [
-            _get(metrics, "gputally_node_utilization_ratio", node=node, measure=m) for m in MEASURES
+            _get(metrics, "gputally_node_utilization_ratio", node=node, measure=m)
+            for m in RECORDED_MEASURES[:3]
         ]
         lines.append(f"  {node:<12} {up}  {figures[0]:5.1%}  {figures[1]:5.1%}  {figures[2]:5.1%}")
     if len(nodes) > 16:
@@ -289,6 +293,7 @@ def simulate_ledger(
     interval: float,
     summary_window: float,
     expected_gpus: int,
+    padding: PaddingRules | None = None,
 ) -> int:
     """`gputally simulate --fast`: the scenario over `days` on a virtual clock, through the real
     agents, signing, gRPC and a real collector process that writes the ledger and signs its
@@ -329,6 +334,7 @@ def simulate_ledger(
                 start=start,
                 interval=interval,
                 summary_window=summary_window,
+                padding=padding,
                 progress=progress,
             )
         )

@@ -13,18 +13,11 @@ import csv
 import html
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .audit import Verification
 from .figures import MEASURES, Rollup, as_dict, bounds
-
-DAY = 86400.0
-
-
-def _day(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d")
+from .verify import Verification
 
 
 def build(

@@ -1,11 +1,15 @@
 """A fake of the ``pynvml`` functions the NVML backend calls, driven by a scenario and a clock.
 
-``MockNVML`` plays one node of a :class:`~gputally.agent.scenario.Scenario`. It returns the
-same shapes as ``pynvml`` (objects with the same attribute names, bytes where NVML structs hold
-char arrays, integer percentages) and raises the real ``pynvml.NVMLError`` subclasses, so
-that :class:`~gputally.agent.nvml.NvmlBackend` runs unchanged against it. It is a first-class
-backend: ``gputally agent --backend mock`` and ``gputally simulate`` use it on machines with no
-GPU at all.
+``MockNVML`` plays one node of a :class:`~gputally.agent.sim.scenario.Scenario`. It returns
+the same shapes as ``pynvml`` (objects with the same attribute names, bytes where NVML structs
+hold char arrays, integer percentages) and raises the real ``pynvml.NVMLError`` subclasses, so
+that :class:`~gputally.agent.backend.NvmlBackend` runs unchanged against it. It is a
+first-class backend: ``gputally agent --backend mock`` and ``gputally simulate`` use it on
+machines with no GPU at all. ``MockProcesses`` is the simulated host's view of its processes,
+which the agent's attribution reads as it reads the real host's.
+
+The module is longer than most because it is one fake of one library: every function of
+``NvmlLibrary`` is here, next to the fault injection they all share.
 
 Time-averaged readings are exact. The driver samples utilization every 1/6 s (NVML's
 documented period is 1/6 s to 1 s depending on the product); ``utilization.gpu`` is the latest
@@ -28,9 +32,10 @@ from typing import Any
 
 import pynvml
 
-from .attribution import ProcessFacts
-from .nvml import gpm_sample_address
-from .scenario import MAX_MIG_INSTANCES, Load, Scenario
+from ..nvml import gpm_sample_address
+from ..readings import ProcessFacts
+from .physics import MAX_MIG_INSTANCES, Load
+from .scenario import Scenario
 
 Clock = Callable[[], float]
 
@@ -637,7 +642,7 @@ class MockNVML:
 class MockProcesses:
     """Host facts for the mock's processes (user, command, cgroup), from the scenario.
 
-    Implements ``ProcessInspector``. A ``process_exit`` fault makes a GPU's processes vanish
+    Implements ``gputally.agent.attribution.ProcessInspector``. A ``process_exit`` fault makes a GPU's processes vanish
     from the host while NVML still lists them: the race between two calls that real agents
     meet when a job ends.
     """

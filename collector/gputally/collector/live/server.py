@@ -1,16 +1,30 @@
-"""gRPC ingest: one session per agent stream (grpc.aio)."""
+"""The collector daemon: gRPC ingest (grpc.aio, one session per agent stream), the HTTP
+endpoints, and the checkpoint signer, put together by :func:`serve`."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
+from gputally.cli.options import Address
+from gputally.v1 import __version__
 from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1 import telemetry_pb2_grpc as pb_grpc
+from gputally.v1.signing import load_or_create_private_key
 
-from . import __version__
-from .state import ClusterState, InvalidMessageError, NotEnrolledError
+from ..record.keys import KeyStore
+from ..record.ledger import CheckpointError, Ledger, publish_collector_key
+from ..record.store import Record
+from .metrics import make_app, make_registry, serve_http
+from .state import ClusterState, NotEnrolledError
+from .validate import InvalidMessageError
 
 log = logging.getLogger("gputally.collector.ingest")
 
@@ -95,15 +109,93 @@ class IngestService(pb_grpc.IngestServicer):
         return ack
 
 
-async def start(state: ClusterState, listen: str) -> tuple[grpc.aio.Server, int]:
+async def start(state: ClusterState, listen: Address | str) -> tuple[grpc.aio.Server, int]:
     """Start the ingest server; returns it and the port bound (useful with port 0)."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_IngestServicer_to_server(IngestService(state), server)
     try:
-        port = server.add_insecure_port(listen)
+        port = server.add_insecure_port(str(listen))
     except RuntimeError as error:  # grpcio raises RuntimeError when the bind fails
         raise OSError(f"could not listen for gRPC on {listen}: {error}") from None
     if port == 0:
         raise OSError(f"could not listen for gRPC on {listen}")
     await server.start()
     return server, port
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What `gputally collector` runs with: its options, by their names."""
+
+    grpc_listen: Address
+    metrics_listen: Address
+    expected_gpus: int | None
+    window: float
+    lag: float
+    stale_after: float
+    grace: float
+    db: str
+    keys: str
+    trust_on_first_use: bool
+    collector_key: str
+    origin: str
+    checkpoint_interval: float
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Run the collector until `stop` is set: ingest, /metrics, and, with a record and keys, a
+    ledger whose checkpoints are signed every checkpoint_interval and once more at the end."""
+    s = settings
+    record = Record(s.db) if s.db else None
+    keys = KeyStore(s.keys, trust_on_first_use=s.trust_on_first_use) if s.keys else None
+    if record is not None and keys is None:
+        log.warning("no --keys: summaries cannot be verified, so none is recorded in %s", s.db)
+    ledger = None
+    if record is not None and keys is not None:
+        key_path = Path(s.collector_key or f"{s.db}.key")
+        ledger = Ledger(record, load_or_create_private_key(key_path), s.origin)
+        publish_collector_key(ledger, Path(s.keys), key_path.parent)
+    state = ClusterState(
+        expected_gpus=s.expected_gpus,
+        window=s.window,
+        lag=s.lag,
+        stale_after=s.stale_after,
+        record=record,
+        keys=keys,
+    )
+    server, grpc_port = await start(state, s.grpc_listen)
+    http, _ = serve_http(
+        make_app(make_registry(state), ready=lambda: not stop.is_set()), s.metrics_listen
+    )
+    print(
+        f"gputally collector: gRPC on {s.grpc_listen.bind_host}:{grpc_port}, "
+        f"metrics on http://{s.metrics_listen.bind_host}:{http.server_port}/metrics",
+        file=sys.stderr,
+        flush=True,
+    )
+    if s.expected_gpus is None:
+        log.warning(
+            "no --expected-gpus: ratios use the GPUs seen as the denominator, so GPUs that never report cannot lower them"
+        )
+
+    async def checkpoints() -> None:
+        while ledger is not None:
+            try:
+                await asyncio.to_thread(ledger.checkpoint, time.time())
+            except CheckpointError as error:
+                log.error("checkpoint refused", extra={"kv": {"error": str(error)}})
+            await asyncio.sleep(s.checkpoint_interval)
+
+    signer = asyncio.ensure_future(checkpoints())
+    try:
+        await stop.wait()
+    finally:
+        signer.cancel()
+        await server.stop(s.grace)
+        if ledger is not None:
+            with contextlib.suppress(CheckpointError):
+                ledger.checkpoint(time.time())  # cover everything recorded before the stop
+        http.shutdown()
+        http.server_close()
+        if record is not None:
+            record.close()

@@ -13,32 +13,17 @@ for it; a different key later is still refused.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import threading
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from gputally.v1.signing import KeyFileError, decode_public_key, encode_public_key, write_file
 
 log = logging.getLogger("gputally.collector")
 
-DOMAIN = b"gputally summary v1\n"  # what agents prefix to the summary body they sign
 
-
-class KeyStoreError(ValueError):
-    pass
-
-
-def read_public_key(text: str, where: str) -> bytes:
-    try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except binascii.Error:
-        raise KeyStoreError(f"{where}: not base64") from None
-    if len(raw) != 32:
-        raise KeyStoreError(f"{where}: an Ed25519 public key has 32 bytes, this has {len(raw)}")
-    return raw
+class KeyStoreError(KeyFileError):
+    """A key directory, or an enrolment, that cannot be used; the message says why."""
 
 
 def read_public_keys(text: str, where: str) -> list[bytes]:
@@ -46,7 +31,7 @@ def read_public_keys(text: str, where: str) -> list[bytes]:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise KeyStoreError(f"{where}: no key in the file")
-    return [read_public_key(line, f"{where}: line {i}") for i, line in enumerate(lines, 1)]
+    return [decode_public_key(line, f"{where}: line {i}") for i, line in enumerate(lines, 1)]
 
 
 def _checked_name(node: str) -> str:
@@ -97,7 +82,7 @@ class KeyStore:
             if self._seen.get(node) != stamp:
                 try:
                     self._keys[node] = read_public_keys(path.read_text(), str(path))
-                except (OSError, KeyStoreError) as error:
+                except (OSError, KeyFileError) as error:
                     # A half-written or broken file: keep what was enrolled before, if anything.
                     log.warning("cannot read enrolled key", extra={"kv": {"error": str(error)}})
                     return list(self._keys.get(node, []))
@@ -126,9 +111,9 @@ class KeyStore:
         with self._lock:
             # Written whole and renamed into place: a collector reading the directory never
             # sees half a key.
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(base64.b64encode(k).decode() + "\n" for k in keys))
-            tmp.replace(path)
+            write_file(
+                path, "".join(encode_public_key(k) + "\n" for k in keys).encode(), mode=0o644
+            )
             self._keys[node] = keys
             self._seen[node] = _stamp(path)
         return path
@@ -151,11 +136,3 @@ class KeyStore:
                 if retired
                 else f"node {node} presented a key that is not the one enrolled for it"
             )
-
-
-def verify(public_key: bytes, body: bytes, signature: bytes) -> bool:
-    try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, DOMAIN + body)
-    except (InvalidSignature, ValueError):
-        return False
-    return True

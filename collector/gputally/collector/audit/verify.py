@@ -24,7 +24,6 @@ checked in full.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -33,16 +32,18 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
 
 from gputally.v1 import telemetry_pb2 as pb
+from gputally.v1.signing import verify_summary, write_file
 
-from .figures import Rollup, gpu_numbers
-from .keys import KeyStore, KeyStoreError, verify
-from .ledger import COLLECTOR_KEY_FILE, CheckpointError, open_note
-from .merkle import Frontier, leaf_hash
-from .record import Record
+from ..record.keys import KeyStore
+from ..record.ledger import COLLECTOR_KEY_FILE, CheckpointError, open_note, read_collector_key
+from ..record.merkle import Frontier, leaf_hash
+from ..record.store import Record
+from .figures import Rollup
 
 
 @dataclass(slots=True)
@@ -95,6 +96,9 @@ class Receipt:
             indent=2,
         )
 
+    def write(self, path: Path) -> None:
+        write_file(path, (self.dumps() + "\n").encode(), mode=0o644)
+
     @classmethod
     def load(cls, path: Path) -> Receipt:
         try:
@@ -134,38 +138,38 @@ def keys_digest(keys: Path) -> str:
     return digest.hexdigest()
 
 
-def read_collector_key(keys: Path) -> tuple[str, bytes]:
-    """(name, public key) from the key directory's collector.ckey: the name on one line, then
-    the key in base64."""
-    path = keys / COLLECTOR_KEY_FILE
-    try:
-        name, key = path.read_text().split("\n")[:2]
-        raw = base64.b64decode(key.strip(), validate=True)
-    except (OSError, ValueError) as error:
-        raise KeyStoreError(
-            f"{path}: the collector's public key is missing or malformed ({error})"
-        ) from None
-    if len(raw) != 32:
-        raise KeyStoreError(f"{path}: not a 32-byte Ed25519 key")
-    return name.strip(), raw
-
-
 # Entries per batch handed to a worker process; below this many in all, no pool is worth it.
 _CHUNK = 20_000
 
 
 Period = tuple[float, float, int]  # start, end, expected GPUs: what a Rollup adds up
+Entry = tuple[int, str, bytes, bytes]  # (id, node, stored bytes, stored leaf hash)
+
+
+class Checked(NamedTuple):
+    """The order-free checks of one entry, for the in-order checks (chain, tree) to use."""
+
+    problem: str | None
+    node: str  # the node the body names
+    chain_seq: int
+    prev_hash: bytes
+    body_hash: bytes
+    leaf: bytes  # the leaf hash of the stored bytes, recomputed
+    signer: int  # which of the node's keys signed it (oldest first)
+
+
+def _unreadable(problem: str, leaf: bytes) -> Checked:
+    return Checked(problem, "", 0, b"", b"", leaf, 0)
 
 
 def _opened(
-    entries: list[tuple[int, str, bytes, bytes]],
+    entries: list[Entry],
     keys: dict[str, list[bytes]],
     period: Period | None = None,
     trusted: int = 0,
-) -> tuple[list[tuple[object, ...]], Rollup | None]:
+) -> tuple[list[Checked], Rollup | None]:
     """The order-free part of the checks (hashing, parsing, signatures), for a batch of
-    entries; runs in worker processes. Per entry: (problem or None, node in body, chain_seq,
-    prev_hash, body hash, leaf hash of the stored bytes, which of the node's keys signed it).
+    entries; runs in worker processes.
 
     With a period, the batch's figures are also added up here, while every summary is parsed
     anyway: sums do not depend on order, so the workers each roll up their share of the log
@@ -173,28 +177,18 @@ def _opened(
 
     The first `trusted` entries of the batch are covered by a receipt: their signatures are
     not checked again where the node has one key (see the module's docstring)."""
-    out: list[tuple[object, ...]] = []
+    out: list[Checked] = []
     rollup = Rollup(*period) if period is not None else None
     for position, (_, node, stored, leaf) in enumerate(entries):
         computed = leaf_hash(stored)
         if leaf != computed:
-            out.append(
-                (
-                    "its stored leaf hash is not the hash of its bytes",
-                    "",
-                    0,
-                    b"",
-                    b"",
-                    computed,
-                    0,
-                )
-            )
+            out.append(_unreadable("its stored leaf hash is not the hash of its bytes", computed))
             continue
         try:
             signed = pb.SignedSummary.FromString(stored)
             summary = pb.Summary.FromString(signed.body)
         except DecodeError:
-            out.append(("not a signed summary", "", 0, b"", b"", computed, 0))
+            out.append(_unreadable("not a signed summary", computed))
             continue
         node_keys = keys.get(node) or []
         signer: int | None
@@ -206,7 +200,7 @@ def _opened(
                 (
                     i
                     for i, key in enumerate(node_keys)
-                    if verify(key, signed.body, signed.signature)
+                    if verify_summary(key, signed.body, signed.signature)
                 ),
                 None,
             )
@@ -219,7 +213,7 @@ def _opened(
         else:
             problem = None
         out.append(
-            (
+            Checked(
                 problem,
                 summary.node,
                 summary.chain_seq,
@@ -230,16 +224,12 @@ def _opened(
             )
         )
         if rollup is not None and problem is None:
-            rollup.add(
-                node,
-                (summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9),
-                gpu_numbers(node, summary),
-            )
+            rollup.add_summary(node, summary)
     return out, rollup
 
 
-def _batches(record: Record) -> Iterator[list[tuple[int, str, bytes, bytes]]]:
-    batch: list[tuple[int, str, bytes, bytes]] = []
+def _batches(record: Record) -> Iterator[list[Entry]]:
+    batch: list[Entry] = []
     for row in record.entries():
         batch.append(row)
         if len(batch) == _CHUNK:
@@ -256,17 +246,10 @@ def _opened_in_order(
     workers: int,
     period: Period | None,
     trusted: int = 0,
-) -> Iterator[
-    tuple[list[tuple[int, str, bytes, bytes]], tuple[list[tuple[object, ...]], Rollup | None]]
-]:
+) -> Iterator[tuple[list[Entry], tuple[list[Checked], Rollup | None]]]:
     """(batch, its results) in log order, with at most two batches per worker in flight, so
     a ledger of any size is never held in memory at once."""
-    pending: deque[
-        tuple[
-            list[tuple[int, str, bytes, bytes]],
-            Future[tuple[list[tuple[object, ...]], Rollup | None]],
-        ]
-    ] = deque()
+    pending: deque[tuple[list[Entry], Future[tuple[list[Checked], Rollup | None]]]] = deque()
     offset = 0
     for batch in _batches(record):
         covered = max(0, min(len(batch), trusted - offset))
@@ -360,7 +343,7 @@ def _verify(
                 if problem is not None:
                     result.problems.append(problem)
                 result.nodes.add(node)
-                frontier.append(checked[5])  # type: ignore[arg-type]
+                frontier.append(checked.leaf)
                 if frontier.size in wanted:
                     roots[frontier.size] = frontier.root()
         if result.trusted and (receipt is None or roots.get(result.trusted) != receipt.root):
@@ -411,17 +394,11 @@ def _verify(
 
 
 def _chain(
-    entry: int, node: str, checked: tuple[object, ...], chains: dict[str, tuple[int, bytes, int]]
+    entry: int, node: str, checked: Checked, chains: dict[str, tuple[int, bytes, int]]
 ) -> Problem | None:
-    problem, _, seq_value, prev_hash, body_hash, _, signer = checked[:7]
-    if problem is not None:
-        return Problem(entry, str(problem))
-    assert (
-        isinstance(seq_value, int)
-        and isinstance(prev_hash, bytes)
-        and isinstance(body_hash, bytes)
-        and isinstance(signer, int)
-    )
+    if checked.problem is not None:
+        return Problem(entry, checked.problem)
+    signer, seq = checked.signer, checked.chain_seq
     last_seq, last_hash, last_signer = chains.get(node, (0, b"", 0))
     if signer < last_signer:
         return Problem(
@@ -429,8 +406,7 @@ def _chain(
         )
     if signer > last_signer:  # the node's key was rotated: its new key starts a new chain
         last_seq, last_hash = 0, b""
-    seq = seq_value
-    chains[node] = (max(seq, last_seq), body_hash if seq > last_seq else last_hash, signer)
+    chains[node] = (max(seq, last_seq), checked.body_hash if seq > last_seq else last_hash, signer)
     if seq <= last_seq:
         return Problem(
             entry, f"node {node}'s summary {seq} comes after {last_seq}: replayed or reordered"
@@ -438,6 +414,6 @@ def _chain(
     if seq != last_seq + 1:
         missing = f"{last_seq + 1}" if seq == last_seq + 2 else f"{last_seq + 1}..{seq - 1}"
         return Problem(entry, f"node {node}'s summaries {missing} are missing before {seq}")
-    if prev_hash != last_hash:
+    if checked.prev_hash != last_hash:
         return Problem(entry, f"node {node}'s summary {seq} does not chain to summary {last_seq}")
     return None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -23,13 +23,117 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .state import MAX_TENANTS, MEASURES, ClusterState, ClusterView
+from gputally.cli.options import Address
+from gputally.v1 import __version__
+from gputally.v1.accounting import MEASURES, PADDING_RULES
 
-# The agent's padding rule names (docs/utilization.md §7), listed so every series exists at 0.
-PADDING_RULES = ("busy_without_work", "flatline_low_memory", "burn_tool")
+from .state import MAX_TENANTS, ClusterState, ClusterView, NodeView
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+NodeValues = Callable[[NodeView], Iterable[tuple[Sequence[str], float]]]
+
+# Per-node series: kind, name, help, labels after "node", and each one's (labels, value)s.
+_NODE_SERIES: tuple[tuple[str, str, str, tuple[str, ...], NodeValues], ...] = (
+    (
+        "gauge",
+        "gputally_node_info",
+        "The node's agent as its hello describes it (backend mock or nvml, versions).",
+        ("backend", "agent_version", "driver_version", "protocol_revision"),
+        lambda n: [((n.backend, n.agent_version, n.driver_version, str(n.protocol_revision)), 1)],
+    ),
+    (
+        "gauge",
+        "gputally_node_up",
+        "1 when the node's agent is connected and its telemetry is fresh.",
+        (),
+        lambda n: [((), int(n.up))],
+    ),
+    (
+        "gauge",
+        "gputally_node_gpus",
+        "GPUs of the node by state.",
+        ("state",),
+        lambda n: [(("total",), n.gpus), (("reporting",), n.reporting)],
+    ),
+    (
+        "gauge",
+        "gputally_node_utilization_ratio",
+        "Node utilization over the live window, over the node's GPUs.",
+        ("measure",),
+        lambda n: [((m,), n.window.ratios[m]) for m in MEASURES],
+    ),
+    (
+        "gauge",
+        "gputally_node_coverage_ratio",
+        "Node coverage over the live window.",
+        (),
+        lambda n: [((), n.window.coverage)],
+    ),
+    (
+        "counter",
+        "gputally_node_gpu_seconds",
+        "Node GPU-seconds by measure.",
+        ("measure",),
+        lambda n: [((m,), v) for m, v in n.counters.seconds.items()],
+    ),
+    (
+        "counter",
+        "gputally_node_energy_joules",
+        "Energy drawn by the node's GPUs.",
+        (),
+        lambda n: [((), n.counters.energy_joules)],
+    ),
+    (
+        "gauge",
+        "gputally_node_power_watts",
+        "Latest power of the node's reporting GPUs.",
+        (),
+        lambda n: [((), n.power_watts)],
+    ),
+    (
+        "gauge",
+        "gputally_node_last_report_timestamp_seconds",
+        "When the node's latest report arrived (unix time).",
+        (),
+        lambda n: [((), n.last_received)],
+    ),
+    (
+        "counter",
+        "gputally_node_reports",
+        "Reports received by outcome.",
+        ("result",),
+        lambda n: [((r,), c) for r, c in n.reports.items()],
+    ),
+    (
+        "counter",
+        "gputally_node_missed_reports",
+        "Reports never received (gaps in sequence numbers).",
+        (),
+        lambda n: [((), n.missed_reports)],
+    ),
+    (
+        "counter",
+        "gputally_node_summaries",
+        "Signed summaries received: recorded in the ledger, or resent (already recorded).",
+        ("result",),
+        lambda n: [(("recorded",), n.summaries), (("resent",), n.summaries_resent)],
+    ),
+    (
+        "counter",
+        "gputally_node_chain_breaks",
+        "Recorded summaries that did not continue the node's chain: summaries lost on the "
+        "way (a gap auditors will see) or an agent that started a new chain.",
+        (),
+        lambda n: [((), n.chain_breaks)],
+    ),
+    (
+        "counter",
+        "gputally_node_xid_events",
+        "XID errors the node's GPUs reported (e.g. 79: fell off the bus).",
+        ("xid",),
+        lambda n: [((str(code),), count) for code, count in sorted(n.xids.items())],
+    ),
+)
 
 
 class ClusterCollector(Collector):
@@ -43,7 +147,15 @@ class ClusterCollector(Collector):
             "Collector build information.",
             value={"version": __version__},
         )
+        yield from self._cluster(view)
+        yield from self._bounds_and_breakdowns(view)
+        yield from self._nodes(view)
+        yield GaugeMetricFamily(
+            "gputally_collector_sessions", "Agent streams currently open.", value=view.sessions
+        )
 
+    def _cluster(self, view: ClusterView) -> Iterator[Any]:
+        """The cluster's GPUs, live figures, counters and models."""
         gpus = GaugeMetricFamily(
             "gputally_cluster_gpus",
             "GPUs by state: expected (declared inventory, else GPUs seen), seen (in any agent's hello), "
@@ -115,102 +227,24 @@ class ClusterCollector(Collector):
         for model, count in sorted(view.models.items()):
             models.add_metric([model], count)
         yield models
-        yield from self._bounds_and_breakdowns(view)
 
-        up = GaugeMetricFamily(
-            "gputally_node_up",
-            "1 when the node's agent is connected and its telemetry is fresh.",
-            labels=["node"],
-        )
-        node_gpus = GaugeMetricFamily(
-            "gputally_node_gpus", "GPUs of the node by state.", labels=["node", "state"]
-        )
-        node_ratio = GaugeMetricFamily(
-            "gputally_node_utilization_ratio",
-            "Node utilization over the live window, over the node's GPUs.",
-            labels=["node", "measure"],
-        )
-        node_coverage = GaugeMetricFamily(
-            "gputally_node_coverage_ratio", "Node coverage over the live window.", labels=["node"]
-        )
-        node_seconds = CounterMetricFamily(
-            "gputally_node_gpu_seconds", "Node GPU-seconds by measure.", labels=["node", "measure"]
-        )
-        node_energy = CounterMetricFamily(
-            "gputally_node_energy_joules", "Energy drawn by the node's GPUs.", labels=["node"]
-        )
-        node_power = GaugeMetricFamily(
-            "gputally_node_power_watts",
-            "Latest power of the node's reporting GPUs.",
-            labels=["node"],
-        )
-        node_last = GaugeMetricFamily(
-            "gputally_node_last_report_timestamp_seconds",
-            "When the node's latest report arrived (unix time).",
-            labels=["node"],
-        )
-        node_reports = CounterMetricFamily(
-            "gputally_node_reports", "Reports received by outcome.", labels=["node", "result"]
-        )
-        node_missed = CounterMetricFamily(
-            "gputally_node_missed_reports",
-            "Reports never received (gaps in sequence numbers).",
-            labels=["node"],
-        )
-        node_summaries = CounterMetricFamily(
-            "gputally_node_summaries",
-            "Signed summaries received: recorded in the ledger, or resent (already recorded).",
-            labels=["node", "result"],
-        )
-        node_breaks = CounterMetricFamily(
-            "gputally_node_chain_breaks",
-            "Recorded summaries that did not continue the node's chain: summaries lost on the "
-            "way (a gap auditors will see) or an agent that started a new chain.",
-            labels=["node"],
-        )
-        xid = CounterMetricFamily(
-            "gputally_node_xid_events",
-            "XID errors the node's GPUs reported (e.g. 79: fell off the bus).",
-            labels=["node", "xid"],
-        )
+    def _nodes(self, view: ClusterView) -> Iterator[Any]:
+        """Every node's state, live figures, counters and evidence (_NODE_SERIES)."""
+        families = [
+            (
+                (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+                    name, text, labels=["node", *labels]
+                ),
+                values,
+            )
+            for kind, name, text, labels, values in _NODE_SERIES
+        ]
         for node in view.nodes:
-            for code, count in sorted(node.xids.items()):
-                xid.add_metric([node.name, str(code)], count)
-            up.add_metric([node.name], int(node.up))
-            node_gpus.add_metric([node.name, "total"], node.gpus)
-            node_gpus.add_metric([node.name, "reporting"], node.reporting)
-            for measure in MEASURES:
-                node_ratio.add_metric([node.name, measure], node.window.ratios[measure])
-            node_coverage.add_metric([node.name], node.window.coverage)
-            for measure, gpu_seconds in node.counters.seconds.items():
-                node_seconds.add_metric([node.name, measure], gpu_seconds)
-            node_energy.add_metric([node.name], node.counters.energy_joules)
-            node_power.add_metric([node.name], node.power_watts)
-            node_last.add_metric([node.name], node.last_received)
-            for result, count in node.reports.items():
-                node_reports.add_metric([node.name, result], count)
-            node_missed.add_metric([node.name], node.missed_reports)
-            node_summaries.add_metric([node.name, "recorded"], node.summaries)
-            node_summaries.add_metric([node.name, "resent"], node.summaries_resent)
-            node_breaks.add_metric([node.name], node.chain_breaks)
-        yield from (
-            up,
-            node_gpus,
-            node_ratio,
-            node_coverage,
-            node_seconds,
-            node_energy,
-            node_power,
-            node_last,
-            node_reports,
-            node_missed,
-            node_summaries,
-            node_breaks,
-        )
-        yield xid
-        yield GaugeMetricFamily(
-            "gputally_collector_sessions", "Agent streams currently open.", value=view.sessions
-        )
+            for family, values in families:
+                for extra, value in values(node):
+                    family.add_metric([node.name, *extra], value)
+        for family, _ in families:
+            yield family
 
     def _bounds_and_breakdowns(self, view: ClusterView) -> Iterator[Any]:
         """Lower and upper bounds, figures without padding, padding, per model and per tenant."""
@@ -337,20 +371,14 @@ def make_app(registry: CollectorRegistry, ready: Callable[[], bool]) -> WSGIApp:
     return app
 
 
-def split_hostport(address: str) -> tuple[str, int]:
-    """'HOST:PORT', '[v6]:PORT' or ':PORT' -> (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"expected HOST:PORT, got {address!r}")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+def serve_http(app: WSGIApp, listen: Address) -> tuple[WSGIServer, threading.Thread]:
+    """Serve the app on a daemon thread; returns the server (its server_port is the bound port).
 
-
-def serve_http(app: WSGIApp, address: str) -> tuple[WSGIServer, threading.Thread]:
-    """Serve the app on a daemon thread; returns the server (its server_port is the bound port)."""
-    host, port = split_hostport(address)
+    Not prometheus_client's start_http_server (which the agent uses): the collector also
+    answers /healthz and /readyz, and listens on IPv6 addresses too."""
+    host = listen.bind_host
     server_class = _ThreadingServer6 if ":" in host else _ThreadingServer
-    server = make_server(host, port, app, server_class=server_class, handler_class=_Quiet)
+    server = make_server(host, listen.port, app, server_class=server_class, handler_class=_Quiet)
     thread = threading.Thread(target=server.serve_forever, name="gputally-http", daemon=True)
     thread.start()
     return server, thread

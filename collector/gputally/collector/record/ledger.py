@@ -20,17 +20,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import os
-import tempfile
 import threading
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from gputally.v1.signing import KeyFileError, decode_public_key, encode_public_key, public_bytes
+
 from .merkle import Frontier
-from .record import Record
+from .store import Record
 
 log = logging.getLogger("gputally.collector.ledger")
 
@@ -51,11 +50,9 @@ def checkpoint_text(origin: str, size: int, root: bytes) -> str:
 
 
 def sign_note(text: str, name: str, key: Ed25519PrivateKey) -> str:
-    public = key.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
     signature = key.sign(text.encode())
-    return f"{text}\n\u2014 {name} {base64.b64encode(key_id(name, public) + signature).decode()}\n"
+    blob = key_id(name, public_bytes(key)) + signature
+    return f"{text}\n\u2014 {name} {base64.b64encode(blob).decode()}\n"
 
 
 def open_note(note: str, name: str, public_key: bytes) -> tuple[str, int, bytes]:
@@ -102,27 +99,48 @@ def open_note(note: str, name: str, public_key: bytes) -> tuple[str, int, bytes]
     raise CheckpointError(f"no signature by {name} with this key")
 
 
-def load_or_create_key(path: Path) -> Ed25519PrivateKey:
-    if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise CheckpointError(f"{path}: not an Ed25519 key")
-        return key
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.fchmod(fd, 0o600)  # the checkpoint key is private to the collector's user
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-    os.replace(tmp, path)
-    return key
+def collector_key_text(origin: str, public_key: bytes) -> str:
+    """The collector.ckey file: the checkpoints' key name (the origin) on one line, then the
+    key in base64."""
+    return f"{origin}\n{encode_public_key(public_key)}\n"
 
 
-def public_bytes(key: Ed25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+def read_collector_key(keys: Path) -> tuple[str, bytes]:
+    """(name, public key) from a key directory's collector.ckey."""
+    path = keys / COLLECTOR_KEY_FILE
+    try:
+        name, key = path.read_text().split("\n")[:2]
+        raw = decode_public_key(key, str(path))
+    except (OSError, ValueError) as error:
+        raise KeyFileError(
+            f"{path}: the collector's public key is missing or malformed ({error})"
+        ) from None
+    return name.strip(), raw
+
+
+def publish_collector_key(ledger: Ledger, keys: Path, fallback: Path) -> None:
+    """Put the checkpoint key's public half (collector.ckey) beside the agents' keys, where
+    auditors read it (and should also check it out of band). A read-only key directory (a
+    Kubernetes ConfigMap, /etc under systemd's ProtectSystem=strict) gets it beside the
+    collector's private key instead, and the log says where."""
+    text = collector_key_text(ledger.origin, public_bytes(ledger.key))
+    for directory in (keys, fallback):
+        path = directory / COLLECTOR_KEY_FILE
+        try:
+            if not path.exists() or path.read_text() != text:
+                path.write_text(text)
+        except OSError as error:
+            log.info(
+                "cannot publish the checkpoint key here",
+                extra={"kv": {"path": str(path), "error": error.strerror}},
+            )
+            continue
+        if directory != keys:
+            log.warning(
+                "the key directory is read-only: copy the checkpoint key into it for auditors",
+                extra={"kv": {"path": str(path), "keys": str(keys)}},
+            )
+        return
 
 
 class Ledger:

@@ -1,5 +1,6 @@
 """A whole simulated fleet in one process: every node of a scenario is a real agent
-(``NvmlBackend`` over ``MockNVML``, ``Sampler``, ``Sender``) with its own gRPC stream."""
+(``NvmlBackend`` over ``MockNVML``, ``Sampler``, ``Sender``) with its own gRPC stream, in real
+time or on a virtual clock."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..attribution import Attributor
+from ..backend import NvmlBackend
+from ..node import NodeAgent
+from ..padding import PaddingRules
+from ..sampler import Sampler
 from .mock import ManualClock, MockNVML
-from .node import NodeAgent
-from .nvml import NvmlBackend
-from .padding import PaddingRules
-from .sampler import Sampler
 from .scenario import Scenario
 
 
@@ -54,14 +56,11 @@ def build_fleet(
     start = clock() if start is None else start
     agents = []
     for node in range(scenario.nodes):
+        mock = MockNVML(scenario, node, clock, start=start)
         sampler = Sampler(
             # Events are drained by each tick: one thread per simulated node would not scale.
-            NvmlBackend(
-                MockNVML(scenario, node, clock, start=start),
-                events="poll",
-                monotonic=clock,
-                clock=clock,
-            ),
+            NvmlBackend(mock, events="poll", monotonic=clock, clock=clock),
+            attributor=Attributor(processes=mock.processes, monotonic=clock),
             node=scenario.node_name(node),
             interval=interval,
             clock=clock,
@@ -143,7 +142,7 @@ async def run_fleet_virtual(
         for tick in range(1, round(seconds / interval) + 1):
             clock.now = start + tick * interval
             for number, agent in enumerate(agents):
-                if agent._down is not None and agent._down(clock()):
+                if agent.down is not None and agent.down(clock()):
                     was_down[number] = True
                     continue
                 if was_down[number]:

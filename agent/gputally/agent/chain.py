@@ -1,8 +1,9 @@
-"""The node's key and the chain of its signed summaries (docs/audit.md).
+"""The node's chain of signed summaries, and its spool (docs/audit.md).
 
-Each agent holds an Ed25519 key. Every summary names its node, carries the next number of the
-node's chain and the SHA-256 of the previous summary's body, and is signed as serialized. A
-deleted, reordered, replayed or altered summary then breaks a signature or the chain.
+Every summary names its node, carries the next number of the node's chain and the SHA-256 of
+the previous summary's body, and is signed as serialized with the node's key
+(gputally.v1.signing). A deleted, reordered, replayed or altered summary then breaks a
+signature or the chain.
 
 With a state directory, every signed summary is also written to a spool (`spool/`, one file
 per chain number) before it is handed to the sender, and removed when the collector has
@@ -16,66 +17,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError
 
 from gputally.v1 import telemetry_pb2 as pb
+from gputally.v1.signing import public_bytes, sign_summary, write_file
 
-DOMAIN = b"gputally summary v1\n"  # signatures over summaries cannot be replayed as anything else
 KEY_FILE = "agent.key"
 CHAIN_FILE = "chain.json"
 SPOOL_DIR = "spool"
 
 
-class KeyFileError(RuntimeError):
-    """A key file that cannot be used; the message says why."""
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a file only its owner can read, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_or_create_key(path: Path) -> Ed25519PrivateKey:
-    """The node key at `path`, created (mode 0600) on first use."""
-    if path.exists():
-        if path.stat().st_mode & 0o077:
-            raise KeyFileError(
-                f"{path}: the private key is readable by others; run `chmod 600 {path}`"
-            )
-        try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except ValueError as error:
-            raise KeyFileError(f"{path}: not a PEM private key: {error}") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise KeyFileError(f"{path}: not an Ed25519 key")
-        return key
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    _write_private(path, pem)
-    return key
-
-
-def public_bytes(key: Ed25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+class ChainStateError(RuntimeError):
+    """A chain state or spooled summary that cannot be read; the message says what to do."""
 
 
 class SummarySigner:
@@ -96,7 +52,7 @@ class SummarySigner:
                     self.chain_seq = int(saved["chain_seq"])
                     self.prev_hash = bytes.fromhex(saved["prev_hash"])
             except (ValueError, KeyError) as error:
-                raise KeyFileError(
+                raise ChainStateError(
                     f"{self._state}: unreadable chain state ({error}); move it away to start a new chain"
                 ) from None
         # A summary spooled just before the agent died, with chain.json not yet updated: the
@@ -126,7 +82,7 @@ class SummarySigner:
                 signed = pb.SignedSummary.FromString(path.read_bytes())
                 pb.Summary.FromString(signed.body)
             except (OSError, DecodeError) as error:
-                raise KeyFileError(
+                raise ChainStateError(
                     f"{path}: unreadable spooled summary ({error}); move it away to go on"
                 ) from None
             out.append(signed)
@@ -143,9 +99,9 @@ class SummarySigner:
         summary.chain_seq = self.chain_seq + 1
         summary.prev_hash = self.prev_hash
         body = summary.SerializeToString(deterministic=True)
-        signed = pb.SignedSummary(body=body, signature=self.key.sign(DOMAIN + body))
+        signed = pb.SignedSummary(body=body, signature=sign_summary(self.key, body))
         if self._spool is not None:  # durable before anything else knows the summary
-            _write_private(
+            write_file(
                 self._spool / f"{summary.chain_seq:012d}.summary", signed.SerializeToString()
             )
         self.chain_seq += 1
@@ -157,5 +113,5 @@ class SummarySigner:
                 "chain_seq": self.chain_seq,
                 "prev_hash": self.prev_hash.hex(),
             }
-            _write_private(self._state, json.dumps(state).encode())
+            write_file(self._state, json.dumps(state).encode())
         return signed

@@ -14,156 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Model profiles: what the mock reports for each GPU model. Memory sizes are what NVML
-# reports as total memory on these boards; power limits are the default enforced limits of
-# the SXM/PCIe parts named; SM counts and max SM clocks are from NVIDIA's product briefs.
-
-
-@dataclass(frozen=True, slots=True)
-class ModelProfile:
-    name: str
-    memory_total_mib: int
-    power_limit_watts: float
-    idle_watts: float
-    sm_count: int
-    max_sm_clock_mhz: int
-    idle_sm_clock_mhz: int
-    gpm: bool  # NVML GPM (SM activity) is available on Hopper and newer
-    reserved_mib: int  # memory NVML shows as used on an idle GPU
-    memory_clock_mhz: int
-    nvlink: bool  # SXM boards; PCIe cards such as the L40S have none
-    mig: bool  # Multi-Instance GPU capable
-
-
-MODELS: dict[str, ModelProfile] = {
-    p.name: p
-    for p in (
-        ModelProfile(
-            "NVIDIA H100 80GB HBM3", 81559, 700.0, 70.0, 132, 1980, 345, True, 530, 2619, True, True
-        ),
-        ModelProfile(
-            "NVIDIA H200", 143771, 700.0, 75.0, 132, 1980, 345, True, 560, 3201, True, True
-        ),
-        ModelProfile(
-            "NVIDIA A100-SXM4-80GB",
-            81920,
-            400.0,
-            55.0,
-            108,
-            1410,
-            210,
-            False,
-            420,
-            1593,
-            True,
-            True,
-        ),
-        ModelProfile(
-            "NVIDIA A100-SXM4-40GB",
-            40960,
-            400.0,
-            52.0,
-            108,
-            1410,
-            210,
-            False,
-            420,
-            1215,
-            True,
-            True,
-        ),
-        ModelProfile(
-            "NVIDIA L40S", 46068, 350.0, 32.0, 142, 2520, 210, False, 470, 9001, False, False
-        ),
-    )
-}
-# MIG: the most instances a GPU can be split into (1g slices).
-MAX_MIG_INSTANCES = 7
+from .physics import COMMANDS, IDLE, KIND_DEFAULTS, MAX_MIG_INSTANCES, MODELS, Load, ModelProfile
 
 
 class ScenarioError(ValueError):
     """A scenario file that cannot be used; the message says where and why."""
 
 
-@dataclass(frozen=True, slots=True)
-class Load:
-    """What one GPU is doing at an instant. Fractions are in [0, 1]."""
-
-    busy: float = 0.0
-    sm_active: float = 0.0
-    sm_occupancy: float = 0.0
-    tensor_active: float = 0.0
-    dram_active: float = 0.0
-    power_fraction: float | None = None  # of the power limit; None: the model's idle power
-    memory_fraction: float = 0.0  # of total memory, held by the workload's processes
-    processes: int = 0
-
-
-IDLE = Load()
-
-# Workload kinds and the defaults of their parameters. A periodic kind alternates between its
-# load ("on", for `duty` of each `period`) and a lighter "off" load; docs/scenarios.md has the
-# physics of each.
-KIND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "steady": {
-        "busy": 0.9,
-        "sm_active": 0.5,
-        "power_fraction": 0.7,
-        "memory_fraction": 0.6,
-        "processes": 1,
-    },
-    # Training: high, steady SM and tensor activity, memory near full, with a short dip for
-    # evaluation/checkpointing once per period.
-    "training": {
-        "busy": 0.98,
-        "sm_active": 0.85,
-        "tensor_active": 0.65,
-        "dram_active": 0.45,
-        "sm_occupancy": 0.5,
-        "power_fraction": 0.9,
-        "memory_fraction": 0.92,
-        "processes": 1,
-        "period": 900.0,
-        "duty": 0.98,
-        "off_busy": 0.2,
-        "off_sm_active": 0.05,
-        "off_power_fraction": 0.3,
-    },
-    # Inference: bursts of requests separated by idle gaps; the server process stays resident.
-    "inference": {
-        "busy": 0.75,
-        "sm_active": 0.35,
-        "power_fraction": 0.6,
-        "memory_fraction": 0.45,
-        "processes": 1,
-        "period": 5.0,
-        "duty": 0.4,
-    },
-    # A square wave: full load for `duty` of each period, nothing running in between (the
-    # process stays). The shape scraped gauges get wrong.
-    "square": {
-        "busy": 1.0,
-        "sm_active": 0.6,
-        "power_fraction": 0.8,
-        "memory_fraction": 0.5,
-        "processes": 1,
-        "period": 20.0,
-        "duty": 0.5,
-    },
-    # Burn: a spin kernel that keeps utilization.gpu near 100% while the SMs, the power and the
-    # memory stay near idle. What padding looks like.
-    "burn": {
-        "busy": 1.0,
-        "sm_active": 0.02,
-        "sm_occupancy": 0.01,
-        "tensor_active": 0.0,
-        "dram_active": 0.01,
-        "power_fraction": 0.13,
-        "memory_fraction": 0.005,
-        "processes": 1,
-    },
-    "idle": {},
-}
 _OFF_KEYS = {"off_busy", "off_sm_active", "off_power_fraction"}
 _LOAD_KEYS = {
     "busy",
@@ -182,15 +39,6 @@ _WORKLOAD_KEYS = (
     | _IDENTITY_KEYS
     | {"kind", "share", "gpus", "start", "end", "name", "period", "duty"}
 )
-# The command a workload's processes run, when the file does not say.
-_COMMANDS = {
-    "steady": "python job.py",
-    "training": "python train.py",
-    "inference": "tritonserver --model-repository=/models",
-    "square": "python bench.py",
-    "burn": "gpu_burn 3600",
-}
-
 FAULT_KINDS = (
     "gpu_lost",
     "unsupported",
@@ -443,7 +291,7 @@ def _parse_workload(index: int, raw: Any, total: int) -> Workload:
         duty=duty,
         off=off,
         user=str(raw.get("user", "svc")),
-        command=str(raw.get("command", _COMMANDS.get(kind, ""))),
+        command=str(raw.get("command", COMMANDS.get(kind, ""))),
         slurm_job=slurm_job,
         pod=pod,
     )
@@ -624,3 +472,8 @@ power_fraction = 0.8   # of the power limit
 
 def default() -> Scenario:
     return parse(tomllib.loads(DEFAULT_TOML), name="default")
+
+
+def load_scenario(path: str | Path | None) -> Scenario:
+    """The scenario file at `path`, or the built-in default without one."""
+    return load(path) if path else default()

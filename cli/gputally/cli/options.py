@@ -1,0 +1,118 @@
+"""Argument types and exit codes every command shares: one parser per kind of value."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime
+from typing import NamedTuple
+
+# Exit codes, the same for every command.
+OK = 0
+FAILED = 1  # the command ran and its answer is "no": a ledger that does not verify
+USAGE = 2  # bad input: an option, a file, a configuration; nothing was changed
+INTERRUPTED = 130
+
+
+def fail(command: str, message: str, code: int = USAGE) -> int:
+    """Say what is wrong on one line of stderr, and give the exit code to return."""
+    print(f"gputally {command}: {message}", file=sys.stderr)
+    return code
+
+
+def positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"must be a ratio in [0, 1], got {text} (write 85% as 0.85)"
+        )
+    return value
+
+
+class Address(NamedTuple):
+    """Where to listen: a host (empty: every interface) and a port (0: any free one)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:  # what gRPC takes, and what --print-config prints
+        host = self.host or "0.0.0.0"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    @property
+    def bind_host(self) -> str:
+        return self.host or "0.0.0.0"
+
+
+def address(text: str) -> Address:
+    """HOST:PORT, [IPv6]:PORT or :PORT (every interface)."""
+    host, sep, port = str(text).strip().rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, e.g. 127.0.0.1:9470, got {text!r}")
+    if host.startswith("[") != host.endswith("]"):
+        raise argparse.ArgumentTypeError(f"unbalanced brackets in {text!r}")
+    host = host.removeprefix("[").removesuffix("]")
+    if ":" in host and not str(text).strip().startswith("["):
+        raise argparse.ArgumentTypeError(f"write an IPv6 address in brackets: [{host}]:{port}")
+    return Address(host, int(port))
+
+
+def optional_address(text: str) -> Address | None:
+    """An address, or an empty value for "off"."""
+    return address(text) if str(text).strip() else None
+
+
+TIMES = (
+    "Times: YYYY-MM-DD, an ISO 8601 date-time (UTC unless it has an offset), unix seconds, "
+    "'now', or a duration before now such as -1h, -30m, -7d (write it --from=-1h: a bare -1h "
+    "looks like an option)."
+)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_time(text: str, now: float) -> float:
+    """A point in time as unix seconds, from the forms TIMES lists; ValueError otherwise."""
+    text = text.strip()
+    if text == "now":
+        return now
+    if text.startswith("-") and text[-1:] in _UNITS:
+        try:
+            return now - float(text[1:-1]) * _UNITS[text[-1]]
+        except ValueError:
+            pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"cannot read {text!r} as a time; try 2026-03-01, 2026-03-01T08:00:00Z, -1h or now"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()

@@ -1,0 +1,460 @@
+"""Figures for a period from summaries alone: docs/utilization.md, implemented.
+
+Pure: no clock, no collector state. `gputally query` runs it on the collector's record; the
+audit commands on a verified ledger. One path adds summaries up, :class:`Rollup`: every GPU
+summary goes into one fine table keyed by (GPU, node, model, tenant, job), and one per (day,
+node), once each; the period's breakdowns and its days are rolled up from those at the end.
+What the numbers mean (bounds, verdicts, owners) is gputally.v1.accounting's.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, NamedTuple, TypeVar
+
+from gputally.v1 import accounting
+from gputally.v1 import telemetry_pb2 as pb
+from gputally.v1.accounting import FLAGGED_FIELDS, RECORDED_MEASURES, SUMMARY_FIELDS, Bounds
+
+MEASURES = RECORDED_MEASURES
+DAY = 86400.0
+_ENERGY = SUMMARY_FIELDS.index("energy_joules")
+
+
+class Numbers(NamedTuple):
+    """A GPU summary's numbers: values (in SUMMARY_FIELDS order), flagged ones (in
+    FLAGGED_FIELDS order), and the seconds each padding rule flagged."""
+
+    values: Sequence[float]
+    flagged: Sequence[float]
+    rules: list[tuple[str, float]]
+
+
+_read_values = operator.attrgetter(*SUMMARY_FIELDS)  # one C call per message, not one per field
+_read_flagged = operator.attrgetter(*FLAGGED_FIELDS)
+assert len(SUMMARY_FIELDS) > 1 and len(FLAGGED_FIELDS) > 1  # attrgetter gives a tuple for several
+
+
+def read(gpu: pb.GpuSummary) -> Numbers:
+    """A GPU summary's (or a share's) numbers, read once for all the groups they add to."""
+    padding = gpu.padding
+    return Numbers(
+        _read_values(gpu),
+        _read_flagged(gpu.flagged),
+        [(total.rule, total.seconds) for total in padding] if padding else [],
+    )
+
+
+@dataclass(slots=True)
+class Sums:
+    """GPU-seconds (and joules) added up over summaries, pro rata to the period.
+
+    Kept as flat lists (in SUMMARY_FIELDS and FLAGGED_FIELDS order): a report adds millions
+    of GPU summaries, and list arithmetic is what keeps that fast."""
+
+    totals: list[float] = field(default_factory=lambda: [0.0] * len(SUMMARY_FIELDS))
+    flagged_totals: list[float] = field(default_factory=lambda: [0.0] * len(FLAGGED_FIELDS))
+    by_rule: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def values(self) -> dict[str, float]:
+        return dict(zip(SUMMARY_FIELDS, self.totals, strict=True))
+
+    @property
+    def flagged(self) -> dict[str, float]:
+        return dict(zip(FLAGGED_FIELDS, self.flagged_totals, strict=True))
+
+    def add(self, numbers: Numbers, share: float) -> None:
+        values, flagged, rules = numbers
+        # map(add) and comprehensions over zip run several times faster than indexed += in
+        # a loop, and a report does this for every GPU summary in the ledger. A whole window
+        # (share 1, most of them) takes map(add), twice as fast again, with the same sums.
+        if share == 1.0:
+            self.totals = list(map(operator.add, self.totals, values))
+        else:
+            self.totals = [t + x * share for t, x in zip(self.totals, values, strict=True)]
+        if flagged[0]:  # any flagged seconds at all
+            self.flagged_totals = [
+                t + x * share for t, x in zip(self.flagged_totals, flagged, strict=True)
+            ]
+        for rule, seconds in rules:
+            self.by_rule[rule] = self.by_rule.get(rule, 0.0) + seconds * share
+
+    def merge(self, other: Sums) -> None:
+        self.add(Numbers(other.totals, other.flagged_totals, list(other.by_rule.items())), 1.0)
+
+
+def bounds(sums: Sums, capacity: float, *, without_padding: bool = False) -> dict[str, Bounds]:
+    """Figure, lower and upper bound of every measure (docs/utilization.md §5 and §7)."""
+    values = sums.values
+    if without_padding:  # flagged seconds count as no work; the denominator stays
+        values = accounting.unpadded(values, sums.flagged)
+    return accounting.bounds(values, capacity)
+
+
+@dataclass(slots=True)
+class Group:
+    sums: Sums = field(default_factory=Sums)
+    gpus: set[str] = field(default_factory=set)
+
+
+def _day(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d")
+
+
+@dataclass(slots=True)
+class PeriodFigures:
+    start: float
+    end: float
+    expected: int
+    total: Group = field(default_factory=Group)
+    nodes: dict[str, Group] = field(default_factory=dict)
+    models: dict[str, Group] = field(default_factory=dict)
+    tenants: dict[str, Group] = field(default_factory=dict)
+    jobs: dict[str, Group] = field(default_factory=dict)
+    gpus: dict[str, Group] = field(default_factory=dict)  # per GPU (UUID): the distribution
+    gpu_model: dict[str, str] = field(default_factory=dict)
+    energy_by_day: dict[str, float] = field(default_factory=dict)
+    summaries: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+    @property
+    def capacity(self) -> float:
+        return self.expected * self.seconds
+
+    def coverage(self) -> float:
+        present = self.total.sums.values["present_seconds"]
+        return min(max(present / self.capacity, 0.0), 1.0) if self.capacity > 0 else 0.0
+
+    def group_bounds(
+        self, group: Group, *, held: bool = False, without_padding: bool = False
+    ) -> dict[str, Bounds]:
+        """A breakdown's figures: over its GPUs seen x the period, or (tenants and jobs) over
+        the seconds it held GPUs."""
+        capacity = group.sums.values["present_seconds"] if held else len(group.gpus) * self.seconds
+        return bounds(group.sums, capacity, without_padding=without_padding)
+
+
+# A GPU with shares is charged to its owners share by share: its own tenant and job are this.
+SHARED = ""  # never a name accounting.owner gives
+
+
+class GpuNumbers(NamedTuple):
+    """What a period adds up of one GPU summary (plain tuples travel cheaply to workers)."""
+
+    key: str  # the GPU's UUID, else node/index
+    model: str
+    tenant: str  # SHARED when the GPU is charged by its shares
+    job: str
+    numbers: Numbers
+    shares: list[tuple[str, str, Numbers]]  # a shared MIG GPU: (tenant, job, numbers) each
+
+
+def gpu_numbers(node: str, summary: pb.Summary) -> list[GpuNumbers]:
+    """Each GPU's identity, attribution and numbers (can run in a worker process)."""
+    out: list[GpuNumbers] = []
+    for gpu in summary.gpus:
+        shares = gpu.shares
+        tenant, job = accounting.owner(gpu.attribution) if not shares else (SHARED, SHARED)
+        out.append(
+            GpuNumbers(
+                gpu.uuid or f"{node}/{gpu.index}",
+                gpu.model or "(unknown)",
+                tenant,
+                job,
+                read(gpu),
+                [(*accounting.owner(s.attribution), read(s)) for s in shares] if shares else [],
+            )
+        )
+    return out
+
+
+_Key = TypeVar("_Key")
+
+
+def _sums_of(table: dict[_Key, Sums], key: _Key) -> Sums:
+    sums = table.get(key)
+    if sums is None:
+        sums = table[key] = Sums()
+    return sums
+
+
+def _merge_table(into: dict[_Key, Sums], other: dict[_Key, Sums]) -> None:
+    for key, sums in other.items():
+        mine = into.get(key)
+        if mine is None:
+            into[key] = sums
+        else:
+            mine.merge(sums)
+
+
+class Rollup:
+    """A period's figures and its days', in one pass that adds each GPU summary once."""
+
+    def __init__(self, start: float, end: float, expected: int):
+        if end <= start:
+            raise ValueError("the period must end after it starts")
+        if expected < 1:
+            raise ValueError("the inventory must be at least 1 GPU")
+        self.start, self.end, self.expected = start, end, expected
+        self.fine: dict[tuple[str, str, str, str, str], Sums] = {}
+        self.node_day: dict[tuple[int, str], Sums] = {}
+        # MIG shares, keyed (GPU, tenant, job): only the tenant and job breakdowns use them.
+        self.held: dict[tuple[str, str, str], Sums] = {}
+        self.summaries = 0
+
+    def add_summary(self, node: str, summary: pb.Summary) -> None:
+        window = (summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9)
+        self.add(node, window, gpu_numbers(node, summary))
+
+    def add(self, node: str, window: tuple[float, float], gpus: list[GpuNumbers]) -> None:
+        """Add one summary's GPUs, pro rata to its window's overlap with the period."""
+        w0, w1 = window
+        overlap = min(w1, self.end) - max(w0, self.start)
+        if overlap <= 0 or w1 <= w0:
+            return
+        share = overlap / (w1 - w0)
+        self.summaries += 1
+        node_rules: list[tuple[str, float]] = []
+        for gpu in gpus:
+            _sums_of(self.fine, (gpu.key, node, gpu.model, gpu.tenant, gpu.job)).add(
+                gpu.numbers, share
+            )
+            node_rules += gpu.numbers.rules
+            for tenant, job, part in gpu.shares:
+                _sums_of(self.held, (gpu.key, tenant, job)).add(part, share)
+        # The node's totals for this window, column by column, split over the days it spans.
+        node_values = [sum(col) for col in zip(*(g.numbers.values for g in gpus), strict=True)]
+        node_flagged = [sum(col) for col in zip(*(g.numbers.flagged for g in gpus), strict=True)]
+        node_numbers = Numbers(
+            node_values or [0.0] * len(SUMMARY_FIELDS),
+            node_flagged or [0.0] * len(FLAGGED_FIELDS),
+            node_rules,
+        )
+        for number in range(int(max(w0, self.start) // DAY), math.ceil(min(w1, self.end) / DAY)):
+            d0, d1 = max(self.start, number * DAY), min(self.end, (number + 1) * DAY)
+            day_share = (min(w1, d1) - max(w0, d0)) / (w1 - w0)
+            if day_share > 0:
+                _sums_of(self.node_day, (number, node)).add(node_numbers, day_share)
+
+    def clear(self) -> None:
+        """Back to nothing added (a verification that has to start again)."""
+        self.fine, self.node_day, self.held, self.summaries = {}, {}, {}, 0
+
+    def merge(self, other: Rollup) -> None:
+        """Add another rollup of the same period (a worker's share of the log) into this one."""
+        if (other.start, other.end, other.expected) != (self.start, self.end, self.expected):
+            raise ValueError("only rollups of the same period and inventory can be merged")
+        self.summaries += other.summaries
+        _merge_table(self.fine, other.fine)
+        _merge_table(self.node_day, other.node_day)
+        _merge_table(self.held, other.held)
+
+    def period(self) -> PeriodFigures:
+        out = PeriodFigures(
+            start=self.start, end=self.end, expected=self.expected, summaries=self.summaries
+        )
+        for (key, node, model, tenant, job), sums in self.fine.items():
+            groups = [
+                out.total,
+                out.nodes.setdefault(node, Group()),
+                out.models.setdefault(model, Group()),
+                out.gpus.setdefault(key, Group()),
+            ]
+            if tenant != SHARED:
+                groups += [
+                    out.tenants.setdefault(tenant, Group()),
+                    out.jobs.setdefault(job, Group()),
+                ]
+            for group in groups:
+                group.sums.merge(sums)
+                group.gpus.add(key)
+            out.gpu_model[key] = model
+        for (key, tenant, job), sums in self.held.items():
+            for group in (
+                out.tenants.setdefault(tenant, Group()),
+                out.jobs.setdefault(job, Group()),
+            ):
+                group.sums.merge(sums)
+                group.gpus.add(key)
+        for (number, _), sums in self.node_day.items():
+            day = _day(max(self.start, number * DAY))
+            out.energy_by_day[day] = out.energy_by_day.get(day, 0.0) + sums.totals[_ENERGY]
+        return out
+
+    def days(self) -> list[tuple[str, PeriodFigures]]:
+        """Each UTC day's figures (totals and nodes only); GPUs per node come from the period."""
+        gpus_of: dict[str, set[str]] = {}
+        for key, node, *_ in self.fine:
+            gpus_of.setdefault(node, set()).add(key)
+        days: dict[int, PeriodFigures] = {}
+        for number in range(int(self.start // DAY), math.ceil(self.end / DAY)):
+            d0, d1 = max(self.start, number * DAY), min(self.end, (number + 1) * DAY)
+            days[number] = PeriodFigures(start=d0, end=d1, expected=self.expected)
+        for (number, node), sums in self.node_day.items():
+            figures = days[number]
+            figures.total.sums.merge(sums)
+            group = figures.nodes.setdefault(node, Group())
+            group.sums.merge(sums)
+            group.gpus |= gpus_of.get(node, set())
+            figures.total.gpus |= group.gpus
+        return [(_day(f.start), f) for _, f in sorted(days.items())]
+
+
+def compute(
+    summaries: Iterable[tuple[str, bytes]], start: float, end: float, expected: int
+) -> PeriodFigures:
+    """The figures of [start, end) from stored summaries, (node, SignedSummary bytes) each."""
+    rollup = Rollup(start, end, expected)
+    for node, body in summaries:
+        rollup.add_summary(node, pb.Summary.FromString(pb.SignedSummary.FromString(body).body))
+    return rollup.period()
+
+
+def as_dict(
+    figures: PeriodFigures, measure: str, claim: float | None, top: int = 50
+) -> dict[str, Any]:
+    """A JSON-ready answer: the figure for `measure` with its bounds, coverage and verdict,
+    every measure, with and without flagged padding, and the breakdowns."""
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; one of {', '.join(MEASURES)}")
+    cluster = bounds(figures.total.sums, figures.capacity)
+    clean = bounds(figures.total.sums, figures.capacity, without_padding=True)
+
+    def measures(b: dict[str, Bounds]) -> dict[str, dict[str, float]]:
+        return {m: {"figure": x.figure, "lower": x.lower, "upper": x.upper} for m, x in b.items()}
+
+    def breakdown(groups: dict[str, Group], held: bool) -> list[dict[str, Any]]:
+        rows = []
+        for name, group in sorted(
+            groups.items(), key=lambda kv: -kv[1].sums.values["present_seconds"]
+        )[:top]:
+            b = figures.group_bounds(group, held=held)
+            rows.append(
+                {
+                    "name": name,
+                    "gpus": len(group.gpus),
+                    "gpu_hours": group.sums.values["present_seconds"] / 3600.0,
+                    "energy_kwh": group.sums.values["energy_joules"] / 3.6e6,
+                    **{m: b[m].figure for m in MEASURES},
+                }
+            )
+        return rows
+
+    chosen, chosen_clean = cluster[measure], clean[measure]
+    seen = len(figures.total.gpus)
+    return {
+        "from": datetime.fromtimestamp(figures.start, UTC).isoformat().replace("+00:00", "Z"),
+        "to": datetime.fromtimestamp(figures.end, UTC).isoformat().replace("+00:00", "Z"),
+        "seconds": figures.seconds,
+        "expected_gpus": figures.expected,
+        "seen_gpus": seen,
+        "measure": measure,
+        "figure": chosen.figure,
+        "lower": chosen.lower,
+        "upper": chosen.upper,
+        "coverage": figures.coverage(),
+        "claim": claim,
+        "verdict": None if claim is None else chosen.verdict(claim),
+        "without_padding": {
+            "figure": chosen_clean.figure,
+            "lower": chosen_clean.lower,
+            "upper": chosen_clean.upper,
+            "verdict": None if claim is None else chosen_clean.verdict(claim),
+        },
+        "padding_gpu_hours": figures.total.sums.flagged["seconds"] / 3600.0,
+        "padding_gpu_hours_by_rule": {
+            r: s / 3600.0 for r, s in sorted(figures.total.sums.by_rule.items())
+        },
+        "energy_kwh": figures.total.sums.values["energy_joules"] / 3.6e6,
+        "energy_kwh_by_day": {d: j / 3.6e6 for d, j in sorted(figures.energy_by_day.items())},
+        "measures": measures(cluster),
+        "measures_without_padding": measures(clean),
+        "summaries": figures.summaries,
+        "by_node": breakdown(figures.nodes, held=False),
+        "by_model": breakdown(figures.models, held=False),
+        "by_tenant": breakdown(figures.tenants, held=True),
+        "by_job": breakdown(figures.jobs, held=True),
+        "warnings": (
+            [
+                f"{seen} GPUs reported but only {figures.expected} were declared: the inventory is understated"
+            ]
+            if seen > figures.expected
+            else []
+        )
+        + ([] if figures.summaries else ["no summary in the record overlaps this period"])
+        + ([] if math.isfinite(figures.seconds) else ["the period is not finite"]),
+    }
+
+
+# The breakdowns of as_dict (`query --by`), and what each one's figures are over.
+BREAKDOWNS = ("node", "model", "tenant", "job")
+_OVER = {
+    "node": "over the node's GPUs seen x the period",
+    "model": "over the model's GPUs seen x the period",
+    "tenant": "over the GPU-hours the tenant held; a shared MIG GPU by its slices",
+    "job": "over the GPU-hours the job held; a shared MIG GPU by its slices",
+}
+
+
+def render_text(answer: dict[str, Any], by: Sequence[str] = ()) -> str:
+    """as_dict's answer for a person: the claim's measure marked, every measure, then the
+    breakdowns asked for, as tables."""
+    days = answer["seconds"] / 86400
+    lines = [
+        f"period      {answer['from']} .. {answer['to']} ({days:.2f} days)",
+        f"inventory   {answer['expected_gpus']} GPUs declared, {answer['seen_gpus']} seen; "
+        f"coverage {answer['coverage']:.1%}",
+        "",
+        f"{'measure':<12}{'figure':>9}{'lower':>9}{'upper':>9}   without padding",
+    ]
+    for name, b in answer["measures"].items():
+        clean = answer["measures_without_padding"][name]
+        mark = "  <" if name == answer["measure"] else ""
+        lines.append(
+            f"{name:<12}{b['figure']:>9.2%}{b['lower']:>9.2%}{b['upper']:>9.2%}   {clean['figure']:.2%}{mark}"
+        )
+    if answer["claim"] is not None:
+        lines += [
+            "",
+            f"claim       {answer['measure']} >= {answer['claim']:.2%}: {answer['verdict'].upper()}"
+            f"  (without flagged padding: {answer['without_padding']['verdict']})",
+        ]
+    lines += [
+        "",
+        f"energy      {answer['energy_kwh']:.3f} kWh",
+        f"padding     {answer['padding_gpu_hours']:.2f} GPU-hours flagged"
+        + "".join(
+            f", {rule} {hours:.2f}" for rule, hours in answer["padding_gpu_hours_by_rule"].items()
+        ),
+    ]
+    lines += [f"warning     {warning}" for warning in answer["warnings"]]
+    for name in by:
+        lines += ["", *_breakdown_table(name, answer[f"by_{name}"], list(answer["measures"]))]
+    return "\n".join(lines)
+
+
+def _breakdown_table(name: str, rows: list[dict[str, Any]], measures: list[str]) -> list[str]:
+    width = max([len(name), *(len(str(row["name"])) for row in rows)])
+    lines = [
+        f"by {name} ({_OVER[name]})",
+        f"{name:<{width}}{'GPUs':>7}{'GPU-h':>10}"
+        + "".join(f"{m:>11}" for m in measures)
+        + f"{'kWh':>10}",
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['name']:<{width}}{row['gpus']:>7}{row['gpu_hours']:>10.1f}"
+            + "".join(f"{row[m]:>11.2%}" for m in measures)
+            + f"{row['energy_kwh']:>10.2f}"
+        )
+    if not rows:
+        lines.append("(none in this period)")
+    return lines

@@ -1,0 +1,524 @@
+"""The collector's live state: what every node and GPU has reported, integrated over time.
+
+Two views come out of it:
+
+* **counters** (GPU-seconds per measure, joules) that only grow, so that Prometheus can compute
+  the exact mean over any range with ``increase()``;
+* a **live window**: the cluster figure of each measure over the last ``window`` seconds, with
+  its bounds and the declared inventory as the denominator, so a GPU that does not report
+  lowers the figure instead of vanishing from it.
+
+Both add samples up by gputally.v1.accounting, the rules the agents' summaries and the
+auditor's figures follow, so the live view and the record never count a second differently.
+
+Each report covers ``interval_seconds`` ending at its timestamp. Report times are moved onto
+the collector's clock with a per-stream offset (the smallest receive-minus-send difference
+seen), so agent clock skew does not shift windows. The live window ends ``lag`` seconds in the
+past, to leave time for the newest reports to arrive. Seconds no report covers are unobserved:
+they count as zero in every figure and lower the coverage; they are never filled in.
+
+A report is checked first (live.validate), and a summary it carries goes to the record
+(live.intake) before any of the report counts.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from gputally.v1 import accounting
+from gputally.v1 import telemetry_pb2 as pb
+from gputally.v1.accounting import MEASURES
+
+from ..record.keys import KeyStore, KeyStoreError
+from ..record.store import Record
+from .intake import Chain, SummaryIntake
+from .validate import InvalidMessageError, check_hello, check_report
+
+# Tenants shown individually in the live view; the rest are summed as "(other)".
+MAX_TENANTS = 20
+OTHER_TENANTS = "(other)"
+# Longest agent-given text kept for the node's info series (versions, backend).
+MAX_INFO = 64
+# The accounting numbers the live window adds up, per second a sample covers.
+_WINDOW_FIELDS = (
+    "present_seconds",
+    "allocated_seconds",
+    "allocated_missing_seconds",
+    "busy_seconds",
+    "busy_missing_seconds",
+    "sm_active_seconds",
+    "sm_measured_seconds",
+    "effective_seconds",
+    "effective_estimated_seconds",
+    "busy_unmeasured_seconds",
+    "memory_busy_seconds",
+    "memory_busy_missing_seconds",
+)
+_COUNTED = (("observed", "present_seconds"), *((m, f"{m}_seconds") for m in MEASURES))
+
+
+class NotEnrolledError(ValueError):
+    """A node whose key is not enrolled (or not the enrolled one)."""
+
+
+@dataclass(slots=True)
+class Sample:
+    end: float  # collector clock, seconds
+    seconds: float
+    rates: tuple[float, ...]  # _WINDOW_FIELDS per second covered (a MIG share: its part)
+    padded: bool  # a padding rule flags it
+
+
+@dataclass(slots=True)
+class GpuState:
+    node: str
+    index: int
+    uuid: str
+    model: str
+    status: int = pb.GPU_STATUS_UNSPECIFIED
+    samples: deque[Sample] = field(default_factory=deque)
+    last_end: float = -math.inf  # collector-clock end of the newest sample
+    energy: accounting.EnergyCounter = field(default_factory=accounting.EnergyCounter)
+    power_watts: float | None = None
+    tenant: str = accounting.UNATTRIBUTED  # whom the whole GPU is charged to now
+    padding: tuple[str, ...] = ()
+    # A MIG GPU shared by several owners: each tenant's part of it now, and its samples.
+    held: dict[str, float] = field(default_factory=dict)
+    shares: dict[str, deque[Sample]] = field(default_factory=dict)
+
+
+def _zero_counts() -> dict[str, float]:
+    return {name: 0.0 for name, _ in _COUNTED}
+
+
+@dataclass(slots=True)
+class Counters:
+    seconds: dict[str, float] = field(default_factory=_zero_counts)
+    energy_joules: float = 0.0
+    padding: dict[str, float] = field(default_factory=dict)  # rule -> flagged GPU-seconds
+    # The part of `seconds` in time flagged by at least one padding rule (a second flagged by
+    # two rules counts once here), so that figures without padding follow by subtraction.
+    flagged: dict[str, float] = field(default_factory=_zero_counts)
+
+    def add(self, other: Counters) -> None:
+        for key, value in other.seconds.items():
+            self.seconds[key] += value
+        for key, value in other.flagged.items():
+            self.flagged[key] += value
+        self.energy_joules += other.energy_joules
+        for rule, value in other.padding.items():
+            self.padding[rule] = self.padding.get(rule, 0.0) + value
+
+    def copy(self) -> Counters:
+        return Counters(
+            dict(self.seconds), self.energy_joules, dict(self.padding), dict(self.flagged)
+        )
+
+
+@dataclass(slots=True)
+class NodeState:
+    """One node's stream and what it reported. Its chain of summaries is the intake's."""
+
+    name: str
+    instance_id: int = 0
+    last_seq: int = 0
+    session: int = 0  # the stream currently speaking for this node; 0 when none
+    backend: str = ""
+    agent_version: str = ""
+    driver_version: str = ""
+    protocol_revision: int = 0
+    offset: float = math.inf  # collector clock minus agent clock, per stream
+    last_received: float = 0.0  # collector clock
+    gpus: dict[int, GpuState] = field(default_factory=dict)
+    counters: Counters = field(default_factory=Counters)
+    reports: dict[str, int] = field(
+        default_factory=lambda: {"accepted": 0, "duplicate": 0, "rejected": 0}
+    )
+    missed_reports: int = 0  # sequence gaps
+    xids: dict[int, int] = field(default_factory=dict)  # XID -> events reported
+
+
+@dataclass(frozen=True, slots=True)
+class WindowFigures:
+    """One population's figures over the live window (docs/utilization.md §5, live)."""
+
+    gpus: float  # denominator (a tenant's MIG shares count by their slices)
+    ratios: dict[str, float]  # measure -> figure in [0, 1]
+    coverage: float  # observed GPU-seconds / (gpus x window)
+    measured: dict[str, float]  # measure -> share of GPU-seconds where it was measured
+    lower: dict[str, float]
+    upper: dict[str, float]
+    without_padding: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    name: str
+    up: bool
+    connected: bool
+    gpus: int
+    reporting: int
+    backend: str
+    agent_version: str
+    driver_version: str
+    protocol_revision: int
+    last_received: float
+    window: WindowFigures
+    counters: Counters
+    reports: dict[str, int]
+    missed_reports: int
+    power_watts: float
+    xids: dict[int, int]
+    summaries: int
+    summaries_resent: int
+    chain_breaks: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    time: float
+    window_seconds: float
+    expected: int
+    declared: bool
+    seen: int
+    reporting: int
+    sessions: int
+    window: WindowFigures
+    counters: Counters
+    power_watts: float
+    nodes: list[NodeView]
+    models: dict[str, int]
+    by_model: dict[str, WindowFigures]
+    by_tenant: dict[str, WindowFigures]
+    padding_gpus: dict[str, int]  # rule -> GPUs it flags now (among reporting GPUs)
+
+
+def window_figures(
+    series: Iterable[Iterable[Sample]], denominator: float, start: float, end: float
+) -> WindowFigures:
+    """Figures over (start, end] of the samples of `series` (one series per GPU or MIG share),
+    over `denominator` GPUs."""
+    width = len(_WINDOW_FIELDS)
+    totals, flagged = [0.0] * width, [0.0] * width
+    for samples in series:
+        for sample in samples:
+            overlap = min(sample.end, end) - max(sample.end - sample.seconds, start)
+            if overlap <= 0:
+                continue
+            totals = [t + r * overlap for t, r in zip(totals, sample.rates, strict=True)]
+            if sample.padded:
+                flagged = [t + r * overlap for t, r in zip(flagged, sample.rates, strict=True)]
+    capacity = denominator * (end - start)
+    values = dict(zip(_WINDOW_FIELDS, totals, strict=True))
+    figures = accounting.bounds(values, capacity, MEASURES)
+    part = accounting.flagged(dict(zip(_WINDOW_FIELDS, flagged, strict=True)))
+    clean = accounting.bounds(accounting.unpadded(values, part), capacity, MEASURES)
+    return WindowFigures(
+        gpus=denominator,
+        ratios={m: b.figure for m, b in figures.items()},
+        coverage=min(max(values["present_seconds"] / capacity, 0.0), 1.0) if capacity > 0 else 0.0,
+        measured=accounting.measured(values, capacity),
+        lower={m: b.lower for m, b in figures.items()},
+        upper={m: b.upper for m, b in figures.items()},
+        without_padding={m: b.figure for m, b in clean.items()},
+    )
+
+
+class ClusterState:
+    """Thread-safe: gRPC sessions write on the event loop, scrapes read from HTTP threads."""
+
+    def __init__(
+        self,
+        *,
+        expected_gpus: int | None = None,
+        window: float = 30.0,
+        lag: float = 3.0,
+        stale_after: float = 15.0,
+        clock: Callable[[], float] = time.time,
+        record: Record | None = None,
+        keys: KeyStore | None = None,
+    ):
+        if window <= 0 or lag < 0 or stale_after <= 0:
+            raise ValueError("window and stale_after must be positive and lag not negative")
+        if expected_gpus is not None and expected_gpus < 1:
+            raise ValueError("expected_gpus must be at least 1")
+        self.expected_gpus = expected_gpus
+        self.window = window
+        self.lag = lag
+        self.stale_after = stale_after
+        self.clock = clock
+        self.record = record
+        self.keys = keys
+        # A record keeps only summaries signed by enrolled keys: without keys, none.
+        self.intake = SummaryIntake(keys, record)
+        if record is not None and expected_gpus is not None:
+            record.declare_inventory(expected_gpus, clock())
+        self.nodes: dict[str, NodeState] = {}
+        self.counters = Counters()
+        self._lock = threading.Lock()
+        self._sessions = 0
+        self._next_session = 0
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def open_session(self, hello: pb.Hello) -> tuple[int, int]:
+        """Register a stream. Returns (session id, seq to resume after). A node's newer
+        stream supersedes an older one still open (the agent reconnected)."""
+        check_hello(hello)
+        if self.keys is not None:
+            try:
+                self.keys.admit(hello.node, hello.public_key)
+            except KeyStoreError as error:
+                raise NotEnrolledError(str(error)) from None
+        with self._lock:
+            node = self.nodes.get(hello.node)
+            if node is None:
+                node = self.nodes[hello.node] = NodeState(name=hello.node)
+            if node.instance_id != hello.instance_id:
+                node.instance_id = hello.instance_id
+                node.last_seq = 0
+            self.intake.stream_opened(hello.node, hello.public_key)
+            self._next_session += 1
+            if node.session == 0:
+                self._sessions += 1
+            node.session = self._next_session
+            node.offset = math.inf
+            node.backend = hello.backend[:MAX_INFO]
+            node.agent_version = hello.agent_version[:MAX_INFO]
+            node.driver_version = hello.driver_version[:MAX_INFO]
+            node.protocol_revision = hello.protocol_revision
+            for identity in hello.gpus:
+                gpu = node.gpus.get(identity.index)
+                if gpu is None or gpu.uuid != identity.uuid:
+                    node.gpus[identity.index] = GpuState(
+                        hello.node, identity.index, identity.uuid, identity.model
+                    )
+            return node.session, node.last_seq
+
+    def is_current(self, name: str, session: int) -> bool:
+        with self._lock:
+            node = self.nodes.get(name)
+            return node is not None and node.session == session
+
+    def close_session(self, name: str, session: int) -> None:
+        with self._lock:
+            node = self.nodes.get(name)
+            if node is not None and node.session == session:
+                node.session = 0
+                self._sessions -= 1
+
+    # -- ingest ----------------------------------------------------------------------------
+
+    def ingest(self, name: str, report: pb.Report, received: float | None = None) -> str:
+        """Apply one report: "accepted" or "duplicate". Raises InvalidMessageError and then
+        changes nothing, so a bad report never half-applies. A summary it carries is stored
+        in the record first; if that fails the report is not accepted (and will be resent)."""
+        received = self.clock() if received is None else received
+        with self._lock:
+            node = self.nodes[name]
+            summary: pb.Summary | None = None
+            try:
+                check_report(report, node.gpus)
+                if report.HasField("summary"):
+                    summary = self.intake.open(name, report.summary, node.gpus)
+            except InvalidMessageError:
+                node.reports["rejected"] += 1
+                raise
+            if report.seq <= node.last_seq:
+                node.reports["duplicate"] += 1
+                return "duplicate"
+            if summary is not None:
+                try:
+                    self.intake.take(
+                        name, node.instance_id, report.seq, report.summary, summary, received
+                    )
+                except InvalidMessageError:
+                    node.reports["rejected"] += 1
+                    raise
+            if node.last_seq and report.seq > node.last_seq + 1:
+                node.missed_reports += report.seq - node.last_seq - 1
+            node.last_seq = report.seq
+            node.reports["accepted"] += 1
+            if report.gpus:  # a summary-only report covers no time of its own
+                self._integrate(node, report, received)
+            return "accepted"
+
+    def _integrate(self, node: NodeState, report: pb.Report, received: float) -> None:
+        """Add a valid report's samples to the counters and the live window."""
+        agent_time = report.time_unix_nano / 1e9
+        node.offset = min(node.offset, received - agent_time)
+        end = agent_time + node.offset
+        node.last_received = received
+        added = Counters()
+        dt = report.interval_seconds
+        for proto in report.gpus:
+            gpu = node.gpus[proto.index]
+            gpu.status = proto.status
+            ok = proto.status == pb.GPU_STATUS_OK
+            padding = tuple(proto.padding) if ok else ()  # padding flags present seconds only
+            joules = gpu.energy.joules(proto, dt)
+            per_second = accounting.contributions(proto, 1.0)
+            # The stream offset only shrinks (a faster delivery than any before), which moves
+            # this report's end earlier than the previous one's placement: clip its start so
+            # that two samples never cover the same second in the live window. The counters
+            # below keep the agent's own interval, which is exact.
+            placed = min(dt, max(end - gpu.last_end, 0.0))
+            gpu.last_end = max(gpu.last_end, end)
+            rates = tuple(per_second[f] for f in _WINDOW_FIELDS)
+            gpu.samples.append(Sample(end, placed, rates, bool(padding)))
+            gpu.power_watts = proto.power_watts if proto.HasField("power_watts") else None
+            gpu.padding = padding
+            self._charge(gpu, proto, per_second, end, placed)
+            for event in proto.xid_events:
+                node.xids[event.code] = node.xids.get(event.code, 0) + 1
+            for name, field_name in _COUNTED:
+                added.seconds[name] += per_second[field_name] * dt
+                if padding:
+                    added.flagged[name] += per_second[field_name] * dt
+            for rule in padding:
+                added.padding[rule] = added.padding.get(rule, 0.0) + dt
+            added.energy_joules += joules
+            self._trim(gpu, received)
+        node.counters.add(added)
+        self.counters.add(added)
+
+    def _charge(
+        self,
+        gpu: GpuState,
+        proto: pb.GpuSample,
+        per_second: dict[str, float],
+        end: float,
+        placed: float,
+    ) -> None:
+        """Whom the GPU's sample is charged to: the GPU's tenant, or, for a MIG GPU shared out,
+        each owner's tenant its part (accounting.mig_shares, as the summaries split it)."""
+        gpu.tenant = accounting.owner(proto.attribution)[0]
+        gpu.held = {}
+        if not (proto.mig_enabled and proto.status == pb.GPU_STATUS_OK):
+            return
+        parts = accounting.mig_shares(proto, 1.0, per_second)
+        if not accounting.is_shared(parts, proto.attribution):
+            return
+        by_tenant: dict[str, list[float]] = {}
+        for owner, part in parts:
+            tenant = accounting.owner(owner)[0]
+            if tenant == accounting.UNATTRIBUTED:
+                continue  # in no tenant, as a whole unattributed GPU is
+            rates = [part[f] for f in _WINDOW_FIELDS]
+            held = by_tenant.get(tenant)
+            by_tenant[tenant] = (
+                rates if held is None else [a + b for a, b in zip(held, rates, strict=True)]
+            )
+        for tenant, rates in by_tenant.items():
+            gpu.held[tenant] = rates[0]  # its present seconds per second: its slices
+            gpu.shares.setdefault(tenant, deque()).append(Sample(end, placed, tuple(rates), False))
+
+    def _trim(self, gpu: GpuState, now: float) -> None:
+        horizon = now - self.lag - self.window - 1.0
+        while gpu.samples and gpu.samples[0].end < horizon:
+            gpu.samples.popleft()
+        if not gpu.shares:  # every report trims every GPU: keep the common case bare
+            return
+        for samples in gpu.shares.values():
+            while samples and samples[0].end < horizon:
+                samples.popleft()
+        for tenant in [t for t, samples in gpu.shares.items() if not samples]:
+            del gpu.shares[tenant]
+
+    # -- views -----------------------------------------------------------------------------
+
+    def view(self, now: float | None = None) -> ClusterView:
+        now = self.clock() if now is None else now
+        end = now - self.lag
+        start = end - self.window
+        with self._lock:
+            all_gpus: list[GpuState] = []
+            nodes: list[NodeView] = []
+            models: dict[str, list[GpuState]] = {}
+            tenants: dict[str, list[tuple[Iterable[Sample], float]]] = {}
+            padding_gpus: dict[str, int] = {}
+            for node in sorted(self.nodes.values(), key=lambda n: n.name):
+                fresh = node.last_received > 0 and now - node.last_received <= self.stale_after
+                gpus = list(node.gpus.values())
+                reporting = [g for g in gpus if fresh and g.status == pb.GPU_STATUS_OK]
+                all_gpus.extend(gpus)
+                for gpu in gpus:
+                    models.setdefault(gpu.model, []).append(gpu)
+                for gpu in reporting:
+                    for tenant, fraction in gpu.held.items():
+                        tenants.setdefault(tenant, []).append((gpu.shares[tenant], fraction))
+                    if not gpu.held and gpu.tenant != accounting.UNATTRIBUTED:
+                        tenants.setdefault(gpu.tenant, []).append((gpu.samples, 1.0))
+                    for rule in gpu.padding:
+                        padding_gpus[rule] = padding_gpus.get(rule, 0) + 1
+                nodes.append(self._node_view(node, fresh, reporting, start, end))
+            seen = len(all_gpus)
+            expected = self.expected_gpus if self.expected_gpus is not None else seen
+            return ClusterView(
+                time=now,
+                window_seconds=self.window,
+                expected=expected,
+                declared=self.expected_gpus is not None,
+                seen=seen,
+                reporting=sum(n.reporting for n in nodes),
+                sessions=self._sessions,
+                window=window_figures([g.samples for g in all_gpus], expected, start, end),
+                counters=self.counters.copy(),
+                power_watts=sum(n.power_watts for n in nodes),
+                nodes=nodes,
+                models={m: len(g) for m, g in models.items()},
+                by_model={
+                    m: window_figures([x.samples for x in g], len(g), start, end)
+                    for m, g in models.items()
+                },
+                by_tenant={
+                    t: window_figures([s for s, _ in g], sum(f for _, f in g), start, end)
+                    for t, g in _top_tenants(tenants).items()
+                },
+                padding_gpus=padding_gpus,
+            )
+
+    def _node_view(
+        self, node: NodeState, fresh: bool, reporting: list[GpuState], start: float, end: float
+    ) -> NodeView:
+        chain = self.intake.chains.get(node.name) or Chain()
+        gpus = list(node.gpus.values())
+        return NodeView(
+            name=node.name,
+            up=fresh and node.session != 0,
+            connected=node.session != 0,
+            gpus=len(gpus),
+            reporting=len(reporting),
+            backend=node.backend,
+            agent_version=node.agent_version,
+            driver_version=node.driver_version,
+            protocol_revision=node.protocol_revision,
+            last_received=node.last_received,
+            window=window_figures([g.samples for g in gpus], len(gpus), start, end),
+            counters=node.counters.copy(),
+            reports=dict(node.reports),
+            missed_reports=node.missed_reports,
+            power_watts=sum(g.power_watts or 0.0 for g in reporting),
+            xids=dict(node.xids),
+            summaries=chain.recorded,
+            summaries_resent=chain.resent,
+            chain_breaks=chain.breaks,
+        )
+
+
+def _top_tenants(
+    tenants: dict[str, list[tuple[Iterable[Sample], float]]],
+) -> dict[str, list[tuple[Iterable[Sample], float]]]:
+    """The MAX_TENANTS tenants holding the most GPUs, and the rest together as "(other)":
+    bounded series, whatever the attribution says."""
+    ranked = sorted(tenants.items(), key=lambda kv: (-sum(f for _, f in kv[1]), kv[0]))
+    shown = dict(ranked[:MAX_TENANTS])
+    rest = [g for _, gs in ranked[MAX_TENANTS:] for g in gs]
+    if rest:
+        shown[OTHER_TENANTS] = rest
+    return shown

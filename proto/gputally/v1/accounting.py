@@ -1,0 +1,296 @@
+"""What the protocol's numbers add up to (docs/utilization.md §2-§7 and §9).
+
+One home for every accounting rule, so that a second is counted the same way wherever it is
+counted: the agent's summaries (the record) and its own /metrics counters, the collector's
+live window and counters, and the figures recomputed from a ledger all go through here.
+
+* :func:`contributions`: what one GPU sample adds to its totals over the seconds it covers;
+* :class:`EnergyCounter`: joules between two samples of a GPU;
+* :func:`mig_shares`: a MIG GPU's contributions split among the owners of its instances;
+* :func:`bounds` and :func:`measured`: the figure, lower and upper bound of every measure
+  over totals of those numbers, and how much of them was measured;
+* :func:`owner`: the tenant and job a GPU's seconds are charged to, as figures name them.
+
+Totals are plain dicts keyed by the names below, which are GpuSummary's own field names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gputally.v1 import telemetry_pb2 as pb
+
+# Every measure, in the order every metric, figure and table shows them. Summaries carry all
+# but memory_busy, which the collector shows live only.
+MEASURES = ("busy", "allocated", "sm_active", "effective", "memory_busy")
+RECORDED_MEASURES = ("busy", "allocated", "sm_active", "effective")
+
+# The agent's padding rules (§7), and the name of their union in GpuSummary.flagged.
+BUSY_WITHOUT_WORK = "busy_without_work"
+FLATLINE_LOW_MEMORY = "flatline_low_memory"
+BURN_TOOL = "burn_tool"
+PADDING_RULES = (BUSY_WITHOUT_WORK, FLATLINE_LOW_MEMORY, BURN_TOOL)
+ANY_RULE = "any"
+
+# The numbers a GpuSummary adds up, and a PaddingTotal, straight from the protocol.
+SUMMARY_FIELDS = tuple(f.name for f in pb.GpuSummary.DESCRIPTOR.fields if f.type == f.TYPE_DOUBLE)
+FLAGGED_FIELDS = tuple(f.name for f in pb.PaddingTotal.DESCRIPTOR.fields if f.type == f.TYPE_DOUBLE)
+# What a sample adds up to: a summary's numbers and the live-only memory_busy.
+FIELDS = (*SUMMARY_FIELDS, "memory_busy_seconds", "memory_busy_missing_seconds")
+# The flagged part of a sample's numbers (FLAGGED_FIELDS, and memory_busy for the live view).
+_FLAGGED_MEASURES = (*(name for name in FLAGGED_FIELDS if name != "seconds"), "memory_busy_seconds")
+# Device-wide numbers that NVML gives only for the whole of a MIG GPU: split by slices.
+_BY_SLICES = (
+    "present_seconds",
+    "busy_seconds",
+    "busy_missing_seconds",
+    "energy_joules",
+    "memory_busy_seconds",
+    "memory_busy_missing_seconds",
+)
+
+Totals = dict[str, float]
+
+
+def zeros() -> Totals:
+    return dict.fromkeys(FIELDS, 0.0)
+
+
+def contributions(sample: pb.GpuSample, seconds: float, joules: float = 0.0) -> Totals:
+    """What one GPU sample adds to its totals over the `seconds` it covers (§2, §3).
+
+    A GPU that is not OK is not present: it adds its energy and, when lost, lost seconds. A
+    measure NVML did not give is unknown, never 0: busy, allocated and memory_busy then add
+    missing seconds (the upper bound's), and SM activity adds its cap, busy (an SM is active
+    only while a kernel runs), or 1 where busy is unknown too."""
+    values = zeros()
+    values["energy_joules"] = joules
+    if sample.status != pb.GPU_STATUS_OK:
+        if sample.status == pb.GPU_STATUS_LOST:
+            values["lost_seconds"] = seconds
+        return values
+    values["present_seconds"] = seconds
+    if sample.HasField("process_count"):
+        values["allocated_seconds"] = seconds * (sample.process_count > 0)
+    else:
+        values["allocated_missing_seconds"] = seconds
+    has_busy = sample.HasField("busy")
+    busy = sample.busy * seconds if has_busy else 0.0
+    values["busy_seconds"] = busy
+    if not has_busy:
+        values["busy_missing_seconds"] = seconds
+    if sample.HasField("sm_active"):
+        values["sm_active_seconds"] = sample.sm_active * seconds
+        values["sm_measured_seconds"] = seconds
+    else:
+        values["busy_unmeasured_seconds"] = busy if has_busy else seconds
+    if sample.HasField("effective"):
+        values["effective_seconds"] = sample.effective * seconds
+        if sample.effective_estimated:
+            values["effective_estimated_seconds"] = values["effective_seconds"]
+    if sample.HasField("memory_busy"):
+        values["memory_busy_seconds"] = sample.memory_busy * seconds
+    else:
+        values["memory_busy_missing_seconds"] = seconds
+    return values
+
+
+def flagged(values: Mapping[str, float]) -> Totals:
+    """The flagged part of a flagged sample's (or of flagged samples') totals: its present
+    seconds as "seconds", and its measures, as a PaddingTotal holds them (plus memory_busy,
+    which only the live view uses). Padding flags only present seconds (§7)."""
+    out = {name: values[name] for name in _FLAGGED_MEASURES}
+    out["seconds"] = values["present_seconds"]
+    return out
+
+
+def unpadded(values: Mapping[str, float], flagged_part: Mapping[str, float]) -> Totals:
+    """`values` with the flagged seconds counting as no work (§7): the measures lose their
+    flagged part; presence, and so the denominator and the coverage, stay."""
+    out = dict(values)
+    for name in _FLAGGED_MEASURES:
+        if name in out:
+            out[name] -= flagged_part.get(name, 0.0)
+    return out
+
+
+def mig_shares(
+    sample: pb.GpuSample, seconds: float, values: Mapping[str, float]
+) -> list[tuple[pb.Attribution, Totals]]:
+    """A MIG GPU's contributions (`values`, over `seconds`) split among the owners of its
+    instances in proportion to the compute slices each holds (§9), owner by owner.
+
+    Slices that no instance of an owner of its own holds (an instance handed to nobody, or
+    none at all) go to the GPU's own attribution; slices in no instance are measured idle.
+    Allocated and SM-active seconds come from each instance's processes and GPM; the numbers
+    NVML gives only for the whole GPU (busy, energy, ...) are split by slices. Where the
+    slices are unknown, or the GPU is not OK, the whole GPU is its own owner's.
+
+    The GPU is shared out only when the result has more than one owner, or one that is not
+    the GPU's own (see :func:`is_shared`)."""
+    whole = sample.attribution
+    total = sample.mig_slices if sample.HasField("mig_slices") else 0
+    held = sum(m.slices for m in sample.mig)
+    if (
+        sample.status != pb.GPU_STATUS_OK
+        or total <= 0
+        or held > total
+        or any(not m.HasField("slices") for m in sample.mig)
+    ):
+        return [(whole, dict(values))]
+    parts: dict[bytes, tuple[pb.Attribution, Totals]] = {}
+
+    def part(owner: pb.Attribution, fraction: float) -> Totals:
+        key = owner.SerializeToString(deterministic=True)
+        if key not in parts:
+            parts[key] = (owner, zeros())
+        out = parts[key][1]
+        for name in _BY_SLICES:
+            out[name] += values[name] * fraction
+        return out
+
+    rest = (total - held) / total
+    if rest > 0:  # no instance there: no process, no kernel can run on these slices
+        out = part(whole, rest)
+        out["sm_measured_seconds"] += seconds * rest
+    has_busy = sample.HasField("busy")
+    for instance in sample.mig:
+        fraction = instance.slices / total
+        out = part(instance.attribution if instance.attribution.source else whole, fraction)
+        if instance.HasField("process_count"):
+            out["allocated_seconds"] += seconds * fraction * (instance.process_count > 0)
+        else:
+            out["allocated_missing_seconds"] += seconds * fraction
+        if instance.HasField("sm_active"):
+            out["sm_active_seconds"] += instance.sm_active * seconds * fraction
+            out["effective_seconds"] += instance.sm_active * seconds * fraction
+            out["sm_measured_seconds"] += seconds * fraction
+        else:  # capped by busy where NVML gave it, as for a whole GPU
+            out["busy_unmeasured_seconds"] += (
+                values["busy_seconds"] if has_busy else seconds
+            ) * fraction
+    return list(parts.values())
+
+
+def is_shared(parts: list[tuple[pb.Attribution, Totals]], attribution: pb.Attribution) -> bool:
+    """Whether :func:`mig_shares` split the GPU among owners, rather than leaving all of it
+    to the GPU's own attribution."""
+    return len(parts) > 1 or (bool(parts) and parts[0][0] != attribution)
+
+
+class EnergyCounter:
+    """The joules one GPU drew between its samples (§6).
+
+    NVML's total-energy counter counts from the driver's load, so the energy of a sample is
+    the counter's increase since the previous sample; a smaller value means the driver
+    reloaded and the counter restarted at zero, so the energy since the reload is the value
+    itself. The first reading only sets the baseline. A board without the counter (before
+    Volta) has its power readings integrated over the covered seconds instead."""
+
+    __slots__ = ("last_mj",)
+
+    def __init__(self) -> None:
+        self.last_mj: int | None = None
+
+    def joules(self, sample: pb.GpuSample, seconds: float) -> float:
+        if sample.HasField("energy_millijoules"):
+            energy, last = sample.energy_millijoules, self.last_mj
+            self.last_mj = energy
+            if last is None:
+                return 0.0
+            return (energy - last if energy >= last else energy) / 1000.0
+        if sample.status == pb.GPU_STATUS_OK and sample.HasField("power_watts"):
+            return sample.power_watts * seconds
+        return 0.0
+
+
+SUPPORTED, REFUTED, UNDETERMINED = "supported", "refuted", "undetermined"
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """A measure's figure over a capacity, and the bounds that unknown seconds leave it (§5)."""
+
+    figure: float
+    lower: float
+    upper: float
+
+    def verdict(self, claim: float) -> str:
+        """A claim "at least `claim`": supported at or below the lower bound, refuted above
+        the upper bound, undetermined between."""
+        if claim <= self.lower + 1e-12:
+            return SUPPORTED
+        if claim > self.upper + 1e-12:
+            return REFUTED
+        return UNDETERMINED
+
+
+def _clamp(x: float) -> float:
+    return min(max(x, 0.0), 1.0)
+
+
+def bounds(
+    values: Mapping[str, float],
+    capacity: float,
+    measures: tuple[str, ...] = RECORDED_MEASURES,
+) -> dict[str, Bounds]:
+    """Figure, lower and upper bound of each measure over `capacity` GPU-seconds (§5).
+
+    Unobserved seconds (capacity minus present) count as 0 in the lower bound and 1 in the
+    upper. Present seconds without the measure raise only the upper bound: missing seconds
+    at 1, unmeasured SM activity at its cap. Estimated effective work counts in the figure,
+    never in the lower bound."""
+    if capacity <= 0:
+        return dict.fromkeys(measures, Bounds(0.0, 0.0, 0.0))
+    v = values
+    unobserved = max(capacity - v["present_seconds"], 0.0)
+    out: dict[str, Bounds] = {}
+    for measure in measures:
+        if measure == "sm_active":
+            figure = lower = v["sm_active_seconds"]
+            upper = lower + v["busy_unmeasured_seconds"]
+        elif measure == "effective":
+            figure = v["effective_seconds"]
+            lower = figure - v["effective_estimated_seconds"]
+            upper = lower + v["busy_unmeasured_seconds"]
+        else:  # busy, allocated, memory_busy: known or missing, second by second
+            figure = lower = v[f"{measure}_seconds"]
+            upper = lower + v[f"{measure}_missing_seconds"]
+        out[measure] = Bounds(
+            _clamp(figure / capacity),
+            _clamp(lower / capacity),
+            _clamp((upper + unobserved) / capacity),
+        )
+    return out
+
+
+def measured(
+    values: Mapping[str, float], capacity: float, measures: tuple[str, ...] = MEASURES
+) -> dict[str, float]:
+    """The share of `capacity` in which each measure was measured (effective: by GPM, not
+    estimated)."""
+    if capacity <= 0:
+        return dict.fromkeys(measures, 0.0)
+    present = values["present_seconds"]
+    out = {}
+    for measure in measures:
+        if measure in ("sm_active", "effective"):
+            seconds = values["sm_measured_seconds"]
+        else:
+            seconds = present - values[f"{measure}_missing_seconds"]
+        out[measure] = _clamp(seconds / capacity)
+    return out
+
+
+UNATTRIBUTED = "(unattributed)"
+NO_TENANT = "(no tenant)"
+
+
+def owner(attribution: pb.Attribution) -> tuple[str, str]:
+    """The tenant and job a GPU's (or a MIG share's) seconds are charged to, as every
+    breakdown names them: a GPU no source attributes is "(unattributed)"; one attributed to
+    a job without a tenant (a Slurm job of an unknown user, a pod found by its cgroup) is
+    under "(no tenant)"."""
+    tenant = attribution.tenant or (UNATTRIBUTED if not attribution.source else NO_TENANT)
+    return tenant, attribution.job or UNATTRIBUTED
