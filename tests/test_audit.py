@@ -453,3 +453,58 @@ def test_audit_report_with_a_receipt_gives_the_same_report(tmp_path: Path) -> No
     receipt.write_text("{not json")
     broken = gputally("report", *period, f"--out={tmp_path / 'x'}", f"--receipt={receipt}")
     assert broken.returncode != 0 and "not a usable receipt" in broken.stderr
+
+
+def test_audit_prove_gives_proofs_any_rfc9162_verifier_accepts(tmp_path: Path) -> None:
+    """Inclusion of an entry and consistency with an earlier checkpoint, against the newest
+    signed checkpoint; checked here with the tree recomputed from the stored bytes."""
+    import base64
+    import json
+
+    from gputally.collector.record.merkle import ProofError, verify_consistency, verify_inclusion
+
+    db, keys = build(tmp_path)  # 12 entries, checkpoints at 6 and 12
+    leaves = [leaf_hash(body) for *_, body in rows(db)]
+    command = gputally_command()
+    done = subprocess.run(
+        [*command, "audit", "prove", f"--ledger={db}", f"--keys={keys}", "--entry=5", "--since=6"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    root = base64.b64decode(answer["root"])
+    assert answer["size"] == 12 and root == merkle_root(leaves)
+    assert answer["checkpoint"].startswith("gputally/test\n12\n" + answer["root"] + "\n")
+    inclusion = answer["inclusion"]
+    assert (inclusion["entry"], inclusion["index"]) == (5, 4)
+    path = [base64.b64decode(h) for h in inclusion["proof"]]
+    verify_inclusion(leaves[4], 4, 12, path, root)
+    with pytest.raises(ProofError):
+        verify_inclusion(leaves[5], 4, 12, path, root)
+    consistency = answer["consistency"]
+    older = base64.b64decode(consistency["root"])
+    assert consistency["size"] == 6 and older == merkle_root(leaves[:6])
+    verify_consistency(6, 12, older, root, [base64.b64decode(h) for h in consistency["proof"]])
+    for args, message in (
+        (["--entry=13"], "entry 13 is not among the 12 the checkpoint signs"),
+        (["--since=13"], "--since 13: the checkpoint signs 1..12 entries"),
+        ([], "give --entry ID, --since SIZE, or both"),
+    ):
+        refused = subprocess.run(
+            [*command, "audit", "prove", f"--ledger={db}", f"--keys={keys}", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+    set_body(db, 3, rows(db)[2][2] + b"x", fix_leaf=True)  # a forger's entry: no proof on it
+    refused = subprocess.run(
+        [*command, "audit", "prove", f"--ledger={db}", f"--keys={keys}", "--since=6"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "do not give the root signed at size 12" in refused.stderr

@@ -259,6 +259,20 @@ def _register_audit(sub: Any) -> argparse.ArgumentParser:
     _add_period_options(census, required=False, what="the ledger")
     census.add_argument("--json", action="store_true", help="print JSON, with the full card list")
     census.set_defaults(handler=run_audit_census)
+    prove = audit_sub.add_parser(
+        "prove",
+        help="RFC 9162 inclusion and consistency proofs against the newest signed checkpoint",
+        description="Print, as JSON, the newest signed checkpoint and the proofs asked for: that an "
+        "entry is in the log (--entry), and that the log as it was at an earlier size is a prefix of "
+        "it (--since, e.g. the size of a checkpoint you kept). Each proof is checked before it is "
+        "printed; check it again with any RFC 9162 implementation.",
+    )
+    _add_ledger_options(prove, receipt=False)
+    prove.add_argument("--entry", type=count, metavar="ID", help="the entry (its id) to prove")
+    prove.add_argument(
+        "--since", type=count, metavar="SIZE", help="the earlier size to prove consistency from"
+    )
+    prove.set_defaults(handler=run_audit_prove)
     return audit
 
 
@@ -525,6 +539,22 @@ def run_audit_report(args: argparse.Namespace) -> int:
     )
     for path in paths:
         print(f"wrote {path}")
+    return 0
+
+
+def run_audit_prove(args: argparse.Namespace) -> int:
+    from gputally.v1.signing import KeyFileError
+
+    from .audit.verify import ProofRequestError, prove
+    from .record.store import RecordError
+
+    if args.entry is None and args.since is None:
+        return fail("audit prove", "give --entry ID, --since SIZE, or both")
+    try:
+        answer = prove(Path(args.ledger), Path(args.keys), entry=args.entry, since=args.since)
+    except (RecordError, KeyFileError, ProofRequestError) as error:
+        return fail("audit prove", str(error))
+    print(json.dumps(answer, indent=2))
     return 0
 
 

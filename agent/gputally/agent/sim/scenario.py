@@ -219,6 +219,33 @@ def _parse_workload(index: int, raw: Any, total: int) -> Workload:
         count = round(share * total)
     else:
         count = _integer(raw["gpus"], f"{where}.gpus")
+    load, off, period, duty = _parse_load(where, kind, raw)
+    start = _number(raw.get("start", 0.0), f"{where}.start")
+    end = _number(raw["end"], f"{where}.end") if "end" in raw else math.inf
+    if end <= start:
+        raise ScenarioError(f"{where}: end ({end:g}) must be after start ({start:g})")
+    slurm_job, pod = _parse_identity(where, raw)
+    return Workload(
+        name=str(raw.get("name", f"{kind}-{index}")),
+        kind=kind,
+        gpus=count,
+        load=load,
+        start=start,
+        end=end,
+        period=period,
+        duty=duty,
+        off=off,
+        user=str(raw.get("user", "svc")),
+        command=str(raw.get("command", COMMANDS.get(kind, ""))),
+        slurm_job=slurm_job,
+        pod=pod,
+    )
+
+
+def _parse_load(
+    where: str, kind: str, raw: dict[str, Any]
+) -> tuple[Load, Load, float | None, float]:
+    """A workload's load and, for a periodic kind, its off load, period and duty."""
     params = dict(KIND_DEFAULTS[kind])
     params.update(
         {k: v for k, v in raw.items() if k in _LOAD_KEYS | _OFF_KEYS | {"period", "duty"}}
@@ -263,11 +290,11 @@ def _parse_workload(index: int, raw: Any, total: int) -> Workload:
         memory_fraction=values.get("memory_fraction", 0.0),
         processes=values.get("processes", 0),
     )
-    start = _number(raw.get("start", 0.0), f"{where}.start")
-    end = _number(raw["end"], f"{where}.end") if "end" in raw else math.inf
-    if end <= start:
-        raise ScenarioError(f"{where}: end ({end:g}) must be after start ({start:g})")
-    name = str(raw.get("name", f"{kind}-{index}"))
+    return Load(**values), off, period, duty
+
+
+def _parse_identity(where: str, raw: dict[str, Any]) -> tuple[int | None, str]:
+    """Where a workload's processes run: a Slurm job, or a Kubernetes pod (its UID)."""
     slurm_job = (
         _integer(raw["slurm_job"], f"{where}.slurm_job", low=1) if "slurm_job" in raw else None
     )
@@ -280,21 +307,7 @@ def _parse_workload(index: int, raw: Any, total: int) -> Workload:
         )
     if slurm_job and pod:
         raise ScenarioError(f"{where}: a process runs in a Slurm job or in a pod, not both")
-    return Workload(
-        name=name,
-        kind=kind,
-        gpus=count,
-        load=Load(**values),
-        start=start,
-        end=end,
-        period=period,
-        duty=duty,
-        off=off,
-        user=str(raw.get("user", "svc")),
-        command=str(raw.get("command", COMMANDS.get(kind, ""))),
-        slurm_job=slurm_job,
-        pod=pod,
-    )
+    return slurm_job, pod
 
 
 def _parse_fault(index: int, raw: Any, nodes: int, gpus_per_node: int) -> Fault:

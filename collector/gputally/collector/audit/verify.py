@@ -24,6 +24,7 @@ checked in full.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ from google.protobuf.message import DecodeError
 from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1.signing import verify_summary, write_file
 
+from ..record import merkle
 from ..record.keys import KeyStore
 from ..record.ledger import COLLECTOR_KEY_FILE, CheckpointError, open_note, read_collector_key
 from ..record.merkle import Frontier, leaf_hash
@@ -314,15 +316,8 @@ def _verify(
     enrolled = {path.stem: keys.keys(path.stem) for path in keys_dir.glob("*.pub")}
     count = record.count()
     if receipt is not None:
-        if receipt.origin != name:
-            result.receipt_note = f"the receipt is for the log {receipt.origin}, not {name}"
-        elif receipt.keys_digest != result.keys_digest:
-            result.receipt_note = "the key directory is not the one the receipt was made with"
-        elif receipt.size > count:
-            result.receipt_note = (
-                f"the receipt covers {receipt.size:,} entries, the ledger holds {count:,}"
-            )
-        else:
+        result.receipt_note = _receipt_unusable(receipt, result, count)
+        if not result.receipt_note:
             result.trusted = receipt.size
             wanted.add(receipt.size)
     workers = workers if workers is not None else (os.cpu_count() or 1)
@@ -349,48 +344,69 @@ def _verify(
         if result.trusted and (receipt is None or roots.get(result.trusted) != receipt.root):
             return result  # root left empty: verify_ledger runs again, trusting nothing
         result.root = frontier.root()
-        last_size = 0
-        for checkpoint_id, size, _, note in checkpoints:
-            result.checkpoints += 1
-            where = f"checkpoint {checkpoint_id} (size {size})"
-            try:
-                origin, signed_size, signed_root = open_note(note, name, collector_key)
-            except CheckpointError as error:
-                result.problems.append(Problem(None, f"{where}: {error}"))
-                continue
-            if origin != name or signed_size != size:
-                result.problems.append(
-                    Problem(None, f"{where}: the note says {origin} size {signed_size}")
-                )
-            elif size < last_size:
-                result.problems.append(
-                    Problem(None, f"{where}: smaller than an earlier checkpoint ({last_size})")
-                )
-            elif size not in roots:
-                result.problems.append(
-                    Problem(None, f"{where}: the ledger has only {frontier.size} entries")
-                )
-            elif roots[size] != signed_root:
-                result.problems.append(
-                    Problem(
-                        None,
-                        f"{where}: the entries do not give the signed root: the log was altered",
-                    )
-                )
-            last_size = max(last_size, size)
-        if frontier.size > last_size:
-            result.problems.append(
-                Problem(
-                    None,
-                    f"{frontier.size - last_size} entries after the last signed checkpoint are not covered by one",
-                )
-            )
+        result.problems += _check_checkpoints(
+            checkpoints, roots, frontier.size, name, collector_key
+        )
+        result.checkpoints = len(checkpoints)
     finally:
         record.close()
         if pool is not None:
             pool.shutdown()
     result.problems.sort(key=lambda p: (p.entry is None, p.entry or 0))
     return result
+
+
+def _receipt_unusable(receipt: Receipt, result: Verification, count: int) -> str:
+    """Why `receipt` cannot vouch for this ledger and these keys; "" when it can."""
+    if receipt.origin != result.origin:
+        return f"the receipt is for the log {receipt.origin}, not {result.origin}"
+    if receipt.keys_digest != result.keys_digest:
+        return "the key directory is not the one the receipt was made with"
+    if receipt.size > count:
+        return f"the receipt covers {receipt.size:,} entries, the ledger holds {count:,}"
+    return ""
+
+
+def _check_checkpoints(
+    checkpoints: list[tuple[int, int, bytes, str]],
+    roots: dict[int, bytes],
+    size: int,
+    name: str,
+    collector_key: bytes,
+) -> list[Problem]:
+    """Every checkpoint signed by the collector's key, for this log, growing, and signing the
+    root its first `size` entries give (`roots`, recomputed); and none of the log's `size`
+    entries left uncovered."""
+    problems: list[Problem] = []
+    last_size = 0
+    for checkpoint_id, signed_for, _, note in checkpoints:
+        where = f"checkpoint {checkpoint_id} (size {signed_for})"
+        try:
+            origin, signed_size, signed_root = open_note(note, name, collector_key)
+        except CheckpointError as error:
+            problems.append(Problem(None, f"{where}: {error}"))
+            continue
+        if origin != name or signed_size != signed_for:
+            problem = f"the note says {origin} size {signed_size}"
+        elif signed_for < last_size:
+            problem = f"smaller than an earlier checkpoint ({last_size})"
+        elif signed_for not in roots:
+            problem = f"the ledger has only {size} entries"
+        elif roots[signed_for] != signed_root:
+            problem = "the entries do not give the signed root: the log was altered"
+        else:
+            problem = ""
+        if problem:
+            problems.append(Problem(None, f"{where}: {problem}"))
+        last_size = max(last_size, signed_for)
+    if size > last_size:
+        problems.append(
+            Problem(
+                None,
+                f"{size - last_size} entries after the last signed checkpoint are not covered by one",
+            )
+        )
+    return problems
 
 
 def _chain(
@@ -417,3 +433,72 @@ def _chain(
     if checked.prev_hash != last_hash:
         return Problem(entry, f"node {node}'s summary {seq} does not chain to summary {last_seq}")
     return None
+
+
+class ProofRequestError(ValueError):
+    """A proof that cannot be given for this ledger; the message says why."""
+
+
+def prove(
+    ledger: Path, keys_dir: Path, *, entry: int | None = None, since: int | None = None
+) -> dict[str, object]:
+    """RFC 9162 proofs against the ledger's newest signed checkpoint: that entry `entry` is in
+    the log (inclusion), and that the log of `since` entries is a prefix of it (consistency).
+
+    Leaf hashes are recomputed from the entries' bytes, the checkpoint's signature and root
+    checked first, and each proof verified before it is given, so that whoever holds the
+    checkpoint (or an earlier one, of `since` entries) can check the answer with any RFC 9162
+    implementation. Hashes are in base64, as in the checkpoint."""
+    name, collector_key = read_collector_key(keys_dir)
+    record = Record(ledger, readonly=True)
+    try:
+        checkpoints = record.checkpoints()
+        if not checkpoints:
+            raise ProofRequestError("the ledger has no signed checkpoint to prove against")
+        note = checkpoints[-1][3]
+        try:
+            _, size, root = open_note(note, name, collector_key)
+        except CheckpointError as error:
+            raise ProofRequestError(f"the newest checkpoint: {error}") from None
+        ids: list[int] = []
+        leaves: list[bytes] = []
+        for row_id, _, stored, _ in record.entries():
+            if len(leaves) == size:
+                break
+            ids.append(row_id)
+            leaves.append(leaf_hash(stored))
+    finally:
+        record.close()
+    if len(leaves) < size or merkle.root(leaves) != root:
+        raise ProofRequestError(
+            f"the ledger's entries do not give the root signed at size {size}: run `audit verify`"
+        )
+    out: dict[str, object] = {"checkpoint": note, "size": size, "root": _b64(root)}
+    if entry is not None:
+        if entry not in ids:
+            raise ProofRequestError(f"entry {entry} is not among the {size:,} the checkpoint signs")
+        index = ids.index(entry)
+        path = merkle.inclusion_proof(leaves, index)
+        merkle.verify_inclusion(leaves[index], index, size, path, root)
+        out["inclusion"] = {
+            "entry": entry,
+            "index": index,
+            "leaf_hash": _b64(leaves[index]),
+            "proof": [_b64(h) for h in path],
+        }
+    if since is not None:
+        if not 0 < since <= size:
+            raise ProofRequestError(f"--since {since}: the checkpoint signs 1..{size:,} entries")
+        older = merkle.root(leaves[:since])
+        path = merkle.consistency_proof(leaves, since)
+        merkle.verify_consistency(since, size, older, root, path)
+        out["consistency"] = {
+            "size": since,
+            "root": _b64(older),
+            "proof": [_b64(h) for h in path],
+        }
+    return out
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
