@@ -19,9 +19,10 @@ from gputally.collector.record.store import Record
 from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1.signing import public_bytes, sign_summary
 
+from . import factories
 from .factories import empty_ledger, gputally_command
 
-T0 = 1_767_225_600  # whole seconds: the windows below are built in nanoseconds
+T0 = int(factories.T0)  # whole seconds: the windows below are built in nanoseconds
 
 NODES = ("n1", "n2", "n3")
 

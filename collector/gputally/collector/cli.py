@@ -32,6 +32,7 @@ from gputally.cli.options import (
 from gputally.v1.accounting import RECORDED_MEASURES
 
 if TYPE_CHECKING:
+    from .audit.figures import Rollup
     from .audit.verify import Receipt, Verification
 
 # `query --by` choices (audit.figures.BREAKDOWNS, which the parser must not import).
@@ -444,6 +445,34 @@ def _say_receipt(
         print(f"  receipt not used: {verification.receipt_note}", file=sys.stderr)
 
 
+def _verified(
+    args: argparse.Namespace, command: str, *, rollup: Rollup | None = None
+) -> tuple[Verification, Receipt | None] | int:
+    """Verify the ledger as `audit verify` does (adding its figures into `rollup` on the way),
+    with the --receipt given. The verification when it holds; else the exit code, said."""
+    from gputally.v1.signing import KeyFileError
+
+    from .audit.verify import ReceiptError, verify_ledger
+    from .record.store import RecordError
+
+    try:
+        receipt = _load_receipt(args)
+        verification = verify_ledger(
+            Path(args.ledger),
+            Path(args.keys),
+            progress=lambda n: print(f"  {n:,} entries checked", file=sys.stderr, flush=True),
+            rollup=rollup,
+            receipt=receipt,
+        )
+    except (RecordError, KeyFileError, ReceiptError) as error:
+        return fail(command, str(error))
+    _say_receipt(verification, receipt, args)
+    if not verification.ok:
+        print(f"gputally {command}: the ledger does not verify ({_failed_at(verification)})")
+        return FAILED
+    return verification, receipt
+
+
 def _failed_at(verification: Verification) -> str:
     first = verification.problems[0]
     where = f"entry {first.entry}" if first.entry is not None else "log"
@@ -485,12 +514,8 @@ def run_audit_verify(args: argparse.Namespace) -> int:
 
 
 def run_audit_report(args: argparse.Namespace) -> int:
-    from gputally.v1.signing import KeyFileError
-
     from .audit import report as report_module
     from .audit.figures import Rollup
-    from .audit.verify import ReceiptError, verify_ledger
-    from .record.store import RecordError
 
     def say(text: str) -> None:
         print(f"  {text}", file=sys.stderr, flush=True)
@@ -501,25 +526,12 @@ def run_audit_report(args: argparse.Namespace) -> int:
         return fail("audit report", str(error))
     if end <= start:
         return fail("audit report", "--to must be after --from")
-    try:
-        receipt = _load_receipt(args)
-        say("verifying the ledger and adding up its figures ...")
-        rollup = Rollup(start, end, args.expected_gpus)
-        verification = verify_ledger(
-            Path(args.ledger),
-            Path(args.keys),
-            progress=lambda n: say(f"{n:,} entries checked"),
-            rollup=rollup,
-            receipt=receipt,
-        )
-    except (RecordError, KeyFileError, ReceiptError) as error:
-        return fail("audit report", str(error))
-    _say_receipt(verification, receipt, args)
-    if not verification.ok:
-        print(
-            f"gputally audit report: the ledger does not verify ({_failed_at(verification)}); no report written"
-        )
-        return FAILED
+    say("verifying the ledger and adding up its figures ...")
+    rollup = Rollup(start, end, args.expected_gpus)
+    verified = _verified(args, "audit report", rollup=rollup)
+    if isinstance(verified, int):
+        return verified
+    verification, receipt = verified
     say(f"verified {verification.entries:,} entries; writing the report ...")
     answer = report_module.build(
         rollup,
@@ -559,21 +571,12 @@ def run_audit_prove(args: argparse.Namespace) -> int:
 
 
 def run_audit_census(args: argparse.Namespace) -> int:
-    from gputally.v1.signing import KeyFileError
-
     from .audit import census as census_module
-    from .audit.verify import ReceiptError, verify_ledger
-    from .record.store import Record, RecordError
+    from .record.store import Record
 
-    try:
-        receipt = _load_receipt(args)
-        verification = verify_ledger(Path(args.ledger), Path(args.keys), receipt=receipt)
-    except (RecordError, KeyFileError, ReceiptError) as error:
-        return fail("audit census", str(error))
-    _say_receipt(verification, receipt, args)
-    if not verification.ok:
-        print(f"gputally audit census: the ledger does not verify ({_failed_at(verification)})")
-        return FAILED
+    verified = _verified(args, "audit census")
+    if isinstance(verified, int):
+        return verified
     record = Record(args.ledger, readonly=True)
     try:
         span = record.span() or (0, 0)

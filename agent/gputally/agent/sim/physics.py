@@ -30,6 +30,7 @@ class ModelProfile:
     mig: bool  # Multi-Instance GPU capable
 
 
+# A data table: the entries look alike because each names every field of its model.
 MODELS: dict[str, ModelProfile] = {
     p.name: p
     for p in (
