@@ -1,5 +1,3 @@
-"""gputally agent: samples the GPUs of one node and streams the readings to the collector."""
-
-# The distribution's version, written here rather than read through importlib.metadata, whose
-# imports the agent daemon would carry for nothing (a test keeps it equal to pyproject.toml's).
-__version__ = "0.1.0"
+"""gputally agent: what runs on every GPU node. It samples the node's GPUs, integrates them
+into signed per-window summaries and streams both to the collector; ``sim/`` holds the
+simulation that stands in for GPUs where there are none."""

@@ -138,12 +138,6 @@ _MIG: tuple[tuple[str, str, str], ...] = (
     ("process_count", "gputally_mig_processes", "Compute processes in the instance."),
 )
 _LABELS = ["gpu", "uuid", "model"]
-# The gputally_gpu_seconds_total measures, and the accounting field each one adds up: the
-# collector's cluster counters have the same ones.
-_SECONDS = (
-    ("observed", "present_seconds"),
-    *((m, f"{m}_seconds") for m in accounting.MEASURES),
-)
 
 
 class NodeExporter(Collector):
@@ -174,7 +168,7 @@ class NodeExporter(Collector):
                 self.joules[sample.index] = self.joules.get(sample.index, 0.0) + joules
                 values = accounting.contributions(sample, dt)
                 counters = self.seconds.setdefault(sample.index, _zero_seconds())
-                for measure, name in _SECONDS:
+                for measure, name in accounting.COUNTED:
                     counters[measure] += values[name]
 
     def collect(self) -> Iterator[Any]:
@@ -349,7 +343,7 @@ class NodeExporter(Collector):
 
 
 def _zero_seconds() -> dict[str, float]:
-    return {measure: 0.0 for measure, _ in _SECONDS}
+    return {measure: 0.0 for measure, _ in accounting.COUNTED}
 
 
 def make_registry(exporter: NodeExporter) -> CollectorRegistry:

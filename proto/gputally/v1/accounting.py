@@ -26,6 +26,10 @@ from gputally.v1 import telemetry_pb2 as pb
 MEASURES = ("busy", "allocated", "sm_active", "effective", "memory_busy")
 RECORDED_MEASURES = ("busy", "allocated", "sm_active", "effective")
 
+# The GPU-seconds counters (the collector's gputally_*_gpu_seconds_total, the agent's
+# gputally_gpu_seconds_total): each `measure` label and the accounting field it adds up.
+COUNTED = (("observed", "present_seconds"), *((m, f"{m}_seconds") for m in MEASURES))
+
 # The agent's padding rules (§7), and the name of their union in GpuSummary.flagged.
 BUSY_WITHOUT_WORK = "busy_without_work"
 FLATLINE_LOW_MEMORY = "flatline_low_memory"

@@ -59,7 +59,6 @@ _WINDOW_FIELDS = (
     "memory_busy_seconds",
     "memory_busy_missing_seconds",
 )
-_COUNTED = (("observed", "present_seconds"), *((m, f"{m}_seconds") for m in MEASURES))
 
 
 class NotEnrolledError(ValueError):
@@ -93,7 +92,7 @@ class GpuState:
 
 
 def _zero_counts() -> dict[str, float]:
-    return {name: 0.0 for name, _ in _COUNTED}
+    return {name: 0.0 for name, _ in accounting.COUNTED}
 
 
 @dataclass(slots=True)
@@ -376,7 +375,7 @@ class ClusterState:
             self._charge(gpu, proto, per_second, end, placed)
             for event in proto.xid_events:
                 node.xids[event.code] = node.xids.get(event.code, 0) + 1
-            for name, field_name in _COUNTED:
+            for name, field_name in accounting.COUNTED:
                 added.seconds[name] += per_second[field_name] * dt
                 if padding:
                     added.flagged[name] += per_second[field_name] * dt
