@@ -37,7 +37,7 @@ COMMANDS = {
     "collector": "gputally.collector.cli",
     "query": "gputally.collector.cli",
     "enroll": "gputally.collector.cli",
-    "audit": "gputally.collector.cli",
+    "audit": "gputally.collector.audit.cli",
     "simulate": "gputally.agent.sim.cli",
     "demo": "gputally.agent.sim.cli",
 }

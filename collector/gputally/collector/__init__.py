@@ -6,8 +6,8 @@
 * ``record/``, the durable record: the SQLite file (``store``), its Merkle tree (``merkle``) and
   signed checkpoints (``ledger``), the enrolled keys (``keys``);
 * ``audit/``, the auditor's side, reading only a record and public keys: ``verify`` (every
-  signature, chain and checkpoint), ``figures`` (any period's figures from its summaries),
-  ``report`` and ``census``.
+  signature, chain and checkpoint; proofs), ``figures`` (any period's figures from its
+  summaries), ``report`` and ``census``; ``audit/cli`` defines `gputally audit`.
 
-``cli`` defines the collector's commands.
+``cli`` defines `gputally collector`, `query` and `enroll`.
 """

@@ -1,0 +1,290 @@
+"""`gputally audit`: the auditor's commands, reading only a ledger and public keys.
+
+`verify` checks every signature, chain and checkpoint; `report` and `census` verify first,
+then recompute; `prove` gives RFC 9162 proofs against the newest checkpoint. Only what the
+parsers need is imported here: an auditor's command loads neither the agent nor the live path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gputally.cli.options import FAILED, TIMES, count, fail, parse_time
+
+from ..cli import add_claim_options, add_period_options
+
+if TYPE_CHECKING:
+    from .figures import Rollup
+    from .verify import Receipt, Verification
+
+
+def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
+    return {"audit": _register_audit(sub)}
+
+
+def _add_ledger_options(parser: argparse.ArgumentParser, *, receipt: bool) -> None:
+    """What every auditor's command reads: the ledger and the public keys, nothing else."""
+    parser.add_argument(
+        "--ledger", required=True, metavar="PATH", help="the collector's record (its --db file)"
+    )
+    parser.add_argument(
+        "--keys",
+        required=True,
+        metavar="DIR",
+        help="the agents' <node>.pub files and the collector's collector.ckey",
+    )
+    if receipt:
+        parser.add_argument(
+            "--receipt",
+            metavar="FILE",
+            help="a receipt from `audit verify --receipt`: the signatures it covers are not checked again "
+            "(every hash, chain and checkpoint still is; a ledger or key directory that differs from the "
+            "receipt's is verified in full)",
+        )
+
+
+def _register_audit(sub: Any) -> argparse.ArgumentParser:
+    audit: argparse.ArgumentParser = sub.add_parser(
+        "audit",
+        help="verify the ledger and report on utilization claims, from the ledger and public keys alone",
+        description="Auditor's commands. They read only the ledger file and the public keys.",
+    )
+    audit_sub = audit.add_subparsers(dest="audit_command", metavar="AUDIT_COMMAND", required=True)
+    check = audit_sub.add_parser(
+        "verify",
+        help="check every signature, every node's chain and every checkpoint",
+        description="Check every summary's signature against the enrolled keys, every node's chain "
+        "(gaps, reorders, duplicates), and the Merkle tree against the signed checkpoints. Exits 0 only "
+        "when all holds; otherwise names the first bad entry and exits 1.",
+    )
+    _add_ledger_options(check, receipt=False)
+    check.add_argument(
+        "--receipt",
+        metavar="FILE",
+        help="when all holds, write a receipt here: the log's size and root and the keys' digest, "
+        "so that `audit report --receipt FILE` need not check these signatures again",
+    )
+    check.set_defaults(handler=run_audit_verify)
+    report = audit_sub.add_parser(
+        "report",
+        help="verify, then write report.html (plots), report.json and CSV tables for a period",
+        description="Verify the ledger (as `audit verify`), then recompute every figure for the period from "
+        "its summaries and write a self-contained report.html, report.json and CSV tables into --out.",
+        epilog=TIMES,
+    )
+    _add_ledger_options(report, receipt=True)
+    add_period_options(report, required=True)
+    report.add_argument(
+        "--expected-gpus",
+        type=count,
+        required=True,
+        metavar="N",
+        help="the inventory the claim is about",
+    )
+    add_claim_options(report)
+    report.add_argument("--out", required=True, metavar="DIR", help="where to write the report")
+    report.set_defaults(handler=run_audit_report)
+    census = audit_sub.add_parser(
+        "census",
+        help="the inventory the ledger saw: cards per model, serials, duplicate identities, peak throughput",
+        description="Verify the ledger, then list the cards it saw in the period: per model, with serials "
+        "and UUIDs, duplicate identities (one card reported by two nodes), and the theoretical peak dense "
+        "BF16 throughput per model and in total, to set against a claimed capacity.",
+        epilog=TIMES,
+    )
+    _add_ledger_options(census, receipt=True)
+    add_period_options(census, required=False, what="the ledger")
+    census.add_argument("--json", action="store_true", help="print JSON, with the full card list")
+    census.set_defaults(handler=run_audit_census)
+    prove = audit_sub.add_parser(
+        "prove",
+        help="RFC 9162 inclusion and consistency proofs against the newest signed checkpoint",
+        description="Print, as JSON, the newest signed checkpoint and the proofs asked for: that an "
+        "entry is in the log (--entry), and that the log as it was at an earlier size is a prefix of "
+        "it (--since, e.g. the size of a checkpoint you kept). Each proof is checked before it is "
+        "printed; check it again with any RFC 9162 implementation.",
+    )
+    _add_ledger_options(prove, receipt=False)
+    prove.add_argument("--entry", type=count, metavar="ID", help="the entry (its id) to prove")
+    prove.add_argument(
+        "--since", type=count, metavar="SIZE", help="the earlier size to prove consistency from"
+    )
+    prove.set_defaults(handler=run_audit_prove)
+    return audit
+
+
+# -- audit -----------------------------------------------------------------------------------
+
+
+def _load_receipt(args: argparse.Namespace) -> Receipt | None:
+    """The receipt named by --receipt (None without one); ReceiptError when unusable."""
+    from .verify import Receipt
+
+    return Receipt.load(Path(args.receipt)) if args.receipt else None
+
+
+def _say_receipt(
+    verification: Verification, receipt: Receipt | None, args: argparse.Namespace
+) -> None:
+    if verification.trusted and receipt is not None:
+        print(
+            f"  signatures of the first {verification.trusted:,} entries: by the receipt "
+            f"{args.receipt} (verified {receipt.verified_at})",
+            file=sys.stderr,
+        )
+    elif receipt is not None:
+        print(f"  receipt not used: {verification.receipt_note}", file=sys.stderr)
+
+
+def _verified(
+    args: argparse.Namespace, command: str, *, rollup: Rollup | None = None
+) -> tuple[Verification, Receipt | None] | int:
+    """Verify the ledger as `audit verify` does (adding its figures into `rollup` on the way),
+    with the --receipt given. The verification when it holds; else the exit code, said."""
+    from gputally.v1.signing import KeyFileError
+
+    from ..record.store import RecordError
+    from .verify import ReceiptError, verify_ledger
+
+    try:
+        receipt = _load_receipt(args)
+        verification = verify_ledger(
+            Path(args.ledger),
+            Path(args.keys),
+            progress=lambda n: print(f"  {n:,} entries checked", file=sys.stderr, flush=True),
+            rollup=rollup,
+            receipt=receipt,
+        )
+    except (RecordError, KeyFileError, ReceiptError) as error:
+        return fail(command, str(error))
+    _say_receipt(verification, receipt, args)
+    if not verification.ok:
+        print(f"gputally {command}: the ledger does not verify ({_failed_at(verification)})")
+        return FAILED
+    return verification, receipt
+
+
+def _failed_at(verification: Verification) -> str:
+    first = verification.problems[0]
+    where = f"entry {first.entry}" if first.entry is not None else "log"
+    return f"at {where}: {first.message}"
+
+
+def run_audit_verify(args: argparse.Namespace) -> int:
+    from gputally.v1.signing import KeyFileError
+
+    from ..record.store import RecordError
+    from .verify import Receipt, verify_ledger
+
+    def progress(entries: int) -> None:
+        print(f"  ... {entries:,} entries checked", file=sys.stderr, flush=True)
+
+    try:
+        result = verify_ledger(Path(args.ledger), Path(args.keys), progress=progress)
+    except (RecordError, KeyFileError) as error:
+        return fail("audit verify", str(error))
+    print(
+        f"ledger {args.ledger}: {result.entries:,} entries from {len(result.nodes)} nodes, {result.checkpoints} checkpoints"
+    )
+    if not result.ok:
+        print(f"FAILED {_failed_at(result)}")
+        if len(result.problems) > 1:
+            print(f"({len(result.problems) - 1} more problems after it)")
+        return FAILED
+    print("verified: every signature, every chain and every checkpoint holds")
+    if args.receipt:
+        receipt = Receipt.of(result, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        try:
+            receipt.write(Path(args.receipt))
+        except OSError as error:
+            return fail("audit verify", f"--receipt: {error}")
+        print(
+            f"receipt: {args.receipt} (size {result.entries:,}, root {result.root.hex()[:16]}...)"
+        )
+    return 0
+
+
+def run_audit_report(args: argparse.Namespace) -> int:
+    from . import report as report_module
+    from .figures import Rollup
+
+    def say(text: str) -> None:
+        print(f"  {text}", file=sys.stderr, flush=True)
+
+    try:
+        start, end = parse_time(args.start, time.time()), parse_time(args.end, time.time())
+    except ValueError as error:
+        return fail("audit report", str(error))
+    if end <= start:
+        return fail("audit report", "--to must be after --from")
+    say("verifying the ledger and adding up its figures ...")
+    rollup = Rollup(start, end, args.expected_gpus)
+    verified = _verified(args, "audit report", rollup=rollup)
+    if isinstance(verified, int):
+        return verified
+    verification, receipt = verified
+    say(f"verified {verification.entries:,} entries; writing the report ...")
+    answer = report_module.build(
+        rollup,
+        args.measure,
+        args.claim,
+        verification,
+        receipt.verified_at if receipt is not None and verification.trusted else "",
+    )
+    try:
+        paths = report_module.write(answer, Path(args.out), args.measure)
+    except OSError as error:
+        return fail("audit report", f"--out {args.out}: {error}")
+    verdict = f", claim {args.claim:.2%}: {answer['verdict']}" if args.claim is not None else ""
+    print(
+        f"{args.measure} {answer['figure']:.2%} [{answer['lower']:.2%}, {answer['upper']:.2%}], "
+        f"coverage {answer['coverage']:.1%}{verdict}"
+    )
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def run_audit_prove(args: argparse.Namespace) -> int:
+    from gputally.v1.signing import KeyFileError
+
+    from ..record.store import RecordError
+    from .verify import ProofRequestError, prove
+
+    if args.entry is None and args.since is None:
+        return fail("audit prove", "give --entry ID, --since SIZE, or both")
+    try:
+        answer = prove(Path(args.ledger), Path(args.keys), entry=args.entry, since=args.since)
+    except (RecordError, KeyFileError, ProofRequestError) as error:
+        return fail("audit prove", str(error))
+    print(json.dumps(answer, indent=2))
+    return 0
+
+
+def run_audit_census(args: argparse.Namespace) -> int:
+    from ..record.store import Record
+    from . import census as census_module
+
+    verified = _verified(args, "audit census")
+    if isinstance(verified, int):
+        return verified
+    record = Record(args.ledger, readonly=True)
+    try:
+        span = record.span() or (0, 0)
+        now = time.time()
+        try:
+            start = parse_time(args.start, now) if args.start else span[0] / 1e9
+            end = parse_time(args.end, now) if args.end else span[1] / 1e9
+        except ValueError as error:
+            return fail("audit census", str(error))
+        result = census_module.census(census_module.take(record, start, end))
+    finally:
+        record.close()
+    print(json.dumps(result, indent=2) if args.json else census_module.render(result))
+    return 0
