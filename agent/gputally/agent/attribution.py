@@ -52,6 +52,7 @@ from .readings import (
     NotAvailable,
     ProcessFacts,
     ProcessInfo,
+    known,
 )
 
 log = logging.getLogger("gputally.agent")
@@ -239,7 +240,7 @@ class Attributor:
         now = self._monotonic()
         alive: set[int] = set()
         for info, reading in zip(inventory, readings, strict=True):
-            processes = [] if isinstance(reading.processes, NotAvailable) else reading.processes
+            processes = known(reading.processes, [])
             for process in processes:
                 alive.add(process.pid)
                 self._describe(process, now)

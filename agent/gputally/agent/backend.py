@@ -38,6 +38,7 @@ from .readings import (
     NotAvailable,
     ProcessInfo,
     convert,
+    known,
 )
 from .xid import XidWatcher
 
@@ -232,7 +233,7 @@ class NvmlBackend:
         # As many MIG devices at most as the GPU has 1g compute slices (7 on A100 and H100,
         # 4 on A30): the whole an instance's gpuInstanceSliceCount is a part of.
         gpu.mig_slices = count
-        for slot in range(0 if isinstance(count, NotAvailable) else count):
+        for slot in range(known(count, 0)):
             handle = query(lib.nvmlDeviceGetMigDeviceHandleByIndex, gpu.handle, slot)
             if isinstance(handle, NotAvailable):
                 continue  # no instance in this slot
@@ -240,8 +241,8 @@ class NvmlBackend:
             ci = query(lib.nvmlDeviceGetComputeInstanceId, handle)
             instance = _Mig(
                 handle=handle,
-                gpu_instance_id=NO_INSTANCE if isinstance(gi, NotAvailable) else int(gi),
-                compute_instance_id=NO_INSTANCE if isinstance(ci, NotAvailable) else int(ci),
+                gpu_instance_id=int(known(gi, NO_INSTANCE)),
+                compute_instance_id=int(known(ci, NO_INSTANCE)),
                 uuid=_text_or_empty(query(lib.nvmlDeviceGetUUID, handle)),
                 slices=convert(
                     query(lib.nvmlDeviceGetAttributes, handle),
@@ -252,7 +253,7 @@ class NvmlBackend:
                 pair = self._new_gpm(
                     partial(lib.nvmlGpmMigSampleGet, gpu.handle, instance.gpu_instance_id)
                 )
-                instance.gpm = None if isinstance(pair, NotAvailable) else pair
+                instance.gpm = known(pair, None)
             gpu.mig.append(instance)
 
     # -- sampling --------------------------------------------------------------------------
@@ -509,7 +510,7 @@ class NvmlBackend:
 
 
 def _text_or_empty(value: object) -> str:
-    return "" if isinstance(value, NotAvailable) else text(value)
+    return text(known(value, ""))
 
 
 def _mark_lost(reading: GpuReading, why: NotAvailable) -> GpuReading:

@@ -34,6 +34,11 @@ def convert(value: T | NotAvailable, fn: Callable[[T], U]) -> U | NotAvailable:
     return value if isinstance(value, NotAvailable) else fn(value)
 
 
+def known(value: T | NotAvailable, default: U) -> T | U:
+    """The value, or `default` where it is not available."""
+    return default if isinstance(value, NotAvailable) else value
+
+
 @dataclass(frozen=True, slots=True)
 class Attribution:
     """Whom a GPU (or a MIG instance) is charged to."""
