@@ -509,3 +509,23 @@ def test_audit_prove_gives_proofs_any_rfc9162_verifier_accepts(tmp_path: Path) -
         timeout=60,
     )
     assert refused.returncode == 2 and "do not give the root signed at size 12" in refused.stderr
+
+
+def test_an_entry_of_the_wrong_type_is_a_finding_not_a_crash(tmp_path: Path) -> None:
+    """SQLite lets any column hold text: an edited row is caught by the checks on its bytes,
+    and the commands that read the record say so in one line."""
+    db, keys = build(tmp_path)
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE summaries SET body = 'hello' WHERE id = 5")
+    result = verify_ledger(db, keys)
+    assert not result.ok and result.problems[0].entry == 5
+    assert "leaf hash is not the hash of its bytes" in result.problems[0].message
+    command = gputally_command()
+    query = subprocess.run(
+        [*command, "query", f"--db={db}", "--expected-gpus=3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert query.returncode == 2 and "Traceback" not in query.stderr
+    assert "holds an entry that is not a summary: the record is damaged" in query.stderr

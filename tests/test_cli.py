@@ -246,8 +246,8 @@ def test_query_answers_for_a_past_period_from_the_record(
     assert text.returncode == 0, text.stderr
     assert re.search(r"claim\s+sm_active >= 30\.00%: SUPPORTED", text.stdout), text.stdout
     assert "coverage 100.0%" in text.stdout
-    # the breakdowns asked for, in that order: 32 GPUs x 1200 s, busy allocated SM effective
-    figures = r"\s+32\s+10\.7\s+45\.00%\s+50\.00%\s+30\.00%\s+30\.00%\s+[0-9.]+\n"
+    # the breakdowns asked for, in that order: 32 GPUs x 1200 s, allocated busy SM effective
+    figures = r"\s+32\s+10\.7\s+50\.00%\s+45\.00%\s+30\.00%\s+30\.00%\s+[0-9.]+\n"
     assert re.search(
         r"by tenant \(over the GPU-hours the tenant held.*\n.*\n\(unattributed\)"
         + figures
@@ -282,3 +282,68 @@ def test_query_errors_are_explained(tmp_path: Path, args: list[str], message: st
     assert result.returncode == 2
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["collector", "--lag", "-1", "--print-config"], "must not be negative"),
+        (["collector", "--window", "inf", "--print-config"], "must be a finite number"),
+        (["demo", "--grpc-port", "99999"], "a port is 0 to 65535"),
+        (["agent", "--buffer-reports", "0"], "must be at least 1"),
+        (["query", "--db", "{tmp}/empty.db", "--from", "nan", "--to", "now"], "between 1970"),
+        (["query", "--db", "{tmp}/empty.db", "--from", "0", "--to", "1e12"], "year 9999"),
+        (
+            ["simulate", "--fast", "--start", "nan", "--days", "1", "--ledger", "{tmp}/s.db"],
+            "--start: 'nan' is not a time",
+        ),
+        (
+            [
+                "simulate",
+                "--fast",
+                "--start",
+                "2026-01-01",
+                "--days",
+                "1",
+                "--ledger",
+                "{tmp}/no/s.db",
+            ],
+            "no such directory",
+        ),
+        (
+            [
+                *("audit", "report", "--ledger", "{tmp}/empty.db", "--keys", "{tmp}"),
+                *("--from", "0", "--to", "2e9", "--expected-gpus", "1", "--out", "{tmp}/r"),
+            ],
+            "3,660 at most",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_status_2(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    from gputally.collector.record.store import Record
+
+    Record(tmp_path / "empty.db").close()
+    result = run(*(a.format(tmp=tmp_path) for a in args))
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr, result.stderr
+    # one line says it all (argparse puts its usage before it)
+    assert message in result.stderr.strip().splitlines()[-1], result.stderr
+
+
+def test_a_listener_that_cannot_be_opened_names_its_option() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(
+            *("collector", "--db=", f"--metrics-listen=127.0.0.1:{port}"),
+            "--grpc-listen=127.0.0.1:0",
+        )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"gputally collector: --metrics-listen 127.0.0.1:{port}: Address already in use"
+    )

@@ -406,3 +406,21 @@ def test_enrolling_on_kubernetes_keeps_each_nodes_key_history(tmp_path: Path) ->
     assert retired.returncode != 0
     assert "node-a: REFUSED: its agent presents a key retired by a rotation" in retired.stderr
     assert keys("node-a") == history
+
+
+def test_the_container_image_copies_every_source_root() -> None:
+    """pyproject.toml's package folders must all be in the image's build context, or the
+    image does not build (pip: package directory ... does not exist)."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    roots = {folder.split("/")[0] for folder in setuptools["package-dir"].values()}
+    dockerfile = (DEPLOY / "container" / "Dockerfile").read_text()
+    copied = {
+        word
+        for line in dockerfile.splitlines()
+        if line.startswith("COPY ")
+        for word in line.split()[1:-1]
+    }
+    assert roots <= copied, f"the Dockerfile does not COPY {sorted(roots - copied)}"
+    assert {"pyproject.toml", "README.md"} <= copied

@@ -271,6 +271,21 @@ def test_an_unreadable_spool_file_is_a_clear_error(tmp_path: Path) -> None:
         SummarySigner(key, "n1", tmp_path)
 
 
+@pytest.mark.parametrize("content", ["[]", '{"node": "n1", "chain_seq": null}', "{"])
+def test_an_unreadable_chain_state_is_a_clear_error(tmp_path: Path, content: str) -> None:
+    key = Ed25519PrivateKey.generate()
+    SummarySigner(key, "n1", tmp_path).sign(summary())
+    state = tmp_path / "chain.json"
+    saved = state.read_text()
+    state.write_text(
+        content
+        if content != '{"node": "n1", "chain_seq": null}'
+        else saved.replace('"chain_seq": 1', '"chain_seq": null')
+    )
+    with pytest.raises(ChainStateError, match=r"unreadable chain state.*move it away"):
+        SummarySigner(key, "n1", tmp_path)
+
+
 def test_after_a_key_rotation_the_collector_records_the_new_chain_without_a_break(
     tmp_path: Path,
 ) -> None:

@@ -15,7 +15,6 @@ spool.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError
 
 from gputally.v1 import telemetry_pb2 as pb
-from gputally.v1.signing import public_bytes, sign_summary, write_file
+from gputally.v1.signing import chain_hash, public_bytes, sign_summary, write_file
 
 KEY_FILE = "agent.key"
 CHAIN_FILE = "chain.json"
@@ -51,7 +50,7 @@ class SummarySigner:
                 if saved.get("node") == node and saved.get("public_key") == self.public_key.hex():
                     self.chain_seq = int(saved["chain_seq"])
                     self.prev_hash = bytes.fromhex(saved["prev_hash"])
-            except (ValueError, KeyError) as error:
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
                 raise ChainStateError(
                     f"{self._state}: unreadable chain state ({error}); move it away to start a new chain"
                 ) from None
@@ -61,7 +60,7 @@ class SummarySigner:
             summary = pb.Summary.FromString(signed.body)
             if summary.chain_seq > self.chain_seq:
                 self.chain_seq = summary.chain_seq
-                self.prev_hash = hashlib.sha256(signed.body).digest()
+                self.prev_hash = chain_hash(signed.body)
 
     def _spooled(self) -> list[tuple[int, Path]]:
         if self._spool is None or not self._spool.is_dir():
@@ -105,7 +104,7 @@ class SummarySigner:
                 self._spool / f"{summary.chain_seq:012d}.summary", signed.SerializeToString()
             )
         self.chain_seq += 1
-        self.prev_hash = hashlib.sha256(body).digest()
+        self.prev_hash = chain_hash(body)
         if self._state is not None:
             state = {
                 "node": self.node,

@@ -14,7 +14,7 @@ from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1.accounting import BURN_TOOL, BUSY_WITHOUT_WORK, FLATLINE_LOW_MEMORY
 
 # Idle power of known models, in watts, that the effective-work estimate assumes. Other models:
-# 10% of the power limit. (The simulation's model profiles, sim/scenario.py, give simulated
+# 10% of the power limit. (The simulation's model profiles, sim/physics.py, give simulated
 # boards the same idle draw on purpose: there the estimate can be checked exactly.)
 IDLE_WATTS: dict[str, float] = {
     "NVIDIA H100 80GB HBM3": 70.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from datetime import UTC, datetime
 from typing import NamedTuple
@@ -22,10 +23,27 @@ def fail(command: str, message: str, code: int = USAGE) -> int:
 
 def _number(text: str, kind: type[float] | type[int]) -> float:
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
         what = "a whole number" if kind is int else "a number"
         raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def port(text: str) -> int:
+    value = int(_number(text, int))
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535 (0: any free one), got {text}")
+    return value
 
 
 def positive(text: str) -> float:
@@ -90,11 +108,19 @@ TIMES = (
     "looks like an option)."
 )
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_LATEST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()  # what dates can name
 
 
 def parse_time(text: str, now: float) -> float:
-    """A point in time as unix seconds, from the forms TIMES lists; ValueError otherwise."""
-    text = text.strip()
+    """A point in time as unix seconds, from the forms TIMES lists, between 1970 and the
+    year 9999; ValueError otherwise."""
+    moment = _parse_time(text.strip(), now)
+    if not 0 <= moment <= _LATEST:
+        raise ValueError(f"{text.strip()!r} is not a time between 1970 and the year 9999")
+    return moment
+
+
+def _parse_time(text: str, now: float) -> float:
     if text == "now":
         return now
     if text.startswith("-") and text[-1:] in _UNITS:

@@ -1,4 +1,4 @@
-"""gputally collector: one per cluster. Two halves, one folder each:
+"""gputally collector: one per cluster, in three parts, one folder each:
 
 * ``live/``, the live path: gRPC ingest (``server``) -> message checks (``validate``) -> signed
   summaries into the record (``intake``) -> the live window and counters (``state``) ->

@@ -22,6 +22,7 @@ from gputally.cli.options import (
     count,
     fail,
     fraction,
+    non_negative,
     parse_time,
     positive,
 )
@@ -74,7 +75,7 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--lag",
-        type=float,
+        type=non_negative,
         default=3.0,
         metavar="SECONDS",
         help="the live window ends this long ago, so the newest reports have arrived (default: %(default)s)",
@@ -88,7 +89,7 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--grace",
-        type=float,
+        type=non_negative,
         default=5.0,
         metavar="SECONDS",
         help="on shutdown, time given to open streams (default: %(default)s)",
@@ -285,6 +286,8 @@ def run_enroll(args: argparse.Namespace) -> int:
 
 
 def run_query(args: argparse.Namespace) -> int:
+    from google.protobuf.message import DecodeError
+
     from .audit.figures import as_dict, compute, render_text
     from .record.store import Record, RecordError
 
@@ -310,7 +313,16 @@ def run_query(args: argparse.Namespace) -> int:
                 "query",
                 "the record declares no inventory (the collector ran without --expected-gpus): give --expected-gpus",
             )
-        figures = compute(record.summaries(int(start * 1e9), int(end * 1e9)), start, end, expected)
+        try:
+            figures = compute(
+                record.summaries(int(start * 1e9), int(end * 1e9)), start, end, expected
+            )
+        except DecodeError:
+            return fail(
+                "query",
+                f"{args.db} holds an entry that is not a summary: the record is damaged; "
+                "`gputally audit verify` names it",
+            )
     finally:
         record.close()
     answer = as_dict(figures, args.measure, args.claim)

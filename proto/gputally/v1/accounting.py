@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 from gputally.v1 import telemetry_pb2 as pb
 
-# Every measure, in the order every metric, figure and table shows them. Summaries carry all
-# but memory_busy, which the collector shows live only.
-MEASURES = ("busy", "allocated", "sm_active", "effective", "memory_busy")
-RECORDED_MEASURES = ("busy", "allocated", "sm_active", "effective")
+# Every measure, in the order every metric, figure and table shows them: from a GPU held, to a
+# kernel running on it, to its SMs at work. Summaries carry all but memory_busy, which the
+# collector shows live only.
+MEASURES = ("allocated", "busy", "sm_active", "effective", "memory_busy")
+RECORDED_MEASURES = ("allocated", "busy", "sm_active", "effective")
 
 # The GPU-seconds counters (the collector's gputally_*_gpu_seconds_total, the agent's
 # gputally_gpu_seconds_total): each `measure` label and the accounting field it adds up.
@@ -267,6 +268,11 @@ def bounds(
             _clamp((upper + unobserved) / capacity),
         )
     return out
+
+
+def coverage(values: Mapping[str, float], capacity: float) -> float:
+    """Present seconds over `capacity` GPU-seconds (§5)."""
+    return _clamp(values["present_seconds"] / capacity) if capacity > 0 else 0.0
 
 
 def measured(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 SUMMARY_DOMAIN = b"gputally summary v1\n"
+PUBLIC_KEY_BYTES = 32  # an Ed25519 public key, raw
 
 
 class KeyFileError(ValueError):
@@ -42,6 +44,12 @@ def verify_summary(public_key: bytes, body: bytes, signature: bytes) -> bool:
     return True
 
 
+def chain_hash(body: bytes) -> bytes:
+    """What the next summary of a node's chain carries as prev_hash: the SHA-256 of this
+    summary's serialized body (the one numbered chain_seq - 1 before it)."""
+    return hashlib.sha256(body).digest()
+
+
 def public_bytes(key: Ed25519PrivateKey) -> bytes:
     """The 32 raw bytes of a private key's public half."""
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -57,8 +65,10 @@ def decode_public_key(text: str, where: str) -> bytes:
         raw = base64.b64decode(text.strip(), validate=True)
     except binascii.Error:
         raise KeyFileError(f"{where}: not base64") from None
-    if len(raw) != 32:
-        raise KeyFileError(f"{where}: an Ed25519 public key has 32 bytes, this has {len(raw)}")
+    if len(raw) != PUBLIC_KEY_BYTES:
+        raise KeyFileError(
+            f"{where}: an Ed25519 public key has {PUBLIC_KEY_BYTES} bytes, this has {len(raw)}"
+        )
     return raw
 
 

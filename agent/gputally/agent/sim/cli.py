@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gputally.cli.options import TIMES, count, fail, parse_time, positive
+from gputally.cli.options import TIMES, count, fail, parse_time, port, positive
 
 from ..cli import (
     UsageError,
@@ -104,10 +104,13 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         help="declared inventory (default: the scenario's GPU count)",
     )
     demo.add_argument(
-        "--grpc-port", type=int, default=0, help="collector gRPC port (default: a free port)"
+        "--grpc-port", type=port, default=0, help="collector gRPC port (default: a free port)"
     )
     demo.add_argument(
-        "--metrics-port", type=int, default=0, help="collector /metrics port (default: a free port)"
+        "--metrics-port",
+        type=port,
+        default=0,
+        help="collector /metrics port (default: a free port)",
     )
     demo.add_argument(
         "--plain",
@@ -162,6 +165,8 @@ def _run_fast(sc: Any, args: argparse.Namespace, padding: Any) -> int:
     ledger, keys = Path(args.ledger), Path(args.keys_out)
     if ledger.exists():
         return fail("simulate", f"--ledger {ledger} exists: a simulation writes a new ledger")
+    if not ledger.absolute().parent.is_dir():
+        return fail("simulate", f"--ledger {ledger}: no such directory {ledger.parent}")
     return simulate_ledger(
         sc,
         start=start,

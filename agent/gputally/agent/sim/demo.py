@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -127,7 +128,7 @@ def render(
         "",
         f"power now {power / 1000:7.2f} kW    energy so far {energy / 3.6e6:8.4f} kWh",
         "",
-        "  node          up   busy   alloc  SM act",
+        "  node          up   alloc   busy  SM act",
     ]
     nodes = sorted({dict(k)["node"] for k in metrics.get("gputally_node_up", {})})
     for node in nodes[:16]:
@@ -152,11 +153,7 @@ def run_demo(scenario: Scenario, args: argparse.Namespace) -> int:
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     expected = args.expected_gpus or scenario.total_gpus
     record = Path(tempfile.mkdtemp(prefix="gputally-demo-")) / "record.db"
-    command = [
-        *_gputally_command(),
-        "collector",
-        f"--grpc-listen=127.0.0.1:{grpc_port}",
-        f"--metrics-listen=127.0.0.1:{metrics_port}",
+    options = [
         f"--expected-gpus={expected}",
         f"--window={args.window}",
         "--lag=2",
@@ -165,24 +162,15 @@ def run_demo(scenario: Scenario, args: argparse.Namespace) -> int:
         f"--keys={record.parent / 'keys'}",
         "--trust-on-first-use",
     ]
-    collector = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
-        if not _wait_ready(f"http://127.0.0.1:{metrics_port}/readyz", collector, 15.0):
-            err = (
-                collector.stderr.read() if collector.stderr and collector.poll() is not None else ""
+        with _collector(grpc_port, metrics_port, options, stop_within=10):
+            interactive = sys.stdout.isatty() and not args.plain
+            code, stats = asyncio.run(
+                _watch(scenario, args, f"127.0.0.1:{grpc_port}", url, interactive)
             )
-            print(f"gputally demo: the collector did not start: {err.strip()}", file=sys.stderr)
-            return 1
-        interactive = sys.stdout.isatty() and not args.plain
-        code, stats = asyncio.run(
-            _watch(scenario, args, f"127.0.0.1:{grpc_port}", url, interactive)
-        )
-    finally:
-        collector.send_signal(signal.SIGTERM)
-        try:
-            collector.wait(10)
-        except subprocess.TimeoutExpired:
-            collector.kill()
+    except CollectorStartError as error:
+        print(f"gputally demo: the collector did not start: {error}", file=sys.stderr)
+        return 1
     # The same run, from the collector's durable record: what an auditor would be shown.
     query = [*_gputally_command(), "query", f"--db={record}", "--measure=busy"]
     # The summary windows that every node covered whole: the agents start and stop a few
@@ -211,6 +199,37 @@ def run_demo(scenario: Scenario, args: argparse.Namespace) -> int:
     print(f"\n`gputally audit verify --ledger={record} --keys={record.parent / 'keys'}`:\n")
     print(checked.stdout.rstrip() or checked.stderr.rstrip())
     return code
+
+
+class CollectorStartError(RuntimeError):
+    """The collector process did not start; the message is what it said."""
+
+
+@contextlib.contextmanager
+def _collector(
+    grpc_port: int, metrics_port: int, options: list[str], *, stop_within: float
+) -> Iterator[subprocess.Popen[str]]:
+    """A `gputally collector` process on loopback, ready (it answers /readyz) once entered;
+    stopped on exit with SIGTERM, after which it signs a last checkpoint."""
+    command = [
+        *_gputally_command(),
+        "collector",
+        f"--grpc-listen=127.0.0.1:{grpc_port}",
+        f"--metrics-listen=127.0.0.1:{metrics_port}",
+        *options,
+    ]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        if not _wait_ready(f"http://127.0.0.1:{metrics_port}/readyz", process, 15.0):
+            said = process.stderr.read() if process.stderr and process.poll() is not None else ""
+            raise CollectorStartError(said.strip() or "it did not answer /readyz within 15 s")
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(stop_within)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def _wait_ready(url: str, process: subprocess.Popen[str], timeout: float) -> bool:
@@ -299,19 +318,13 @@ def simulate_ledger(
     agents, signing, gRPC and a real collector process that writes the ledger and signs its
     checkpoints. Leaves the ledger and the keys an auditor needs."""
     grpc_port, metrics_port = _free_port(), _free_port()
-    command = [
-        *_gputally_command(),
-        "collector",
-        f"--grpc-listen=127.0.0.1:{grpc_port}",
-        f"--metrics-listen=127.0.0.1:{metrics_port}",
+    options = [
         f"--expected-gpus={expected_gpus}",
         f"--db={ledger}",
         f"--keys={keys}",
         "--trust-on-first-use",  # the simulated agents' keys are born here: enrol them as they come
         "--checkpoint-interval=5",
     ]
-    collector = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    seconds = days * 86400
     began = time.monotonic()
 
     def progress(done: float) -> None:
@@ -323,27 +336,23 @@ def simulate_ledger(
         )
 
     try:
-        if not _wait_ready(f"http://127.0.0.1:{metrics_port}/readyz", collector, 15.0):
-            print("gputally simulate: the collector did not start", file=sys.stderr)
-            return 1
-        stats = asyncio.run(
-            run_fleet_virtual(
-                scenario,
-                f"127.0.0.1:{grpc_port}",
-                seconds=seconds,
-                start=start,
-                interval=interval,
-                summary_window=summary_window,
-                padding=padding,
-                progress=progress,
+        # The collector signs a last checkpoint as it stops: give it the time.
+        with _collector(grpc_port, metrics_port, options, stop_within=60):
+            stats = asyncio.run(
+                run_fleet_virtual(
+                    scenario,
+                    f"127.0.0.1:{grpc_port}",
+                    seconds=days * 86400,
+                    start=start,
+                    interval=interval,
+                    summary_window=summary_window,
+                    padding=padding,
+                    progress=progress,
+                )
             )
-        )
-    finally:
-        collector.send_signal(signal.SIGTERM)  # it signs a last checkpoint as it stops
-        try:
-            collector.wait(60)
-        except subprocess.TimeoutExpired:
-            collector.kill()
+    except CollectorStartError as error:
+        print(f"gputally simulate: the collector did not start: {error}", file=sys.stderr)
+        return 1
     print(
         f"simulated {days:g} days of {scenario.total_gpus} GPUs in {time.monotonic() - began:.0f} s: "
         f"{stats.reports} reports, {stats.dropped} dropped\n"

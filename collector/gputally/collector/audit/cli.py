@@ -19,6 +19,10 @@ from gputally.cli.options import FAILED, TIMES, count, fail, parse_time
 
 from ..cli import add_claim_options, add_period_options
 
+# Ten years of daily figures: a longer report would draw nothing a person could read, and a
+# typing slip (--to 1e12) would ask for millions of days.
+MAX_REPORT_DAYS = 3660
+
 if TYPE_CHECKING:
     from .figures import Rollup
     from .verify import Receipt, Verification
@@ -223,6 +227,12 @@ def run_audit_report(args: argparse.Namespace) -> int:
         return fail("audit report", str(error))
     if end <= start:
         return fail("audit report", "--to must be after --from")
+    if end - start > MAX_REPORT_DAYS * 86400:
+        return fail(
+            "audit report",
+            f"a report draws every day of its period, {MAX_REPORT_DAYS:,} at most; ask for a "
+            "shorter one (`gputally query` gives the figures of any period)",
+        )
     say("verifying the ledger and adding up its figures ...")
     rollup = Rollup(start, end, args.expected_gpus)
     verified = _verified(args, "audit report", rollup=rollup)

@@ -130,8 +130,7 @@ class PeriodFigures:
         return self.expected * self.seconds
 
     def coverage(self) -> float:
-        present = self.total.sums.values["present_seconds"]
-        return min(max(present / self.capacity, 0.0), 1.0) if self.capacity > 0 else 0.0
+        return accounting.coverage(self.total.sums.values, self.capacity)
 
     def group_bounds(
         self, group: Group, *, held: bool = False, without_padding: bool = False

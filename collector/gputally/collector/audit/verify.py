@@ -38,7 +38,7 @@ from typing import NamedTuple
 from google.protobuf.message import DecodeError
 
 from gputally.v1 import telemetry_pb2 as pb
-from gputally.v1.signing import verify_summary, write_file
+from gputally.v1.signing import chain_hash, verify_summary, write_file
 
 from ..record import merkle
 from ..record.keys import KeyStore
@@ -220,7 +220,7 @@ def _opened(
                 summary.node,
                 summary.chain_seq,
                 summary.prev_hash,
-                hashlib.sha256(signed.body).digest(),
+                chain_hash(signed.body),
                 computed,
                 signer or 0,
             )

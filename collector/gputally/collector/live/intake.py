@@ -12,7 +12,6 @@ Without enrolled keys nothing can be verified, so nothing is recorded.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Container
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from gputally.v1 import telemetry_pb2 as pb
-from gputally.v1.signing import verify_summary
+from gputally.v1.signing import chain_hash, verify_summary
 
 from ..record.keys import KeyStore
 from ..record.store import Record
@@ -128,7 +127,7 @@ class SummaryIntake:
                 },
             )
         chain.seq = summary.chain_seq
-        chain.hash = hashlib.sha256(signed.body).digest()
+        chain.hash = chain_hash(signed.body)
 
     def _recorded_already(
         self, node: str, chain: Chain, signed: pb.SignedSummary, summary: pb.Summary
@@ -146,7 +145,7 @@ class SummaryIntake:
                 # only the current key's chain goes on; a rotated key's starts afresh
                 if key is not None and verify_summary(key, latest.body, latest.signature):
                     chain.seq = pb.Summary.FromString(latest.body).chain_seq
-                    chain.hash = hashlib.sha256(latest.body).digest()
+                    chain.hash = chain_hash(latest.body)
         if summary.chain_seq > chain.seq:
             return False
         for stored in self.record.recent(node, self.RESEND_HORIZON):

@@ -116,9 +116,9 @@ async def start(state: ClusterState, listen: Address | str) -> tuple[grpc.aio.Se
     try:
         port = server.add_insecure_port(str(listen))
     except RuntimeError as error:  # grpcio raises RuntimeError when the bind fails
-        raise OSError(f"could not listen for gRPC on {listen}: {error}") from None
+        raise OSError(f"cannot listen there ({error})") from None
     if port == 0:
-        raise OSError(f"could not listen for gRPC on {listen}")
+        raise OSError("cannot listen there (the address is in use or not this host's)")
     await server.start()
     return server, port
 
@@ -144,9 +144,18 @@ class Settings:
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Run the collector until `stop` is set: ingest, /metrics, and, with a record and keys, a
-    ledger whose checkpoints are signed every checkpoint_interval and once more at the end."""
+    ledger whose checkpoints are signed every checkpoint_interval and once more at the end.
+    OSError (naming the option) when a listener cannot be opened; nothing is left running."""
     s = settings
     record = Record(s.db) if s.db else None
+    try:
+        await _serve(s, record, stop)
+    finally:
+        if record is not None:
+            record.close()
+
+
+async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> None:
     keys = KeyStore(s.keys, trust_on_first_use=s.trust_on_first_use) if s.keys else None
     if record is not None and keys is None:
         log.warning("no --keys: summaries cannot be verified, so none is recorded in %s", s.db)
@@ -163,20 +172,37 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         record=record,
         keys=keys,
     )
-    server, grpc_port = await start(state, s.grpc_listen)
-    http, _ = serve_http(
-        make_app(make_registry(state), ready=lambda: not stop.is_set()), s.metrics_listen
-    )
-    print(
-        f"gputally collector: gRPC on {s.grpc_listen.bind_host}:{grpc_port}, "
-        f"metrics on http://{s.metrics_listen.bind_host}:{http.server_port}/metrics",
-        file=sys.stderr,
-        flush=True,
-    )
-    if s.expected_gpus is None:
-        log.warning(
-            "no --expected-gpus: ratios use the GPUs seen as the denominator, so GPUs that never report cannot lower them"
+    app = make_app(make_registry(state), ready=lambda: not stop.is_set())
+    try:
+        http, _ = serve_http(app, s.metrics_listen)
+    except OSError as error:
+        raise OSError(f"--metrics-listen {s.metrics_listen}: {error.strerror or error}") from None
+    try:
+        try:
+            server, grpc_port = await start(state, s.grpc_listen)
+        except OSError as error:
+            raise OSError(f"--grpc-listen {s.grpc_listen}: {error}") from None
+        grpc_at = Address(s.grpc_listen.bind_host, grpc_port)
+        metrics_at = Address(s.metrics_listen.bind_host, http.server_port)
+        print(
+            f"gputally collector: gRPC on {grpc_at}, metrics on http://{metrics_at}/metrics",
+            file=sys.stderr,
+            flush=True,
         )
+        if s.expected_gpus is None:
+            log.warning(
+                "no --expected-gpus: ratios use the GPUs seen as the denominator, so GPUs that never report cannot lower them"
+            )
+        await _run(s, ledger, server, stop)
+    finally:
+        http.shutdown()
+        http.server_close()
+
+
+async def _run(
+    s: Settings, ledger: Ledger | None, server: grpc.aio.Server, stop: asyncio.Event
+) -> None:
+    """Sign checkpoints until `stop`; then let the streams finish and cover what they sent."""
 
     async def checkpoints() -> None:
         while ledger is not None:
@@ -195,7 +221,3 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         if ledger is not None:
             with contextlib.suppress(CheckpointError):
                 ledger.checkpoint(time.time())  # cover everything recorded before the stop
-        http.shutdown()
-        http.server_close()
-        if record is not None:
-            record.close()

@@ -220,7 +220,7 @@ def window_figures(
     return WindowFigures(
         gpus=denominator,
         ratios={m: b.figure for m, b in figures.items()},
-        coverage=min(max(values["present_seconds"] / capacity, 0.0), 1.0) if capacity > 0 else 0.0,
+        coverage=accounting.coverage(values, capacity),
         measured=accounting.measured(values, capacity),
         lower={m: b.lower for m, b in figures.items()},
         upper={m: b.upper for m, b in figures.items()},

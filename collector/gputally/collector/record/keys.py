@@ -17,7 +17,13 @@ import logging
 import threading
 from pathlib import Path
 
-from gputally.v1.signing import KeyFileError, decode_public_key, encode_public_key, write_file
+from gputally.v1.signing import (
+    PUBLIC_KEY_BYTES,
+    KeyFileError,
+    decode_public_key,
+    encode_public_key,
+    write_file,
+)
 
 log = logging.getLogger("gputally.collector")
 
@@ -92,8 +98,8 @@ class KeyStore:
     def enroll(self, node: str, public_key: bytes, *, rotate: bool = False) -> Path:
         """Make `public_key` the node's key. A node that has another key already keeps it only
         with `rotate`: the new key becomes current, the old one stays to verify the past."""
-        if len(public_key) != 32:
-            raise KeyStoreError("an Ed25519 public key has 32 bytes")
+        if len(public_key) != PUBLIC_KEY_BYTES:
+            raise KeyStoreError(f"an Ed25519 public key has {PUBLIC_KEY_BYTES} bytes")
         path = self.directory / f"{_checked_name(node)}.pub"
         existing = self.keys(node)
         if existing and existing[-1] == public_key:
@@ -122,7 +128,7 @@ class KeyStore:
         """Raise KeyStoreError unless `public_key` speaks for `node` (enrolling it on first
         use in trust-on-first-use mode)."""
         enrolled = self.key(node)
-        if enrolled is None and self.trust_on_first_use and len(public_key) == 32:
+        if enrolled is None and self.trust_on_first_use and len(public_key) == PUBLIC_KEY_BYTES:
             self.enroll(node, public_key)
             return
         if enrolled is None:

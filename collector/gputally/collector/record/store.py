@@ -47,6 +47,15 @@ class RecordError(RuntimeError):
     pass
 
 
+def _blob(value: object) -> bytes:
+    """A stored blob as bytes. SQLite lets any column hold any type, so a damaged or edited
+    row may hold text or NULL where bytes belong: the checks then fail on its bytes, rather
+    than the reader on its type."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    return b"" if value is None else str(value).encode()
+
+
 def _signed(value: int) -> int:
     # SQLite integers are signed 64-bit; agent instance ids are unsigned 64-bit.
     return value - (1 << 64) if value >= 1 << 63 else value
@@ -122,7 +131,7 @@ class Record:
             rows = self._db.execute(
                 "SELECT body FROM summaries WHERE node = ? ORDER BY id DESC LIMIT ?", (node, limit)
             ).fetchall()
-        return [bytes(body) for (body,) in rows]
+        return [_blob(body) for (body,) in rows]
 
     def leaves_after(self, after_id: int) -> list[tuple[int, bytes]]:
         """(id, leaf hash) of the entries after `after_id`, in log order."""
@@ -130,14 +139,14 @@ class Record:
             rows = self._db.execute(
                 "SELECT id, leaf FROM summaries WHERE id > ? ORDER BY id", (after_id,)
             ).fetchall()
-        return [(int(i), bytes(leaf)) for i, leaf in rows]
+        return [(int(i), _blob(leaf)) for i, leaf in rows]
 
     def entries(self) -> Iterator[tuple[int, str, bytes, bytes]]:
         """(id, node, body, stored leaf hash) of every entry, in log order."""
         for i, node, body, leaf in self._db.execute(
             "SELECT id, node, body, leaf FROM summaries ORDER BY id"
         ):
-            yield int(i), str(node), bytes(body), bytes(leaf)
+            yield int(i), str(node), _blob(body), _blob(leaf)
 
     def add_checkpoint(self, size: int, root: bytes, note: str, created: float) -> None:
         with self._lock:
@@ -152,7 +161,7 @@ class Record:
             rows = self._db.execute(
                 "SELECT id, size, root, note FROM checkpoints ORDER BY id"
             ).fetchall()
-        return [(int(i), int(size), bytes(root), str(note)) for i, size, root, note in rows]
+        return [(int(i), int(size), _blob(root), str(note)) for i, size, root, note in rows]
 
     def declare_inventory(self, expected: int, since: float) -> None:
         with self._lock:
@@ -182,7 +191,7 @@ class Record:
             (start_ns, end_ns),
         )
         for node, body in rows:
-            yield str(node), bytes(body)
+            yield str(node), _blob(body)
 
     def count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM summaries").fetchone()[0])
