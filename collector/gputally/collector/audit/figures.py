@@ -14,7 +14,7 @@ import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from gputally.v1 import accounting
 from gputally.v1 import telemetry_pb2 as pb
@@ -25,13 +25,10 @@ DAY = 86400.0
 _ENERGY = SUMMARY_FIELDS.index("energy_joules")
 
 
-class Numbers(NamedTuple):
-    """A GPU summary's numbers: values (in SUMMARY_FIELDS order), flagged ones (in
-    FLAGGED_FIELDS order), and the seconds each padding rule flagged."""
-
-    values: Sequence[float]
-    flagged: Sequence[float]
-    rules: list[tuple[str, float]]
+# A GPU summary's numbers: (values in SUMMARY_FIELDS order, flagged values in FLAGGED_FIELDS
+# order, the seconds each padding rule flagged). Plain tuples, always unpacked by name where
+# they are read: a report builds millions, and a tuple is the cheapest thing to build.
+Numbers = tuple[Sequence[float], Sequence[float], list[tuple[str, float]]]
 
 
 _read_values = operator.attrgetter(*SUMMARY_FIELDS)  # one C call per message, not one per field
@@ -42,7 +39,7 @@ assert len(SUMMARY_FIELDS) > 1 and len(FLAGGED_FIELDS) > 1  # attrgetter gives a
 def read(gpu: pb.GpuSummary) -> Numbers:
     """A GPU summary's (or a share's) numbers, read once for all the groups they add to."""
     padding = gpu.padding
-    return Numbers(
+    return (
         _read_values(gpu),
         _read_flagged(gpu.flagged),
         [(total.rule, total.seconds) for total in padding] if padding else [],
@@ -85,7 +82,7 @@ class Sums:
             self.by_rule[rule] = self.by_rule.get(rule, 0.0) + seconds * share
 
     def merge(self, other: Sums) -> None:
-        self.add(Numbers(other.totals, other.flagged_totals, list(other.by_rule.items())), 1.0)
+        self.add((other.totals, other.flagged_totals, list(other.by_rule.items())), 1.0)
 
 
 def bounds(sums: Sums, capacity: float, *, without_padding: bool = False) -> dict[str, Bounds]:
@@ -145,15 +142,11 @@ class PeriodFigures:
 SHARED = ""  # never a name accounting.owner gives
 
 
-class GpuNumbers(NamedTuple):
-    """What a period adds up of one GPU summary (plain tuples travel cheaply to workers)."""
-
-    key: str  # the GPU's UUID, else node/index
-    model: str
-    tenant: str  # SHARED when the GPU is charged by its shares
-    job: str
-    numbers: Numbers
-    shares: list[tuple[str, str, Numbers]]  # a shared MIG GPU: (tenant, job, numbers) each
+# What a period adds up of one GPU summary: (key: the GPU's UUID, else node/index; model;
+# tenant and job, SHARED when it is charged by its shares; its Numbers; a shared MIG GPU's
+# shares, (tenant, job, Numbers) each). Plain tuples, as Numbers are, and they travel cheaply
+# from worker processes.
+GpuNumbers = tuple[str, str, str, str, Numbers, list[tuple[str, str, Numbers]]]
 
 
 def gpu_numbers(node: str, summary: pb.Summary) -> list[GpuNumbers]:
@@ -161,14 +154,20 @@ def gpu_numbers(node: str, summary: pb.Summary) -> list[GpuNumbers]:
     out: list[GpuNumbers] = []
     for gpu in summary.gpus:
         shares = gpu.shares
+        padding = gpu.padding
         tenant, job = accounting.owner(gpu.attribution) if not shares else (SHARED, SHARED)
         out.append(
-            GpuNumbers(
+            (
                 gpu.uuid or f"{node}/{gpu.index}",
                 gpu.model or "(unknown)",
                 tenant,
                 job,
-                read(gpu),
+                # read(gpu), inlined: this runs for every GPU summary of a report
+                (
+                    _read_values(gpu),
+                    _read_flagged(gpu.flagged),
+                    [(t.rule, t.seconds) for t in padding] if padding else [],
+                ),
                 [(*accounting.owner(s.attribution), read(s)) for s in shares] if shares else [],
             )
         )
@@ -222,19 +221,23 @@ class Rollup:
         share = overlap / (w1 - w0)
         self.summaries += 1
         node_rules: list[tuple[str, float]] = []
-        for gpu in gpus:
-            _sums_of(self.fine, (gpu.key, node, gpu.model, gpu.tenant, gpu.job)).add(
-                gpu.numbers, share
-            )
-            node_rules += gpu.numbers.rules
-            for tenant, job, part in gpu.shares:
-                _sums_of(self.held, (gpu.key, tenant, job)).add(part, share)
+        fine, held = self.fine, self.held
+        for key, model, tenant, job, numbers, shares in gpus:
+            sums = fine.get((key, node, model, tenant, job))
+            if sums is None:
+                sums = fine[(key, node, model, tenant, job)] = Sums()
+            sums.add(numbers, share)
+            _, _, rules = numbers
+            node_rules += rules
+            for part_tenant, part_job, part in shares:
+                _sums_of(held, (key, part_tenant, part_job)).add(part, share)
         # The node's totals for this window, column by column, split over the days it spans.
-        node_values = [sum(col) for col in zip(*(g.numbers.values for g in gpus), strict=True)]
-        node_flagged = [sum(col) for col in zip(*(g.numbers.flagged for g in gpus), strict=True)]
-        node_numbers = Numbers(
-            node_values or [0.0] * len(SUMMARY_FIELDS),
-            node_flagged or [0.0] * len(FLAGGED_FIELDS),
+        each = [numbers for _, _, _, _, numbers, _ in gpus]
+        node_numbers = (
+            [sum(c) for c in zip(*(v for v, _, _ in each), strict=True)]
+            or [0.0] * len(SUMMARY_FIELDS),
+            [sum(c) for c in zip(*(f for _, f, _ in each), strict=True)]
+            or [0.0] * len(FLAGGED_FIELDS),
             node_rules,
         )
         for number in range(int(max(w0, self.start) // DAY), math.ceil(min(w1, self.end) / DAY)):

@@ -45,7 +45,7 @@ from ..record.keys import KeyStore
 from ..record.ledger import COLLECTOR_KEY_FILE, CheckpointError, open_note, read_collector_key
 from ..record.merkle import Frontier, leaf_hash
 from ..record.store import Record
-from .figures import Rollup
+from .figures import Rollup, gpu_numbers
 
 
 @dataclass(slots=True)
@@ -226,7 +226,8 @@ def _opened(
             )
         )
         if rollup is not None and problem is None:
-            rollup.add_summary(node, summary)
+            window = (summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9)
+            rollup.add(node, window, gpu_numbers(node, summary))
     return out, rollup
 
 
