@@ -306,3 +306,31 @@ def test_the_live_view_names_tenants_as_the_record_does() -> None:
     live, recorded = _live_and_recorded([slurm])
     assert set(live) == set(recorded) == {"(no tenant)"}
     assert live["(no tenant)"].ratios["busy"] == pytest.approx(recorded["(no tenant)"]["busy"])
+
+
+def test_node_info_shows_what_each_hello_says_cut_to_a_bounded_length() -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gputally.collector.live.metrics import make_registry
+
+    state = ClusterState(expected_gpus=2)
+    first = hello("n1", 1)
+    first.backend, first.agent_version, first.driver_version = "mock", "0.1.0", "x" * 10_000
+    state.open_session(first)
+    text = generate_latest(make_registry(state)).decode()
+    (info,) = [f for f in text_string_to_metric_families(text) if f.name == "gputally_node_info"]
+    (series,) = info.samples
+    assert series.value == 1 and series.labels == {
+        "node": "n1",
+        "backend": "mock",
+        "agent_version": "0.1.0",
+        "driver_version": "x" * 64,
+        "protocol_revision": "1",
+    }
+    again = hello("n1", 1, instance=2)
+    again.backend = "nvml"
+    state.open_session(again)  # a restarted agent: still one series for the node
+    text = generate_latest(make_registry(state)).decode()
+    (info,) = [f for f in text_string_to_metric_families(text) if f.name == "gputally_node_info"]
+    assert [s.labels["backend"] for s in info.samples] == ["nvml"]

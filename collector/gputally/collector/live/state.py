@@ -24,6 +24,7 @@ A report is checked first (live.validate), and a summary it carries goes to the 
 from __future__ import annotations
 
 import math
+import operator
 import threading
 import time
 from collections import deque
@@ -59,6 +60,10 @@ _WINDOW_FIELDS = (
     "memory_busy_seconds",
     "memory_busy_missing_seconds",
 )
+# Read out of a sample's accounting in one C call each: ingest does it for every GPU sample.
+_window_rates = operator.itemgetter(*_WINDOW_FIELDS)
+_COUNTED_NAMES = tuple(name for name, _ in accounting.COUNTED)
+_counted = operator.itemgetter(*(field for _, field in accounting.COUNTED))
 
 
 class NotEnrolledError(ValueError):
@@ -197,21 +202,32 @@ class ClusterView:
     padding_gpus: dict[str, int]  # rule -> GPUs it flags now (among reporting GPUs)
 
 
+def _weighted(rates: list[tuple[float, ...]], weights: list[float]) -> list[float]:
+    """Σ rate x weight, field by field (_WINDOW_FIELDS)."""
+    if not rates:
+        return [0.0] * len(_WINDOW_FIELDS)
+    return [sum(map(operator.mul, column, weights)) for column in zip(*rates, strict=True)]
+
+
 def window_figures(
     series: Iterable[Iterable[Sample]], denominator: float, start: float, end: float
 ) -> WindowFigures:
     """Figures over (start, end] of the samples of `series` (one series per GPU or MIG share),
     over `denominator` GPUs."""
-    width = len(_WINDOW_FIELDS)
-    totals, flagged = [0.0] * width, [0.0] * width
+    overlaps: list[float] = []
+    rates: list[tuple[float, ...]] = []
+    padded: list[int] = []  # positions in overlaps/rates of flagged samples
     for samples in series:
         for sample in samples:
             overlap = min(sample.end, end) - max(sample.end - sample.seconds, start)
-            if overlap <= 0:
-                continue
-            totals = [t + r * overlap for t, r in zip(totals, sample.rates, strict=True)]
-            if sample.padded:
-                flagged = [t + r * overlap for t, r in zip(flagged, sample.rates, strict=True)]
+            if overlap > 0:
+                if sample.padded:
+                    padded.append(len(rates))
+                overlaps.append(overlap)
+                rates.append(sample.rates)
+    # Column by column (zip, map and sum run in C): every scrape adds up every sample.
+    totals = _weighted(rates, overlaps)
+    flagged = _weighted([rates[i] for i in padded], [overlaps[i] for i in padded])
     capacity = denominator * (end - start)
     values = dict(zip(_WINDOW_FIELDS, totals, strict=True))
     figures = accounting.bounds(values, capacity, MEASURES)
@@ -368,17 +384,16 @@ class ClusterState:
             # below keep the agent's own interval, which is exact.
             placed = min(dt, max(end - gpu.last_end, 0.0))
             gpu.last_end = max(gpu.last_end, end)
-            rates = tuple(per_second[f] for f in _WINDOW_FIELDS)
-            gpu.samples.append(Sample(end, placed, rates, bool(padding)))
+            gpu.samples.append(Sample(end, placed, _window_rates(per_second), bool(padding)))
             gpu.power_watts = proto.power_watts if proto.HasField("power_watts") else None
             gpu.padding = padding
             self._charge(gpu, proto, per_second, end, placed)
             for event in proto.xid_events:
                 node.xids[event.code] = node.xids.get(event.code, 0) + 1
-            for name, field_name in accounting.COUNTED:
-                added.seconds[name] += per_second[field_name] * dt
+            for name, value in zip(_COUNTED_NAMES, _counted(per_second), strict=True):
+                added.seconds[name] += value * dt
                 if padding:
-                    added.flagged[name] += per_second[field_name] * dt
+                    added.flagged[name] += value * dt
             for rule in padding:
                 added.padding[rule] = added.padding.get(rule, 0.0) + dt
             added.energy_joules += joules
