@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import shutil
 import socket
@@ -16,6 +17,7 @@ from gputally.cli.options import address
 from gputally.collector.live import server as ingest
 from gputally.collector.live.metrics import make_app, make_registry, serve_http
 from gputally.collector.live.state import ClusterState
+from gputally.collector.live.validate import TimeLimits
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -41,6 +43,9 @@ class Collector:
     """A real collector (grpc.aio ingest + HTTP exposition) on loopback, on its own thread."""
 
     def __init__(self, **state_options: Any):
+        # Most tests replay fixed 2026 times on virtual clocks: no horizon, no skew limit,
+        # unless a test sets its own (the limits have tests of their own).
+        state_options.setdefault("limits", TimeLimits(horizon=math.inf, skew=math.inf))
         self.state = ClusterState(**state_options)  # record=Record(...) keeps a durable record
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -49,7 +54,7 @@ class Collector:
         if not self._started.wait(10):
             raise RuntimeError("collector did not start")
         self.http, _ = serve_http(
-            make_app(make_registry(self.state), ready=lambda: True), address("127.0.0.1:0")
+            make_app(make_registry(self.state), ready=lambda: ""), address("127.0.0.1:0")
         )
         self.metrics_url = f"http://127.0.0.1:{self.http.server_port}/metrics"
 

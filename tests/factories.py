@@ -102,12 +102,15 @@ def carrying(seq: int, signed: pb.SignedSummary, t: float = T0) -> pb.Report:
     return pb.Report(seq=seq, time_unix_nano=int(t * 1e9), summary=signed)
 
 
-def summary(t: float = T0, seconds: float = 60.0, busy: float = 0.5) -> pb.Summary:
-    """A one-GPU summary of the window [t, t + seconds), present throughout."""
+def summary(
+    t: float = T0, seconds: float = 60.0, busy: float = 0.5, node: str = "n1"
+) -> pb.Summary:
+    """A one-GPU summary of the window [t, t + seconds), present throughout, of GPU 0 of
+    `node` as hello() names it."""
     s = pb.Summary(
         window_start_unix_nano=int(t * 1e9), window_end_unix_nano=int((t + seconds) * 1e9)
     )
-    s.gpus.add(index=0, uuid="GPU-0", present_seconds=seconds, busy_seconds=busy * seconds)
+    s.gpus.add(index=0, uuid=f"GPU-{node}-0", present_seconds=seconds, busy_seconds=busy * seconds)
     return s
 
 

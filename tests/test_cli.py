@@ -180,7 +180,10 @@ def test_demo_runs_and_ends_with_the_cluster_figures() -> None:
     # and it ends with the same run read back from the collector's durable record
     assert "The same run from the collector's durable record" in out
     assert re.search(r"busy\s+45\.00%\s+45\.00%\s+45\.00%", out), out
-    assert "verified: every signature, every chain and every checkpoint holds" in out
+    assert (
+        "verified: every signature, every chain, every summary's plausibility and every "
+        "checkpoint holds" in out
+    )
 
 
 def test_query_answers_for_a_past_period_from_the_record(

@@ -171,7 +171,7 @@ def test_bad_report_is_rejected_with_a_reason_and_the_stream_goes_on(
             await call.write(pb.AgentMessage(hello=hello("raw", 1)))
             replies = [await call.read()]
             now = time.time()
-            good = report(1, now, gpu_sample(0, busy=0.5))
+            good = report(1, now - 1, gpu_sample(0, busy=0.5))
             bad = report(2, now, gpu_sample(0, busy=7.0))
             also_good = report(3, now, gpu_sample(0, busy=1.0))
             await call.write(pb.AgentMessage(batch=pb.ReportBatch(reports=[good, bad, also_good])))

@@ -265,3 +265,90 @@ def test_padding_flags_present_seconds_only() -> None:
     state.open_session(factories.hello("n1", 1))
     state.ingest("n1", factories.report(1, T0 + 10, lost, interval=10.0), received=T0 + 10)
     assert state.counters.padding == {} and state.counters.flagged["observed"] == 0.0
+
+
+def padded_answer(claim: float | None, expected: int = 1) -> dict[str, object]:
+    """One GPU an hour, busy 90% of it, half an hour of which is flagged burn load: busy 90%
+    with flagged padding, 40% without, over `expected` GPUs declared."""
+    summary = factories.summary(T0, 3600.0, busy=0.9)
+    gpu = summary.gpus[0]
+    gpu.flagged.seconds, gpu.flagged.busy_seconds = 1800.0, 1800.0
+    gpu.padding.add(rule=BURN_TOOL, seconds=1800.0)
+    return as_dict(compute([("n1", signed(summary))], T0, T0 + 3600, expected), "busy", claim)
+
+
+@pytest.mark.parametrize(
+    ("verdict", "without", "wording"),
+    [
+        (SUPPORTED, SUPPORTED, "supported"),
+        (REFUTED, REFUTED, "refuted"),
+        (UNDETERMINED, UNDETERMINED, "undetermined"),
+        (SUPPORTED, REFUTED, "supported only by flagged padding; refuted without it"),
+        (SUPPORTED, UNDETERMINED, "supported only by flagged padding; undetermined without it"),
+        (
+            UNDETERMINED,
+            REFUTED,
+            "undetermined only because of flagged padding; refuted without it",
+        ),
+    ],
+)
+def test_a_verdict_flagged_padding_decides_is_worded_as_such(
+    verdict: str, without: str, wording: str
+) -> None:
+    from gputally.v1.accounting import headline
+
+    assert headline(verdict, without) == wording
+
+
+def test_a_claim_supported_only_by_flagged_padding_says_so_first() -> None:
+    from gputally.collector.audit.figures import render_text
+
+    answer = padded_answer(0.8)
+    assert answer["verdict"] == SUPPORTED  # with flagged padding: kept for compatibility
+    assert answer["without_padding"]["verdict"] == REFUTED  # type: ignore[index]
+    assert answer["headline_verdict"] == "supported only by flagged padding; refuted without it"
+    assert answer["padding_decides"] is True
+    lines = render_text(answer).splitlines()
+    assert lines[:2] == [
+        "VERDICT     busy >= 80.00%: SUPPORTED ONLY BY FLAGGED PADDING; REFUTED WITHOUT IT",
+        "            busy 40.00% [40.00%, 40.00%] without flagged padding, "
+        "90.00% [90.00%, 90.00%] with it; 0.50 GPU-hours flagged",
+    ]
+    assert (
+        "claim       busy >= 80.00%: SUPPORTED ONLY BY FLAGGED PADDING; REFUTED WITHOUT IT" in lines
+    )
+    assert not any(
+        line.rstrip().endswith(": SUPPORTED") or "SUPPORTED  (" in line for line in lines
+    )
+
+
+def test_a_claim_undetermined_only_because_of_flagged_padding_says_so_first() -> None:
+    from gputally.collector.audit.figures import render_text
+
+    # 2 GPUs declared, 1 seen: busy [45%, 95%] with flagged padding, [20%, 70%] without.
+    answer = padded_answer(0.8, expected=2)
+    assert (answer["verdict"], answer["padding_decides"]) == (UNDETERMINED, True)
+    assert (
+        answer["headline_verdict"]
+        == "undetermined only because of flagged padding; refuted without it"
+    )
+    assert render_text(answer).splitlines()[0] == (
+        "VERDICT     busy >= 80.00%: UNDETERMINED ONLY BECAUSE OF FLAGGED PADDING; REFUTED WITHOUT IT"
+    )
+
+
+def test_a_verdict_flagged_padding_does_not_change_keeps_its_wording() -> None:
+    from gputally.collector.audit.figures import render_text
+
+    answer = padded_answer(0.3)  # 40% without flagged padding still supports 30%
+    assert (answer["verdict"], answer["headline_verdict"], answer["padding_decides"]) == (
+        SUPPORTED,
+        SUPPORTED,
+        False,
+    )
+    lines = render_text(answer).splitlines()
+    assert lines[0].startswith("period      ")
+    assert "claim       busy >= 30.00%: SUPPORTED  (without flagged padding: supported)" in lines
+    assert not any(line.startswith("VERDICT") for line in lines)
+    no_claim = padded_answer(None)
+    assert (no_claim["headline_verdict"], no_claim["padding_decides"]) == (None, False)

@@ -44,8 +44,10 @@ user = "alice"
 """
 
 
-def ledger(tmp_path: Path, collector_factory: Callable[..., Collector]) -> tuple[Path, Path]:
-    sc = scenario_mod.parse(tomllib.loads(SCENARIO), name="three-days")
+def ledger(
+    tmp_path: Path, collector_factory: Callable[..., Collector], toml: str = SCENARIO
+) -> tuple[Path, Path]:
+    sc = scenario_mod.parse(tomllib.loads(toml), name="three-days")
     db, keys = tmp_path / "ledger.db", tmp_path / "keys"
     record = Record(db)
     collector = collector_factory(
@@ -191,3 +193,105 @@ def test_the_one_pass_rollup_equals_the_direct_computation(
         assert bounds(day.total.sums, day.capacity)["busy"].figure == pytest.approx(
             bounds(expected.total.sums, expected.capacity)["busy"].figure
         )
+
+
+# Half the GPUs train at 90% busy, half run a burn tool (flagged from its first second): busy
+# 95% with flagged padding, 45% without.
+BURN = """
+[cluster]
+nodes = 2
+gpus_per_node = 4
+[[workload]]
+share = 0.5
+busy = 0.9
+sm_active = 0.5
+[[workload]]
+share = 0.5
+kind = "burn"
+"""
+
+
+def test_a_report_supported_only_by_flagged_padding_says_so_and_is_no_pass(
+    tmp_path: Path, collector_factory: Callable[..., Collector]
+) -> None:
+    from gputally.cli.options import PADDING_DECIDES
+
+    db, keys = ledger(tmp_path, collector_factory, BURN)
+    out = tmp_path / "padded"
+    result = report(db, keys, out, "2025-03-01", "2025-03-02", "0.85")
+    assert result.returncode == PADDING_DECIDES == 3, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0] == (
+        "claim busy >= 85.00%: SUPPORTED ONLY BY FLAGGED PADDING; REFUTED WITHOUT IT"
+    )
+    data = json.loads((out / "report.json").read_text())
+    assert data["verdict"] == "supported" and data["without_padding"]["verdict"] == "refuted"
+    assert data["headline_verdict"] == "supported only by flagged padding; refuted without it"
+    assert data["padding_decides"] is True
+    assert data["figure"] == pytest.approx(0.95, abs=0.005)
+    assert data["without_padding"]["figure"] == pytest.approx(0.45, abs=0.005)
+    page = (out / "report.html").read_text()
+    headline = re.search(r'<p class="verdict ([^"]*)">(.*?)</p>\s*<p[^>]*>(.*?)</p>', page, re.S)
+    assert headline, page
+    assert "supported" not in headline[1].split()  # not in a pass's colour
+    assert headline[2].startswith(
+        "SUPPORTED ONLY BY FLAGGED PADDING; REFUTED WITHOUT IT &mdash; claim: busy &ge; 85.0%"
+    )
+    assert re.match(
+        r"busy <strong>45\.\d\d%</strong> \[[^]]+\] without flagged padding, "
+        r"<strong>95\.\d\d%</strong> \[[^]]+\] with it; ",
+        headline[3],
+    ), headline[3]
+
+
+def test_a_report_whose_verdict_padding_does_not_change_reads_as_before(
+    tmp_path: Path, collector_factory: Callable[..., Collector]
+) -> None:
+    db, keys = ledger(tmp_path, collector_factory, BURN)
+    out = tmp_path / "plain"
+    result = report(db, keys, out, "2025-03-01", "2025-03-02", "0.4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.fullmatch(
+        r"busy 95\.\d\d% \[.*\], coverage .*, claim 40\.00%: supported",
+        result.stdout.splitlines()[0],
+    )
+    data = json.loads((out / "report.json").read_text())
+    assert (data["verdict"], data["headline_verdict"], data["padding_decides"]) == (
+        "supported",
+        "supported",
+        False,
+    )
+    page = (out / "report.html").read_text()
+    assert '<p class="verdict supported">Claim: busy &ge; 40.0% &mdash; SUPPORTED' in page
+    assert 'padding-decides"' not in page
+
+
+def test_query_of_a_claim_supported_only_by_flagged_padding_is_no_pass(
+    tmp_path: Path, collector_factory: Callable[..., Collector]
+) -> None:
+    db, _ = ledger(tmp_path, collector_factory, BURN)
+
+    def query(claim: str, *more: str) -> subprocess.CompletedProcess[str]:
+        period = ["--from=2025-03-01", "--to=2025-03-02"]
+        return subprocess.run(
+            [*gputally_command(), "query", f"--db={db}", *period, f"--claim={claim}", *more],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    text = query("0.85")
+    assert text.returncode == 3, text.stdout + text.stderr
+    first, second = text.stdout.splitlines()[:2]
+    assert (
+        first == "VERDICT     busy >= 85.00%: SUPPORTED ONLY BY FLAGGED PADDING; REFUTED WITHOUT IT"
+    )
+    assert re.match(r"\s+busy 45\.\d\d% \[.*\] without flagged padding, 95\.\d\d% ", second)
+    as_json = query("0.85", "--json")
+    assert as_json.returncode == 3, as_json.stderr
+    answer = json.loads(as_json.stdout)
+    assert answer["headline_verdict"] == "supported only by flagged padding; refuted without it"
+    assert answer["padding_decides"] is True and answer["verdict"] == "supported"
+    plain = query("0.4", "--json")
+    assert plain.returncode == 0, plain.stderr
+    answer = json.loads(plain.stdout)
+    assert (answer["headline_verdict"], answer["padding_decides"]) == ("supported", False)

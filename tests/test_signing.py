@@ -120,7 +120,7 @@ def test_only_enrolled_keys_speak_for_a_node(tmp_path: Path) -> None:
     with pytest.raises(InvalidMessageError, match="signature does not verify"):
         state.ingest("n1", forged, received=T0)
     altered = signer.sign(summary(T0 + 60))
-    altered.body = altered.body.replace(b"GPU-0", b"GPU-9")
+    altered.body = altered.body.replace(b"GPU-n1-0", b"GPU-n1-9")
     with pytest.raises(InvalidMessageError, match="signature does not verify"):
         state.ingest("n1", carrying(3, altered), received=T0)
     assert state.record is not None and state.record.count() == 1  # only the genuine one
@@ -240,7 +240,9 @@ def test_signed_summaries_wait_in_the_spool_until_acknowledged(tmp_path: Path) -
     signer = SummarySigner(key, "n1", tmp_path)
     bodies = [signer.sign(summary(T0 + 60 * k)).body for k in range(3)]
     assert [s.body for s in signer.pending()] == bodies
-    signer.acknowledged(2)
+    signer.forget(2)  # only that one: summary 1 still waits
+    assert [s.body for s in signer.pending()] == [bodies[0], bodies[2]]
+    signer.forget(1)
     assert [s.body for s in signer.pending()] == bodies[2:]
     assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == ["000000000003.summary"]
     # a restarted agent finds what is still unacknowledged, and goes on after it
@@ -346,7 +348,7 @@ def test_the_collector_records_a_resent_summary_once_and_refuses_a_rewrite(
     # the same number with other content (signed by the node's key) would rewrite the chain
     rewrite = SummarySigner(key, "n1").sign(summary(T0 + 600))
     with pytest.raises(InvalidMessageError, match="not the one recorded under that number"):
-        state.ingest("n1", carrying(2, rewrite), received=T0)
+        state.ingest("n1", carrying(2, rewrite), received=T0 + 700)
     # a restarted collector picks the chain up from its record
     state = ClusterState(record=record, keys=KeyStore(keys_dir))
     state.open_session(hello("n1", key))

@@ -137,7 +137,7 @@ def test_duplicates_are_ignored_and_gaps_counted() -> None:
 
 def test_reconnect_of_same_instance_resumes_and_restart_starts_over() -> None:
     state = ClusterState()
-    _, resume = state.open_session(hello(instance=7))
+    _, resume, _ = state.open_session(hello(instance=7))
     assert resume == 0
     state.ingest("n1", report(5, T0, gpu(0, 1.0)), received=T0)
     assert state.open_session(hello(instance=7))[1] == 5
@@ -146,8 +146,8 @@ def test_reconnect_of_same_instance_resumes_and_restart_starts_over() -> None:
 
 def test_newer_session_supersedes_older() -> None:
     state = ClusterState()
-    first, _ = state.open_session(hello())
-    second, _ = state.open_session(hello())
+    first, *_ = state.open_session(hello())
+    second, *_ = state.open_session(hello())
     assert not state.is_current("n1", first) and state.is_current("n1", second)
     state.close_session("n1", first)  # the old stream ending does not close the new one
     assert state.is_current("n1", second)
@@ -195,9 +195,31 @@ def test_bad_reports_are_rejected_whole_and_change_nothing(bad: pb.Report, messa
             pb.Hello(
                 node="n",
                 protocol_revision=1,
-                gpus=[pb.GpuIdentity(index=0, uuid="U"), pb.GpuIdentity(index=1, uuid="U")],
+                gpus=[
+                    pb.GpuIdentity(index=0, uuid="U", model="M"),
+                    pb.GpuIdentity(index=1, uuid="U", model="M"),
+                ],
             ),
             "UUIDs repeat",
+        ),
+        (
+            pb.Hello(
+                node="n",
+                protocol_revision=1,
+                gpus=[
+                    pb.GpuIdentity(index=0, uuid="U", model="M", serial="S"),
+                    pb.GpuIdentity(index=1, uuid="V", model="M", serial="S"),
+                ],
+            ),
+            "serials repeat",
+        ),
+        (
+            pb.Hello(node="n", protocol_revision=1, gpus=[pb.GpuIdentity(index=0, model="M")]),
+            "GPU 0 has no usable uuid",
+        ),
+        (
+            pb.Hello(node="n", protocol_revision=1, gpus=[pb.GpuIdentity(index=0, uuid="U")]),
+            "GPU 0 has no usable model",
         ),
         (pb.Hello(node="n"), "protocol_revision is not set"),
     ],
@@ -231,7 +253,7 @@ def test_energy_falls_back_to_integrated_power_without_a_counter() -> None:
     state.open_session(hello(gpus=1))
     for seq in (1, 2, 3):
         sample = pb.GpuSample(index=0, status=pb.GPU_STATUS_OK, busy=1.0, power_watts=250.0)
-        state.ingest("n1", report(seq, T0 + seq, sample, interval=2.0), received=T0 + seq)
+        state.ingest("n1", report(seq, T0 + 2 * seq, sample, interval=2.0), received=T0 + 2 * seq)
     assert state.counters.energy_joules == pytest.approx(3 * 2.0 * 250.0)
 
 

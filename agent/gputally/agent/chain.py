@@ -87,11 +87,11 @@ class SummarySigner:
             out.append(signed)
         return out
 
-    def acknowledged(self, chain_seq: int) -> None:
-        """The collector has recorded the summaries up to `chain_seq`: drop them from the spool."""
-        for seq, path in self._spooled():
-            if seq <= chain_seq:
-                path.unlink(missing_ok=True)
+    def forget(self, chain_seq: int) -> None:
+        """The collector is done with summary `chain_seq` (recorded, or refused for good):
+        drop it from the spool. Only that one: an earlier summary may still wait."""
+        if self._spool is not None:
+            (self._spool / f"{chain_seq:012d}.summary").unlink(missing_ok=True)
 
     def sign(self, summary: pb.Summary) -> pb.SignedSummary:
         summary.node = self.node

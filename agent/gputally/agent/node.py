@@ -53,10 +53,12 @@ class NodeAgent:
         )
 
     def _acked(self, report: pb.Report) -> None:
+        """The collector is done with `report`: its summary (if any) was recorded, or refused
+        for good, so the spool lets it go."""
         if report.HasField("summary"):
             chain_seq = pb.Summary.FromString(report.summary.body).chain_seq
             try:
-                self.sampler.signer.acknowledged(chain_seq)
+                self.sampler.signer.forget(chain_seq)
             except OSError as error:  # the spool is tidied again at the next acknowledgement
                 log.warning("cannot tidy the summary spool", extra={"kv": {"error": str(error)}})
 

@@ -7,6 +7,12 @@ sent again (the collector drops duplicates). When the outbox is full the oldest 
 dropped and counted: the collector then sees a gap, i.e. unobserved seconds, never invented data.
 A report that carries a signed summary is dropped only when nothing else can be: summaries are
 small, and they are the record auditors read.
+
+A summary is let go only when the collector says its record holds it: a collector that keeps
+a record (its Welcome says `recording`) reports the newest chain number recorded for this
+node in every Ack, and a summary above it stays (in memory, and in the signer's spool) and is
+sent again on the next stream, however many sequence numbers were acknowledged. Sequence
+numbers can be sent by anyone; the recorded chain number comes from the record.
 """
 
 from __future__ import annotations
@@ -81,8 +87,14 @@ class Sender:
         self.backoff_max = backoff_max
         self._rng = rng or random.Random()
         self._options = channel_options
-        self._on_acked = on_acked  # e.g. drop an acknowledged summary from the agent's spool
+        # e.g. drop a summary from the agent's spool: called once per report the collector is
+        # done with (accepted, rejected, or its summary recorded)
+        self._on_acked = on_acked
         self.outbox: deque[pb.Report] = deque()
+        # Reports acknowledged whose summary the collector has not recorded (its ledger was
+        # damaged): sent again first on the next stream.
+        self.unrecorded: deque[pb.Report] = deque()
+        self._recording = False  # the collector's Welcome said it keeps a record
         self._sent_upto = 0  # highest seq written on the current stream
         self._wakeup = asyncio.Event()
         self._drained = asyncio.Event()
@@ -107,7 +119,7 @@ class Sender:
         """Wait until every queued report is acknowledged (or the timeout passes)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._drained.wait(), timeout)
-        return not self.outbox
+        return not self.outbox and not self.unrecorded
 
     def stop(self) -> None:
         self._stop.set()
@@ -179,7 +191,12 @@ class Sender:
             self.stats.connects += 1
             self.stats.connected = True
             self.stats.last_error = ""
-            self._on_ack(first.welcome.resume_after_seq, ())
+            welcome = first.welcome
+            self._recording = welcome.recording
+            self._on_ack(welcome.resume_after_seq, (), welcome.recorded_chain_seq)
+            # what was acknowledged but not recorded goes first, in sequence order
+            self.outbox.extendleft(reversed(self.unrecorded))
+            self.unrecorded.clear()
             self._sent_upto = 0  # a new stream: resend everything not yet acknowledged
             log.info("connected to collector", extra={"kv": {"collector": self.target}})
             reader = asyncio.ensure_future(self._read_acks(call))
@@ -222,10 +239,15 @@ class Sender:
             if message is grpc.aio.EOF:
                 return
             if message.WhichOneof("body") == "ack":
-                self._on_ack(message.ack.acked_seq, message.ack.rejections)
+                ack = message.ack
+                self._on_ack(ack.acked_seq, ack.rejections, ack.recorded_chain_seq)
 
-    def _on_ack(self, acked_seq: int, rejections: Iterable[pb.Rejection]) -> None:
+    def _on_ack(
+        self, acked_seq: int, rejections: Iterable[pb.Rejection], recorded_chain_seq: int
+    ) -> None:
+        rejected = set()
         for rejection in rejections:
+            rejected.add(rejection.seq)
             self.stats.rejected += 1
             log.error(
                 "collector rejected a report",
@@ -234,7 +256,19 @@ class Sender:
         while self.outbox and self.outbox[0].seq <= acked_seq:
             report = self.outbox.popleft()
             self.stats.acked += 1
+            if report.seq not in rejected and self._unrecorded(report, recorded_chain_seq):
+                self.unrecorded.append(report)
+            elif self._on_acked is not None:
+                self._on_acked(report)
+        for report in [r for r in self.unrecorded if not self._unrecorded(r, recorded_chain_seq)]:
+            self.unrecorded.remove(report)
             if self._on_acked is not None:
                 self._on_acked(report)
-        if not self.outbox:
+        if not self.outbox and not self.unrecorded:
             self._drained.set()
+
+    def _unrecorded(self, report: pb.Report, recorded_chain_seq: int) -> bool:
+        """Whether a report's summary is not yet in the collector's record (by its word)."""
+        if not self._recording or not report.HasField("summary"):
+            return False
+        return pb.Summary.FromString(report.summary.body).chain_seq > recorded_chain_seq

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from gputally.cli.options import (
+    LEDGER,
+    PADDING_DECIDES,
     TIMES,
     address,
     count,
@@ -122,7 +124,33 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--origin",
         default=f"gputally/{socket.gethostname()}",
-        help="the log's name in its checkpoints (default: %(default)s)",
+        help="the log's name in its checkpoints and the key name auditors verify them with: "
+        "printable ASCII without spaces or '+', fixed when the ledger is created "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--checkpoint-state",
+        default="",
+        metavar="PATH",
+        help="where the latest signed checkpoint is remembered, outside the ledger, so that a "
+        "ledger rolled back, cut short or replaced is refused at start; keep it with the "
+        "collector's key, off the ledger's disk if you can (default: <db>.checkpoint)",
+    )
+    parser.add_argument(
+        "--horizon",
+        type=positive,
+        default=7 * 86400.0,
+        metavar="SECONDS",
+        help="reports and summaries older than this are refused (an agent's spool after a "
+        "collector outage must fit in it) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-skew",
+        type=non_negative,
+        default=300.0,
+        metavar="SECONDS",
+        help="how far ahead of the collector's clock an agent's report or summary may end "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--checkpoint-interval",
@@ -170,11 +198,23 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         help="receive agent streams and expose cluster utilization to Prometheus",
         description="Receive agent streams over gRPC, aggregate cluster utilization with the declared "
         "inventory as the denominator, and expose it on /metrics.",
+        epilog=f"Exit status {LEDGER} when the ledger is refused at start (missing, shorter than or "
+        "inconsistent with the latest checkpoint remembered in --checkpoint-state, or another "
+        "--origin): restore it, never start a new one under the same key. Status 2 for bad "
+        "options or unreadable files.",
     )
     _add_collector_options(collector)
     collector.set_defaults(handler=run_collector)
 
     return {"collector": collector, "query": _register_query(sub), "enroll": _register_enroll(sub)}
+
+
+# The exit status of a claim's verdict, for the --help of `query` and `audit report`.
+VERDICT_EXITS = (
+    f"Exit status {PADDING_DECIDES} where flagged padding decides the claim's verdict (it differs "
+    "without flagged padding, e.g. 'supported only by flagged padding; refuted without it'): "
+    "never a pass. Any other verdict is an answer, status 0; bad input is status 2."
+)
 
 
 def _register_query(sub: Any) -> argparse.ArgumentParser:
@@ -184,7 +224,7 @@ def _register_query(sub: Any) -> argparse.ArgumentParser:
         description="Compute every utilization measure for a period from the collector's record "
         "(docs/utilization.md): the figure, its lower and upper bounds, coverage, energy, padding, "
         "breakdowns, and the verdict on a claim.",
-        epilog=TIMES,
+        epilog=f"{VERDICT_EXITS} {TIMES}",
     )
     query.add_argument(
         "--db",
@@ -248,6 +288,7 @@ def run_collector(args: argparse.Namespace) -> int:
     from gputally.v1.signing import KeyFileError
 
     from .live.server import Settings, serve
+    from .record.ledger import LedgerStartError
     from .record.store import RecordError
 
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
@@ -262,6 +303,8 @@ def run_collector(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
+    except LedgerStartError as error:
+        return fail("collector", str(error), LEDGER)
     except (OSError, RecordError, KeyFileError) as error:
         return fail("collector", str(error))
     return 0
@@ -330,4 +373,5 @@ def run_query(args: argparse.Namespace) -> int:
         print(json.dumps(answer, indent=2))
     else:
         print(render_text(answer, [name for name in args.by.split(",") if name]))
-    return 0
+    # A verdict that flagged padding changes is never a pass (docs/utilization.md §8).
+    return PADDING_DECIDES if answer["padding_decides"] else 0

@@ -16,6 +16,7 @@ Totals are plain dicts keyed by the names below, which are GpuSummary's own fiel
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -184,6 +185,91 @@ def is_shared(parts: list[tuple[pb.Attribution, Totals]], attribution: pb.Attrib
     return len(parts) > 1 or (bool(parts) and parts[0][0] != attribution)
 
 
+# -- what is physically possible --------------------------------------------------------------
+# The collector refuses, and the auditor's tools flag, what no GPU can do; the agent clamps
+# its own counters by the same rules, so that honest figures never trip them.
+
+# The longest summary window: an agent's windows are minutes; a longer one would let a single
+# summary claim hours that nothing else vouches for.
+MAX_SUMMARY_WINDOW_S = 3600.0
+# No accelerator board draws more than this (B200: 1,000 W; MI355X: 1,400 W): a ceiling for
+# energy when the enforced power limit is not known (a summary does not carry it).
+MAX_BOARD_WATTS = 2000.0
+# Energy may exceed the enforced limit x seconds by this factor: limits are enforced on
+# average over about a second, and a counter read at slightly different times than the
+# interval's ends gains a little.
+ENERGY_TOLERANCE = 1.25
+# Two windows (or report intervals) of one GPU may overlap by this much without being called
+# overlapping: timestamp rounding, never real seconds.
+OVERLAP_SLACK_S = 1e-3
+
+
+def max_joules(seconds: float, power_limit_watts: float | None = None) -> float:
+    """The most energy a GPU can draw in `seconds`: its enforced limit (capped at the board
+    ceiling), with the tolerance, plus one joule for the counter's rounding."""
+    limit = MAX_BOARD_WATTS
+    if power_limit_watts is not None and 0 < power_limit_watts < MAX_BOARD_WATTS:
+        limit = power_limit_watts
+    return limit * ENERGY_TOLERANCE * max(seconds, 0.0) + 1.0
+
+
+# GpuSummary (and share) numbers that are seconds within the summary's window.
+_WITHIN_WINDOW = (
+    "present_seconds",
+    "allocated_seconds",
+    "busy_seconds",
+    "sm_active_seconds",
+    "effective_seconds",
+    "lost_seconds",
+    "busy_missing_seconds",
+    "allocated_missing_seconds",
+)
+
+
+def implausible_energy(gpu: pb.GpuSummary, window_seconds: float) -> str:
+    """Why a GPU summary's energy is more than any GPU draws in its window; "" when it is not."""
+    limit = max_joules(window_seconds)
+    if not (0.0 <= gpu.energy_joules <= limit):
+        return (
+            f"energy_joules {gpu.energy_joules:.6g} J is not what a GPU draws in "
+            f"{window_seconds:g} s (0 to {limit:.6g} J)"
+        )
+    return ""
+
+
+def summary_problem(summary: pb.Summary) -> str:
+    """Why a summary cannot be true whoever signed it ("" when it can): a window of impossible
+    length, a GPU twice, seconds beyond the window, energy beyond what a GPU draws, MIG shares
+    that do not add up. The collector refuses such a summary; the auditor's tools flag one a
+    ledger holds and count none of it."""
+    length = (summary.window_end_unix_nano - summary.window_start_unix_nano) / 1e9
+    if not 0 < length <= MAX_SUMMARY_WINDOW_S:
+        return f"summary window must be in (0, {MAX_SUMMARY_WINDOW_S:g}] s, got {length:g} s"
+    slack = length * 1.001 + 1e-6
+    seen: set[int] = set()
+    for gpu in summary.gpus:
+        if gpu.index in seen:
+            return f"summary: GPU index {gpu.index} appears twice"
+        seen.add(gpu.index)
+        for part, what in ((gpu, ""), *((s, f" share {k}") for k, s in enumerate(gpu.shares))):
+            if part.shares and part is not gpu:
+                return f"summary GPU {gpu.index}{what}: a share cannot have shares of its own"
+            for name in _WITHIN_WINDOW:
+                value = getattr(part, name)
+                if not (0.0 <= value <= slack) or not math.isfinite(value):
+                    return (
+                        f"summary GPU {gpu.index}{what}: {name} must be within the window "
+                        f"({length:g} s), got {value!r}"
+                    )
+            problem = implausible_energy(part, length)
+            if problem:
+                return f"summary GPU {gpu.index}{what}: {problem}"
+        held = sum(s.present_seconds for s in gpu.shares)
+        if gpu.shares and abs(held - gpu.present_seconds) > 1e-6 * length + 1e-6:
+            return f"summary GPU {gpu.index}: its shares hold {held:g} s, the GPU {gpu.present_seconds:g} s"
+    return ""
+
+
 class EnergyCounter:
     """The joules one GPU drew between its samples (§6).
 
@@ -191,23 +277,37 @@ class EnergyCounter:
     the counter's increase since the previous sample; a smaller value means the driver
     reloaded and the counter restarted at zero, so the energy since the reload is the value
     itself. The first reading only sets the baseline. A board without the counter (before
-    Volta) has its power readings integrated over the covered seconds instead."""
+    Volta) has its power readings integrated over the covered seconds instead.
 
-    __slots__ = ("last_mj",)
+    Either way the energy of a sample is at most max_joules of its seconds: a step beyond
+    that (a counter that jumped, a "reset" to a huge value) is not energy the board drew, so
+    the power reading stands in for it (else nothing), and `implausible` counts it."""
+
+    __slots__ = ("implausible", "last_mj")
 
     def __init__(self) -> None:
         self.last_mj: int | None = None
+        self.implausible = 0
 
     def joules(self, sample: pb.GpuSample, seconds: float) -> float:
+        limit = sample.power_limit_watts if sample.HasField("power_limit_watts") else None
+        powered = (
+            sample.power_watts * seconds
+            if sample.status == pb.GPU_STATUS_OK and sample.HasField("power_watts")
+            else 0.0
+        )
         if sample.HasField("energy_millijoules"):
             energy, last = sample.energy_millijoules, self.last_mj
             self.last_mj = energy
             if last is None:
                 return 0.0
-            return (energy - last if energy >= last else energy) / 1000.0
-        if sample.status == pb.GPU_STATUS_OK and sample.HasField("power_watts"):
-            return sample.power_watts * seconds
-        return 0.0
+            joules = (energy - last if energy >= last else energy) / 1000.0
+        else:
+            joules = powered
+        if joules > max_joules(seconds, limit):
+            self.implausible += 1
+            return powered if powered <= max_joules(seconds, limit) else 0.0
+        return joules
 
 
 SUPPORTED, REFUTED, UNDETERMINED = "supported", "refuted", "undetermined"
@@ -229,6 +329,19 @@ class Bounds:
         if claim > self.upper + 1e-12:
             return REFUTED
         return UNDETERMINED
+
+
+def headline(verdict: str, without_padding: str) -> str:
+    """How a claim's verdict is worded (§8), given its verdicts with and without flagged
+    time: the verdict itself when flagged padding does not change it; else, first, that
+    padding decides it, so that a verdict padding makes never reads as a pass."""
+    if verdict == without_padding:
+        return verdict
+    if verdict == SUPPORTED:
+        return f"supported only by flagged padding; {without_padding} without it"
+    if verdict == UNDETERMINED:
+        return f"undetermined only because of flagged padding; {without_padding} without it"
+    return f"{verdict} only with flagged padding; {without_padding} without it"
 
 
 def _clamp(x: float) -> float:

@@ -329,20 +329,26 @@ class MigSample(_message.Message):
     def __init__(self, gpu_instance_id: _Optional[int] = ..., compute_instance_id: _Optional[int] = ..., uuid: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., process_count: _Optional[int] = ..., sm_active: _Optional[float] = ..., slices: _Optional[int] = ..., attribution: _Optional[_Union[Attribution, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("collector_version", "resume_after_seq")
+    __slots__ = ("collector_version", "resume_after_seq", "recording", "recorded_chain_seq")
     COLLECTOR_VERSION_FIELD_NUMBER: _ClassVar[int]
     RESUME_AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    RECORDING_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_CHAIN_SEQ_FIELD_NUMBER: _ClassVar[int]
     collector_version: str
     resume_after_seq: int
-    def __init__(self, collector_version: _Optional[str] = ..., resume_after_seq: _Optional[int] = ...) -> None: ...
+    recording: bool
+    recorded_chain_seq: int
+    def __init__(self, collector_version: _Optional[str] = ..., resume_after_seq: _Optional[int] = ..., recording: _Optional[bool] = ..., recorded_chain_seq: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("acked_seq", "rejections")
+    __slots__ = ("acked_seq", "rejections", "recorded_chain_seq")
     ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
     REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_CHAIN_SEQ_FIELD_NUMBER: _ClassVar[int]
     acked_seq: int
     rejections: _containers.RepeatedCompositeFieldContainer[Rejection]
-    def __init__(self, acked_seq: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ...) -> None: ...
+    recorded_chain_seq: int
+    def __init__(self, acked_seq: _Optional[int] = ..., rejections: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., recorded_chain_seq: _Optional[int] = ...) -> None: ...
 
 class Rejection(_message.Message):
     __slots__ = ("seq", "reason")

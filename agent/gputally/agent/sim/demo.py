@@ -324,6 +324,10 @@ def simulate_ledger(
         f"--keys={keys}",
         "--trust-on-first-use",  # the simulated agents' keys are born here: enrol them as they come
         "--checkpoint-interval=5",
+        # A virtual clock replays a past (or future) period: the collector's time limits,
+        # made for live agents, must let all of it in.
+        f"--horizon={max(time.time() - start, 0.0) + 86400:.0f}",
+        f"--max-skew={max(start + days * 86400 - time.time(), 0.0) + 300:.0f}",
     ]
     began = time.monotonic()
 

@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gputally.cli.options import FAILED, TIMES, count, fail, parse_time
+from gputally.cli.options import FAILED, PADDING_DECIDES, TIMES, count, fail, parse_time
 
-from ..cli import add_claim_options, add_period_options
+from ..cli import VERDICT_EXITS, add_claim_options, add_period_options
 
 # Ten years of daily figures: a longer report would draw nothing a person could read, and a
 # typing slip (--to 1e12) would ask for millions of days.
@@ -41,7 +41,7 @@ def _add_ledger_options(parser: argparse.ArgumentParser, *, receipt: bool) -> No
         "--keys",
         required=True,
         metavar="DIR",
-        help="the agents' <node>.pub files and the collector's collector.ckey",
+        help="the agents' <node>.pub files and the collector's collector.vkey (or an older collector.ckey)",
     )
     if receipt:
         parser.add_argument(
@@ -64,10 +64,21 @@ def _register_audit(sub: Any) -> argparse.ArgumentParser:
         "verify",
         help="check every signature, every node's chain and every checkpoint",
         description="Check every summary's signature against the enrolled keys, every node's chain "
-        "(gaps, reorders, duplicates), and the Merkle tree against the signed checkpoints. Exits 0 only "
-        "when all holds; otherwise names the first bad entry and exits 1.",
+        "(gaps, reorders, duplicates), every summary's plausibility (window, seconds and energy a GPU "
+        "can have; no GPU's windows overlapping, from one node or two), and the Merkle tree against "
+        "the signed checkpoints. Exits 0 only when all holds; otherwise lists every kind of finding "
+        "(signature, chain gap, rewrite, overlap, duplicate identity, implausible value, checkpoint) "
+        "with its count and first examples, and exits 1.",
     )
     _add_ledger_options(check, receipt=False)
+    check.add_argument("--json", action="store_true", help="print the result as JSON, for machines")
+    check.add_argument(
+        "--examples",
+        type=count,
+        default=3,
+        metavar="N",
+        help="examples shown per kind of finding (default: %(default)s)",
+    )
     check.add_argument(
         "--receipt",
         metavar="FILE",
@@ -80,7 +91,7 @@ def _register_audit(sub: Any) -> argparse.ArgumentParser:
         help="verify, then write report.html (plots), report.json and CSV tables for a period",
         description="Verify the ledger (as `audit verify`), then recompute every figure for the period from "
         "its summaries and write a self-contained report.html, report.json and CSV tables into --out.",
-        epilog=TIMES,
+        epilog=f"{VERDICT_EXITS} {TIMES}",
     )
     _add_ledger_options(report, receipt=True)
     add_period_options(report, required=True)
@@ -168,16 +179,24 @@ def _verified(
     except (RecordError, KeyFileError, ReceiptError) as error:
         return fail(command, str(error))
     _say_receipt(verification, receipt, args)
-    if not verification.ok:
+    if not verification.trustworthy:
         print(f"gputally {command}: the ledger does not verify ({_failed_at(verification)})")
         return FAILED
+    for kind, found in verification.by_kind().items():
+        # summaries a collector should have refused: left out of every figure, and said
+        print(
+            f"  finding: {len(found):,} {kind} ({found[0].message}); not counted in any figure",
+            file=sys.stderr,
+        )
     return verification, receipt
 
 
 def _failed_at(verification: Verification) -> str:
-    first = verification.problems[0]
+    from .verify import INTEGRITY
+
+    first = next(p for p in verification.problems if p.kind in INTEGRITY)
     where = f"entry {first.entry}" if first.entry is not None else "log"
-    return f"at {where}: {first.message}"
+    return f"{first.kind} at {where}: {first.message}"
 
 
 def run_audit_verify(args: argparse.Namespace) -> int:
@@ -193,30 +212,60 @@ def run_audit_verify(args: argparse.Namespace) -> int:
         result = verify_ledger(Path(args.ledger), Path(args.keys), progress=progress)
     except (RecordError, KeyFileError) as error:
         return fail("audit verify", str(error))
-    print(
-        f"ledger {args.ledger}: {result.entries:,} entries from {len(result.nodes)} nodes, {result.checkpoints} checkpoints"
-    )
-    if not result.ok:
-        print(f"FAILED {_failed_at(result)}")
-        if len(result.problems) > 1:
-            print(f"({len(result.problems) - 1} more problems after it)")
-        return FAILED
-    print("verified: every signature, every chain and every checkpoint holds")
-    if args.receipt:
+    receipt_path = ""
+    if result.ok and args.receipt:
         receipt = Receipt.of(result, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
         try:
             receipt.write(Path(args.receipt))
         except OSError as error:
             return fail("audit verify", f"--receipt: {error}")
+        receipt_path = args.receipt
+    if args.json:
         print(
-            f"receipt: {args.receipt} (size {result.entries:,}, root {result.root.hex()[:16]}...)"
+            json.dumps(
+                {
+                    "ledger": args.ledger,
+                    "verified": result.ok,
+                    "entries": result.entries,
+                    "nodes": len(result.nodes),
+                    "checkpoints": result.checkpoints,
+                    "origin": result.origin,
+                    "root": result.root.hex(),
+                    "findings": result.findings(args.examples),
+                    "receipt": receipt_path or None,
+                },
+                indent=2,
+            )
+        )
+        return 0 if result.ok else FAILED
+    print(
+        f"ledger {args.ledger}: {result.entries:,} entries from {len(result.nodes)} nodes, {result.checkpoints} checkpoints"
+    )
+    if not result.ok:
+        kinds = result.by_kind()
+        total = sum(len(found) for found in kinds.values())
+        print(f"FAILED: {total:,} findings of {len(kinds)} kinds")
+        for kind, found in kinds.items():
+            print(f"  {kind}: {len(found):,}")
+            for problem in found[: args.examples]:
+                where = f"entry {problem.entry}" if problem.entry is not None else "log"
+                print(f"    {where}: {problem.message}")
+            if len(found) > args.examples:
+                print(f"    ... and {len(found) - args.examples:,} more")
+        return FAILED
+    print(
+        "verified: every signature, every chain, every summary's plausibility and every checkpoint holds"
+    )
+    if receipt_path:
+        print(
+            f"receipt: {receipt_path} (size {result.entries:,}, root {result.root.hex()[:16]}...)"
         )
     return 0
 
 
 def run_audit_report(args: argparse.Namespace) -> int:
     from . import report as report_module
-    from .figures import Rollup
+    from .figures import Rollup, padding_figures
 
     def say(text: str) -> None:
         print(f"  {text}", file=sys.stderr, flush=True)
@@ -251,14 +300,18 @@ def run_audit_report(args: argparse.Namespace) -> int:
         paths = report_module.write(answer, Path(args.out), args.measure)
     except OSError as error:
         return fail("audit report", f"--out {args.out}: {error}")
-    verdict = f", claim {args.claim:.2%}: {answer['verdict']}" if args.claim is not None else ""
-    print(
-        f"{args.measure} {answer['figure']:.2%} [{answer['lower']:.2%}, {answer['upper']:.2%}], "
-        f"coverage {answer['coverage']:.1%}{verdict}"
-    )
+    if answer["padding_decides"]:  # said first, and never a pass (docs/utilization.md §8)
+        print(f"claim {args.measure} >= {args.claim:.2%}: {answer['headline_verdict'].upper()}")
+        print(f"{padding_figures(answer)}, coverage {answer['coverage']:.1%}")
+    else:
+        verdict = f", claim {args.claim:.2%}: {answer['verdict']}" if args.claim is not None else ""
+        print(
+            f"{args.measure} {answer['figure']:.2%} [{answer['lower']:.2%}, {answer['upper']:.2%}], "
+            f"coverage {answer['coverage']:.1%}{verdict}"
+        )
     for path in paths:
         print(f"wrote {path}")
-    return 0
+    return PADDING_DECIDES if answer["padding_decides"] else 0
 
 
 def run_audit_prove(args: argparse.Namespace) -> int:

@@ -310,13 +310,62 @@ class Rollup:
         return [(_day(f.start), f) for _, f in sorted(days.items())]
 
 
+class Screen:
+    """Each GPU's seconds counted once, whatever a ledger holds (it may come from an older or
+    hostile collector): in log order, a GPU summary whose window starts before the end of an
+    earlier window of the same GPU (by UUID, from any node) overlaps it, and is not added up.
+    The collector refuses such summaries at ingest by the same rule; `audit verify` names
+    each one as a finding (a duplicate identity when the earlier window is another node's)."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, tuple[int, str]] = {}  # uuid -> (latest window end, its node)
+
+    def overlapping(
+        self, node: str, start: int, end: int, uuids: Iterable[str]
+    ) -> list[tuple[str, str, int]]:
+        """(uuid, the earlier window's node, its end in ns) of each GPU (`uuids`) of a summary
+        of [start, end) ns that overlaps an earlier window; the rest are taken, and their
+        windows remembered."""
+        out = []
+        slack = round(accounting.OVERLAP_SLACK_S * 1e9)
+        latest = self.latest
+        for uuid in uuids:
+            if not uuid:
+                continue
+            earlier = latest.get(uuid)
+            if earlier is not None and earlier[0] > start + slack:
+                out.append((uuid, earlier[1], earlier[0]))
+                continue
+            latest[uuid] = (end, node)
+        return out
+
+
+def countable(
+    node: str, summary: pb.Summary, overlapping: Iterable[tuple[str, str, int]]
+) -> list[GpuNumbers]:
+    """The GPU numbers of `summary` that a period adds up: none of an impossible summary
+    (accounting.summary_problem), none of a GPU whose window overlaps an earlier one."""
+    if accounting.summary_problem(summary):
+        return []
+    skipped = {uuid for uuid, _, _ in overlapping}
+    numbers = gpu_numbers(node, summary)
+    return [n for n in numbers if n[0] not in skipped] if skipped else numbers
+
+
 def compute(
     summaries: Iterable[tuple[str, bytes]], start: float, end: float, expected: int
 ) -> PeriodFigures:
-    """The figures of [start, end) from stored summaries, (node, SignedSummary bytes) each."""
+    """The figures of [start, end) from stored summaries, (node, SignedSummary bytes) each, in
+    log order; impossible and overlapping ones (Screen) are not added up."""
     rollup = Rollup(start, end, expected)
+    screen = Screen()
     for node, body in summaries:
-        rollup.add_summary(node, pb.Summary.FromString(pb.SignedSummary.FromString(body).body))
+        summary = pb.Summary.FromString(pb.SignedSummary.FromString(body).body)
+        if accounting.summary_problem(summary):
+            continue  # claims no window: its GPUs' seconds are not taken
+        start_ns, end_ns = summary.window_start_unix_nano, summary.window_end_unix_nano
+        overlapping = screen.overlapping(node, start_ns, end_ns, (g.uuid for g in summary.gpus))
+        rollup.add(node, (start_ns / 1e9, end_ns / 1e9), countable(node, summary, overlapping))
     return rollup.period()
 
 
@@ -352,6 +401,8 @@ def as_dict(
 
     chosen, chosen_clean = cluster[measure], clean[measure]
     seen = len(figures.total.gpus)
+    verdict = None if claim is None else chosen.verdict(claim)
+    verdict_clean = None if claim is None else chosen_clean.verdict(claim)
     return {
         "from": datetime.fromtimestamp(figures.start, UTC).isoformat().replace("+00:00", "Z"),
         "to": datetime.fromtimestamp(figures.end, UTC).isoformat().replace("+00:00", "Z"),
@@ -364,12 +415,16 @@ def as_dict(
         "upper": chosen.upper,
         "coverage": figures.coverage(),
         "claim": claim,
-        "verdict": None if claim is None else chosen.verdict(claim),
+        "verdict": verdict,
+        # The verdict's one wording, and whether flagged padding changes it (§8): read these,
+        # not "verdict" alone, which is the verdict with flagged padding counted as work.
+        "headline_verdict": _headline(verdict, verdict_clean),
+        "padding_decides": verdict != verdict_clean,
         "without_padding": {
             "figure": chosen_clean.figure,
             "lower": chosen_clean.lower,
             "upper": chosen_clean.upper,
-            "verdict": None if claim is None else chosen_clean.verdict(claim),
+            "verdict": verdict_clean,
         },
         "padding_gpu_hours": figures.total.sums.flagged["seconds"] / 3600.0,
         "padding_gpu_hours_by_rule": {
@@ -396,6 +451,12 @@ def as_dict(
     }
 
 
+def _headline(verdict: str | None, without_padding: str | None) -> str | None:
+    if verdict is None or without_padding is None:
+        return None
+    return accounting.headline(verdict, without_padding)
+
+
 # The breakdowns of as_dict (`query --by`), and what each one's figures are over.
 BREAKDOWNS = ("node", "model", "tenant", "job")
 _OVER = {
@@ -410,7 +471,8 @@ def render_text(answer: dict[str, Any], by: Sequence[str] = ()) -> str:
     """as_dict's answer for a person: the claim's measure marked, every measure, then the
     breakdowns asked for, as tables."""
     days = answer["seconds"] / 86400
-    lines = [
+    lines = _padding_decides_lines(answer)
+    lines += [
         f"period      {answer['from']} .. {answer['to']} ({days:.2f} days)",
         f"inventory   {answer['expected_gpus']} GPUs declared, {answer['seen_gpus']} seen; "
         f"coverage {answer['coverage']:.1%}",
@@ -423,7 +485,9 @@ def render_text(answer: dict[str, Any], by: Sequence[str] = ()) -> str:
         lines.append(
             f"{name:<12}{b['figure']:>9.2%}{b['lower']:>9.2%}{b['upper']:>9.2%}   {clean['figure']:.2%}{mark}"
         )
-    if answer["claim"] is not None:
+    if answer["claim"] is not None and answer["padding_decides"]:
+        lines += ["", f"claim       {_claim_headline(answer)}"]
+    elif answer["claim"] is not None:
         lines += [
             "",
             f"claim       {answer['measure']} >= {answer['claim']:.2%}: {answer['verdict'].upper()}"
@@ -441,6 +505,30 @@ def render_text(answer: dict[str, Any], by: Sequence[str] = ()) -> str:
     for name in by:
         lines += ["", *_breakdown_table(name, answer[f"by_{name}"], list(answer["measures"]))]
     return "\n".join(lines)
+
+
+def _claim_headline(answer: dict[str, Any]) -> str:
+    """The claim and its verdict in its one wording, e.g. "busy >= 80.00%: SUPPORTED ONLY BY
+    FLAGGED PADDING; REFUTED WITHOUT IT"."""
+    return f"{answer['measure']} >= {answer['claim']:.2%}: {answer['headline_verdict'].upper()}"
+
+
+def padding_figures(answer: dict[str, Any]) -> str:
+    """The claim's measure without flagged padding and with it, the one as plain as the other."""
+    clean = answer["without_padding"]
+    return (
+        f"{answer['measure']} {clean['figure']:.2%} [{clean['lower']:.2%}, {clean['upper']:.2%}]"
+        f" without flagged padding, {answer['figure']:.2%} [{answer['lower']:.2%}, "
+        f"{answer['upper']:.2%}] with it; {answer['padding_gpu_hours']:.2f} GPU-hours flagged"
+    )
+
+
+def _padding_decides_lines(answer: dict[str, Any]) -> list[str]:
+    """What a person reads first when flagged padding decides the verdict: that it does, and
+    the figure without it beside the one with it."""
+    if answer["claim"] is None or not answer["padding_decides"]:
+        return []
+    return [f"VERDICT     {_claim_headline(answer)}", f"            {padding_figures(answer)}", ""]
 
 
 def _breakdown_table(name: str, rows: list[dict[str, Any]], measures: list[str]) -> list[str]:

@@ -63,6 +63,9 @@ def build(
                 "checkpoints": verification.checkpoints,
                 "nodes": len(verification.nodes),
                 "verified": verification.ok,
+                # summaries a collector should have refused (overlaps, duplicate identities,
+                # impossible values): named here, and not counted in any figure above
+                "findings": verification.findings(),
                 # Whose Ed25519 checks these are: this run's, or a receipt's for the first
                 # `signatures_by_receipt` entries (the same bytes, under the same keys).
                 "signatures_by_receipt": verification.trusted,
@@ -189,6 +192,7 @@ body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:800px;color:#
 h1{font-size:1.5em}table{border-collapse:collapse}td,th{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:right}
 td:first-child,th:first-child{text-align:left}.verdict{font-size:1.3em;font-weight:600}
 .supported{color:#176d2f}.refuted{color:#a11}.undetermined{color:#8a6100}
+.padding-decides{color:#a11}.verdict-figures{font-size:1.3em}
 svg{width:100%;height:auto;font-size:10px}.grid{stroke:#ddd}.line{fill:none;stroke:#1f5fbf;stroke-width:1.5}
 .band{fill:#1f5fbf;opacity:.15}.claim{stroke:#a11;stroke-dasharray:4 3}.claimtext{fill:#a11}
 .bar{fill:#1f5fbf}.small{font-size:8px}figure{margin:1.5em 0}figcaption{font-weight:600;margin-bottom:.3em}
@@ -227,6 +231,22 @@ def breakdown_table(rows: Sequence[dict[str, Any]], title: str, over: str) -> st
     )
 
 
+def padding_headline(r: dict[str, Any]) -> str:
+    """The headline of a verdict that flagged padding decides: that it does, first and never
+    in a pass's colour, then the figure without flagged padding as large as the one with it."""
+    clean = r["without_padding"]
+
+    def figure(b: dict[str, Any], what: str) -> str:
+        return f"<strong>{b['figure']:.2%}</strong> [{b['lower']:.2%}, {b['upper']:.2%}] {what}"
+
+    return (
+        f'<p class="verdict padding-decides">{html.escape(r["headline_verdict"].upper())} '
+        f"&mdash; claim: {r['measure']} &ge; {r['claim']:.1%}</p>"
+        f'<p class="verdict-figures">{r["measure"]} {figure(clean, "without flagged padding")}, '
+        f"{figure(r, 'with it')}; {r['padding_gpu_hours']:,.1f} GPU-hours flagged as padding.</p>"
+    )
+
+
 def render_html(r: dict[str, Any]) -> str:
     m = r["measure"]
     days = [d["date"] for d in r["daily"]]
@@ -243,6 +263,8 @@ def render_html(r: dict[str, Any]) -> str:
         if r["claim"] is not None
         else ""
     )
+    if r["claim"] is not None and r["padding_decides"]:
+        claim = padding_headline(r)
     v = r["verification"]
     by_receipt = (
         f" The signatures of the first {v['signatures_by_receipt']:,} summaries were checked by the"
@@ -277,6 +299,18 @@ def render_html(r: dict[str, Any]) -> str:
         bar_chart("Energy per day (kWh)", short, [d["energy_kwh"] for d in r["daily"]]),
     ]
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in r["warnings"])
+    findings = "".join(
+        f"<li><b>{f['count']:,} {html.escape(kind)}</b>: "
+        f"{html.escape(f['examples'][0]['message']) if f['examples'] else ''}</li>"
+        for kind, f in v.get("findings", {}).items()
+    )
+    findings_html = (
+        '<div class="findings"><p><b>Findings</b>: the ledger holds summaries a collector should '
+        "have refused. None of them is counted in any figure of this report (each GPU-second "
+        "once, the first recorded).</p><ul>" + findings + "</ul></div>"
+        if findings
+        else ""
+    )
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>gputally audit report: {html.escape(r["from"])} to {html.escape(r["to"])}</title><style>{CSS}</style></head><body>
 <h1>GPU utilization audit report</h1>
@@ -284,6 +318,7 @@ def render_html(r: dict[str, Any]) -> str:
 Inventory: {r["expected_gpus"]} GPUs declared, {r["seen_gpus"]} seen. Coverage {r["coverage"]:.1%}.</p>
 <p>Ledger verified: {v["entries"]:,} signed summaries from {v["nodes"]} nodes, every signature, every node's chain
 and {v["checkpoints"]} signed checkpoints hold. Every figure below is recomputed from those summaries.{by_receipt}</p>
+{findings_html}
 {claim}
 <table><tr><th>measure</th><th>figure</th><th>lower</th><th>upper</th><th>without padding</th></tr>{rows}</table>
 <p>Energy {r["energy_kwh"]:,.1f} kWh. Padding flagged: {r["padding_gpu_hours"]:,.1f} GPU-hours.</p>

@@ -9,8 +9,19 @@ entry:
 3. the node's chain continues: numbers 1, 2, 3, ... and each summary carries the hash of the
    previous one (a deletion shows as a gap, a replay or a reorder as a number out of turn);
 
+4. the summary is physically possible (accounting.summary_problem: window length, seconds
+   within the window, energy a GPU can draw);
+5. no GPU's window overlaps an earlier one of the same GPU, from any node (figures.Screen):
+   an overlap is a second counted twice, or, across nodes, one card with two identities;
+
 then checks every checkpoint: signed by the collector's key, for the log's origin, and its
 root equal to the root of the first `size` entries, recomputed here.
+
+Every problem is a finding of a named kind (KINDS). Integrity findings (signature, chain gap,
+rewrite, checkpoint) mean the ledger cannot be trusted, and `audit report` refuses it.
+Plausibility findings (overlap, duplicate identity, implausible value) name summaries a
+collector should have refused: a report is still made, without them (never silently summed),
+and lists them.
 
 Signatures are most of the cost. A full verification can leave a *receipt*: the log's size
 and Merkle root, and a digest of the key directory, as they were when every signature held.
@@ -38,20 +49,40 @@ from typing import NamedTuple
 from google.protobuf.message import DecodeError
 
 from gputally.v1 import telemetry_pb2 as pb
+from gputally.v1.accounting import summary_problem
 from gputally.v1.signing import chain_hash, verify_summary, write_file
 
 from ..record import merkle
 from ..record.keys import KeyStore
-from ..record.ledger import COLLECTOR_KEY_FILE, CheckpointError, open_note, read_collector_key
+from ..record.ledger import (
+    COLLECTOR_KEY_FILE,
+    LEGACY_KEY_FILE,
+    CheckpointError,
+    open_note,
+    read_collector_key,
+)
 from ..record.merkle import Frontier, leaf_hash
 from ..record.store import Record
-from .figures import Rollup, gpu_numbers
+from .figures import Rollup, Screen, countable, gpu_numbers
+
+# The kinds of finding, in the order `audit verify` lists them.
+SIGNATURE = "signature"  # not signed by the node's enrolled key (or no key, another node's)
+CHAIN_GAP = "chain gap"  # a node's summaries missing: deleted, or lost before recording
+REWRITE = "rewrite"  # bytes altered, a summary replayed, reordered or not chained
+OVERLAP = "overlap"  # a GPU's window overlapping an earlier one of the same node
+DUPLICATE_IDENTITY = "duplicate identity"  # one card (UUID) in two nodes' windows at once
+IMPLAUSIBLE = "implausible value"  # a summary no GPU could produce
+CHECKPOINT = "checkpoint"  # a checkpoint that does not verify or contradicts the entries
+KINDS = (SIGNATURE, CHAIN_GAP, REWRITE, OVERLAP, DUPLICATE_IDENTITY, IMPLAUSIBLE, CHECKPOINT)
+# Findings after which the ledger's figures cannot be trusted at all.
+INTEGRITY = frozenset({SIGNATURE, CHAIN_GAP, REWRITE, CHECKPOINT})
 
 
 @dataclass(slots=True)
 class Problem:
     entry: int | None  # the ledger entry (id) at fault; None for a checkpoint or the whole log
     message: str
+    kind: str = REWRITE
 
 
 @dataclass(slots=True)
@@ -69,6 +100,30 @@ class Verification:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def trustworthy(self) -> bool:
+        """No integrity finding: figures can be computed (without the implausible parts)."""
+        return not any(p.kind in INTEGRITY for p in self.problems)
+
+    def by_kind(self) -> dict[str, list[Problem]]:
+        """The findings of each kind that occurs, in KINDS order."""
+        out: dict[str, list[Problem]] = {}
+        for kind in KINDS:
+            found = [p for p in self.problems if p.kind == kind]
+            if found:
+                out[kind] = found
+        return out
+
+    def findings(self, examples: int = 3) -> dict[str, object]:
+        """Counts and the first examples of each kind, for `--json` and the report."""
+        return {
+            kind: {
+                "count": len(found),
+                "examples": [{"entry": p.entry, "message": p.message} for p in found[:examples]],
+            }
+            for kind, found in self.by_kind().items()
+        }
 
 
 class ReceiptError(ValueError):
@@ -134,7 +189,7 @@ def keys_digest(keys: Path) -> str:
     """SHA-256 over the key directory's key files (names and contents): a receipt holds only
     for the keys it was made with."""
     digest = hashlib.sha256()
-    for path in sorted([*keys.glob("*.pub"), keys / COLLECTOR_KEY_FILE]):
+    for path in sorted([*keys.glob("*.pub"), keys / COLLECTOR_KEY_FILE, keys / LEGACY_KEY_FILE]):
         if path.is_file():
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
@@ -158,6 +213,10 @@ class Checked(NamedTuple):
     body_hash: bytes
     leaf: bytes  # the leaf hash of the stored bytes, recomputed
     signer: int  # which of the node's keys signed it (oldest first)
+    kind: str = REWRITE  # the problem's kind
+    # the window (ns) and GPU UUIDs of a summary without problems, screened in log order
+    window: tuple[int, int] = (0, 0)
+    uuids: tuple[str, ...] = ()
 
 
 def _unreadable(problem: str, leaf: bytes) -> Checked:
@@ -206,6 +265,7 @@ def _opened(
                 ),
                 None,
             )
+        kind = SIGNATURE
         if not node_keys:
             problem: str | None = f"node {node} has no enrolled key"
         elif signer is None:
@@ -213,7 +273,8 @@ def _opened(
         elif summary.node != node:
             problem = f"it is filed under node {node} but names node {summary.node}"
         else:
-            problem = None
+            problem = summary_problem(summary) or None
+            kind = IMPLAUSIBLE
         out.append(
             Checked(
                 problem,
@@ -223,6 +284,9 @@ def _opened(
                 chain_hash(signed.body),
                 computed,
                 signer or 0,
+                kind,
+                (summary.window_start_unix_nano, summary.window_end_unix_nano),
+                tuple(g.uuid for g in summary.gpus) if problem is None else (),
             )
         )
         if rollup is not None and problem is None:
@@ -312,6 +376,8 @@ def _verify(
     chains: dict[str, tuple[int, bytes, int]] = {}
     frontier = Frontier()
     roots: dict[int, bytes] = {}
+    screen = Screen()
+    excluded: dict[int, set[str]] = {}  # entry -> GPUs whose windows overlap earlier ones
     checkpoints = record.checkpoints()
     wanted = {size for _, size, _, _ in checkpoints}
     enrolled = {path.stem: keys.keys(path.stem) for path in keys_dir.glob("*.pub")}
@@ -335,6 +401,16 @@ def _verify(
                 result.entries += 1
                 if progress is not None and result.entries % 100_000 == 0:
                     progress(result.entries)
+                if checked.problem is not None and checked.kind == IMPLAUSIBLE:
+                    # signed and chained, but impossible: a finding, counted nowhere
+                    result.problems.append(Problem(entry, checked.problem, IMPLAUSIBLE))
+                    checked = checked._replace(problem=None)
+                elif checked.problem is None:
+                    for uuid, holder, end in screen.overlapping(
+                        node, *checked.window, checked.uuids
+                    ):
+                        result.problems.append(_overlap(entry, node, uuid, holder, end))
+                        excluded.setdefault(entry, set()).add(uuid)
                 problem = _chain(entry, node, checked, chains)
                 if problem is not None:
                     result.problems.append(problem)
@@ -345,6 +421,8 @@ def _verify(
         if result.trusted and (receipt is None or roots.get(result.trusted) != receipt.root):
             return result  # root left empty: verify_ledger runs again, trusting nothing
         result.root = frontier.root()
+        if excluded and rollup is not None:
+            _add_up_again(record, rollup, excluded)
         result.problems += _check_checkpoints(
             checkpoints, roots, frontier.size, name, collector_key
         )
@@ -355,6 +433,42 @@ def _verify(
             pool.shutdown()
     result.problems.sort(key=lambda p: (p.entry is None, p.entry or 0))
     return result
+
+
+def _overlap(entry: int, node: str, uuid: str, holder: str, end: int) -> Problem:
+    if holder == node:
+        return Problem(
+            entry,
+            f"node {node}'s window for GPU {uuid} overlaps its earlier one (to {end / 1e9:.0f}): "
+            "those seconds would count twice; not added up",
+            OVERLAP,
+        )
+    return Problem(
+        entry,
+        f"GPU {uuid} is in node {node}'s window and in node {holder}'s (to {end / 1e9:.0f}) at "
+        "the same time: one card, two identities; counted once, for the node first recorded",
+        DUPLICATE_IDENTITY,
+    )
+
+
+def _add_up_again(record: Record, rollup: Rollup, excluded: dict[int, set[str]]) -> None:
+    """The period's figures again, without the GPU summaries that overlap earlier ones: the
+    workers added everything up before the overlaps (found in log order) were known. Runs
+    only on a ledger with overlaps, which an honest collector never writes."""
+    sums = Rollup(rollup.start, rollup.end, rollup.expected)
+    for entry, node, stored, leaf in record.entries():
+        if leaf_hash(stored) != leaf:
+            continue
+        try:
+            summary = pb.Summary.FromString(pb.SignedSummary.FromString(stored).body)
+        except DecodeError:
+            continue
+        skipped = excluded.get(entry, set())
+        window = (summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9)
+        rollup_numbers = countable(node, summary, [(u, "", 0) for u in skipped])
+        sums.add(node, window, rollup_numbers)
+    rollup.clear()
+    rollup.merge(sums)
 
 
 def _receipt_unusable(receipt: Receipt, result: Verification, count: int) -> str:
@@ -385,7 +499,7 @@ def _check_checkpoints(
         try:
             origin, signed_size, signed_root = open_note(note, name, collector_key)
         except CheckpointError as error:
-            problems.append(Problem(None, f"{where}: {error}"))
+            problems.append(Problem(None, f"{where}: {error}", CHECKPOINT))
             continue
         if origin != name or signed_size != signed_for:
             problem = f"the note says {origin} size {signed_size}"
@@ -398,13 +512,14 @@ def _check_checkpoints(
         else:
             problem = ""
         if problem:
-            problems.append(Problem(None, f"{where}: {problem}"))
+            problems.append(Problem(None, f"{where}: {problem}", CHECKPOINT))
         last_size = max(last_size, signed_for)
     if size > last_size:
         problems.append(
             Problem(
                 None,
                 f"{size - last_size} entries after the last signed checkpoint are not covered by one",
+                CHECKPOINT,
             )
         )
     return problems
@@ -414,12 +529,14 @@ def _chain(
     entry: int, node: str, checked: Checked, chains: dict[str, tuple[int, bytes, int]]
 ) -> Problem | None:
     if checked.problem is not None:
-        return Problem(entry, checked.problem)
+        return Problem(entry, checked.problem, checked.kind)
     signer, seq = checked.signer, checked.chain_seq
     last_seq, last_hash, last_signer = chains.get(node, (0, b"", 0))
     if signer < last_signer:
         return Problem(
-            entry, f"node {node}'s summary is signed with a key it had retired (key {signer + 1})"
+            entry,
+            f"node {node}'s summary is signed with a key it had retired (key {signer + 1})",
+            SIGNATURE,
         )
     if signer > last_signer:  # the node's key was rotated: its new key starts a new chain
         last_seq, last_hash = 0, b""
@@ -430,7 +547,9 @@ def _chain(
         )
     if seq != last_seq + 1:
         missing = f"{last_seq + 1}" if seq == last_seq + 2 else f"{last_seq + 1}..{seq - 1}"
-        return Problem(entry, f"node {node}'s summaries {missing} are missing before {seq}")
+        return Problem(
+            entry, f"node {node}'s summaries {missing} are missing before {seq}", CHAIN_GAP
+        )
     if checked.prev_hash != last_hash:
         return Problem(entry, f"node {node}'s summary {seq} does not chain to summary {last_seq}")
     return None

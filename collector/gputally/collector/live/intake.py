@@ -7,23 +7,32 @@ one durably, verbatim, in the record. It follows each node's chain as it goes, s
 summary that does not continue it (an evidence gap an auditor will see) is counted and
 logged when it happens, not found months later.
 
+Acknowledged means durable: the agent drops a summary only when `recorded_chain_seq` (in the
+Welcome and every Ack) reaches it, and that number is read from what the record holds, never
+from a report's sequence number, which any stream could send. A summary is refused when one of
+its GPUs already has a recorded window that it overlaps, from this node or another (a card
+counted twice); when the ledger is damaged, none is recorded and none acknowledged, and the
+agents keep them spooled until it is repaired.
+
 Without enrolled keys nothing can be verified, so nothing is recorded.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Container
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
 from gputally.v1 import telemetry_pb2 as pb
+from gputally.v1.accounting import OVERLAP_SLACK_S
 from gputally.v1.signing import chain_hash, verify_summary
 
 from ..record.keys import KeyStore
-from ..record.store import Record
-from .validate import InvalidMessageError, check_summary
+from ..record.ledger import Ledger
+from ..record.store import Record, RecordError
+from .validate import InvalidMessageError, TimeLimits, check_summary
 
 log = logging.getLogger("gputally.collector.intake")
 
@@ -39,6 +48,13 @@ class Chain:
     recorded: int = 0  # summaries stored in the record
     resent: int = 0  # summaries sent again that the record already held
     breaks: int = 0  # recorded summaries that did not continue the chain
+    overlaps: int = 0  # summaries refused: a GPU's window overlapped one already recorded
+    unrecorded: int = 0  # summaries not recorded (nor acknowledged): the intake was stopped
+
+
+class IntakeStoppedError(RuntimeError):
+    """The record cannot be extended consistently: the summary is not recorded and must not
+    be acknowledged (its agent keeps it). Not the summary's fault: never a rejection."""
 
 
 class SummaryIntake:
@@ -46,10 +62,27 @@ class SummaryIntake:
     # what was not acknowledged, which is the newest few (one per stream interruption).
     RESEND_HORIZON = 256
 
-    def __init__(self, keys: KeyStore | None = None, record: Record | None = None):
+    def __init__(
+        self,
+        keys: KeyStore | None = None,
+        record: Record | None = None,
+        ledger: Ledger | None = None,
+        limits: TimeLimits | None = None,
+    ):
         self.keys = keys
         self.record = record
+        self.ledger = ledger
+        self.limits = limits or TimeLimits()
         self.chains: dict[str, Chain] = {}
+        self.failure = ""  # why the record could not be written, once it could not
+
+    @property
+    def stopped(self) -> str:
+        """Why no summary is recorded now ("" while they are): a damaged ledger or a failed
+        write. /readyz and gputally_ledger_intake_stopped say so."""
+        if not self.recording:
+            return ""
+        return self.failure or (self.ledger.broken if self.ledger is not None else "")
 
     @property
     def recording(self) -> bool:
@@ -70,7 +103,18 @@ class SummaryIntake:
             chain.key = public_key
             chain.seq, chain.hash, chain.loaded = 0, b"", False
 
-    def open(self, node: str, signed: pb.SignedSummary, gpus: Container[int]) -> pb.Summary:
+    def recorded_seq(self, node: str) -> int:
+        """The newest chain number of the node's current key the record holds (what the
+        Welcome and every Ack tell its agent is safe); 0 when not recording."""
+        if not self.recording:
+            return 0
+        chain = self.chain(node)
+        self._load(node, chain)
+        return chain.seq
+
+    def open(
+        self, node: str, signed: pb.SignedSummary, uuids: Mapping[int, str], now: float
+    ) -> pb.Summary:
         """The summary `signed` carries, checked; InvalidMessageError when it is refused."""
         if self.keys is not None:
             key = self.keys.key(node)
@@ -84,7 +128,7 @@ class SummaryIntake:
             raise InvalidMessageError("summary body is not a Summary message") from None
         if summary.node != node:
             raise InvalidMessageError(f"summary names node {summary.node!r}, not {node!r}")
-        check_summary(summary, gpus)
+        check_summary(summary, uuids, now, self.limits)
         return summary
 
     def take(
@@ -96,24 +140,38 @@ class SummaryIntake:
         summary: pb.Summary,
         received: float,
     ) -> None:
-        """Record an opened summary, unless the record holds it already. Raises
-        InvalidMessageError for one that would rewrite the node's recorded chain."""
+        """Record an opened summary, durably, unless the record holds it already. Raises
+        InvalidMessageError for one that would rewrite the node's recorded chain or count a
+        GPU's seconds twice, IntakeStoppedError when nothing can be recorded now."""
         if not self.recording:
             return
         assert self.record is not None
         chain = self.chain(node)
-        if self._recorded_already(node, chain, signed, summary):
-            chain.resent += 1
-            return
-        stored = self.record.append(
-            node,
-            instance,
-            seq,
-            summary.window_start_unix_nano,
-            summary.window_end_unix_nano,
-            received,
-            signed.SerializeToString(),  # the signed bytes, as the agent sent them
-        )
+        try:
+            if self._recorded_already(node, chain, signed, summary):
+                chain.resent += 1
+                return
+            if self.stopped:
+                chain.unrecorded += 1
+                raise IntakeStoppedError(self.stopped)
+            uuids = [gpu.uuid for gpu in summary.gpus]
+            self._check_overlap(node, chain, summary, uuids)
+            stored = self.record.append(
+                node,
+                instance,
+                seq,
+                summary.window_start_unix_nano,
+                summary.window_end_unix_nano,
+                received,
+                signed.SerializeToString(),  # the signed bytes, as the agent sent them
+                uuids,
+            )
+        except RecordError as error:
+            chain.unrecorded += 1
+            self.failure = str(error)
+            if self.ledger is not None:
+                self.ledger.fail(str(error))
+            raise IntakeStoppedError(str(error)) from None
         if not stored:
             return
         chain.recorded += 1
@@ -129,11 +187,28 @@ class SummaryIntake:
         chain.seq = summary.chain_seq
         chain.hash = chain_hash(signed.body)
 
-    def _recorded_already(
-        self, node: str, chain: Chain, signed: pb.SignedSummary, summary: pb.Summary
-    ) -> bool:
-        """True for a summary the record already holds; InvalidMessageError for one that
-        would rewrite the node's recorded chain; False for a new one."""
+    def _check_overlap(
+        self, node: str, chain: Chain, summary: pb.Summary, uuids: list[str]
+    ) -> None:
+        """InvalidMessageError when a GPU of the summary already has a recorded window that
+        this one overlaps: its seconds would count twice (an agent sending a window again
+        under a new chain number, or two nodes claiming one card)."""
+        assert self.record is not None
+        if not uuids:
+            return
+        start = summary.window_start_unix_nano
+        slack = round(OVERLAP_SLACK_S * 1e9)
+        for uuid, (holder, end) in self.record.latest_windows(uuids).items():
+            if end > start + slack:
+                chain.overlaps += 1
+                whose = "this node" if holder == node else f"node {holder} (a duplicate identity)"
+                raise InvalidMessageError(
+                    f"summary {summary.chain_seq}: GPU {uuid}'s window from {start / 1e9:.0f} "
+                    f"overlaps one {whose} recorded up to {end / 1e9:.0f}: refused, so that no "
+                    "second of a GPU counts twice"
+                )
+
+    def _load(self, node: str, chain: Chain) -> None:
         assert self.record is not None
         if not chain.loaded:
             # After a collector restart, the chain goes on from what the record holds.
@@ -146,6 +221,14 @@ class SummaryIntake:
                 if key is not None and verify_summary(key, latest.body, latest.signature):
                     chain.seq = pb.Summary.FromString(latest.body).chain_seq
                     chain.hash = chain_hash(latest.body)
+
+    def _recorded_already(
+        self, node: str, chain: Chain, signed: pb.SignedSummary, summary: pb.Summary
+    ) -> bool:
+        """True for a summary the record already holds; InvalidMessageError for one that
+        would rewrite the node's recorded chain; False for a new one."""
+        assert self.record is not None
+        self._load(node, chain)
         if summary.chain_seq > chain.seq:
             return False
         for stored in self.record.recent(node, self.RESEND_HORIZON):

@@ -116,7 +116,28 @@ _NODE_SERIES: tuple[tuple[str, str, str, tuple[str, ...], NodeValues], ...] = (
         "gputally_node_summaries",
         "Signed summaries received: recorded in the ledger, or resent (already recorded).",
         ("result",),
-        lambda n: [(("recorded",), n.summaries), (("resent",), n.summaries_resent)],
+        lambda n: [
+            (("recorded",), n.summaries),
+            (("resent",), n.summaries_resent),
+            (("overlapping",), n.summaries_overlapping),
+            (("unrecorded",), n.summaries_unrecorded),
+        ],
+    ),
+    (
+        "counter",
+        "gputally_node_clipped_seconds",
+        "Report seconds not counted because an earlier report of the node covered them "
+        "(overlapping intervals: a clock stepped back, or a lying agent).",
+        (),
+        lambda n: [((), n.clipped_seconds)],
+    ),
+    (
+        "counter",
+        "gputally_node_energy_refused",
+        "Energy readings not counted: more than the board can draw in their interval (a counter "
+        "that jumped, or a reset to an impossible value).",
+        (),
+        lambda n: [((), n.energy_refused)],
     ),
     (
         "counter",
@@ -152,6 +173,17 @@ class ClusterCollector(Collector):
         yield from self._nodes(view)
         yield GaugeMetricFamily(
             "gputally_collector_sessions", "Agent streams currently open.", value=view.sessions
+        )
+        yield GaugeMetricFamily(
+            "gputally_ledger_intake_stopped",
+            "1 when summaries are not being recorded (nor acknowledged: agents keep them spooled) "
+            "because the ledger cannot be extended consistently; /readyz says why.",
+            value=int(bool(view.intake_stopped)),
+        )
+        yield CounterMetricFamily(
+            "gputally_identity_conflicts",
+            "Hellos refused because they claimed a GPU (UUID or serial) another node, still up, holds.",
+            value=view.identity_conflicts,
         )
 
     def _cluster(self, view: ClusterView) -> Iterator[Any]:
@@ -342,7 +374,9 @@ class _ThreadingServer6(_ThreadingServer):
     address_family = socket.AF_INET6
 
 
-def make_app(registry: CollectorRegistry, ready: Callable[[], bool]) -> WSGIApp:
+def make_app(registry: CollectorRegistry, ready: Callable[[], str]) -> WSGIApp:
+    """/metrics, /healthz and /readyz. `ready` says why the collector is not ready ("" when
+    it is): /readyz answers 503 with that reason, for a load balancer and a person alike."""
     metrics_app = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -351,11 +385,11 @@ def make_app(registry: CollectorRegistry, ready: Callable[[], bool]) -> WSGIApp:
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"ok\n"]
         if path == "/readyz":
-            ok = ready()
+            why = ready()
             start_response(
-                "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")]
+                "503 Service Unavailable" if why else "200 OK", [("Content-Type", "text/plain")]
             )
-            return [b"ready\n" if ok else b"not ready\n"]
+            return [f"not ready: {why}\n".encode() if why else b"ready\n"]
         if path == "/metrics":
             body: Iterable[bytes] = metrics_app(environ, start_response)
             return body

@@ -20,11 +20,11 @@ from gputally.v1 import telemetry_pb2_grpc as pb_grpc
 from gputally.v1.signing import load_or_create_private_key
 
 from ..record.keys import KeyStore
-from ..record.ledger import CheckpointError, Ledger, publish_collector_key
+from ..record.ledger import CheckpointError, Ledger, LedgerStartError, publish_collector_key
 from ..record.store import Record
 from .metrics import make_app, make_registry, serve_http
-from .state import ClusterState, NotEnrolledError
-from .validate import InvalidMessageError
+from .state import ClusterState, IdentityConflictError, NotEnrolledError
+from .validate import InvalidMessageError, TimeLimits
 
 log = logging.getLogger("gputally.collector.ingest")
 
@@ -54,7 +54,13 @@ class IngestService(pb_grpc.IngestServicer):
             )
         hello = first.hello
         try:
-            session, resume = self.state.open_session(hello)
+            session, resume, recorded = self.state.open_session(hello)
+        except IdentityConflictError as error:
+            log.warning(
+                "hello refused: duplicate GPU identity",
+                extra={"kv": {"peer": context.peer(), "error": str(error)}},
+            )
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         except NotEnrolledError as error:
             log.warning(
                 "hello refused", extra={"kv": {"peer": context.peer(), "error": str(error)}}
@@ -72,7 +78,12 @@ class IngestService(pb_grpc.IngestServicer):
         try:
             await context.write(
                 pb.CollectorMessage(
-                    welcome=pb.Welcome(collector_version=__version__, resume_after_seq=resume)
+                    welcome=pb.Welcome(
+                        collector_version=__version__,
+                        resume_after_seq=resume,
+                        recording=self.state.intake.recording,
+                        recorded_chain_seq=recorded,
+                    )
                 )
             )
             while True:
@@ -106,6 +117,8 @@ class IngestService(pb_grpc.IngestServicer):
                     extra={"kv": {"node": node, "seq": report.seq, "error": str(error)}},
                 )
             ack.acked_seq = max(ack.acked_seq, report.seq)
+        # what the record holds, not what was sent: the only number that lets an agent let go
+        ack.recorded_chain_seq = self.state.intake.recorded_seq(node)
         return ack
 
 
@@ -140,6 +153,9 @@ class Settings:
     collector_key: str
     origin: str
     checkpoint_interval: float
+    checkpoint_state: str = ""
+    horizon: float = 7 * 86400.0
+    max_skew: float = 300.0
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
@@ -147,6 +163,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     ledger whose checkpoints are signed every checkpoint_interval and once more at the end.
     OSError (naming the option) when a listener cannot be opened; nothing is left running."""
     s = settings
+    latest = Path(s.checkpoint_state or f"{s.db}.checkpoint")
+    if s.db and s.keys and latest.exists() and not Path(s.db).exists():
+        raise LedgerStartError(
+            f"{s.db}: no ledger, but {latest} remembers a signed checkpoint of it: restore the "
+            "ledger (a new one would fork the log under the same key)"
+        )
     record = Record(s.db) if s.db else None
     try:
         await _serve(s, record, stop)
@@ -162,7 +184,8 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
     ledger = None
     if record is not None and keys is not None:
         key_path = Path(s.collector_key or f"{s.db}.key")
-        ledger = Ledger(record, load_or_create_private_key(key_path), s.origin)
+        latest = Path(s.checkpoint_state or f"{s.db}.checkpoint")
+        ledger = Ledger(record, load_or_create_private_key(key_path), s.origin, latest)
         publish_collector_key(ledger, Path(s.keys), key_path.parent)
     state = ClusterState(
         expected_gpus=s.expected_gpus,
@@ -171,8 +194,19 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
         stale_after=s.stale_after,
         record=record,
         keys=keys,
+        ledger=ledger,
+        limits=TimeLimits(s.horizon, s.max_skew),
     )
-    app = make_app(make_registry(state), ready=lambda: not stop.is_set())
+
+    def ready() -> str:
+        """Why the collector is not ready ("" when it is): stopping, or not recording."""
+        if stop.is_set():
+            return "stopping"
+        if state.intake.stopped:
+            return f"summaries are not being recorded: {state.intake.stopped}"
+        return ""
+
+    app = make_app(make_registry(state), ready=ready)
     try:
         http, _ = serve_http(app, s.metrics_listen)
     except OSError as error:

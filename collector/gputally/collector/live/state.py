@@ -23,6 +23,7 @@ A report is checked first (live.validate), and a summary it carries goes to the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import threading
@@ -33,12 +34,13 @@ from dataclasses import dataclass, field
 
 from gputally.v1 import accounting
 from gputally.v1 import telemetry_pb2 as pb
-from gputally.v1.accounting import MEASURES
+from gputally.v1.accounting import MEASURES, OVERLAP_SLACK_S
 
 from ..record.keys import KeyStore, KeyStoreError
+from ..record.ledger import Ledger
 from ..record.store import Record
-from .intake import Chain, SummaryIntake
-from .validate import InvalidMessageError, check_hello, check_report
+from .intake import Chain, IntakeStoppedError, SummaryIntake
+from .validate import InvalidMessageError, TimeLimits, check_hello, check_report
 
 # Tenants shown individually in the live view; the rest are summed as "(other)".
 MAX_TENANTS = 20
@@ -70,6 +72,10 @@ class NotEnrolledError(ValueError):
     """A node whose key is not enrolled (or not the enrolled one)."""
 
 
+class IdentityConflictError(ValueError):
+    """A hello claiming a GPU (UUID or serial) that another node, still up, holds."""
+
+
 @dataclass(slots=True)
 class Sample:
     end: float  # collector clock, seconds
@@ -84,6 +90,7 @@ class GpuState:
     index: int
     uuid: str
     model: str
+    serial: str = ""
     status: int = pb.GPU_STATUS_UNSPECIFIED
     samples: deque[Sample] = field(default_factory=deque)
     last_end: float = -math.inf  # collector-clock end of the newest sample
@@ -145,6 +152,11 @@ class NodeState:
     )
     missed_reports: int = 0  # sequence gaps
     xids: dict[int, int] = field(default_factory=dict)  # XID -> events reported
+    # Agent clock: the end of the newest report with samples. The next one must end later,
+    # and only its seconds after this count, so that report intervals never overlap.
+    agent_end: float = -math.inf
+    clipped_seconds: float = 0.0  # report seconds not counted: they overlapped earlier ones
+    energy_refused: int = 0  # energy readings beyond what the board can draw, not counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +193,10 @@ class NodeView:
     summaries: int
     summaries_resent: int
     chain_breaks: int
+    summaries_overlapping: int
+    summaries_unrecorded: int
+    clipped_seconds: float
+    energy_refused: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +216,8 @@ class ClusterView:
     by_model: dict[str, WindowFigures]
     by_tenant: dict[str, WindowFigures]
     padding_gpus: dict[str, int]  # rule -> GPUs it flags now (among reporting GPUs)
+    identity_conflicts: int  # hellos refused: a GPU another node, still up, holds
+    intake_stopped: str  # why summaries are not being recorded ("" while they are)
 
 
 def _weighted(rates: list[tuple[float, ...]], weights: list[float]) -> list[float]:
@@ -257,6 +275,8 @@ class ClusterState:
         clock: Callable[[], float] = time.time,
         record: Record | None = None,
         keys: KeyStore | None = None,
+        ledger: Ledger | None = None,
+        limits: TimeLimits | None = None,
     ):
         if window <= 0 or lag < 0 or stale_after <= 0:
             raise ValueError("window and stale_after must be positive and lag not negative")
@@ -270,7 +290,8 @@ class ClusterState:
         self.record = record
         self.keys = keys
         # A record keeps only summaries signed by enrolled keys: without keys, none.
-        self.intake = SummaryIntake(keys, record)
+        self.limits = limits or TimeLimits()
+        self.intake = SummaryIntake(keys, record, ledger, self.limits)
         if record is not None and expected_gpus is not None:
             record.declare_inventory(expected_gpus, clock())
         self.nodes: dict[str, NodeState] = {}
@@ -278,12 +299,15 @@ class ClusterState:
         self._lock = threading.Lock()
         self._sessions = 0
         self._next_session = 0
+        self._cards: dict[str, str] = {}  # GPU UUID or serial -> the node holding it
+        self.identity_conflicts = 0
 
     # -- sessions --------------------------------------------------------------------------
 
-    def open_session(self, hello: pb.Hello) -> tuple[int, int]:
-        """Register a stream. Returns (session id, seq to resume after). A node's newer
-        stream supersedes an older one still open (the agent reconnected)."""
+    def open_session(self, hello: pb.Hello) -> tuple[int, int, int]:
+        """Register a stream. Returns (session id, seq to resume after, newest chain number
+        recorded). A node's newer stream supersedes an older one still open (the agent
+        reconnected). IdentityConflictError when it claims a card another node holds."""
         check_hello(hello)
         if self.keys is not None:
             try:
@@ -291,6 +315,7 @@ class ClusterState:
             except KeyStoreError as error:
                 raise NotEnrolledError(str(error)) from None
         with self._lock:
+            self._claim(hello)
             node = self.nodes.get(hello.node)
             if node is None:
                 node = self.nodes[hello.node] = NodeState(name=hello.node)
@@ -311,9 +336,43 @@ class ClusterState:
                 gpu = node.gpus.get(identity.index)
                 if gpu is None or gpu.uuid != identity.uuid:
                     node.gpus[identity.index] = GpuState(
-                        hello.node, identity.index, identity.uuid, identity.model
+                        hello.node, identity.index, identity.uuid, identity.model, identity.serial
                     )
-            return node.session, node.last_seq
+            recorded = self.intake.recorded_seq(hello.node)
+            return node.session, node.last_seq, recorded
+
+    def _claim(self, hello: pb.Hello) -> None:
+        """Give the hello's cards to its node, unless another node that is up holds one:
+        a card counts once (cloned machine images repeat UUIDs without any attacker). A card
+        that moved from a node that is down leaves that node, so `seen` counts it once."""
+        now = self.clock()
+        moving: list[tuple[NodeState, int]] = []
+        for gpu in hello.gpus:
+            for card, what in ((gpu.uuid, "uuid"), (gpu.serial, "serial")):
+                holder = self._cards.get(f"{what}:{card}") if card else None
+                other = self.nodes.get(holder) if holder and holder != hello.node else None
+                if other is None:
+                    continue
+                held = [i for i, g in other.gpus.items() if getattr(g, what) == card]
+                if not held:
+                    continue  # that node no longer announces it
+                if other.session != 0 or (
+                    other.last_received > 0 and now - other.last_received <= self.stale_after
+                ):
+                    self.identity_conflicts += 1
+                    raise IdentityConflictError(
+                        f"hello from {hello.node}: GPU {card} (its {what}) is held by node "
+                        f"{other.name}, which is up: one card cannot be on two nodes (a cloned "
+                        f"image, or a forged hello); refused until {other.name} has been down "
+                        f"for {self.stale_after:g} s"
+                    )
+                moving += [(other, i) for i in held]
+        for other, index in moving:
+            other.gpus.pop(index, None)
+        for gpu in hello.gpus:
+            self._cards[f"uuid:{gpu.uuid}"] = hello.node
+            if gpu.serial:
+                self._cards[f"serial:{gpu.serial}"] = hello.node
 
     def is_current(self, name: str, session: int) -> bool:
         with self._lock:
@@ -331,52 +390,73 @@ class ClusterState:
 
     def ingest(self, name: str, report: pb.Report, received: float | None = None) -> str:
         """Apply one report: "accepted" or "duplicate". Raises InvalidMessageError and then
-        changes nothing, so a bad report never half-applies. A summary it carries is stored
-        in the record first; if that fails the report is not accepted (and will be resent)."""
+        changes nothing, so a bad report never half-applies.
+
+        A summary it carries goes to the record whatever the report's sequence number says:
+        a number is a duplicate only for the live figures; the summary is one only when the
+        record holds it (another stream may have sent any number). When the record cannot
+        take it, the report still counts live but its summary is not acknowledged (the Ack's
+        recorded_chain_seq does not reach it), and its agent keeps it."""
         received = self.clock() if received is None else received
         with self._lock:
             node = self.nodes[name]
             summary: pb.Summary | None = None
+            duplicate = report.seq <= node.last_seq
             try:
-                check_report(report, node.gpus)
+                check_report(report, node.gpus, received, self.limits)
                 if report.HasField("summary"):
-                    summary = self.intake.open(name, report.summary, node.gpus)
+                    uuids = {i: g.uuid for i, g in node.gpus.items()}
+                    summary = self.intake.open(name, report.summary, uuids, received)
+                covered = self._covered(node, report) if report.gpus and not duplicate else 0.0
+                if summary is not None:
+                    with contextlib.suppress(IntakeStoppedError):
+                        self.intake.take(
+                            name, node.instance_id, report.seq, report.summary, summary, received
+                        )
             except InvalidMessageError:
                 node.reports["rejected"] += 1
                 raise
-            if report.seq <= node.last_seq:
+            if duplicate:
                 node.reports["duplicate"] += 1
                 return "duplicate"
-            if summary is not None:
-                try:
-                    self.intake.take(
-                        name, node.instance_id, report.seq, report.summary, summary, received
-                    )
-                except InvalidMessageError:
-                    node.reports["rejected"] += 1
-                    raise
             if node.last_seq and report.seq > node.last_seq + 1:
                 node.missed_reports += report.seq - node.last_seq - 1
             node.last_seq = report.seq
             node.reports["accepted"] += 1
             if report.gpus:  # a summary-only report covers no time of its own
-                self._integrate(node, report, received)
+                self._integrate(node, report, received, covered)
             return "accepted"
 
-    def _integrate(self, node: NodeState, report: pb.Report, received: float) -> None:
-        """Add a valid report's samples to the counters and the live window."""
+    def _covered(self, node: NodeState, report: pb.Report) -> float:
+        """The seconds of the report's interval that no earlier report of the node covered
+        (agent clock): an overlap is clipped, a report that ends no later than the previous
+        one covers nothing new and is refused, so no second counts twice in the counters."""
+        end = report.time_unix_nano / 1e9
+        if end <= node.agent_end + OVERLAP_SLACK_S:
+            raise InvalidMessageError(
+                f"report {report.seq} ends at {end:.3f}, not after the previous report "
+                f"({node.agent_end:.3f}): its seconds are already covered"
+            )
+        return min(report.interval_seconds, end - node.agent_end)
+
+    def _integrate(self, node: NodeState, report: pb.Report, received: float, dt: float) -> None:
+        """Add a valid report's samples, over the `dt` seconds it newly covers, to the
+        counters and the live window."""
         agent_time = report.time_unix_nano / 1e9
+        node.clipped_seconds += report.interval_seconds - dt
+        node.agent_end = agent_time
         node.offset = min(node.offset, received - agent_time)
         end = agent_time + node.offset
         node.last_received = received
         added = Counters()
-        dt = report.interval_seconds
         for proto in report.gpus:
             gpu = node.gpus[proto.index]
             gpu.status = proto.status
             ok = proto.status == pb.GPU_STATUS_OK
             padding = tuple(proto.padding) if ok else ()  # padding flags present seconds only
+            refused = gpu.energy.implausible
             joules = gpu.energy.joules(proto, dt)
+            node.energy_refused += gpu.energy.implausible - refused
             per_second = accounting.contributions(proto, 1.0)
             # The stream offset only shrinks (a faster delivery than any before), which moves
             # this report's end earlier than the previous one's placement: clip its start so
@@ -495,6 +575,8 @@ class ClusterState:
                     for t, g in _top_tenants(tenants).items()
                 },
                 padding_gpus=padding_gpus,
+                identity_conflicts=self.identity_conflicts,
+                intake_stopped=self.intake.stopped,
             )
 
     def _node_view(
@@ -522,6 +604,10 @@ class ClusterState:
             summaries=chain.recorded,
             summaries_resent=chain.resent,
             chain_breaks=chain.breaks,
+            summaries_overlapping=chain.overlaps,
+            summaries_unrecorded=chain.unrecorded,
+            clipped_seconds=node.clipped_seconds,
+            energy_refused=node.energy_refused,
         )
 
 

@@ -5,14 +5,38 @@ or returns, and never changes anything."""
 from __future__ import annotations
 
 import math
-from collections.abc import Container
+from collections.abc import Container, Mapping
+from dataclasses import dataclass
 
 from gputally.v1 import PROTOCOL_REVISION
 from gputally.v1 import telemetry_pb2 as pb
+from gputally.v1.accounting import summary_problem
 
 MAX_NODE_NAME = 253  # a DNS name's length
 MAX_INTERVAL_S = 3600.0
-MAX_SUMMARY_WINDOW_S = 7 * 86400.0
+MAX_IDENTITY = 128  # a UUID, serial or model name longer than this is not one NVML gives
+
+
+@dataclass(frozen=True, slots=True)
+class TimeLimits:
+    """When a report or summary may say it happened, on the collector's clock: no earlier than
+    `horizon` seconds ago (an agent's spool may hold days of summaries from a collector
+    outage, never more), no later than `skew` seconds ahead (agent clocks drift; the future
+    has not been measured yet)."""
+
+    horizon: float = 7 * 86400.0
+    skew: float = 300.0
+
+    def check(self, what: str, start_ns: int, end_ns: int, now: float) -> None:
+        earliest, latest = now - self.horizon, now + self.skew
+        if start_ns / 1e9 < earliest or end_ns / 1e9 > latest:
+            raise InvalidMessageError(
+                f"{what} [{start_ns / 1e9:.0f}, {end_ns / 1e9:.0f}] is outside what the "
+                f"collector accepts now: [{earliest:.0f}, {latest:.0f}] (unix seconds; "
+                f"--horizon {self.horizon:g} s back, --max-skew {self.skew:g} s ahead)"
+            )
+
+
 # GpuSample fields that are fractions in [0, 1].
 _FRACTIONS = (
     "busy",
@@ -22,17 +46,6 @@ _FRACTIONS = (
     "tensor_active",
     "dram_active",
     "effective",
-)
-# GpuSummary (and share) numbers that are seconds within the summary's window.
-_WITHIN_WINDOW = (
-    "present_seconds",
-    "allocated_seconds",
-    "busy_seconds",
-    "sm_active_seconds",
-    "effective_seconds",
-    "lost_seconds",
-    "busy_missing_seconds",
-    "allocated_missing_seconds",
 )
 
 
@@ -59,13 +72,30 @@ def check_hello(hello: pb.Hello) -> None:
     indices = [gpu.index for gpu in hello.gpus]
     if len(set(indices)) != len(indices):
         raise InvalidMessageError(f"hello from {hello.node}: GPU indices repeat: {sorted(indices)}")
-    uuids = [gpu.uuid for gpu in hello.gpus if gpu.uuid]
+    for gpu in hello.gpus:
+        # The UUID is the card's identity in every count, census and overlap check: a card
+        # without one (or a model) cannot be told from another, so it is refused, not guessed.
+        for name in ("uuid", "model"):
+            value = getattr(gpu, name)
+            if not value or len(value) > MAX_IDENTITY or not value.isprintable():
+                raise InvalidMessageError(
+                    f"hello from {hello.node}: GPU {gpu.index} has no usable {name} "
+                    f"(got {value[:40]!r})"
+                )
+        if len(gpu.serial) > MAX_IDENTITY or not gpu.serial.isprintable():
+            raise InvalidMessageError(f"hello from {hello.node}: GPU {gpu.index}: bad serial")
+    uuids = [gpu.uuid for gpu in hello.gpus]
     if len(set(uuids)) != len(uuids):
         raise InvalidMessageError(f"hello from {hello.node}: GPU UUIDs repeat")
+    serials = [gpu.serial for gpu in hello.gpus if gpu.serial]
+    if len(set(serials)) != len(serials):
+        raise InvalidMessageError(f"hello from {hello.node}: GPU serials repeat")
 
 
-def check_report(report: pb.Report, gpus: Container[int]) -> None:
-    """A report of a node whose hello announced the GPU indices `gpus`."""
+def check_report(
+    report: pb.Report, gpus: Container[int], now: float, limits: TimeLimits = TimeLimits()
+) -> None:
+    """A report of a node whose hello announced the GPU indices `gpus`, received at `now`."""
     if report.seq == 0:
         raise InvalidMessageError("seq must be positive")
     summary_only = not report.gpus and report.HasField("summary") and report.interval_seconds == 0
@@ -78,6 +108,8 @@ def check_report(report: pb.Report, gpus: Container[int]) -> None:
         )
     if report.time_unix_nano <= 0:
         raise InvalidMessageError("time_unix_nano must be positive")
+    end = report.time_unix_nano
+    limits.check("the report's interval", end - round(report.interval_seconds * 1e9), end, now)
     seen: set[int] = set()
     for sample in report.gpus:
         if sample.index not in gpus:
@@ -113,38 +145,24 @@ def _check_sample(sample: pb.GpuSample) -> None:
         )
 
 
-def check_summary(summary: pb.Summary, gpus: Container[int]) -> None:
-    """A summary of a node whose hello announced the GPU indices `gpus`: every number within
-    its window, and a MIG GPU's shares adding up to it."""
-    length = (summary.window_end_unix_nano - summary.window_start_unix_nano) / 1e9
-    if not 0 < length <= MAX_SUMMARY_WINDOW_S:
-        raise InvalidMessageError(
-            f"summary window must be in (0, {MAX_SUMMARY_WINDOW_S:g}] s, got {length:g} s"
-        )
-    slack = length * 1.001 + 1e-6
+def check_summary(
+    summary: pb.Summary, uuids: Mapping[int, str], now: float, limits: TimeLimits = TimeLimits()
+) -> None:
+    """A summary of a node whose hello announced the GPUs `uuids` (index -> UUID), received at
+    `now`: of this node's GPUs, at a plausible time, and physically possible in itself
+    (accounting.summary_problem, the rule the auditor's tools apply to a ledger too)."""
+    problem = summary_problem(summary)
+    if problem:
+        raise InvalidMessageError(problem)
+    limits.check(
+        "the summary's window", summary.window_start_unix_nano, summary.window_end_unix_nano, now
+    )
     for gpu in summary.gpus:
-        if gpu.index not in gpus:
+        if gpu.index not in uuids:
             raise InvalidMessageError(
                 f"summary: GPU index {gpu.index} was not in this node's hello"
             )
-        for part, what in ((gpu, ""), *((s, f" share {k}") for k, s in enumerate(gpu.shares))):
-            if part.shares and part is not gpu:
-                raise InvalidMessageError(
-                    f"summary GPU {gpu.index}{what}: a share cannot have shares of its own"
-                )
-            for name in _WITHIN_WINDOW:
-                value = getattr(part, name)
-                if not (0.0 <= value <= slack) or not math.isfinite(value):
-                    raise InvalidMessageError(
-                        f"summary GPU {gpu.index}{what}: {name} must be within the window "
-                        f"({length:g} s), got {value!r}"
-                    )
-            if part.energy_joules < 0 or not math.isfinite(part.energy_joules):
-                raise InvalidMessageError(
-                    f"summary GPU {gpu.index}{what}: energy_joules must be >= 0"
-                )
-        held = sum(s.present_seconds for s in gpu.shares)
-        if gpu.shares and abs(held - gpu.present_seconds) > 1e-6 * length + 1e-6:
+        if gpu.uuid != uuids[gpu.index]:
             raise InvalidMessageError(
-                f"summary GPU {gpu.index}: its shares hold {held:g} s, the GPU {gpu.present_seconds:g} s"
+                f"summary: GPU {gpu.index} is {gpu.uuid!r}, the hello said {uuids[gpu.index]!r}"
             )

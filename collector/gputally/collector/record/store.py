@@ -8,6 +8,7 @@ summary is on disk before the collector acknowledges the report that carried it.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -40,11 +41,29 @@ CREATE TABLE IF NOT EXISTS inventory (
     since REAL NOT NULL,
     expected INTEGER NOT NULL
 );
+-- Facts fixed when the ledger was created (its origin), never changed after.
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+-- An index, not evidence: each GPU's (UUID's) latest recorded window end and the node that
+-- recorded it, kept in the same transaction as the entries, so that an overlapping window
+-- of the same card (from any node) is refused at once, across collector restarts.
+CREATE TABLE IF NOT EXISTS gpu_windows (
+    uuid TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    end_ns INTEGER NOT NULL
+);
 """
 
 
 class RecordError(RuntimeError):
-    pass
+    """The record cannot be read or written (missing, not a gputally record, damaged, or
+    the disk failed); the message says which file and why, in one line."""
+
+
+def _damaged(path: Path, error: sqlite3.Error) -> RecordError:
+    return RecordError(f"{path}: the record cannot be read or written: {error}")
 
 
 def _blob(value: object) -> bytes:
@@ -77,7 +96,7 @@ class Record:
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.executescript(SCHEMA)
             self._db.execute("SELECT count(*) FROM summaries").fetchone()
-        except sqlite3.DatabaseError as error:
+        except sqlite3.Error as error:
             raise RecordError(f"{self.path}: not a gputally record: {error}") from None
         self._lock = threading.Lock()
 
@@ -93,25 +112,90 @@ class Record:
         window_end_ns: int,
         received: float,
         body: bytes,
+        uuids: list[str] | None = None,
     ) -> bool:
-        """Store one summary durably. False when it was already stored (a resent report)."""
+        """Store one summary durably (committed and synced when this returns), and advance its
+        GPUs' (`uuids`) latest window ends in the same transaction. False when it was already
+        stored (a resent report). RecordError when the record cannot be written."""
         with self._lock:
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO summaries"
-                " (node, instance, seq, window_start_ns, window_end_ns, received, body, leaf)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    node,
-                    _signed(instance),
-                    seq,
-                    window_start_ns,
-                    window_end_ns,
-                    received,
-                    body,
-                    leaf_hash(body),
-                ),
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                cursor = self._db.execute(
+                    "INSERT OR IGNORE INTO summaries"
+                    " (node, instance, seq, window_start_ns, window_end_ns, received, body, leaf)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        node,
+                        _signed(instance),
+                        seq,
+                        window_start_ns,
+                        window_end_ns,
+                        received,
+                        body,
+                        leaf_hash(body),
+                    ),
+                )
+                stored = cursor.rowcount == 1
+                if stored and uuids:
+                    self._db.executemany(
+                        "INSERT INTO gpu_windows (uuid, node, end_ns) VALUES (?, ?, ?)"
+                        " ON CONFLICT (uuid) DO UPDATE SET node = excluded.node,"
+                        " end_ns = max(end_ns, excluded.end_ns)",
+                        [(uuid, node, window_end_ns) for uuid in uuids],
+                    )
+                self._db.execute("COMMIT")
+            except sqlite3.Error as error:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise _damaged(self.path, error) from None
+            return stored
+
+    def latest_windows(self, uuids: list[str]) -> dict[str, tuple[str, int]]:
+        """uuid -> (node, latest recorded window end in ns) of those GPUs the record has."""
+        with self._lock:
+            try:
+                rows = self._db.execute(
+                    f"SELECT uuid, node, end_ns FROM gpu_windows WHERE uuid IN ({','.join('?' * len(uuids))})",
+                    uuids,
+                ).fetchall()
+            except sqlite3.Error as error:
+                raise _damaged(self.path, error) from None
+        return {str(u): (str(n), int(e)) for u, n, e in rows}
+
+    def index_windows(self, rows: list[tuple[str, str, int]]) -> None:
+        """Fill the GPU window index from scratch (a ledger written before it existed)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO gpu_windows (uuid, node, end_ns) VALUES (?, ?, ?)"
+                " ON CONFLICT (uuid) DO UPDATE SET node = excluded.node,"
+                " end_ns = max(end_ns, excluded.end_ns)",
+                rows,
             )
-            return cursor.rowcount == 1
+            self._db.execute("COMMIT")
+
+    def indexed(self) -> bool:
+        """Whether the GPU window index covers the entries (it is empty only when they are)."""
+        with self._lock:
+            has_index = self._db.execute("SELECT 1 FROM gpu_windows LIMIT 1").fetchone()
+            has_entries = self._db.execute("SELECT 1 FROM summaries LIMIT 1").fetchone()
+        return has_index is not None or has_entries is None
+
+    def meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def sync(self) -> None:
+        """Move the WAL's pages into the database file, so that the .db file alone (a copy
+        taken without its -wal) holds everything recorded so far. Best effort: a reader
+        holding the WAL makes it a partial move, never a loss."""
+        with self._lock, contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def append_many(self, rows: list[tuple[str, int, int, int, int, float, bytes]]) -> None:
         """Store many summaries in one transaction (bulk loads; the collector appends one by one)."""
@@ -128,9 +212,13 @@ class Record:
     def recent(self, node: str, limit: int) -> list[bytes]:
         """The stored bytes of the node's newest `limit` summaries, newest first."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT body FROM summaries WHERE node = ? ORDER BY id DESC LIMIT ?", (node, limit)
-            ).fetchall()
+            try:
+                rows = self._db.execute(
+                    "SELECT body FROM summaries WHERE node = ? ORDER BY id DESC LIMIT ?",
+                    (node, limit),
+                ).fetchall()
+            except sqlite3.Error as error:
+                raise _damaged(self.path, error) from None
         return [_blob(body) for (body,) in rows]
 
     def leaves_after(self, after_id: int) -> list[tuple[int, bytes]]:
@@ -141,26 +229,36 @@ class Record:
             ).fetchall()
         return [(int(i), _blob(leaf)) for i, leaf in rows]
 
-    def entries(self) -> Iterator[tuple[int, str, bytes, bytes]]:
-        """(id, node, body, stored leaf hash) of every entry, in log order."""
-        for i, node, body, leaf in self._db.execute(
-            "SELECT id, node, body, leaf FROM summaries ORDER BY id"
-        ):
-            yield int(i), str(node), _blob(body), _blob(leaf)
+    def entries(self, after_id: int = 0) -> Iterator[tuple[int, str, bytes, bytes]]:
+        """(id, node, body, stored leaf hash) of every entry after `after_id`, in log order.
+        RecordError when a damaged page stops the read."""
+        try:
+            for i, node, body, leaf in self._db.execute(
+                "SELECT id, node, body, leaf FROM summaries WHERE id > ? ORDER BY id", (after_id,)
+            ):
+                yield int(i), str(node), _blob(body), _blob(leaf)
+        except sqlite3.Error as error:
+            raise _damaged(self.path, error) from None
 
     def add_checkpoint(self, size: int, root: bytes, note: str, created: float) -> None:
         with self._lock:
-            self._db.execute(
-                "INSERT INTO checkpoints (size, root, note, created) VALUES (?, ?, ?, ?)",
-                (size, root, note, created),
-            )
+            try:
+                self._db.execute(
+                    "INSERT INTO checkpoints (size, root, note, created) VALUES (?, ?, ?, ?)",
+                    (size, root, note, created),
+                )
+            except sqlite3.Error as error:
+                raise _damaged(self.path, error) from None
 
     def checkpoints(self) -> list[tuple[int, int, bytes, str]]:
         """(id, size, root, signed note) of every checkpoint, oldest first."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, size, root, note FROM checkpoints ORDER BY id"
-            ).fetchall()
+            try:
+                rows = self._db.execute(
+                    "SELECT id, size, root, note FROM checkpoints ORDER BY id"
+                ).fetchall()
+            except sqlite3.Error as error:
+                raise _damaged(self.path, error) from None
         return [(int(i), int(size), _blob(root), str(note)) for i, size, root, note in rows]
 
     def declare_inventory(self, expected: int, since: float) -> None:
@@ -186,18 +284,27 @@ class Record:
 
     def summaries(self, start_ns: int, end_ns: int) -> Iterator[tuple[str, bytes]]:
         """(node, summary bytes) of every summary whose window overlaps [start, end)."""
-        rows = self._db.execute(
-            "SELECT node, body FROM summaries WHERE window_end_ns > ? AND window_start_ns < ? ORDER BY id",
-            (start_ns, end_ns),
-        )
-        for node, body in rows:
-            yield str(node), _blob(body)
+        try:
+            rows = self._db.execute(
+                "SELECT node, body FROM summaries WHERE window_end_ns > ? AND window_start_ns < ? ORDER BY id",
+                (start_ns, end_ns),
+            )
+            for node, body in rows:
+                yield str(node), _blob(body)
+        except sqlite3.Error as error:
+            raise _damaged(self.path, error) from None
 
     def count(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM summaries").fetchone()[0])
+        try:
+            return int(self._db.execute("SELECT count(*) FROM summaries").fetchone()[0])
+        except sqlite3.Error as error:
+            raise _damaged(self.path, error) from None
 
     def span(self) -> tuple[int, int] | None:
-        row = self._db.execute(
-            "SELECT min(window_start_ns), max(window_end_ns) FROM summaries"
-        ).fetchone()
+        try:
+            row = self._db.execute(
+                "SELECT min(window_start_ns), max(window_end_ns) FROM summaries"
+            ).fetchone()
+        except sqlite3.Error as error:
+            raise _damaged(self.path, error) from None
         return None if row[0] is None else (int(row[0]), int(row[1]))
