@@ -200,7 +200,9 @@ def test_audit_verify_command(tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode == 1
-    assert "FAILED at entry 10: node n1's summaries 3 are missing before 4" in bad.stdout
+    assert "FAILED: 2 findings of 2 kinds\n  chain gap: 1\n" in bad.stdout
+    assert "    entry 10: node n1's summaries 3 are missing before 4\n" in bad.stdout
+    assert "  checkpoint: 1\n    log: checkpoint 2 (size 12): the ledger has only 11" in bad.stdout
 
 
 def test_census_counts_cards_and_peak_throughput(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gputally.cli.options import count, fail, optional_address, positive
+from gputally.v1.accounting import MAX_SUMMARY_WINDOW_S
 
 from .attribution import KUBELET_SOCKET
 from .padding import DEFAULT_BURN_PATTERNS, PaddingRules
@@ -57,6 +58,16 @@ def add_scenario_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def summary_window(text: str) -> float:
+    """--summary-window: positive, and no longer than a collector records (one hour)."""
+    value = positive(text)
+    if value > MAX_SUMMARY_WINDOW_S:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_SUMMARY_WINDOW_S:g} s (collectors refuse longer windows), got {text}"
+        )
+    return value
+
+
 def add_summary_options(
     parser: argparse.ArgumentParser, window_default: str = "%(default)s"
 ) -> None:
@@ -64,7 +75,7 @@ def add_summary_options(
     what an unset --summary-window means, for commands whose default depends on a mode."""
     parser.add_argument(
         "--summary-window",
-        type=positive,
+        type=summary_window,
         default=300.0 if window_default == "%(default)s" else None,
         metavar="SECONDS",
         help="length of the per-window summaries the collector records "

@@ -194,8 +194,12 @@ class Sender:
             welcome = first.welcome
             self._recording = welcome.recording
             self._on_ack(welcome.resume_after_seq, (), welcome.recorded_chain_seq)
-            # what was acknowledged but not recorded goes first, in sequence order
-            self.outbox.extendleft(reversed(self.unrecorded))
+            # What was acknowledged but not recorded goes first, in sequence order, as the
+            # summary alone: its samples were accepted already.
+            self.outbox.extendleft(
+                pb.Report(seq=r.seq, time_unix_nano=r.time_unix_nano, summary=r.summary)
+                for r in reversed(self.unrecorded)
+            )
             self.unrecorded.clear()
             self._sent_upto = 0  # a new stream: resend everything not yet acknowledged
             log.info("connected to collector", extra={"kv": {"collector": self.target}})

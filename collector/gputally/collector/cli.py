@@ -137,6 +137,15 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
         "collector's key, off the ledger's disk if you can (default: <db>.checkpoint)",
     )
     parser.add_argument(
+        "--startup-check",
+        choices=("incremental", "full"),
+        default="incremental",
+        help="incremental: at start, rehash only the entries after the remembered checkpoint and "
+        "go on from its frontier, rehashing the older ones while running (damage found then stops "
+        "intake); full: rehash every entry before listening (minutes on a 90-day ledger of 10,000 "
+        "GPUs, see benchmarks/ledger_start.py) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--horizon",
         type=positive,
         default=7 * 86400.0,

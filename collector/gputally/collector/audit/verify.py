@@ -405,15 +405,15 @@ def _verify(
                     # signed and chained, but impossible: a finding, counted nowhere
                     result.problems.append(Problem(entry, checked.problem, IMPLAUSIBLE))
                     checked = checked._replace(problem=None)
-                elif checked.problem is None:
+                problem = _chain(entry, node, checked, chains)
+                if problem is not None:
+                    result.problems.append(problem)
+                if checked.problem is None:
                     for uuid, holder, end in screen.overlapping(
                         node, *checked.window, checked.uuids
                     ):
                         result.problems.append(_overlap(entry, node, uuid, holder, end))
                         excluded.setdefault(entry, set()).add(uuid)
-                problem = _chain(entry, node, checked, chains)
-                if problem is not None:
-                    result.problems.append(problem)
                 result.nodes.add(node)
                 frontier.append(checked.leaf)
                 if frontier.size in wanted:

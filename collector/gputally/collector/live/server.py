@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,7 @@ class Settings:
     origin: str
     checkpoint_interval: float
     checkpoint_state: str = ""
+    startup_check: str = "incremental"
     horizon: float = 7 * 86400.0
     max_skew: float = 300.0
 
@@ -185,7 +187,13 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
     if record is not None and keys is not None:
         key_path = Path(s.collector_key or f"{s.db}.key")
         latest = Path(s.checkpoint_state or f"{s.db}.checkpoint")
-        ledger = Ledger(record, load_or_create_private_key(key_path), s.origin, latest)
+        ledger = Ledger(
+            record,
+            load_or_create_private_key(key_path),
+            s.origin,
+            latest,
+            full_check=s.startup_check == "full",
+        )
         publish_collector_key(ledger, Path(s.keys), key_path.parent)
     state = ClusterState(
         expected_gpus=s.expected_gpus,
@@ -247,10 +255,20 @@ async def _run(
             await asyncio.sleep(s.checkpoint_interval)
 
     signer = asyncio.ensure_future(checkpoints())
+    # The entries under the remembered checkpoint, rehashed while the collector runs.
+    stopping = threading.Event()
+    history = (
+        asyncio.ensure_future(asyncio.to_thread(ledger.check_history, stopping))
+        if ledger is not None and ledger.history is not None
+        else None
+    )
     try:
         await stop.wait()
     finally:
+        stopping.set()
         signer.cancel()
+        if history is not None:
+            await history
         await server.stop(s.grace)
         if ledger is not None:
             with contextlib.suppress(CheckpointError):

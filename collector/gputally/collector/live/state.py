@@ -390,7 +390,7 @@ class ClusterState:
 
     def ingest(self, name: str, report: pb.Report, received: float | None = None) -> str:
         """Apply one report: "accepted" or "duplicate". Raises InvalidMessageError and then
-        changes nothing, so a bad report never half-applies.
+        changes no live figure, so a bad report never half-applies to them.
 
         A summary it carries goes to the record whatever the report's sequence number says:
         a number is a duplicate only for the live figures; the summary is one only when the
@@ -407,18 +407,19 @@ class ClusterState:
                 if report.HasField("summary"):
                     uuids = {i: g.uuid for i, g in node.gpus.items()}
                     summary = self.intake.open(name, report.summary, uuids, received)
-                covered = self._covered(node, report) if report.gpus and not duplicate else 0.0
-                if summary is not None:
                     with contextlib.suppress(IntakeStoppedError):
                         self.intake.take(
                             name, node.instance_id, report.seq, report.summary, summary, received
                         )
+                if duplicate:
+                    node.reports["duplicate"] += 1
+                    return "duplicate"
+                # A live part refused here leaves its summary recorded: that one was judged
+                # on its own, and is evidence whatever the report's clock says.
+                covered = self._covered(node, report) if report.gpus else 0.0
             except InvalidMessageError:
                 node.reports["rejected"] += 1
                 raise
-            if duplicate:
-                node.reports["duplicate"] += 1
-                return "duplicate"
             if node.last_seq and report.seq > node.last_seq + 1:
                 node.missed_reports += report.seq - node.last_seq - 1
             node.last_seq = report.seq

@@ -212,10 +212,14 @@ class LedgerStartError(RuntimeError):
 
 
 class Remembered(NamedTuple):
+    """The latest signed checkpoint, as remembered outside the ledger."""
+
     origin: str
     size: int
     root: bytes
     note: str
+    last_id: int  # the id of the checkpoint's last entry; 0 when not known (older files)
+    peaks: list[bytes]  # the tree's frontier at `size` (merkle.Frontier); [] when not known
 
 
 def read_latest(path: Path) -> Remembered | None:
@@ -232,6 +236,8 @@ def read_latest(path: Path) -> Remembered | None:
             int(data["size"]),
             base64.b64decode(data["root"], validate=True),
             str(data["note"]),
+            int(data.get("last_id", 0)),
+            [base64.b64decode(p, validate=True) for p in data.get("peaks", [])],
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise LedgerStartError(
@@ -240,14 +246,17 @@ def read_latest(path: Path) -> Remembered | None:
         ) from None
 
 
-def write_latest(path: Path, origin: str, size: int, root: bytes, note: str) -> None:
-    """Remember a signed checkpoint outside the ledger, synced, before anyone can see it."""
+def write_latest(path: Path, origin: str, frontier: Frontier, last_id: int, note: str) -> None:
+    """Remember a signed checkpoint outside the ledger, synced, before anyone can see it:
+    its note, and the tree's frontier, from which the next start goes on."""
     state = {
         "gputally_checkpoint_state": 1,
         "origin": origin,
-        "size": size,
-        "root": base64.b64encode(root).decode(),
+        "size": frontier.size,
+        "root": base64.b64encode(frontier.root()).decode(),
         "note": note,
+        "last_id": last_id,
+        "peaks": [base64.b64encode(p).decode() for p in frontier.peaks()],
     }
     write_file(path, (json.dumps(state, indent=2) + "\n").encode(), mode=0o644)
 
@@ -264,14 +273,21 @@ def _windows(body: bytes) -> tuple[str, list[str], int] | None:
 class Ledger:
     """The record as a Merkle log whose checkpoints the collector signs.
 
-    At start it rehashes every entry's bytes (not the stored leaf column: a changed byte must
-    change the leaf), recomputes the tree, and checks it against every checkpoint in the
-    record and against the latest checkpoint remembered outside it (`latest`, a file): a
-    ledger shorter than or inconsistent with that one is refused (LedgerStartError), since
-    going on would sign a second, incompatible log under the same key. Damage it can run
-    beside (an entry after the last checkpoint altered, a checkpoint in the record that its
-    entries do not give, a write that failed) sets `broken`: no checkpoint is signed and no
-    summary is acknowledged until a person looks."""
+    At start it checks the record against the latest checkpoint remembered outside it
+    (`latest`, a file): a ledger that is shorter than that checkpoint, lacks its last entry,
+    or whose entries do not give its root is refused (LedgerStartError), since going on would
+    sign a second, incompatible log under the same key, or forget acknowledged entries.
+
+    Entries' bytes are rehashed (never the stored leaf column: a changed byte must change the
+    leaf). With `full_check` (and always without a remembered frontier) every entry is, before
+    the collector starts. Otherwise the tree goes on from the remembered frontier, only the
+    entries after the checkpoint are rehashed at start, and `check_history` rehashes the rest
+    while the collector runs: a start in seconds whatever the ledger's size, and new
+    checkpoints can only extend the remembered one, whatever happened to older bytes.
+
+    Damage it can run beside (an entry altered, a checkpoint in the record that its entries
+    do not give, a write that failed) sets `broken`: no checkpoint is signed and no summary
+    acknowledged until a person looks."""
 
     def __init__(
         self,
@@ -279,6 +295,8 @@ class Ledger:
         key: Ed25519PrivateKey,
         origin: str,
         latest: Path | None = None,
+        *,
+        full_check: bool = True,
     ):
         try:
             check_origin(origin)
@@ -293,44 +311,36 @@ class Ledger:
         self._last_id = 0
         self._lock = threading.Lock()
         self.broken = ""  # why signing and recording are refused, when they are
+        self.history: Remembered | None = None  # what check_history has still to rehash
+        self.history_checked = 0  # entries check_history has rehashed so far
         self._pin_origin()
         checkpoints = record.checkpoints()
         self.last_size = checkpoints[-1][1] if checkpoints else 0
         remembered = read_latest(latest) if latest is not None else None
-        wanted = {size: root for _, size, root, _ in checkpoints}
-        wanted.pop(0, None)
-        roots: dict[int, bytes] = {}
         if remembered is not None:
-            roots[remembered.size] = b""
-        # a ledger from before the GPU window index: fill it on the way
-        index: list[tuple[str, str, int]] | None = [] if not record.indexed() else None
-        for row_id, _, body, leaf in record.entries():
-            computed = leaf_hash(body)
-            if computed != leaf and not self.broken:
-                self.broken = f"entry {row_id}'s bytes no longer give its leaf hash: it was altered"
-            self.frontier.append(computed)
-            self._last_id = row_id
-            if self.frontier.size in roots:
-                roots[self.frontier.size] = self.frontier.root()
-            root = wanted.pop(self.frontier.size, None)
-            if root is not None and root != self.frontier.root() and not self.broken:
-                self.broken = (
-                    f"the entries no longer give the root signed at size {self.frontier.size}"
-                )
-            if index is not None:
-                windows = _windows(body)
-                if windows is not None:
-                    node, uuids, end = windows
-                    index += [(uuid, node, end) for uuid in uuids]
-        if index:
-            record.index_windows(index)
-        if wanted and not self.broken:
-            self.broken = f"checkpoints sign sizes the record does not reach: {sorted(wanted)}"
+            self._open_remembered(remembered)
+        incremental = (
+            not full_check and remembered is not None and remembered.peaks and remembered.last_id
+        )
+        if incremental:
+            assert remembered is not None
+            self.frontier = Frontier.resume(remembered.size, remembered.peaks)
+            self._last_id = remembered.last_id
+            self.history = remembered
+        done = self._rehash(
+            checkpoints,
+            remembered.size if remembered and incremental else 0,
+            remembered.size if remembered and not incremental else None,
+        )
+        if remembered is not None and not incremental:
+            self._check_root(remembered, done)
         if remembered is not None:
-            self._check_remembered(remembered, roots, {note for *_, note in checkpoints})
+            self._restore_checkpoint(remembered, checkpoints)
         elif checkpoints and latest is not None and not self.broken:
-            _, size, root, note = checkpoints[-1]
-            write_latest(latest, origin, size, root, note)  # first start with a state file
+            # first start with a state file: remember the record's latest checkpoint
+            _, size, _, note = checkpoints[-1]
+            if size == self.frontier.size:
+                write_latest(latest, origin, self.frontier, self._last_id, note)
         if self.broken:
             log.error(
                 "ledger damaged: no checkpoint is signed and no summary acknowledged",
@@ -352,36 +362,135 @@ class Ledger:
                 f"{self.origin!r}; an origin cannot change (start a new ledger for a new log)"
             )
 
-    def _check_remembered(
-        self, remembered: Remembered, roots: dict[int, bytes], notes: set[str]
-    ) -> None:
-        _, size, root, note = remembered
-        where = f"{self.record.path} (checkpoint state {self.latest})"
+    def _where(self) -> str:
+        return f"{self.record.path} (checkpoint state {self.latest})"
+
+    def _open_remembered(self, remembered: Remembered) -> None:
+        """The remembered checkpoint must be ours, and the record must still reach it."""
         try:
-            origin, signed_size, signed_root = open_note(note, self.name, public_bytes(self.key))
+            signed = open_note(remembered.note, self.name, public_bytes(self.key))
         except CheckpointError as error:
             raise LedgerStartError(
-                f"{where}: the remembered checkpoint is not signed by this collector's key "
-                f"for {self.origin!r} ({error})"
+                f"{self._where()}: the remembered checkpoint is not signed by this collector's "
+                f"key for {self.origin!r} ({error})"
             ) from None
-        if (origin, signed_size, signed_root) != (self.origin, size, root):
-            raise LedgerStartError(f"{where}: the remembered checkpoint does not match its note")
-        if self.frontier.size < size:
+        if signed != (self.origin, remembered.size, remembered.root):
             raise LedgerStartError(
-                f"{where}: the ledger holds {self.frontier.size:,} entries but a checkpoint of "
-                f"{size:,} was signed: entries were lost (a WAL file dropped or cut, an old "
-                "copy restored); restore the complete ledger, never start a new one"
+                f"{self._where()}: the remembered checkpoint does not match its note"
             )
-        if roots.get(size) != root:
+        lost = (
+            not self.record.has_entry(remembered.last_id)
+            if remembered.last_id
+            else self.record.count() < remembered.size
+        )
+        if lost:
+            self._lost(self.record.count(), remembered.size)
+
+    def _lost(self, count: int, size: int) -> None:
+        raise LedgerStartError(
+            f"{self._where()}: the ledger holds {count:,} entries but a checkpoint of "
+            f"{size:,} was signed: entries were lost (a WAL file dropped or cut, "
+            "an old copy restored); restore the complete ledger, never start a new one"
+        )
+
+    def _rehash(
+        self, checkpoints: list[tuple[int, int, bytes, str]], above: int, need: int | None
+    ) -> dict[int, bytes]:
+        """Rehash the entries after the frontier's, checking every stored checkpoint of a size
+        above `above` on the way; (size -> root) at the checkpointed sizes and at `need`."""
+        wanted = {size: root for _, size, root, _ in checkpoints if size > above}
+        roots: dict[int, bytes] = {}
+        index: list[tuple[str, str, int]] | None = [] if not self.record.indexed() else None
+        for row_id, _, body, leaf in self.record.entries(self._last_id):
+            computed = leaf_hash(body)
+            if computed != leaf and not self.broken:
+                self.broken = f"entry {row_id}'s bytes no longer give its leaf hash: it was altered"
+            self.frontier.append(computed)
+            self._last_id = row_id
+            root = wanted.pop(self.frontier.size, None)
+            if root is not None:
+                roots[self.frontier.size] = self.frontier.root()
+                if root != roots[self.frontier.size] and not self.broken:
+                    self.broken = (
+                        f"the entries no longer give the root signed at size {self.frontier.size}"
+                    )
+            if self.frontier.size == need:
+                roots[need] = self.frontier.root()
+            if index is not None:  # a ledger from before the GPU window index: fill it
+                windows = _windows(body)
+                if windows is not None:
+                    node, uuids, end = windows
+                    index += [(uuid, node, end) for uuid in uuids]
+        if index:
+            self.record.index_windows(index)
+        wanted.pop(0, None)
+        if wanted and not self.broken:
+            self.broken = f"checkpoints sign sizes the record does not reach: {sorted(wanted)}"
+        return roots
+
+    def _check_root(self, remembered: Remembered, roots: dict[int, bytes]) -> None:
+        if self.frontier.size < remembered.size:
+            self._lost(self.frontier.size, remembered.size)
+        if roots.get(remembered.size) != remembered.root:
             raise LedgerStartError(
-                f"{where}: the ledger's first {size:,} entries do not give the root signed for "
-                "them: it was altered or replaced; restore the original ledger"
+                f"{self._where()}: the ledger's first {remembered.size:,} entries do not give "
+                "the root signed for them: it was altered or replaced; restore the original ledger"
             )
-        if note not in notes:
+
+    def _restore_checkpoint(
+        self, remembered: Remembered, checkpoints: list[tuple[int, int, bytes, str]]
+    ) -> None:
+        if remembered.note not in {note for *_, note in checkpoints}:
             # signed and remembered, but the ledger lost it (the crash came between the two
             # writes, or with the WAL): it goes back in, so that auditors see it too
-            self.record.add_checkpoint(size, root, note, time.time())
-            self.last_size = max(self.last_size, size)
+            self.record.add_checkpoint(
+                remembered.size, remembered.root, remembered.note, time.time()
+            )
+            self.last_size = max(self.last_size, remembered.size)
+
+    def check_history(self, stop: threading.Event | None = None) -> bool:
+        """Rehash the entries the start took on trust (those under the remembered checkpoint),
+        on a connection of its own, while the collector runs; damage found stops intake as at
+        start. True when the whole history held (or there was none to check)."""
+        history = self.history
+        if history is None:
+            return True
+        reader = Record(self.record.path, readonly=True)
+        frontier = Frontier()
+        wanted = {size: root for _, size, root, _ in reader.checkpoints() if size <= history.size}
+        wanted[history.size] = history.root
+        try:
+            for row_id, _, body, leaf in reader.entries():
+                if row_id > history.last_id or (stop is not None and stop.is_set()):
+                    break
+                computed = leaf_hash(body)
+                if computed != leaf:
+                    self.fail(
+                        f"entry {row_id}'s bytes no longer give its leaf hash: it was altered"
+                    )
+                    return False
+                frontier.append(computed)
+                self.history_checked = frontier.size
+                root = wanted.get(frontier.size)
+                if root is not None and root != frontier.root():
+                    self.fail(f"the entries no longer give the root signed at size {frontier.size}")
+                    return False
+        except RecordError as error:
+            self.fail(str(error))
+            return False
+        finally:
+            reader.close()
+        if stop is not None and stop.is_set():
+            return True  # stopped before the end: nothing found, nothing concluded
+        if frontier.size != history.size:
+            self.fail(
+                f"the ledger holds {frontier.size:,} entries up to entry {history.last_id}, "
+                f"the checkpoint signed {history.size:,}: entries were removed"
+            )
+            return False
+        self.history = None
+        log.info("ledger history rehashed", extra={"kv": {"entries": frontier.size}})
+        return True
 
     def fail(self, why: str) -> None:
         """Stop signing (and so recording): the ledger cannot be extended consistently."""
@@ -415,7 +524,7 @@ class Ledger:
             )
             if self.latest is not None:
                 try:
-                    write_latest(self.latest, self.origin, self.frontier.size, root, note)
+                    write_latest(self.latest, self.origin, self.frontier, self._last_id, note)
                 except OSError as error:
                     # not remembered, so not given: an unremembered checkpoint is a fork waiting
                     raise CheckpointError(

@@ -170,6 +170,22 @@ class Frontier:
             height += 1
         self._peaks.append((height, node))
 
+    def peaks(self) -> list[bytes]:
+        """The perfect subtrees' hashes, largest first: with the size, all a frontier is."""
+        return [node for _, node in self._peaks]
+
+    @classmethod
+    def resume(cls, size: int, peaks: list[bytes]) -> Frontier:
+        """The frontier of a tree of `size` leaves whose perfect subtrees are `peaks`
+        (their heights are the set bits of `size`); ValueError when they cannot be."""
+        heights = [bit for bit in range(size.bit_length() - 1, -1, -1) if size >> bit & 1]
+        if len(heights) != len(peaks) or any(len(p) != 32 for p in peaks):
+            raise ValueError(f"{len(peaks)} subtree hashes do not make a tree of {size} leaves")
+        frontier = cls()
+        frontier.size = size
+        frontier._peaks = list(zip(heights, peaks, strict=True))
+        return frontier
+
     def root(self) -> bytes:
         if not self._peaks:
             return EMPTY_ROOT

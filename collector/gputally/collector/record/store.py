@@ -181,6 +181,14 @@ class Record:
             has_entries = self._db.execute("SELECT 1 FROM summaries LIMIT 1").fetchone()
         return has_index is not None or has_entries is None
 
+    def has_entry(self, entry: int) -> bool:
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT 1 FROM summaries WHERE id = ?", (entry,)).fetchone()
+            except sqlite3.Error as error:
+                raise _damaged(self.path, error) from None
+        return row is not None
+
     def meta(self, key: str) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
