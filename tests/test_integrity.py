@@ -39,6 +39,7 @@ from gputally.collector.record.ledger import (
     parse_verifier_key,
 )
 from gputally.collector.record.store import Record
+from gputally.v1 import accounting
 from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1 import telemetry_pb2_grpc as pb_grpc
 from gputally.v1.accounting import max_joules
@@ -391,7 +392,7 @@ def filled(tmp_path: Path, entries: int, checkpoint_every: int) -> tuple[Record,
             s.window_end_unix_nano,
             T0,
             signed.SerializeToString(),
-            [s.gpus[0].uuid],
+            [(s.gpus[0].uuid.casefold(), s.window_start_unix_nano, s.window_end_unix_nano, 300.0)],
         )
         if (n + 1) % checkpoint_every == 0:
             assert ledger.checkpoint(T0)
@@ -720,3 +721,235 @@ def test_a_report_on_a_hostile_ledger_counts_each_gpu_second_once_and_lists_the_
         "--json",
     )
     assert json.loads(query.stdout)["figure"] == pytest.approx(0.3)
+
+
+# -- what a hostile review found after the first pass ----------------------------------------
+
+
+def _set(field: str, value: float, part: str = "") -> Callable[[pb.Summary], object]:
+    def change(s: pb.Summary) -> None:
+        target = s.gpus[0] if not part else getattr(s.gpus[0], part)
+        setattr(target, field, value)
+        if part == "flagged":
+            s.gpus[0].flagged.seconds = 1.0
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (_set("effective_estimated_seconds", -1e6), "effective_estimated_seconds must be a finite"),
+        (_set("busy_unmeasured_seconds", math.nan), "busy_unmeasured_seconds must be a finite"),
+        (_set("sm_measured_seconds", math.inf), "sm_measured_seconds must be a finite"),
+        (_set("busy_seconds", -1e6, "flagged"), "padding (flagged): busy_seconds must be a finite"),
+        (
+            lambda s: (
+                (s.gpus[0].MergeFrom(pb.GpuSummary(lost_seconds=300.0)), None)
+                and s.gpus[0].ClearField("present_seconds")
+            ),
+            "busy_seconds (90) is more than present_seconds (0)",
+        ),
+        (_set("sm_active_seconds", 10.0), "sm_active_seconds (10) is more than sm_measured"),
+        (
+            lambda s: s.gpus.add().CopyFrom(
+                pb.GpuSummary(index=1, uuid="gpu-n1-0", present_seconds=300.0)
+            ),
+            "appears twice",
+        ),
+    ],
+    ids=[
+        "negative estimate",
+        "NaN",
+        "infinity",
+        "negative padding",
+        "busy while absent",
+        "sm active unmeasured",
+        "one card twice",
+    ],
+)
+def test_numbers_out_of_their_place_are_refused_live_and_flagged_in_the_audit(
+    tmp_path: Path, change: Callable[[pb.Summary], object], reason: str
+) -> None:
+    keys, made = enrolled(tmp_path, NODE)
+    state = ClusterState(record=Record(tmp_path / "r.db"), keys=keys)
+    first = hello(NODE, 2, key=made[NODE])
+    state.open_session(first)
+    s = window(0)
+    change(s)
+    signed = SummarySigner(made[NODE], NODE).sign(s)
+    carried = pb.Report(seq=1, time_unix_nano=int((T0 + 300) * 1e9), summary=signed)
+    with pytest.raises(InvalidMessageError) as refused:
+        state.ingest(NODE, carried, received=T0 + 301)
+    assert reason in str(refused.value)
+    assert accounting.summary_problem(s)  # the same rule the auditor's tools apply
+
+
+def test_an_empty_uuid_in_a_ledger_is_a_finding_and_counts_nothing(tmp_path: Path) -> None:
+    record, _ = filled(tmp_path, 0, 1)
+    key = load_or_create_private_key(tmp_path / "collector.key")
+    ledger = Ledger(record, key, ORIGIN, tmp_path / "ledger.db.checkpoint")
+    signer = SummarySigner(Ed25519PrivateKey.generate(), NODE)
+    KeyStore(tmp_path / "keys").enroll(NODE, public_bytes(signer.key), rotate=True)
+    for seq in range(3):  # the same window three times, its GPU without a UUID
+        s = window(0, busy=0.9)
+        s.gpus[0].uuid = ""
+        record.append(
+            NODE,
+            1,
+            seq + 1,
+            s.window_start_unix_nano,
+            s.window_end_unix_nano,
+            T0,
+            signer.sign(s).SerializeToString(),
+        )
+    assert ledger.checkpoint(T0)
+    record.close()
+    db, keys = tmp_path / "ledger.db", tmp_path / "keys"
+    answer = json.loads(
+        gputally("audit", "verify", f"--ledger={db}", f"--keys={keys}", "--json").stdout
+    )
+    assert answer["findings"]["implausible value"]["count"] == 3
+    query = gputally(
+        "query",
+        f"--db={db}",
+        f"--from={T0:.0f}",
+        f"--to={T0 + 300:.0f}",
+        "--expected-gpus=1",
+        "--json",
+    )
+    assert query.returncode == 0, query.stderr
+    assert json.loads(query.stdout)["figure"] == 0.0
+
+
+def test_a_uuid_in_another_case_is_the_same_card(
+    collector_factory: Callable[..., Collector], tmp_path: Path
+) -> None:
+    state = ClusterState()
+    state.open_session(hello(NODE, 1))
+    for variant in ("gpu-n1-0", "GPU-N1-0"):
+        clone = hello("n2", 1)
+        clone.gpus[0].uuid = variant
+        with pytest.raises(IdentityConflictError):
+            state.open_session(clone)
+    spaced = hello("n3", 1)
+    spaced.gpus[0].uuid = "GPU-n1-0 "
+    with pytest.raises(InvalidMessageError, match="has a UUID that is not one"):
+        state.open_session(spaced)
+    # and in the record: n2's window for the same card in another case is refused
+    keys, made = enrolled(tmp_path, NODE, "n2")
+    recording = ClusterState(record=Record(tmp_path / "r.db"), keys=keys)
+    recording.open_session(hello(NODE, 1, key=made[NODE]))
+    first = SummarySigner(made[NODE], NODE).sign(window(0))
+    recording.ingest(
+        NODE,
+        pb.Report(seq=1, time_unix_nano=int((T0 + 300) * 1e9), summary=first),
+        received=T0 + 301,
+    )
+    other = hello("n2", 1, key=made["n2"])
+    other.gpus[0].uuid = "gpu-n1-0"
+    recording.nodes[NODE].session = 0  # n1 went away, n2 claims the card for the same window
+    recording.nodes[NODE].last_received = 0.0
+    recording.open_session(other)
+    copy = window(0, node="n2")
+    copy.gpus[0].uuid = "gpu-n1-0"
+    with pytest.raises(InvalidMessageError, match="a duplicate identity"):
+        recording.ingest(
+            "n2",
+            pb.Report(
+                seq=1,
+                time_unix_nano=int((T0 + 300) * 1e9),
+                summary=SummarySigner(made["n2"], "n2").sign(copy),
+            ),
+            received=T0 + 301,
+        )
+
+
+def test_a_window_split_by_an_agent_restart_is_recorded_whole_and_no_more(tmp_path: Path) -> None:
+    keys, made = enrolled(tmp_path, NODE)
+    record = Record(tmp_path / "r.db")
+    state = ClusterState(record=record, keys=keys)
+    state.open_session(hello(NODE, 1, key=made[NODE]))
+    signer = SummarySigner(made[NODE], NODE)
+    parts: list[pb.Report] = []
+    for seconds in (120.0, 180.0, 1.0):  # stopped after 120 s, then the rest; then one more
+        s = window(0)
+        s.gpus[0].present_seconds, s.gpus[0].busy_seconds = seconds, 0.3 * seconds
+        parts.append(
+            pb.Report(
+                seq=len(parts) + 1, time_unix_nano=int((T0 + 300) * 1e9), summary=signer.sign(s)
+            )
+        )
+    assert state.ingest(NODE, parts[0], received=T0 + 301) == "accepted"
+    assert state.ingest(NODE, parts[1], received=T0 + 301) == "accepted"
+    with pytest.raises(InvalidMessageError, match="overlaps one this node recorded"):
+        state.ingest(NODE, parts[2], received=T0 + 301)
+    assert record.count() == 2
+
+
+def test_a_card_that_moved_counts_its_seconds_once_live() -> None:
+    now = [T0]
+    state = ClusterState(stale_after=15.0, clock=lambda: now[0])
+    state.open_session(hello(NODE, 1))
+    for k in range(1, 601):
+        state.ingest(NODE, report(k, T0 + k, gpu_sample(0, busy=1.0)), received=T0 + k)
+    state.close_session(NODE, state.nodes[NODE].session)
+    now[0] = T0 + 616
+    moved = hello("n2", 1)
+    moved.gpus[0].uuid = f"GPU-{NODE}-0"
+    state.open_session(moved)
+    # one report claiming the last 600 s, which n1 already counted up to T0 + 600
+    state.ingest(
+        "n2", report(1, T0 + 616, gpu_sample(0, busy=1.0), interval=600), received=T0 + 616
+    )
+    assert state.counters.seconds["busy"] == pytest.approx(600.0 + 16.0)
+    assert state.nodes["n2"].clipped_seconds == pytest.approx(584.0)
+
+
+def test_acknowledged_entries_lost_with_the_wal_are_refused_at_start(
+    collector_factory: Callable[..., Collector], tmp_path: Path
+) -> None:
+    record, _ = filled(tmp_path, 0, 1)
+    record.sync = lambda: None  # type: ignore[method-assign]  # no WAL move, as if killed
+    key = load_or_create_private_key(tmp_path / "collector.key")
+    ledger = Ledger(record, key, ORIGIN, tmp_path / "ledger.db.checkpoint")
+    keys = KeyStore(tmp_path / "keys")
+    agent_key = Ed25519PrivateKey.generate()
+    keys.enroll(NODE, public_bytes(agent_key), rotate=True)
+    collector = collector_factory(expected_gpus=2, record=record, keys=keys, ledger=ledger)
+    signer = SummarySigner(agent_key, NODE)
+    carried = [
+        pb.Report(
+            seq=k + 1,
+            time_unix_nano=int((T0 + 300 * (k + 1)) * 1e9),
+            summary=signer.sign(window(k)),
+        )
+        for k in range(5)
+    ]
+    _, ack = asyncio.run(raw_stream(collector.target, hello(NODE, key=agent_key), [carried]))
+    assert ack.ack.recorded_chain_seq == 5  # acknowledged: the agent lets them go
+    copied = tmp_path / "copy"
+    copied.mkdir()
+    for name in ("ledger.db", "ledger.db.checkpoint", "collector.key"):
+        shutil.copy(tmp_path / name, copied / name)  # the .db without its -wal
+    shutil.copytree(tmp_path / "keys", copied / "keys")
+    collector.stop()
+    record.close()
+    refused = gputally(*collector_args(copied))
+    one_line_refusal(
+        refused, LEDGER, "was acknowledged to its agent but the ledger no longer holds it"
+    )
+
+
+def test_a_query_far_in_the_future_is_an_answer_not_a_traceback(tmp_path: Path) -> None:
+    record, _ = filled(tmp_path, 2, 2)
+    record.close()
+    answer = gputally(
+        "query",
+        f"--db={tmp_path / 'ledger.db'}",
+        "--from=9999-12-31",
+        "--to=9999-12-31T23:59:59",
+        "--expected-gpus=1",
+    )
+    assert answer.returncode == 0 and "Traceback" not in answer.stderr
+    assert "no summary in the record overlaps this period" in answer.stdout

@@ -215,7 +215,7 @@ def test_bad_reports_are_rejected_whole_and_change_nothing(bad: pb.Report, messa
         ),
         (
             pb.Hello(node="n", protocol_revision=1, gpus=[pb.GpuIdentity(index=0, model="M")]),
-            "GPU 0 has no usable uuid",
+            "GPU 0 has no UUID",
         ),
         (
             pb.Hello(node="n", protocol_revision=1, gpus=[pb.GpuIdentity(index=0, uuid="U")]),

@@ -17,6 +17,7 @@ Totals are plain dicts keyed by the names below, which are GpuSummary's own fiel
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -199,9 +200,23 @@ MAX_BOARD_WATTS = 2000.0
 # average over about a second, and a counter read at slightly different times than the
 # interval's ends gains a little.
 ENERGY_TOLERANCE = 1.25
-# Two windows (or report intervals) of one GPU may overlap by this much without being called
-# overlapping: timestamp rounding, never real seconds.
-OVERLAP_SLACK_S = 1e-3
+# One card's latest window: (start ns, end ns, the card's covered seconds in it).
+Window = tuple[int, int, float]
+
+
+def next_window(latest: Window | None, start: int, end: int, covered: float) -> Window | None:
+    """The card's latest window once a summary of [start, end) ns covering `covered` of its
+    seconds (present and lost) is counted; None when that summary would count a second twice.
+
+    A window may start where the latest ended, or later. It may also be the latest window
+    again, if both cover no more seconds together than it has: an agent restarted within a
+    window sends that window's two parts (windows are aligned, so their bounds are equal to
+    the nanosecond). Anything else overlaps."""
+    if latest is None or start >= latest[1]:
+        return (start, end, covered)
+    if (start, end) == latest[:2] and latest[2] + covered <= (end - start) / 1e9 * 1.001 + 1e-6:
+        return (start, end, latest[2] + covered)
+    return None
 
 
 def max_joules(seconds: float, power_limit_watts: float | None = None) -> float:
@@ -213,17 +228,74 @@ def max_joules(seconds: float, power_limit_watts: float | None = None) -> float:
     return limit * ENERGY_TOLERANCE * max(seconds, 0.0) + 1.0
 
 
-# GpuSummary (and share) numbers that are seconds within the summary's window.
-_WITHIN_WINDOW = (
+# What no GPU summary can say, whoever signed it. Each number is GPU-seconds within the window
+# (energy aside), none negative or not finite, and the parts are nested as their definitions
+# nest them (utilization.md): measured seconds are present seconds, SM activity is within the
+# seconds it was measured, the estimated part of `effective` within it, padding within what it
+# flags. A number outside its place raises or lowers a bound that no sample supports.
+_PARTS = (
+    # (part, whole): part <= whole, within the tolerance
+    ("allocated_seconds", "present_seconds"),
+    ("busy_seconds", "present_seconds"),
+    ("sm_measured_seconds", "present_seconds"),
+    ("effective_seconds", "present_seconds"),
+    ("busy_missing_seconds", "present_seconds"),
+    ("allocated_missing_seconds", "present_seconds"),
+    ("sm_active_seconds", "sm_measured_seconds"),
+    ("effective_estimated_seconds", "effective_seconds"),
+    ("busy_unmeasured_seconds", "present_seconds"),  # busy seconds, or present ones when
+)  # busy is not known: the cap of SM activity where it was not measured
+_FLAGGED_PARTS = (
+    ("allocated_seconds", "seconds"),
+    ("busy_seconds", "seconds"),
+    ("sm_active_seconds", "seconds"),
+    ("effective_seconds", "seconds"),
+    ("effective_estimated_seconds", "effective_seconds"),
+    ("busy_unmeasured_seconds", "seconds"),
+)
+assert SUMMARY_FIELDS == (
     "present_seconds",
     "allocated_seconds",
     "busy_seconds",
     "sm_active_seconds",
+    "sm_measured_seconds",
     "effective_seconds",
+    "effective_estimated_seconds",
+    "busy_unmeasured_seconds",
+    "energy_joules",
     "lost_seconds",
     "busy_missing_seconds",
     "allocated_missing_seconds",
-)
+), "a GpuSummary number was added: give it its place in summary_problem"
+assert FLAGGED_FIELDS == (
+    "seconds",
+    "allocated_seconds",
+    "busy_seconds",
+    "sm_active_seconds",
+    "effective_seconds",
+    "effective_estimated_seconds",
+    "busy_unmeasured_seconds",
+), "a PaddingTotal number was added: give it its place in summary_problem"
+# Read in one C call per message: the auditor's tools check every GPU summary of a ledger.
+_summary_values = operator.attrgetter(*SUMMARY_FIELDS)
+_flagged_values = operator.attrgetter(*FLAGGED_FIELDS)
+MAX_IDENTITY = 128  # a UUID or serial longer than this is not one NVML gives
+
+
+def card(uuid: str) -> str:
+    """The key one card is known by, whatever the case of its UUID: "GPU-ABC" and "gpu-abc"
+    are one card (NVML gives lower-case hex), so neither counts twice."""
+    return uuid.casefold()
+
+
+def uuid_problem(uuid: str) -> str:
+    """Why `uuid` cannot name a card ("" when it can): empty, too long, or holding spaces or
+    unprintable characters (which would let one card pass for two)."""
+    if not uuid:
+        return "has no UUID"
+    if len(uuid) > MAX_IDENTITY or not uuid.isprintable() or any(c.isspace() for c in uuid):
+        return f"has a UUID that is not one ({uuid[:40]!r})"
+    return ""
 
 
 def implausible_energy(gpu: pb.GpuSummary, window_seconds: float) -> str:
@@ -237,36 +309,121 @@ def implausible_energy(gpu: pb.GpuSummary, window_seconds: float) -> str:
     return ""
 
 
+def _part_ok(part: pb.GpuSummary, slack: float, tol: float, joules: float) -> bool:
+    """Whether one GPU summary (or share) is possible: the fast check, plain comparisons."""
+    values = _summary_values(part)
+    (
+        present,
+        allocated,
+        busy,
+        sm_active,
+        sm_measured,
+        effective,
+        estimated,
+        unmeasured,
+        energy,
+        lost,
+        busy_missing,
+        allocated_missing,
+    ) = values
+    # a finite sum rules out NaN and infinities; then min and max bound every number
+    if not math.isfinite(sum(values)) or min(values) < 0.0:
+        return False
+    top = present + tol
+    if (
+        present + lost > slack
+        or energy > joules
+        or max(allocated, busy, sm_measured, effective, unmeasured, busy_missing, allocated_missing)
+        > top
+        or sm_active > sm_measured + tol
+        or estimated > effective + tol
+    ):
+        return False
+    for total in (part.flagged, *part.padding):
+        flagged = _flagged_values(total)
+        seconds, f_alloc, f_busy, f_sm, f_eff, f_est, f_unm = flagged
+        if (
+            not math.isfinite(sum(flagged))
+            or min(flagged) < 0.0
+            or seconds > top
+            or max(f_alloc, f_busy, f_sm, f_eff, f_unm) > seconds + tol
+            or f_est > f_eff + tol
+            or f_alloc > allocated + tol
+            or f_busy > busy + tol
+            or f_sm > sm_active + tol
+            or f_eff > effective + tol
+            or f_est > estimated + tol
+            or f_unm > unmeasured + tol
+        ):
+            return False
+    return True
+
+
+def _part_problem(part: pb.GpuSummary, length: float, slack: float, tol: float) -> str:
+    """What is impossible in one GPU summary (or share) that _part_ok refused."""
+    for name in SUMMARY_FIELDS:
+        value = getattr(part, name)
+        if not math.isfinite(value) or value < 0.0:
+            return f"{name} must be a finite number, not negative, got {value!r}"
+        if name != "energy_joules" and value > slack:
+            return f"{name} must be within the window ({length:g} s), got {value!r}"
+    if part.present_seconds + part.lost_seconds > slack:
+        return f"present and lost seconds add up to more than the window ({length:g} s)"
+    problem = implausible_energy(part, length)
+    if problem:
+        return problem
+    for name, whole in _PARTS:
+        if getattr(part, name) > getattr(part, whole) + tol:
+            return (
+                f"{name} ({getattr(part, name):g}) is more than {whole} ({getattr(part, whole):g})"
+            )
+    for total in (part.flagged, *part.padding):
+        what = f"padding {total.rule or '(flagged)'}"
+        for name in FLAGGED_FIELDS:
+            value = getattr(total, name)
+            if not math.isfinite(value) or value < 0.0:
+                return f"{what}: {name} must be a finite number, not negative, got {value!r}"
+        if total.seconds > part.present_seconds + tol:
+            return f"{what}: flags {total.seconds:g} s of {part.present_seconds:g} present"
+        for name, whole in _FLAGGED_PARTS:
+            if getattr(total, name) > getattr(total, whole) + tol:
+                return f"{what}: {name} is more than its {whole}"
+        for name in FLAGGED_FIELDS[1:]:
+            if getattr(total, name) > getattr(part, name) + tol:
+                return f"{what}: {name} is more than the GPU's"
+    return "impossible numbers"
+
+
 def summary_problem(summary: pb.Summary) -> str:
     """Why a summary cannot be true whoever signed it ("" when it can): a window of impossible
-    length, a GPU twice, seconds beyond the window, energy beyond what a GPU draws, MIG shares
-    that do not add up. The collector refuses such a summary; the auditor's tools flag one a
-    ledger holds and count none of it."""
+    length, a GPU twice or without a usable UUID, numbers out of their place (above), energy
+    beyond what a GPU draws, MIG shares that do not add up. The collector refuses such a
+    summary; the auditor's tools flag one a ledger holds and count none of it."""
     length = (summary.window_end_unix_nano - summary.window_start_unix_nano) / 1e9
     if not 0 < length <= MAX_SUMMARY_WINDOW_S:
         return f"summary window must be in (0, {MAX_SUMMARY_WINDOW_S:g}] s, got {length:g} s"
     slack = length * 1.001 + 1e-6
-    seen: set[int] = set()
+    tol = 1e-6 * length + 1e-6
+    joules = max_joules(length)
+    indices: set[int] = set()
+    cards: set[str] = set()
     for gpu in summary.gpus:
-        if gpu.index in seen:
-            return f"summary: GPU index {gpu.index} appears twice"
-        seen.add(gpu.index)
+        problem = uuid_problem(gpu.uuid)
+        if problem:
+            return f"summary GPU {gpu.index} {problem}"
+        if gpu.index in indices or card(gpu.uuid) in cards:
+            return f"summary: GPU {gpu.index} ({gpu.uuid}) appears twice"
+        indices.add(gpu.index)
+        cards.add(card(gpu.uuid))
         for part, what in ((gpu, ""), *((s, f" share {k}") for k, s in enumerate(gpu.shares))):
             if part.shares and part is not gpu:
                 return f"summary GPU {gpu.index}{what}: a share cannot have shares of its own"
-            for name in _WITHIN_WINDOW:
-                value = getattr(part, name)
-                if not (0.0 <= value <= slack) or not math.isfinite(value):
-                    return (
-                        f"summary GPU {gpu.index}{what}: {name} must be within the window "
-                        f"({length:g} s), got {value!r}"
-                    )
-            problem = implausible_energy(part, length)
-            if problem:
-                return f"summary GPU {gpu.index}{what}: {problem}"
-        held = sum(s.present_seconds for s in gpu.shares)
-        if gpu.shares and abs(held - gpu.present_seconds) > 1e-6 * length + 1e-6:
-            return f"summary GPU {gpu.index}: its shares hold {held:g} s, the GPU {gpu.present_seconds:g} s"
+            if not _part_ok(part, slack, tol, joules):
+                return f"summary GPU {gpu.index}{what}: {_part_problem(part, length, slack, tol)}"
+        if gpu.shares:
+            held = sum(s.present_seconds for s in gpu.shares)
+            if abs(held - gpu.present_seconds) > tol:
+                return f"summary GPU {gpu.index}: its shares hold {held:g} s, the GPU {gpu.present_seconds:g} s"
     return ""
 
 

@@ -158,7 +158,7 @@ def gpu_numbers(node: str, summary: pb.Summary) -> list[GpuNumbers]:
         tenant, job = accounting.owner(gpu.attribution) if not shares else (SHARED, SHARED)
         out.append(
             (
-                gpu.uuid or f"{node}/{gpu.index}",
+                accounting.card(gpu.uuid) or f"{node}/{gpu.index}",
                 gpu.model or "(unknown)",
                 tenant,
                 job,
@@ -311,43 +311,53 @@ class Rollup:
 
 
 class Screen:
-    """Each GPU's seconds counted once, whatever a ledger holds (it may come from an older or
-    hostile collector): in log order, a GPU summary whose window starts before the end of an
-    earlier window of the same GPU (by UUID, from any node) overlaps it, and is not added up.
-    The collector refuses such summaries at ingest by the same rule; `audit verify` names
-    each one as a finding (a duplicate identity when the earlier window is another node's)."""
+    """Each card's seconds counted once, whatever a ledger holds (it may come from an older or
+    hostile collector): in log order, a GPU summary that accounting.next_window refuses (its
+    window overlaps an earlier one of the same card, by accounting.card, from any node) is not
+    added up. The collector refuses such summaries at ingest by the same rule; `audit verify`
+    names each one as a finding (a duplicate identity when the earlier window is another
+    node's)."""
 
     def __init__(self) -> None:
-        self.latest: dict[str, tuple[int, str]] = {}  # uuid -> (latest window end, its node)
+        self.latest: dict[str, tuple[accounting.Window, str]] = {}  # card -> (window, node)
 
     def overlapping(
-        self, node: str, start: int, end: int, uuids: Iterable[str]
-    ) -> list[tuple[str, str, int]]:
-        """(uuid, the earlier window's node, its end in ns) of each GPU (`uuids`) of a summary
-        of [start, end) ns that overlaps an earlier window; the rest are taken, and their
-        windows remembered."""
+        self, node: str, start: int, end: int, gpus: Iterable[tuple[str, float, str]]
+    ) -> list[tuple[str, str, int, str]]:
+        """(card, the earlier window's node, its end in ns, UUID) of each GPU (card, covered
+        seconds, UUID) of a summary of [start, end) ns that would count a second twice; the
+        rest are taken, and their windows remembered."""
         out = []
-        slack = round(accounting.OVERLAP_SLACK_S * 1e9)
         latest = self.latest
-        for uuid in uuids:
-            if not uuid:
+        for key, covered, uuid in gpus:
+            held = latest.get(key)
+            window = accounting.next_window(held[0] if held else None, start, end, covered)
+            if window is None:
+                assert held is not None
+                out.append((key, held[1], held[0][1], uuid))
                 continue
-            earlier = latest.get(uuid)
-            if earlier is not None and earlier[0] > start + slack:
-                out.append((uuid, earlier[1], earlier[0]))
-                continue
-            latest[uuid] = (end, node)
+            latest[key] = (window, node)
         return out
 
 
+GpuWindows = tuple[tuple[str, float, str], ...]
+
+
+def windows_of(summary: pb.Summary) -> GpuWindows:
+    """(card, covered seconds, UUID) of each GPU of a summary: what Screen screens."""
+    return tuple(
+        (accounting.card(g.uuid), g.present_seconds + g.lost_seconds, g.uuid) for g in summary.gpus
+    )
+
+
 def countable(
-    node: str, summary: pb.Summary, overlapping: Iterable[tuple[str, str, int]]
+    node: str, summary: pb.Summary, overlapping: Iterable[tuple[str, str, int, str]]
 ) -> list[GpuNumbers]:
     """The GPU numbers of `summary` that a period adds up: none of an impossible summary
     (accounting.summary_problem), none of a GPU whose window overlaps an earlier one."""
     if accounting.summary_problem(summary):
         return []
-    skipped = {uuid for uuid, _, _ in overlapping}
+    skipped = {key for key, *_ in overlapping}
     numbers = gpu_numbers(node, summary)
     return [n for n in numbers if n[0] not in skipped] if skipped else numbers
 
@@ -364,7 +374,7 @@ def compute(
         if accounting.summary_problem(summary):
             continue  # claims no window: its GPUs' seconds are not taken
         start_ns, end_ns = summary.window_start_unix_nano, summary.window_end_unix_nano
-        overlapping = screen.overlapping(node, start_ns, end_ns, (g.uuid for g in summary.gpus))
+        overlapping = screen.overlapping(node, start_ns, end_ns, windows_of(summary))
         rollup.add(node, (start_ns / 1e9, end_ns / 1e9), countable(node, summary, overlapping))
     return rollup.period()
 

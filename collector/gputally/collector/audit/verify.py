@@ -63,7 +63,8 @@ from ..record.ledger import (
 )
 from ..record.merkle import Frontier, leaf_hash
 from ..record.store import Record
-from .figures import Rollup, Screen, countable, gpu_numbers
+from .figures import GpuWindows as _Windows
+from .figures import Rollup, Screen, countable, gpu_numbers, windows_of
 
 # The kinds of finding, in the order `audit verify` lists them.
 SIGNATURE = "signature"  # not signed by the node's enrolled key (or no key, another node's)
@@ -214,9 +215,14 @@ class Checked(NamedTuple):
     leaf: bytes  # the leaf hash of the stored bytes, recomputed
     signer: int  # which of the node's keys signed it (oldest first)
     kind: str = REWRITE  # the problem's kind
-    # the window (ns) and GPU UUIDs of a summary without problems, screened in log order
+    # the window (ns) and (card, covered seconds) of each GPU of a summary without problems,
+    # screened in log order
     window: tuple[int, int] = (0, 0)
-    uuids: tuple[str, ...] = ()
+    uuids: tuple[tuple[str, float, str], ...] = ()
+
+
+def _interned(table: dict[_Windows, _Windows], key: _Windows) -> _Windows:
+    return table.setdefault(key, key)
 
 
 def _unreadable(problem: str, leaf: bytes) -> Checked:
@@ -240,6 +246,9 @@ def _opened(
     not checked again where the node has one key (see the module's docstring)."""
     out: list[Checked] = []
     rollup = Rollup(*period) if period is not None else None
+    # A node's GPUs are the same in all its summaries: one tuple each, which pickling back to
+    # the main process then sends once per batch, not once per entry.
+    uuids: dict[_Windows, _Windows] = {}
     for position, (_, node, stored, leaf) in enumerate(entries):
         computed = leaf_hash(stored)
         if leaf != computed:
@@ -286,7 +295,7 @@ def _opened(
                 signer or 0,
                 kind,
                 (summary.window_start_unix_nano, summary.window_end_unix_nano),
-                tuple(g.uuid for g in summary.gpus) if problem is None else (),
+                _interned(uuids, windows_of(summary)) if problem is None else (),
             )
         )
         if rollup is not None and problem is None:
@@ -409,11 +418,11 @@ def _verify(
                 if problem is not None:
                     result.problems.append(problem)
                 if checked.problem is None:
-                    for uuid, holder, end in screen.overlapping(
+                    for key, holder, end, uuid in screen.overlapping(
                         node, *checked.window, checked.uuids
                     ):
                         result.problems.append(_overlap(entry, node, uuid, holder, end))
-                        excluded.setdefault(entry, set()).add(uuid)
+                        excluded.setdefault(entry, set()).add(key)
                 result.nodes.add(node)
                 frontier.append(checked.leaf)
                 if frontier.size in wanted:
@@ -465,7 +474,7 @@ def _add_up_again(record: Record, rollup: Rollup, excluded: dict[int, set[str]])
             continue
         skipped = excluded.get(entry, set())
         window = (summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9)
-        rollup_numbers = countable(node, summary, [(u, "", 0) for u in skipped])
+        rollup_numbers = countable(node, summary, [(key, "", 0, "") for key in skipped])
         sums.add(node, window, rollup_numbers)
     rollup.clear()
     rollup.merge(sums)

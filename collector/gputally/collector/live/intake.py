@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from gputally.v1 import telemetry_pb2 as pb
-from gputally.v1.accounting import OVERLAP_SLACK_S
+from gputally.v1.accounting import card, next_window
 from gputally.v1.signing import chain_hash, verify_summary
 
 from ..record.keys import KeyStore
@@ -103,6 +103,12 @@ class SummaryIntake:
             chain.key = public_key
             chain.seq, chain.hash, chain.loaded = 0, b"", False
 
+    def acknowledge(self) -> None:
+        """Everything recorded is about to be acknowledged: the ledger remembers, outside
+        itself, the newest entry (so that losing it later is refused at start, not forgotten)."""
+        if self.ledger is not None and self.record is not None and self.record.last_id:
+            self.ledger.acknowledge(self.record.last_id)
+
     def recorded_seq(self, node: str) -> int:
         """The newest chain number of the node's current key the record holds (what the
         Welcome and every Ack tell its agent is safe); 0 when not recording."""
@@ -154,8 +160,7 @@ class SummaryIntake:
             if self.stopped:
                 chain.unrecorded += 1
                 raise IntakeStoppedError(self.stopped)
-            uuids = [gpu.uuid for gpu in summary.gpus]
-            self._check_overlap(node, chain, summary, uuids)
+            windows = self._windows(node, chain, summary)
             stored = self.record.append(
                 node,
                 instance,
@@ -164,7 +169,7 @@ class SummaryIntake:
                 summary.window_end_unix_nano,
                 received,
                 signed.SerializeToString(),  # the signed bytes, as the agent sent them
-                uuids,
+                windows,
             )
         except RecordError as error:
             chain.unrecorded += 1
@@ -187,26 +192,34 @@ class SummaryIntake:
         chain.seq = summary.chain_seq
         chain.hash = chain_hash(signed.body)
 
-    def _check_overlap(
-        self, node: str, chain: Chain, summary: pb.Summary, uuids: list[str]
-    ) -> None:
-        """InvalidMessageError when a GPU of the summary already has a recorded window that
-        this one overlaps: its seconds would count twice (an agent sending a window again
-        under a new chain number, or two nodes claiming one card)."""
+    def _windows(
+        self, node: str, chain: Chain, summary: pb.Summary
+    ) -> list[tuple[str, int, int, float]]:
+        """Each card's latest window once the summary is counted (for the record's index);
+        InvalidMessageError when a card's window would count a second twice (the same window
+        sent again under a new chain number, or two nodes claiming one card): see
+        accounting.next_window."""
         assert self.record is not None
-        if not uuids:
-            return
-        start = summary.window_start_unix_nano
-        slack = round(OVERLAP_SLACK_S * 1e9)
-        for uuid, (holder, end) in self.record.latest_windows(uuids).items():
-            if end > start + slack:
+        if not summary.gpus:
+            return []
+        start, end = summary.window_start_unix_nano, summary.window_end_unix_nano
+        keys = [card(gpu.uuid) for gpu in summary.gpus]
+        latest = self.record.latest_windows(keys)
+        out = []
+        for key, gpu in zip(keys, summary.gpus, strict=True):
+            holder, held = latest.get(key, (node, None))
+            window = next_window(held, start, end, gpu.present_seconds + gpu.lost_seconds)
+            if window is None:
+                assert held is not None
                 chain.overlaps += 1
                 whose = "this node" if holder == node else f"node {holder} (a duplicate identity)"
                 raise InvalidMessageError(
-                    f"summary {summary.chain_seq}: GPU {uuid}'s window from {start / 1e9:.0f} "
-                    f"overlaps one {whose} recorded up to {end / 1e9:.0f}: refused, so that no "
-                    "second of a GPU counts twice"
+                    f"summary {summary.chain_seq}: GPU {gpu.uuid}'s window from {start / 1e9:.0f} "
+                    f"overlaps one {whose} recorded up to {held[1] / 1e9:.0f}: refused, so that "
+                    "no second of a GPU counts twice"
                 )
+            out.append((key, *window))
+        return out
 
     def _load(self, node: str, chain: Chain) -> None:
         assert self.record is not None

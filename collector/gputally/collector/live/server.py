@@ -77,6 +77,7 @@ class IngestService(pb_grpc.IngestServicer):
             extra={"kv": {"node": hello.node, "gpus": len(hello.gpus), "peer": context.peer()}},
         )
         try:
+            self.state.intake.acknowledge()  # what the Welcome calls recorded is remembered
             await context.write(
                 pb.CollectorMessage(
                     welcome=pb.Welcome(
@@ -119,6 +120,7 @@ class IngestService(pb_grpc.IngestServicer):
                 )
             ack.acked_seq = max(ack.acked_seq, report.seq)
         # what the record holds, not what was sent: the only number that lets an agent let go
+        self.state.intake.acknowledge()
         ack.recorded_chain_seq = self.state.intake.recorded_seq(node)
         return ack
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from gputally.v1 import accounting
 from gputally.v1 import telemetry_pb2 as pb
-from gputally.v1.accounting import MEASURES, OVERLAP_SLACK_S
+from gputally.v1.accounting import MEASURES, card
 
 from ..record.keys import KeyStore, KeyStoreError
 from ..record.ledger import Ledger
@@ -91,6 +91,7 @@ class GpuState:
     uuid: str
     model: str
     serial: str = ""
+    key: str = ""  # accounting.card of the UUID: how the card is known across nodes
     status: int = pb.GPU_STATUS_UNSPECIFIED
     samples: deque[Sample] = field(default_factory=deque)
     last_end: float = -math.inf  # collector-clock end of the newest sample
@@ -299,7 +300,10 @@ class ClusterState:
         self._lock = threading.Lock()
         self._sessions = 0
         self._next_session = 0
-        self._cards: dict[str, str] = {}  # GPU UUID or serial -> the node holding it
+        self._cards: dict[str, str] = {}  # "uuid:<card>" or "serial:<card>" -> its node
+        # card -> (node, collector-clock end of its newest counted second): a card that moved
+        # counts on its new node only after the seconds its old node already counted
+        self._card_end: dict[str, tuple[str, float]] = {}
         self.identity_conflicts = 0
 
     # -- sessions --------------------------------------------------------------------------
@@ -336,7 +340,12 @@ class ClusterState:
                 gpu = node.gpus.get(identity.index)
                 if gpu is None or gpu.uuid != identity.uuid:
                     node.gpus[identity.index] = GpuState(
-                        hello.node, identity.index, identity.uuid, identity.model, identity.serial
+                        hello.node,
+                        identity.index,
+                        identity.uuid,
+                        identity.model,
+                        identity.serial,
+                        card(identity.uuid),
                     )
             recorded = self.intake.recorded_seq(hello.node)
             return node.session, node.last_seq, recorded
@@ -344,16 +353,20 @@ class ClusterState:
     def _claim(self, hello: pb.Hello) -> None:
         """Give the hello's cards to its node, unless another node that is up holds one:
         a card counts once (cloned machine images repeat UUIDs without any attacker). A card
-        that moved from a node that is down leaves that node, so `seen` counts it once."""
+        that moved from a node that is down leaves that node, so `seen` counts it once.
+        Cards are compared by accounting.card (so "GPU-AB" and "gpu-ab" are one)."""
         now = self.clock()
         moving: list[tuple[NodeState, int]] = []
         for gpu in hello.gpus:
-            for card, what in ((gpu.uuid, "uuid"), (gpu.serial, "serial")):
-                holder = self._cards.get(f"{what}:{card}") if card else None
+            for value, what in ((gpu.uuid, "uuid"), (gpu.serial, "serial")):
+                key = f"{what}:{card(value)}"
+                holder = self._cards.get(key) if value else None
                 other = self.nodes.get(holder) if holder and holder != hello.node else None
                 if other is None:
                     continue
-                held = [i for i, g in other.gpus.items() if getattr(g, what) == card]
+                held = [
+                    i for i, g in other.gpus.items() if f"{what}:{card(getattr(g, what))}" == key
+                ]
                 if not held:
                     continue  # that node no longer announces it
                 if other.session != 0 or (
@@ -361,7 +374,7 @@ class ClusterState:
                 ):
                     self.identity_conflicts += 1
                     raise IdentityConflictError(
-                        f"hello from {hello.node}: GPU {card} (its {what}) is held by node "
+                        f"hello from {hello.node}: GPU {value} (its {what}) is held by node "
                         f"{other.name}, which is up: one card cannot be on two nodes (a cloned "
                         f"image, or a forged hello); refused until {other.name} has been down "
                         f"for {self.stale_after:g} s"
@@ -370,9 +383,9 @@ class ClusterState:
         for other, index in moving:
             other.gpus.pop(index, None)
         for gpu in hello.gpus:
-            self._cards[f"uuid:{gpu.uuid}"] = hello.node
+            self._cards[f"uuid:{card(gpu.uuid)}"] = hello.node
             if gpu.serial:
-                self._cards[f"serial:{gpu.serial}"] = hello.node
+                self._cards[f"serial:{card(gpu.serial)}"] = hello.node
 
     def is_current(self, name: str, session: int) -> bool:
         with self._lock:
@@ -433,18 +446,34 @@ class ClusterState:
         (agent clock): an overlap is clipped, a report that ends no later than the previous
         one covers nothing new and is refused, so no second counts twice in the counters."""
         end = report.time_unix_nano / 1e9
-        if end <= node.agent_end + OVERLAP_SLACK_S:
+        if end <= node.agent_end:
             raise InvalidMessageError(
                 f"report {report.seq} ends at {end:.3f}, not after the previous report "
                 f"({node.agent_end:.3f}): its seconds are already covered"
             )
         return min(report.interval_seconds, end - node.agent_end)
 
-    def _integrate(self, node: NodeState, report: pb.Report, received: float, dt: float) -> None:
-        """Add a valid report's samples, over the `dt` seconds it newly covers, to the
-        counters and the live window."""
+    def _card_seconds(self, node: NodeState, gpu: GpuState, end: float, covered: float) -> float:
+        """The seconds of this GPU's sample that count: the report's new seconds, less any a
+        previous holder of the card (it moved, or a node that is down lent it its UUID)
+        already counted, on the collector's clock."""
+        key = gpu.key
+        held = self._card_end.get(key)
+        seconds = covered
+        if held is not None and held[0] != node.name:
+            seconds = min(covered, max(end - held[1], 0.0))
+            node.clipped_seconds += covered - seconds
+        self._card_end[key] = (node.name, max(end, held[1]) if held else end)
+        return seconds
+
+    def _integrate(
+        self, node: NodeState, report: pb.Report, received: float, covered: float
+    ) -> None:
+        """Add a valid report's samples, over the `covered` seconds it newly covers (less,
+        for a card that moved, what its old node counted), to the counters and the live
+        window."""
         agent_time = report.time_unix_nano / 1e9
-        node.clipped_seconds += report.interval_seconds - dt
+        node.clipped_seconds += report.interval_seconds - covered
         node.agent_end = agent_time
         node.offset = min(node.offset, received - agent_time)
         end = agent_time + node.offset
@@ -455,6 +484,7 @@ class ClusterState:
             gpu.status = proto.status
             ok = proto.status == pb.GPU_STATUS_OK
             padding = tuple(proto.padding) if ok else ()  # padding flags present seconds only
+            dt = self._card_seconds(node, gpu, end, covered)
             refused = gpu.energy.implausible
             joules = gpu.energy.joules(proto, dt)
             node.energy_refused += gpu.energy.implausible - refused
@@ -462,7 +492,7 @@ class ClusterState:
             # The stream offset only shrinks (a faster delivery than any before), which moves
             # this report's end earlier than the previous one's placement: clip its start so
             # that two samples never cover the same second in the live window. The counters
-            # below keep the agent's own interval, which is exact.
+            # below keep the agent's own interval (clipped as above), which is exact.
             placed = min(dt, max(end - gpu.last_end, 0.0))
             gpu.last_end = max(gpu.last_end, end)
             gpu.samples.append(Sample(end, placed, _window_rates(per_second), bool(padding)))

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 
 from gputally.v1 import PROTOCOL_REVISION
 from gputally.v1 import telemetry_pb2 as pb
-from gputally.v1.accounting import summary_problem
+from gputally.v1.accounting import MAX_IDENTITY, card, summary_problem, uuid_problem
 
 MAX_NODE_NAME = 253  # a DNS name's length
 MAX_INTERVAL_S = 3600.0
-MAX_IDENTITY = 128  # a UUID, serial or model name longer than this is not one NVML gives
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,19 +74,20 @@ def check_hello(hello: pb.Hello) -> None:
     for gpu in hello.gpus:
         # The UUID is the card's identity in every count, census and overlap check: a card
         # without one (or a model) cannot be told from another, so it is refused, not guessed.
-        for name in ("uuid", "model"):
-            value = getattr(gpu, name)
-            if not value or len(value) > MAX_IDENTITY or not value.isprintable():
-                raise InvalidMessageError(
-                    f"hello from {hello.node}: GPU {gpu.index} has no usable {name} "
-                    f"(got {value[:40]!r})"
-                )
-        if len(gpu.serial) > MAX_IDENTITY or not gpu.serial.isprintable():
+        problem = uuid_problem(gpu.uuid)
+        if problem:
+            raise InvalidMessageError(f"hello from {hello.node}: GPU {gpu.index} {problem}")
+        if not gpu.model or len(gpu.model) > MAX_IDENTITY or not gpu.model.isprintable():
+            raise InvalidMessageError(
+                f"hello from {hello.node}: GPU {gpu.index} has no usable model "
+                f"(got {gpu.model[:40]!r})"
+            )
+        if gpu.serial and uuid_problem(gpu.serial):
             raise InvalidMessageError(f"hello from {hello.node}: GPU {gpu.index}: bad serial")
-    uuids = [gpu.uuid for gpu in hello.gpus]
+    uuids = [card(gpu.uuid) for gpu in hello.gpus]
     if len(set(uuids)) != len(uuids):
         raise InvalidMessageError(f"hello from {hello.node}: GPU UUIDs repeat")
-    serials = [gpu.serial for gpu in hello.gpus if gpu.serial]
+    serials = [card(gpu.serial) for gpu in hello.gpus if gpu.serial]
     if len(set(serials)) != len(serials):
         raise InvalidMessageError(f"hello from {hello.node}: GPU serials repeat")
 

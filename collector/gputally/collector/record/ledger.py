@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from google.protobuf.message import DecodeError
 
 from gputally.v1 import telemetry_pb2 as pb
+from gputally.v1.accounting import Window, card, next_window
 from gputally.v1.signing import KeyFileError, decode_public_key, public_bytes, write_file
 
 from .merkle import Frontier, leaf_hash
@@ -220,6 +221,7 @@ class Remembered(NamedTuple):
     note: str
     last_id: int  # the id of the checkpoint's last entry; 0 when not known (older files)
     peaks: list[bytes]  # the tree's frontier at `size` (merkle.Frontier); [] when not known
+    acknowledged: int  # the id of the newest entry acknowledged to an agent (0: not known)
 
 
 def read_latest(path: Path) -> Remembered | None:
@@ -238,6 +240,7 @@ def read_latest(path: Path) -> Remembered | None:
             str(data["note"]),
             int(data.get("last_id", 0)),
             [base64.b64decode(p, validate=True) for p in data.get("peaks", [])],
+            int(data.get("acknowledged", data.get("last_id", 0))),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise LedgerStartError(
@@ -246,28 +249,37 @@ def read_latest(path: Path) -> Remembered | None:
         ) from None
 
 
-def write_latest(path: Path, origin: str, frontier: Frontier, last_id: int, note: str) -> None:
+def _remember(origin: str, frontier: Frontier, last_id: int, note: str) -> Remembered:
+    """What is remembered of a checkpoint just signed over `frontier`."""
+    return Remembered(
+        origin, frontier.size, frontier.root(), note, last_id, frontier.peaks(), last_id
+    )
+
+
+def write_latest(path: Path, state: Remembered) -> None:
     """Remember a signed checkpoint outside the ledger, synced, before anyone can see it:
-    its note, and the tree's frontier, from which the next start goes on."""
-    state = {
+    its note, the tree's frontier, from which the next start goes on, and the newest entry
+    acknowledged to an agent, which the ledger must still hold at the next start."""
+    data = {
         "gputally_checkpoint_state": 1,
-        "origin": origin,
-        "size": frontier.size,
-        "root": base64.b64encode(frontier.root()).decode(),
-        "note": note,
-        "last_id": last_id,
-        "peaks": [base64.b64encode(p).decode() for p in frontier.peaks()],
+        "origin": state.origin,
+        "size": state.size,
+        "root": base64.b64encode(state.root).decode(),
+        "note": state.note,
+        "last_id": state.last_id,
+        "peaks": [base64.b64encode(p).decode() for p in state.peaks],
+        "acknowledged": state.acknowledged,
     }
-    write_file(path, (json.dumps(state, indent=2) + "\n").encode(), mode=0o644)
+    write_file(path, (json.dumps(data, indent=2) + "\n").encode(), mode=0o644)
 
 
-def _windows(body: bytes) -> tuple[str, list[str], int] | None:
-    """(node, GPU UUIDs, window end) of a stored entry, for the GPU window index."""
+def _windows(body: bytes) -> tuple[str, pb.Summary] | None:
+    """(node, summary) of a stored entry, for the GPU window index."""
     try:
         summary = pb.Summary.FromString(pb.SignedSummary.FromString(body).body)
     except DecodeError:
         return None
-    return summary.node, [g.uuid for g in summary.gpus if g.uuid], summary.window_end_unix_nano
+    return summary.node, summary
 
 
 class Ledger:
@@ -317,6 +329,7 @@ class Ledger:
         checkpoints = record.checkpoints()
         self.last_size = checkpoints[-1][1] if checkpoints else 0
         remembered = read_latest(latest) if latest is not None else None
+        self.state = remembered  # what the checkpoint state file holds now
         if remembered is not None:
             self._open_remembered(remembered)
         incremental = (
@@ -332,15 +345,16 @@ class Ledger:
             remembered.size if remembered and incremental else 0,
             remembered.size if remembered and not incremental else None,
         )
-        if remembered is not None and not incremental:
+        if remembered is not None and remembered.size and not incremental:
             self._check_root(remembered, done)
-        if remembered is not None:
+        if remembered is not None and remembered.size:
             self._restore_checkpoint(remembered, checkpoints)
         elif checkpoints and latest is not None and not self.broken:
             # first start with a state file: remember the record's latest checkpoint
             _, size, _, note = checkpoints[-1]
             if size == self.frontier.size:
-                write_latest(latest, origin, self.frontier, self._last_id, note)
+                self.state = _remember(origin, self.frontier, self._last_id, note)
+                write_latest(latest, self.state)
         if self.broken:
             log.error(
                 "ledger damaged: no checkpoint is signed and no summary acknowledged",
@@ -367,6 +381,9 @@ class Ledger:
 
     def _open_remembered(self, remembered: Remembered) -> None:
         """The remembered checkpoint must be ours, and the record must still reach it."""
+        if remembered.size == 0:  # no checkpoint yet: only what was acknowledged
+            self._check_acknowledged(remembered)
+            return
         try:
             signed = open_note(remembered.note, self.name, public_bytes(self.key))
         except CheckpointError as error:
@@ -385,6 +402,17 @@ class Ledger:
         )
         if lost:
             self._lost(self.record.count(), remembered.size)
+        self._check_acknowledged(remembered)
+
+    def _check_acknowledged(self, remembered: Remembered) -> None:
+        if remembered.acknowledged > remembered.last_id and not self.record.has_entry(
+            remembered.acknowledged
+        ):
+            raise LedgerStartError(
+                f"{self._where()}: entry {remembered.acknowledged} was acknowledged to its agent "
+                "but the ledger no longer holds it: entries recorded after the last checkpoint "
+                "were lost (a WAL file dropped or cut); restore the complete ledger"
+            )
 
     def _lost(self, count: int, size: int) -> None:
         raise LedgerStartError(
@@ -400,7 +428,8 @@ class Ledger:
         above `above` on the way; (size -> root) at the checkpointed sizes and at `need`."""
         wanted = {size: root for _, size, root, _ in checkpoints if size > above}
         roots: dict[int, bytes] = {}
-        index: list[tuple[str, str, int]] | None = [] if not self.record.indexed() else None
+        # a ledger from before the GPU window index: fill it on the way (card -> node, window)
+        index: dict[str, tuple[str, Window]] | None = {} if not self.record.indexed() else None
         for row_id, _, body, leaf in self.record.entries(self._last_id):
             computed = leaf_hash(body)
             if computed != leaf and not self.broken:
@@ -416,13 +445,22 @@ class Ledger:
                     )
             if self.frontier.size == need:
                 roots[need] = self.frontier.root()
-            if index is not None:  # a ledger from before the GPU window index: fill it
-                windows = _windows(body)
-                if windows is not None:
-                    node, uuids, end = windows
-                    index += [(uuid, node, end) for uuid in uuids]
+            if index is not None:
+                opened = _windows(body)
+                if opened is not None:
+                    node, summary = opened
+                    start, end = summary.window_start_unix_nano, summary.window_end_unix_nano
+                    for gpu in summary.gpus:
+                        key = card(gpu.uuid)
+                        held = index.get(key)
+                        covered = gpu.present_seconds + gpu.lost_seconds
+                        window = next_window(held[1] if held else None, start, end, covered)
+                        if window is not None:  # an overlap is the auditor's finding
+                            index[key] = (node, window)
         if index:
-            self.record.index_windows(index)
+            self.record.index_windows(
+                [(key, node, *window) for key, (node, window) in index.items()]
+            )
         wanted.pop(0, None)
         if wanted and not self.broken:
             self.broken = f"checkpoints sign sizes the record does not reach: {sorted(wanted)}"
@@ -492,6 +530,23 @@ class Ledger:
         log.info("ledger history rehashed", extra={"kv": {"entries": frontier.size}})
         return True
 
+    def acknowledge(self, last_id: int) -> None:
+        """Entries up to `last_id` are about to be acknowledged: remember that outside the
+        ledger (synced), so that a start without them (a lost WAL) is refused rather than
+        forgetting what agents were told is safe. A no-op when already remembered."""
+        if self.latest is None or (self.state is not None and last_id <= self.state.acknowledged):
+            return
+        # before the first checkpoint: a state of size 0 that remembers only this
+        state = (self.state or Remembered(self.origin, 0, b"", "", 0, [], 0))._replace(
+            acknowledged=last_id
+        )
+        try:
+            write_latest(self.latest, state)
+        except OSError as error:
+            self.fail(f"{self.latest}: cannot remember what was acknowledged ({error.strerror})")
+            return
+        self.state = state
+
     def fail(self, why: str) -> None:
         """Stop signing (and so recording): the ledger cannot be extended consistently."""
         if not self.broken:
@@ -524,7 +579,14 @@ class Ledger:
             )
             if self.latest is not None:
                 try:
-                    write_latest(self.latest, self.origin, self.frontier, self._last_id, note)
+                    state = _remember(self.origin, self.frontier, self._last_id, note)
+                    state = state._replace(
+                        acknowledged=max(state.acknowledged, self.state.acknowledged)
+                        if self.state is not None
+                        else state.acknowledged
+                    )
+                    write_latest(self.latest, state)
+                    self.state = state
                 except OSError as error:
                     # not remembered, so not given: an unremembered checkpoint is a fork waiting
                     raise CheckpointError(

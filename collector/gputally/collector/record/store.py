@@ -46,13 +46,16 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
--- An index, not evidence: each GPU's (UUID's) latest recorded window end and the node that
--- recorded it, kept in the same transaction as the entries, so that an overlapping window
--- of the same card (from any node) is refused at once, across collector restarts.
+-- An index, not evidence: each card's latest recorded window (accounting.next_window) and
+-- the node that recorded it, kept in the same transaction as the entries, so that a window
+-- of the same card (from any node) that would count a second twice is refused at once,
+-- across collector restarts. `uuid` is the card's key (accounting.card).
 CREATE TABLE IF NOT EXISTS gpu_windows (
     uuid TEXT PRIMARY KEY,
     node TEXT NOT NULL,
-    end_ns INTEGER NOT NULL
+    start_ns INTEGER NOT NULL,
+    end_ns INTEGER NOT NULL,
+    covered REAL NOT NULL
 );
 """
 
@@ -99,6 +102,7 @@ class Record:
         except sqlite3.Error as error:
             raise RecordError(f"{self.path}: not a gputally record: {error}") from None
         self._lock = threading.Lock()
+        self.last_id = 0  # the id of the newest entry this process appended
 
     def close(self) -> None:
         self._db.close()
@@ -112,11 +116,11 @@ class Record:
         window_end_ns: int,
         received: float,
         body: bytes,
-        uuids: list[str] | None = None,
+        windows: list[tuple[str, int, int, float]] | None = None,
     ) -> bool:
-        """Store one summary durably (committed and synced when this returns), and advance its
-        GPUs' (`uuids`) latest window ends in the same transaction. False when it was already
-        stored (a resent report). RecordError when the record cannot be written."""
+        """Store one summary durably (committed and synced when this returns), and its cards'
+        latest windows (`windows`: card, start, end, covered) in the same transaction. False
+        when it was already stored (a resent report). RecordError when it cannot be written."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -136,12 +140,13 @@ class Record:
                     ),
                 )
                 stored = cursor.rowcount == 1
-                if stored and uuids:
+                if stored:
+                    self.last_id = int(cursor.lastrowid or 0)
+                if stored and windows:
                     self._db.executemany(
-                        "INSERT INTO gpu_windows (uuid, node, end_ns) VALUES (?, ?, ?)"
-                        " ON CONFLICT (uuid) DO UPDATE SET node = excluded.node,"
-                        " end_ns = max(end_ns, excluded.end_ns)",
-                        [(uuid, node, window_end_ns) for uuid in uuids],
+                        "INSERT OR REPLACE INTO gpu_windows (uuid, node, start_ns, end_ns, covered)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        [(key, node, w0, w1, covered) for key, w0, w1, covered in windows],
                     )
                 self._db.execute("COMMIT")
             except sqlite3.Error as error:
@@ -150,26 +155,27 @@ class Record:
                 raise _damaged(self.path, error) from None
             return stored
 
-    def latest_windows(self, uuids: list[str]) -> dict[str, tuple[str, int]]:
-        """uuid -> (node, latest recorded window end in ns) of those GPUs the record has."""
+    def latest_windows(self, cards: list[str]) -> dict[str, tuple[str, tuple[int, int, float]]]:
+        """card -> (node, its latest window) of those cards the record has."""
         with self._lock:
             try:
                 rows = self._db.execute(
-                    f"SELECT uuid, node, end_ns FROM gpu_windows WHERE uuid IN ({','.join('?' * len(uuids))})",
-                    uuids,
+                    "SELECT uuid, node, start_ns, end_ns, covered FROM gpu_windows"
+                    f" WHERE uuid IN ({','.join('?' * len(cards))})",
+                    cards,
                 ).fetchall()
             except sqlite3.Error as error:
                 raise _damaged(self.path, error) from None
-        return {str(u): (str(n), int(e)) for u, n, e in rows}
+        return {str(u): (str(n), (int(w0), int(w1), float(c))) for u, n, w0, w1, c in rows}
 
-    def index_windows(self, rows: list[tuple[str, str, int]]) -> None:
-        """Fill the GPU window index from scratch (a ledger written before it existed)."""
+    def index_windows(self, rows: list[tuple[str, str, int, int, float]]) -> None:
+        """Fill the GPU window index from scratch (a ledger written before it existed):
+        (card, node, start, end, covered) each."""
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany(
-                "INSERT INTO gpu_windows (uuid, node, end_ns) VALUES (?, ?, ?)"
-                " ON CONFLICT (uuid) DO UPDATE SET node = excluded.node,"
-                " end_ns = max(end_ns, excluded.end_ns)",
+                "INSERT OR REPLACE INTO gpu_windows (uuid, node, start_ns, end_ns, covered)"
+                " VALUES (?, ?, ?, ?, ?)",
                 rows,
             )
             self._db.execute("COMMIT")
@@ -292,6 +298,8 @@ class Record:
 
     def summaries(self, start_ns: int, end_ns: int) -> Iterator[tuple[str, bytes]]:
         """(node, summary bytes) of every summary whose window overlaps [start, end)."""
+        # SQLite integers are 64-bit: a period past 2262 (in ns) is clamped, not an overflow
+        start_ns, end_ns = (max(min(t, 2**63 - 1), -(2**63)) for t in (start_ns, end_ns))
         try:
             rows = self._db.execute(
                 "SELECT node, body FROM summaries WHERE window_end_ns > ? AND window_start_ns < ? ORDER BY id",
