@@ -631,7 +631,7 @@ def hostile_ledger(tmp_path: Path) -> Path:
         keys.enroll(node, public_bytes(k), rotate=True)
     signers = {node: SummarySigner(k, node) for node, k in made.items()}
     stolen = window(1, busy=0.9, node="n2")
-    stolen.gpus[0].uuid = "GPU-n1-0"  # n2 claims n1's card for the same 300 s
+    stolen.gpus[0].uuid = "gpu-n1-0"  # n2 claims n1's card (in another case) for the same 300 s
     burning = window(3, busy=0.3)
     burning.gpus[0].energy_joules = 1e300
     rows = [
@@ -673,9 +673,14 @@ def test_audit_verify_names_every_kind_of_finding_with_counts_and_examples(
     }
     assert result["findings"]["overlap"]["examples"][0]["entry"] == 3
     assert (
-        "GPU GPU-n1-0 is in node n2's window and in node n1's"
+        "GPU gpu-n1-0 is in node n2's window and in node n1's"
         in (result["findings"]["duplicate identity"]["examples"][0]["message"])
     )
+    census = gputally("audit", "census", f"--ledger={db}", f"--keys={keys}", "--json")
+    assert census.returncode == 0, census.stderr
+    assert [
+        (d["uuid"], d["nodes"], d["kind"]) for d in json.loads(census.stdout)["duplicates"]
+    ] == [("gpu-n1-0", ["n1", "n2"], "claimed by two nodes at once")]
     text = gputally("audit", "verify", f"--ledger={db}", f"--keys={keys}")
     assert text.returncode == FAILED
     assert "FAILED: 3 findings of 3 kinds" in text.stdout

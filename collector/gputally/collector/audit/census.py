@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from gputally.v1 import accounting
 from gputally.v1 import telemetry_pb2 as pb
 
 from ..record.store import Record
@@ -45,7 +46,7 @@ def take(record: Record, start: float, end: float) -> dict[str, Card]:
         summary = pb.Summary.FromString(pb.SignedSummary.FromString(stored).body)
         w0, w1 = summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9
         for gpu in summary.gpus:
-            key = gpu.uuid or f"{node}/{gpu.index}"
+            key = accounting.card(gpu.uuid) or f"{node}/{gpu.index}"  # "GPU-AB", "gpu-ab": one card
             card = cards.setdefault(key, Card(key, gpu.serial, gpu.model))
             first, last = card.nodes.get(node, (w0, w1))
             card.nodes[node] = (min(first, w0), max(last, w1))

@@ -331,7 +331,10 @@ class Screen:
         latest = self.latest
         for key, covered, uuid in gpus:
             held = latest.get(key)
-            window = accounting.next_window(held[0] if held else None, start, end, covered)
+            if held is None or start >= held[0][1]:  # the common case, without a call
+                latest[key] = ((start, end, covered), node)
+                continue
+            window = accounting.next_window(held[0], start, end, covered)
             if window is None:
                 assert held is not None
                 out.append((key, held[1], held[0][1], uuid))
@@ -343,10 +346,14 @@ class Screen:
 GpuWindows = tuple[tuple[str, float, str], ...]
 
 
+_windows_of = operator.attrgetter("uuid", "present_seconds", "lost_seconds")
+
+
 def windows_of(summary: pb.Summary) -> GpuWindows:
     """(card, covered seconds, UUID) of each GPU of a summary: what Screen screens."""
     return tuple(
-        (accounting.card(g.uuid), g.present_seconds + g.lost_seconds, g.uuid) for g in summary.gpus
+        (accounting.card(uuid), present + lost, uuid)
+        for uuid, present, lost in map(_windows_of, summary.gpus)
     )
 
 
