@@ -200,10 +200,11 @@ def test_as_dict_names_the_measure_and_warns_about_an_understated_inventory() ->
     )
     (summary,) = summarizer.add(report(T0 + 10, 10.0, *(sample(i, busy=0.5) for i in range(3))))
     answer = as_dict(compute([("n1", signed(summary))], T0, T0 + 10, expected=2), "busy", 0.5)
-    assert (
-        answer["measure"] == "busy" and answer["figure"] == 0.75 and answer["verdict"] == SUPPORTED
-    )
+    # over the 3 GPUs seen, not the 2 declared: an understated inventory inflates nothing
+    assert answer["measure"] == "busy" and answer["figure"] == 0.5
+    assert answer["verdict"] == SUPPORTED and answer["denominator_gpus"] == 3
     assert "3 GPUs reported but only 2 were declared" in answer["warnings"][0]
+    assert "every figure is over the 3 seen" in answer["warnings"][0]
     with pytest.raises(ValueError, match="unknown measure"):
         as_dict(compute([], T0, T0 + 10, expected=2), "utilization", None)
 
@@ -232,7 +233,7 @@ def test_a_mig_gpu_whose_instances_all_go_to_another_owner_is_charged_to_it() ->
     instances' owner holds it all (a share of 1), not the whole GPU's mapping."""
     summarizer = Summarizer([pb.GpuIdentity(index=0, uuid="GPU-0", model=H100)], window=100.0)
     mine = pb.Attribution(source="kubernetes", tenant="ml", job="trainer")
-    gpu = sample(0, busy=None, mig_enabled=True, mig_slices=7, sm_active=0.5)
+    gpu = sample(0, busy=None, mig_enabled=True, mig_slices=7, sm_active=0.5, effective=0.5)
     gpu.attribution.CopyFrom(pb.Attribution(source="static", tenant="ops", job="maint"))
     for slices in (3, 4):
         gpu.mig.add(slices=slices, process_count=1, sm_active=0.5).attribution.CopyFrom(mine)

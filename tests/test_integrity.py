@@ -392,7 +392,15 @@ def filled(tmp_path: Path, entries: int, checkpoint_every: int) -> tuple[Record,
             s.window_end_unix_nano,
             T0,
             signed.SerializeToString(),
-            [(s.gpus[0].uuid.casefold(), s.window_start_unix_nano, s.window_end_unix_nano, 300.0)],
+            [
+                (
+                    s.gpus[0].uuid.casefold(),
+                    s.window_start_unix_nano,
+                    s.window_end_unix_nano,
+                    300.0,
+                    s.gpus[0].energy_joules,
+                )
+            ],
         )
         if (n + 1) % checkpoint_every == 0:
             assert ledger.checkpoint(T0)
@@ -680,7 +688,7 @@ def test_audit_verify_names_every_kind_of_finding_with_counts_and_examples(
     assert census.returncode == 0, census.stderr
     assert [
         (d["uuid"], d["nodes"], d["kind"]) for d in json.loads(census.stdout)["duplicates"]
-    ] == [("gpu-n1-0", ["n1", "n2"], "claimed by two nodes at once")]
+    ] == [("GPU-n1-0", ["n1", "n2"], "claimed by two nodes at once")]
     text = gputally("audit", "verify", f"--ledger={db}", f"--keys={keys}")
     assert text.returncode == FAILED
     assert "FAILED: 3 findings of 3 kinds" in text.stdout
@@ -958,3 +966,98 @@ def test_a_query_far_in_the_future_is_an_answer_not_a_traceback(tmp_path: Path) 
     )
     assert answer.returncode == 0 and "Traceback" not in answer.stderr
     assert "no summary in the record overlaps this period" in answer.stdout
+
+
+# -- a second hostile review ----------------------------------------------------------------
+
+
+def test_a_window_sent_again_with_no_seconds_cannot_add_energy(tmp_path: Path) -> None:
+    keys, made = enrolled(tmp_path, NODE)
+    record = Record(tmp_path / "r.db")
+    state = ClusterState(record=record, keys=keys)
+    state.open_session(hello(NODE, 1, key=made[NODE]))
+    signer = SummarySigner(made[NODE], NODE)
+    full = window(0)
+    full.gpus[0].energy_joules = max_joules(300.0)
+    empty = window(0)
+    empty.gpus[0].ClearField("present_seconds")
+    empty.gpus[0].ClearField("busy_seconds")
+    empty.gpus[0].energy_joules = max_joules(300.0)
+    at = int((T0 + 300) * 1e9)
+    state.ingest(
+        NODE, pb.Report(seq=1, time_unix_nano=at, summary=signer.sign(full)), received=T0 + 301
+    )
+    with pytest.raises(InvalidMessageError, match="overlaps one this node recorded"):
+        state.ingest(
+            NODE, pb.Report(seq=2, time_unix_nano=at, summary=signer.sign(empty)), received=T0 + 301
+        )
+    assert record.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        (
+            {"busy_seconds": 150.0, "busy_missing_seconds": 300.0},
+            "busy_seconds and busy_missing_seconds add up",
+        ),
+        (
+            {"allocated_seconds": 150.0, "allocated_missing_seconds": 300.0},
+            "allocated_seconds and allocated_missing_seconds add up",
+        ),
+    ],
+    ids=["busy", "allocated"],
+)
+def test_a_measure_and_its_missing_seconds_split_the_present_ones(
+    fields: dict[str, float], reason: str
+) -> None:
+    s = window(0)
+    for name, value in fields.items():
+        setattr(s.gpus[0], name, value)
+    assert reason in accounting.summary_problem(s)
+
+
+def test_mig_shares_cannot_create_work_or_energy() -> None:
+    s = window(0, busy=0.0)
+    gpu = s.gpus[0]
+    share = gpu.shares.add(present_seconds=300.0, busy_seconds=300.0, allocated_seconds=300.0)
+    share.attribution.tenant = "alice"
+    assert "its shares' allocated_seconds add up to 300, more than the GPU's" in (
+        accounting.summary_problem(s)
+    )
+    share.allocated_seconds = 0.0
+    assert "its shares' busy_seconds" in accounting.summary_problem(s)
+    share.busy_seconds = 0.0
+    share.energy_joules = 1000.0
+    assert "its shares' energy_joules" in accounting.summary_problem(s)
+    share.energy_joules = 0.0
+    assert accounting.summary_problem(s) == ""
+
+
+def test_a_receipt_with_an_impossible_size_is_one_line(tmp_path: Path) -> None:
+    record, _ = filled(tmp_path, 2, 2)
+    record.close()
+    receipt = tmp_path / "receipt.json"
+    receipt.write_text(
+        '{"gputally_receipt": 1, "origin": "x", "size": 1e400, "root": "00", "keys_digest": ""}'
+    )
+    answer = gputally(
+        "audit",
+        "report",
+        f"--ledger={tmp_path / 'ledger.db'}",
+        f"--keys={tmp_path / 'keys'}",
+        f"--from={T0:.0f}",
+        f"--to={T0 + 600:.0f}",
+        "--expected-gpus=1",
+        f"--receipt={receipt}",
+        f"--out={tmp_path / 'out'}",
+    )
+    assert answer.returncode == USAGE and "Traceback" not in answer.stderr
+    assert "not a usable receipt" in answer.stderr
+
+
+def test_a_deleted_checkpoint_state_is_refused_not_forgotten(tmp_path: Path) -> None:
+    record, _ = filled(tmp_path, 4, 2)
+    record.close()
+    (tmp_path / "ledger.db.checkpoint").unlink()
+    one_line_refusal(gputally(*collector_args(tmp_path)), LEDGER, "missing, but this ledger's")

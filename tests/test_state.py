@@ -303,7 +303,7 @@ def test_a_mig_owner_with_one_unmeasured_instance_counts_the_same_live_and_recor
     only; b holds 2 slices. The measured part of a's GPU counts, the unmeasured part only
     widens the bound, in the live view exactly as in the summaries (the live view used to
     drop all of a's allocated time once one of its instances did not say)."""
-    mig = gpu_sample(0, mig_enabled=True, mig_slices=7, sm_active=0.5)
+    mig = gpu_sample(0, mig_enabled=True, mig_slices=7, sm_active=0.5, effective=0.5)
     a = pb.Attribution(source="kubernetes", tenant="a", job="a-0")
     b = pb.Attribution(source="kubernetes", tenant="b", job="b-0")
     mig.mig.add(gpu_instance_id=1, slices=3, process_count=1, sm_active=0.6).attribution.CopyFrom(a)

@@ -200,22 +200,31 @@ MAX_BOARD_WATTS = 2000.0
 # average over about a second, and a counter read at slightly different times than the
 # interval's ends gains a little.
 ENERGY_TOLERANCE = 1.25
-# One card's latest window: (start ns, end ns, the card's covered seconds in it).
-Window = tuple[int, int, float]
+# One card's latest window: (start ns, end ns, the card's covered seconds and joules in it).
+Window = tuple[int, int, float, float]
 
 
-def next_window(latest: Window | None, start: int, end: int, covered: float) -> Window | None:
+def next_window(
+    latest: Window | None, start: int, end: int, covered: float, joules: float
+) -> Window | None:
     """The card's latest window once a summary of [start, end) ns covering `covered` of its
-    seconds (present and lost) is counted; None when that summary would count a second twice.
+    seconds (present and lost) and `joules` is counted; None when that summary would count a
+    second (or a joule) twice.
 
     A window may start where the latest ended, or later. It may also be the latest window
-    again, if both cover no more seconds together than it has: an agent restarted within a
-    window sends that window's two parts (windows are aligned, so their bounds are equal to
-    the nanosecond). Anything else overlaps."""
+    again, if both together cover no more seconds than it has and no more energy than a
+    board draws in it: an agent restarted within a window sends that window's two parts
+    (windows are aligned, so their bounds are equal to the nanosecond). Anything else
+    overlaps."""
     if latest is None or start >= latest[1]:
-        return (start, end, covered)
-    if (start, end) == latest[:2] and latest[2] + covered <= (end - start) / 1e9 * 1.001 + 1e-6:
-        return (start, end, latest[2] + covered)
+        return (start, end, covered, joules)
+    length = (end - start) / 1e9
+    if (
+        (start, end) == latest[:2]
+        and latest[2] + covered <= length * 1.001 + 1e-6
+        and latest[3] + joules <= max_joules(length)
+    ):
+        return (start, end, latest[2] + covered, latest[3] + joules)
     return None
 
 
@@ -245,6 +254,13 @@ _PARTS = (
     ("effective_estimated_seconds", "effective_seconds"),
     ("busy_unmeasured_seconds", "present_seconds"),  # busy seconds, or present ones when
 )  # busy is not known: the cap of SM activity where it was not measured
+# Present seconds split between a measure known and its missing seconds (and between SM
+# activity measured and not): each pair together is within the present seconds.
+_DISJOINT = (
+    ("busy_seconds", "busy_missing_seconds"),
+    ("allocated_seconds", "allocated_missing_seconds"),
+    ("sm_measured_seconds", "busy_unmeasured_seconds"),
+)
 _FLAGGED_PARTS = (
     ("allocated_seconds", "seconds"),
     ("busy_seconds", "seconds"),
@@ -338,6 +354,9 @@ def _part_ok(part: pb.GpuSummary, slack: float, tol: float, joules: float) -> bo
         > top
         or sm_active > sm_measured + tol
         or estimated > effective + tol
+        or busy + busy_missing > top
+        or allocated + allocated_missing > top
+        or sm_measured + unmeasured > top
     ):
         return False
     padding = part.padding
@@ -385,6 +404,9 @@ def _part_problem(part: pb.GpuSummary, length: float, slack: float, tol: float) 
             return (
                 f"{name} ({getattr(part, name):g}) is more than {whole} ({getattr(part, whole):g})"
             )
+    for a, b in _DISJOINT:
+        if getattr(part, a) + getattr(part, b) > part.present_seconds + tol:
+            return f"{a} and {b} add up to more than present_seconds ({part.present_seconds:g})"
     for total in (part.flagged, *part.padding):
         what = f"padding {total.rule or '(flagged)'}"
         for name in FLAGGED_FIELDS:
@@ -470,6 +492,9 @@ def _summary_ok(gpus: Sequence[pb.GpuSummary], slack: float, tol: float, joules:
         )
         or any(map(gt, sm_active, [m + tol for m in sm_measured]))
         or any(map(gt, estimated, [e + tol for e in effective]))
+        or any(map(gt, map(operator.add, busy, busy_missing), top))
+        or any(map(gt, map(operator.add, allocated, allocated_missing), top))
+        or any(map(gt, map(operator.add, sm_measured, unmeasured), top))
     )
 
 
@@ -511,6 +536,24 @@ def summary_problem(summary: pb.Summary) -> str:
         held = sum(s.present_seconds for s in shares)
         if abs(held - gpu.present_seconds) > tol:
             return f"summary GPU {gpu.index}: its shares hold {held:g} s, the GPU {gpu.present_seconds:g} s"
+        # A split moves seconds (and joules) between owners, never creates them. The shares
+        # may know more than the GPU (an instance's processes or SM activity, where the whole
+        # GPU's are missing), never more than the GPU's known and unknown seconds together.
+        columns = zip(*map(_summary_values, shares), strict=True)
+        total = dict(zip(SUMMARY_FIELDS, map(sum, columns), strict=True))
+        unmeasured = gpu.present_seconds - gpu.sm_measured_seconds
+        for name, limit in (
+            ("allocated_seconds", gpu.allocated_seconds + gpu.allocated_missing_seconds + tol),
+            ("busy_seconds", gpu.busy_seconds + gpu.busy_missing_seconds + tol),
+            ("sm_active_seconds", gpu.sm_active_seconds + unmeasured + tol),
+            (
+                "effective_seconds",
+                gpu.effective_seconds + gpu.busy_unmeasured_seconds + unmeasured + tol,
+            ),
+            ("energy_joules", gpu.energy_joules + 1.0),
+        ):
+            if total[name] > limit:
+                return f"summary GPU {gpu.index}: its shares' {name} add up to {total[name]:g}, more than the GPU's"
     return ""
 
 

@@ -47,7 +47,7 @@ def take(record: Record, start: float, end: float) -> dict[str, Card]:
         w0, w1 = summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9
         for gpu in summary.gpus:
             key = accounting.card(gpu.uuid) or f"{node}/{gpu.index}"  # "GPU-AB", "gpu-ab": one card
-            card = cards.setdefault(key, Card(key, gpu.serial, gpu.model))
+            card = cards.setdefault(key, Card(gpu.uuid or key, gpu.serial, gpu.model))
             first, last = card.nodes.get(node, (w0, w1))
             card.nodes[node] = (min(first, w0), max(last, w1))
             card.present_seconds += gpu.present_seconds

@@ -123,8 +123,14 @@ class PeriodFigures:
         return self.end - self.start
 
     @property
+    def denominator(self) -> int:
+        """The GPUs the figures are over: the declared inventory, or the GPUs the summaries
+        name when they are more (an understated inventory must not inflate a figure)."""
+        return max(self.expected, len(self.total.gpus))
+
+    @property
     def capacity(self) -> float:
-        return self.expected * self.seconds
+        return self.denominator * self.seconds
 
     def coverage(self) -> float:
         return accounting.coverage(self.total.sums.values, self.capacity)
@@ -322,19 +328,19 @@ class Screen:
         self.latest: dict[str, tuple[accounting.Window, str]] = {}  # card -> (window, node)
 
     def overlapping(
-        self, node: str, start: int, end: int, gpus: Iterable[tuple[str, float, str]]
+        self, node: str, start: int, end: int, gpus: Iterable[tuple[str, float, float, str]]
     ) -> list[tuple[str, str, int, str]]:
         """(card, the earlier window's node, its end in ns, UUID) of each GPU (card, covered
-        seconds, UUID) of a summary of [start, end) ns that would count a second twice; the
-        rest are taken, and their windows remembered."""
+        seconds, joules, UUID) of a summary of [start, end) ns that would count a second (or
+        a joule) twice; the rest are taken, and their windows remembered."""
         out = []
         latest = self.latest
-        for key, covered, uuid in gpus:
+        for key, covered, joules, uuid in gpus:
             held = latest.get(key)
             if held is None or start >= held[0][1]:  # the common case, without a call
-                latest[key] = ((start, end, covered), node)
+                latest[key] = ((start, end, covered, joules), node)
                 continue
-            window = accounting.next_window(held[0], start, end, covered)
+            window = accounting.next_window(held[0], start, end, covered, joules)
             if window is None:
                 assert held is not None
                 out.append((key, held[1], held[0][1], uuid))
@@ -343,17 +349,17 @@ class Screen:
         return out
 
 
-GpuWindows = tuple[tuple[str, float, str], ...]
+GpuWindows = tuple[tuple[str, float, float, str], ...]
 
 
-_windows_of = operator.attrgetter("uuid", "present_seconds", "lost_seconds")
+_windows_of = operator.attrgetter("uuid", "present_seconds", "lost_seconds", "energy_joules")
 
 
 def windows_of(summary: pb.Summary) -> GpuWindows:
-    """(card, covered seconds, UUID) of each GPU of a summary: what Screen screens."""
+    """(card, covered seconds, joules, UUID) of each GPU of a summary: what Screen screens."""
     return tuple(
-        (accounting.card(uuid), present + lost, uuid)
-        for uuid, present, lost in map(_windows_of, summary.gpus)
+        (accounting.card(uuid), present + lost, joules, uuid)
+        for uuid, present, lost, joules in map(_windows_of, summary.gpus)
     )
 
 
@@ -426,6 +432,7 @@ def as_dict(
         "seconds": figures.seconds,
         "expected_gpus": figures.expected,
         "seen_gpus": seen,
+        "denominator_gpus": figures.denominator,
         "measure": measure,
         "figure": chosen.figure,
         "lower": chosen.lower,
@@ -458,7 +465,8 @@ def as_dict(
         "by_job": breakdown(figures.jobs, held=True),
         "warnings": (
             [
-                f"{seen} GPUs reported but only {figures.expected} were declared: the inventory is understated"
+                f"{seen} GPUs reported but only {figures.expected} were declared: the inventory is "
+                f"understated, and every figure is over the {seen} seen"
             ]
             if seen > figures.expected
             else []

@@ -170,7 +170,7 @@ class Receipt:
                 str(data["keys_digest"]),
                 str(data.get("verified_at", "")),
             )
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as error:
             raise ReceiptError(f"{path}: not a usable receipt ({error})") from None
 
     @classmethod
@@ -218,7 +218,7 @@ class Checked(NamedTuple):
     # the window (ns) and (card, covered seconds) of each GPU of a summary without problems,
     # screened in log order
     window: tuple[int, int] = (0, 0)
-    uuids: tuple[tuple[str, float, str], ...] = ()
+    uuids: tuple[tuple[str, float, float, str], ...] = ()
 
 
 def _interned(table: dict[_Windows, _Windows], key: _Windows) -> _Windows:

@@ -194,7 +194,7 @@ class SummaryIntake:
 
     def _windows(
         self, node: str, chain: Chain, summary: pb.Summary
-    ) -> list[tuple[str, int, int, float]]:
+    ) -> list[tuple[str, int, int, float, float]]:
         """Each card's latest window once the summary is counted (for the record's index);
         InvalidMessageError when a card's window would count a second twice (the same window
         sent again under a new chain number, or two nodes claiming one card): see
@@ -208,7 +208,8 @@ class SummaryIntake:
         out = []
         for key, gpu in zip(keys, summary.gpus, strict=True):
             holder, held = latest.get(key, (node, None))
-            window = next_window(held, start, end, gpu.present_seconds + gpu.lost_seconds)
+            covered = gpu.present_seconds + gpu.lost_seconds
+            window = next_window(held, start, end, covered, gpu.energy_joules)
             if window is None:
                 assert held is not None
                 chain.overlaps += 1

@@ -207,6 +207,9 @@ def publish_collector_key(ledger: Ledger, keys: Path, fallback: Path) -> None:
         return
 
 
+STATE_KEY = "checkpoint_state"  # meta: where this ledger's checkpoint state file was written
+
+
 class LedgerStartError(RuntimeError):
     """The collector must not run on this ledger (it would fork or forget the log); the
     message says why in one line, and what to restore."""
@@ -330,6 +333,14 @@ class Ledger:
         self.last_size = checkpoints[-1][1] if checkpoints else 0
         remembered = read_latest(latest) if latest is not None else None
         self.state = remembered  # what the checkpoint state file holds now
+        if latest is not None and remembered is None and record.meta(STATE_KEY) is not None:
+            raise LedgerStartError(
+                f"{latest}: missing, but this ledger's latest checkpoint was remembered in "
+                f"{record.meta(STATE_KEY)}: restore that file (without it a rolled-back or "
+                "cut-short ledger cannot be told from a whole one); if it is truly lost and the "
+                f'ledger is complete, clear the mark: sqlite3 {record.path} "DELETE FROM meta '
+                f"WHERE key = '{STATE_KEY}'\""
+            )
         if remembered is not None:
             self._open_remembered(remembered)
         incremental = (
@@ -354,7 +365,7 @@ class Ledger:
             _, size, _, note = checkpoints[-1]
             if size == self.frontier.size:
                 self.state = _remember(origin, self.frontier, self._last_id, note)
-                write_latest(latest, self.state)
+                self._write_state(self.state)
         if self.broken:
             log.error(
                 "ledger damaged: no checkpoint is signed and no summary acknowledged",
@@ -454,7 +465,9 @@ class Ledger:
                         key = card(gpu.uuid)
                         held = index.get(key)
                         covered = gpu.present_seconds + gpu.lost_seconds
-                        window = next_window(held[1] if held else None, start, end, covered)
+                        window = next_window(
+                            held[1] if held else None, start, end, covered, gpu.energy_joules
+                        )
                         if window is not None:  # an overlap is the auditor's finding
                             index[key] = (node, window)
         if index:
@@ -530,6 +543,14 @@ class Ledger:
         log.info("ledger history rehashed", extra={"kv": {"entries": frontier.size}})
         return True
 
+    def _write_state(self, state: Remembered) -> None:
+        """Write the checkpoint state file; the first time, the ledger notes that it has one,
+        so that a start that finds it gone is refused instead of starting without it."""
+        assert self.latest is not None
+        write_latest(self.latest, state)
+        if self.record.meta(STATE_KEY) is None:
+            self.record.set_meta(STATE_KEY, str(self.latest))
+
     def acknowledge(self, last_id: int) -> None:
         """Entries up to `last_id` are about to be acknowledged: remember that outside the
         ledger (synced), so that a start without them (a lost WAL) is refused rather than
@@ -541,7 +562,7 @@ class Ledger:
             acknowledged=last_id
         )
         try:
-            write_latest(self.latest, state)
+            self._write_state(state)
         except OSError as error:
             self.fail(f"{self.latest}: cannot remember what was acknowledged ({error.strerror})")
             return
@@ -585,7 +606,7 @@ class Ledger:
                         if self.state is not None
                         else state.acknowledged
                     )
-                    write_latest(self.latest, state)
+                    self._write_state(state)
                     self.state = state
                 except OSError as error:
                     # not remembered, so not given: an unremembered checkpoint is a fork waiting

@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS gpu_windows (
     node TEXT NOT NULL,
     start_ns INTEGER NOT NULL,
     end_ns INTEGER NOT NULL,
-    covered REAL NOT NULL
+    covered REAL NOT NULL,
+    joules REAL NOT NULL
 );
 """
 
@@ -116,10 +117,10 @@ class Record:
         window_end_ns: int,
         received: float,
         body: bytes,
-        windows: list[tuple[str, int, int, float]] | None = None,
+        windows: list[tuple[str, int, int, float, float]] | None = None,
     ) -> bool:
         """Store one summary durably (committed and synced when this returns), and its cards'
-        latest windows (`windows`: card, start, end, covered) in the same transaction. False
+        latest windows (`windows`: card, start, end, covered, joules) in the same transaction. False
         when it was already stored (a resent report). RecordError when it cannot be written."""
         with self._lock:
             try:
@@ -144,9 +145,9 @@ class Record:
                     self.last_id = int(cursor.lastrowid or 0)
                 if stored and windows:
                     self._db.executemany(
-                        "INSERT OR REPLACE INTO gpu_windows (uuid, node, start_ns, end_ns, covered)"
-                        " VALUES (?, ?, ?, ?, ?)",
-                        [(key, node, w0, w1, covered) for key, w0, w1, covered in windows],
+                        "INSERT OR REPLACE INTO gpu_windows"
+                        " (uuid, node, start_ns, end_ns, covered, joules) VALUES (?, ?, ?, ?, ?, ?)",
+                        [(key, node, *window) for key, *window in windows],
                     )
                 self._db.execute("COMMIT")
             except sqlite3.Error as error:
@@ -155,27 +156,31 @@ class Record:
                 raise _damaged(self.path, error) from None
             return stored
 
-    def latest_windows(self, cards: list[str]) -> dict[str, tuple[str, tuple[int, int, float]]]:
+    def latest_windows(
+        self, cards: list[str]
+    ) -> dict[str, tuple[str, tuple[int, int, float, float]]]:
         """card -> (node, its latest window) of those cards the record has."""
         with self._lock:
             try:
                 rows = self._db.execute(
-                    "SELECT uuid, node, start_ns, end_ns, covered FROM gpu_windows"
+                    "SELECT uuid, node, start_ns, end_ns, covered, joules FROM gpu_windows"
                     f" WHERE uuid IN ({','.join('?' * len(cards))})",
                     cards,
                 ).fetchall()
             except sqlite3.Error as error:
                 raise _damaged(self.path, error) from None
-        return {str(u): (str(n), (int(w0), int(w1), float(c))) for u, n, w0, w1, c in rows}
+        return {
+            str(u): (str(n), (int(w0), int(w1), float(c), float(j))) for u, n, w0, w1, c, j in rows
+        }
 
-    def index_windows(self, rows: list[tuple[str, str, int, int, float]]) -> None:
+    def index_windows(self, rows: list[tuple[str, str, int, int, float, float]]) -> None:
         """Fill the GPU window index from scratch (a ledger written before it existed):
-        (card, node, start, end, covered) each."""
+        (card, node, start, end, covered, joules) each."""
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany(
-                "INSERT OR REPLACE INTO gpu_windows (uuid, node, start_ns, end_ns, covered)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO gpu_windows"
+                " (uuid, node, start_ns, end_ns, covered, joules) VALUES (?, ?, ?, ?, ?, ?)",
                 rows,
             )
             self._db.execute("COMMIT")
