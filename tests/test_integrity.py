@@ -70,6 +70,15 @@ def enrolled(tmp_path: Path, *nodes: str) -> tuple[KeyStore, dict[str, Ed25519Pr
     return keys, made
 
 
+def recording(tmp_path: Path) -> tuple[ClusterState, Record, SummarySigner]:
+    """A collector's state that records, with one enrolled 1-GPU node, and its signer."""
+    keys, made = enrolled(tmp_path, NODE)
+    record = Record(tmp_path / "r.db")
+    state = ClusterState(record=record, keys=keys)
+    state.open_session(hello(NODE, 1, key=made[NODE]))
+    return state, record, SummarySigner(made[NODE], NODE)
+
+
 def window(k: int, busy: float = 0.3, node: str = NODE, seconds: float = 300.0) -> pb.Summary:
     """Window k (300 s each from T0) of GPU 0 of `node`."""
     return summary(T0 + seconds * k, seconds, busy, node)
@@ -879,11 +888,7 @@ def test_a_uuid_in_another_case_is_the_same_card(
 
 
 def test_a_window_split_by_an_agent_restart_is_recorded_whole_and_no_more(tmp_path: Path) -> None:
-    keys, made = enrolled(tmp_path, NODE)
-    record = Record(tmp_path / "r.db")
-    state = ClusterState(record=record, keys=keys)
-    state.open_session(hello(NODE, 1, key=made[NODE]))
-    signer = SummarySigner(made[NODE], NODE)
+    state, record, signer = recording(tmp_path)
     parts: list[pb.Report] = []
     for seconds in (120.0, 180.0, 1.0):  # stopped after 120 s, then the rest; then one more
         s = window(0)
@@ -972,11 +977,7 @@ def test_a_query_far_in_the_future_is_an_answer_not_a_traceback(tmp_path: Path) 
 
 
 def test_a_window_sent_again_with_no_seconds_cannot_add_energy(tmp_path: Path) -> None:
-    keys, made = enrolled(tmp_path, NODE)
-    record = Record(tmp_path / "r.db")
-    state = ClusterState(record=record, keys=keys)
-    state.open_session(hello(NODE, 1, key=made[NODE]))
-    signer = SummarySigner(made[NODE], NODE)
+    state, record, signer = recording(tmp_path)
     full = window(0)
     full.gpus[0].energy_joules = max_joules(300.0)
     empty = window(0)
