@@ -356,3 +356,15 @@ def test_node_info_shows_what_each_hello_says_cut_to_a_bounded_length() -> None:
     text = generate_latest(make_registry(state)).decode()
     (info,) = [f for f in text_string_to_metric_families(text) if f.name == "gputally_node_info"]
     assert [s.labels["backend"] for s in info.samples] == ["nvml"]
+
+
+def test_an_understated_inventory_inflates_no_live_figure() -> None:
+    """Two GPUs report, one was declared: the live figures are over the two seen, as the
+    record's are, never 200% of the declared one."""
+    state = ClusterState(expected_gpus=1, window=10.0, lag=0.0, clock=lambda: T0 + 10)
+    state.open_session(hello(gpus=2))
+    for k in range(1, 11):
+        state.ingest("n1", report(k, T0 + k, gpu(0, 1.0), gpu(1, 0.0)), received=T0 + k)
+    view = state.view()
+    assert view.expected == 2 and view.declared
+    assert view.window.ratios["busy"] == pytest.approx(0.5)

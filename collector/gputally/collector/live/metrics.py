@@ -190,7 +190,8 @@ class ClusterCollector(Collector):
         """The cluster's GPUs, live figures, counters and models."""
         gpus = GaugeMetricFamily(
             "gputally_cluster_gpus",
-            "GPUs by state: expected (declared inventory, else GPUs seen), seen (in any agent's hello), "
+            "GPUs by state: expected (the denominator: the declared inventory, or the GPUs seen when "
+            "more), seen (in any agent's hello), "
             "reporting (fresh telemetry, status ok), lost (seen but not reporting), missing (expected but never seen).",
             labels=["state"],
         )

@@ -583,7 +583,9 @@ class ClusterState:
                         padding_gpus[rule] = padding_gpus.get(rule, 0) + 1
                 nodes.append(self._node_view(node, fresh, reporting, start, end))
             seen = len(all_gpus)
-            expected = self.expected_gpus if self.expected_gpus is not None else seen
+            # the denominator: the declared inventory, or the GPUs seen when they are more (an
+            # understated inventory must not inflate a figure: the record's rule too)
+            expected = max(self.expected_gpus or 0, seen)
             return ClusterView(
                 time=now,
                 window_seconds=self.window,
