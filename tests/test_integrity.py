@@ -1062,3 +1062,50 @@ def test_a_deleted_checkpoint_state_is_refused_not_forgotten(tmp_path: Path) -> 
     record.close()
     (tmp_path / "ledger.db.checkpoint").unlink()
     one_line_refusal(gputally(*collector_args(tmp_path)), LEDGER, "missing, but this ledger's")
+
+
+def test_a_sequence_number_the_record_cannot_hold_is_refused_not_a_crash(tmp_path: Path) -> None:
+    state, record, signer = recording(tmp_path)
+    huge = pb.Report(
+        seq=2**63, time_unix_nano=int((T0 + 300) * 1e9), summary=signer.sign(window(0))
+    )
+    with pytest.raises(InvalidMessageError, match=r"seq must be in \[1, 2\^63 - 1\]"):
+        state.ingest(NODE, huge, received=T0 + 301)
+    assert record.count() == 0
+
+
+def test_a_node_name_too_long_for_its_key_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    state = ClusterState(keys=KeyStore(tmp_path / "keys", trust_on_first_use=True))
+    with pytest.raises(InvalidMessageError, match="of at most 250 bytes"):
+        state.open_session(hello("\u00e9" * 200, 1, key=Ed25519PrivateKey.generate()))
+    assert list((tmp_path / "keys").iterdir()) == []
+
+
+def test_an_undecodable_message_is_invalid_argument_not_unknown(
+    collector_factory: Callable[..., Collector],
+) -> None:
+    collector = collector_factory()
+
+    async def send(first: bytes, then: bytes | None) -> tuple[grpc.StatusCode, str]:
+        async with grpc.aio.insecure_channel(collector.target) as channel:
+            call = channel.stream_stream(
+                "/gputally.v1.Ingest/Stream",
+                request_serializer=lambda b: b,
+                response_deserializer=pb.CollectorMessage.FromString,
+            )()
+            await call.write(first)
+            if then is not None:
+                assert (await call.read()).WhichOneof("body") == "welcome"
+                await call.write(then)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call.read()
+            return refused.value.code(), refused.value.details() or ""
+
+    garbage = b"\xff\xff\xff\xff"
+    valid_hello = pb.AgentMessage(hello=hello(NODE)).SerializeToString()
+    for first, then in ((garbage, None), (valid_hello, garbage)):
+        assert asyncio.run(send(first, then)) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "a message that is not a gputally.v1 AgentMessage",
+        )

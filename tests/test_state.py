@@ -160,7 +160,7 @@ def test_newer_session_supersedes_older() -> None:
         (report(1, T0, gpu(0, 1.5)), "busy must be a fraction"),
         (report(1, T0, gpu(9, 0.5)), "GPU index 9 was not in this node's hello"),
         (report(1, T0, gpu(0, 0.5), gpu(0, 0.5)), "appears twice"),
-        (report(0, T0, gpu(0, 0.5)), "seq must be positive"),
+        (report(0, T0, gpu(0, 0.5)), r"seq must be in \[1, 2\^63 - 1\], got 0"),
         (report(1, T0, gpu(0, 0.5), interval=0.0), "interval_seconds"),
         (report(1, T0, gpu(0, 0.5), interval=float("nan")), "interval_seconds"),
     ],

@@ -11,8 +11,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from gputally.cli.options import Address
 from gputally.v1 import __version__
@@ -43,12 +45,23 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 
+async def _read(context: grpc.aio.ServicerContext) -> Any:
+    """The stream's next message; a message that is not an AgentMessage ends the stream with
+    INVALID_ARGUMENT and a reason (grpc would answer UNKNOWN, and log a traceback)."""
+    try:
+        return await context.read()
+    except DecodeError:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, "a message that is not a gputally.v1 AgentMessage"
+        )
+
+
 class IngestService(pb_grpc.IngestServicer):
     def __init__(self, state: ClusterState):
         self.state = state
 
     async def Stream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
-        first = await context.read()
+        first = await _read(context)
         if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "the first message on a stream must be a Hello"
@@ -89,7 +102,7 @@ class IngestService(pb_grpc.IngestServicer):
                 )
             )
             while True:
-                message = await context.read()
+                message = await _read(context)
                 if message is grpc.aio.EOF:
                     return
                 if not self.state.is_current(hello.node, session):

@@ -12,7 +12,10 @@ from gputally.v1 import PROTOCOL_REVISION
 from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1.accounting import MAX_IDENTITY, card, summary_problem, uuid_problem
 
-MAX_NODE_NAME = 253  # a DNS name's length
+# A DNS name is at most 253 characters; a node's key file is <node>.pub, and a file name is
+# at most 255 bytes: so at most 250 bytes of UTF-8.
+MAX_NODE_NAME = 250
+MAX_SEQ = 2**63 - 1  # the record stores sequence numbers as SQLite's signed 64-bit integers
 MAX_INTERVAL_S = 3600.0
 
 
@@ -56,12 +59,12 @@ def check_hello(hello: pb.Hello) -> None:
     if not hello.node:
         raise InvalidMessageError("hello: node name is empty")
     if (
-        len(hello.node) > MAX_NODE_NAME
+        len(hello.node.encode()) > MAX_NODE_NAME
         or not hello.node.isprintable()
         or any(c.isspace() for c in hello.node)
     ):
         raise InvalidMessageError(
-            f"hello: node name {hello.node[:40]!r} is not a printable name without spaces of at most {MAX_NODE_NAME} characters"
+            f"hello: node name {hello.node[:40]!r} is not a printable name without spaces of at most {MAX_NODE_NAME} bytes"
         )
     if hello.protocol_revision < 1:
         raise InvalidMessageError(
@@ -96,8 +99,8 @@ def check_report(
     report: pb.Report, gpus: Container[int], now: float, limits: TimeLimits = TimeLimits()
 ) -> None:
     """A report of a node whose hello announced the GPU indices `gpus`, received at `now`."""
-    if report.seq == 0:
-        raise InvalidMessageError("seq must be positive")
+    if not 0 < report.seq <= MAX_SEQ:
+        raise InvalidMessageError(f"seq must be in [1, 2^63 - 1], got {report.seq}")
     summary_only = not report.gpus and report.HasField("summary") and report.interval_seconds == 0
     if not summary_only and (
         not (0 < report.interval_seconds <= MAX_INTERVAL_S)
