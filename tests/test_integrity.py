@@ -1109,3 +1109,59 @@ def test_an_undecodable_message_is_invalid_argument_not_unknown(
             grpc.StatusCode.INVALID_ARGUMENT,
             "a message that is not a gputally.v1 AgentMessage",
         )
+
+
+def test_a_crash_between_remembering_and_storing_a_checkpoint_loses_neither(
+    tmp_path: Path,
+) -> None:
+    record, ledger = filled(tmp_path, 4, 2)  # checkpoints at 2 and 4
+    s = window(9)
+    record.append(NODE, 1, 99, s.window_start_unix_nano, s.window_end_unix_nano, T0, envelope(s))
+
+    def killed(*_: object) -> None:
+        raise SystemExit("kill -9")  # after the state file is synced, before the row
+
+    record.add_checkpoint = killed  # type: ignore[method-assign,assignment]
+    with pytest.raises(SystemExit):
+        ledger.checkpoint(T0)
+    record.close()
+    again = Record(tmp_path / "ledger.db")
+    Ledger(
+        again,
+        load_or_create_private_key(tmp_path / "collector.key"),
+        ORIGIN,
+        tmp_path / "ledger.db.checkpoint",
+    )
+    assert [size for _, size, _, _ in again.checkpoints()] == [2, 4, 5]
+    again.close()
+    checked = gputally(
+        "audit",
+        "verify",
+        f"--ledger={tmp_path / 'ledger.db'}",
+        f"--keys={tmp_path / 'keys'}",
+        "--json",
+    )
+    # the restored checkpoint verifies; the one finding is the test's own unsigned entry
+    findings = json.loads(checked.stdout)["findings"]
+    assert {kind: f["count"] for kind, f in findings.items()} == {"signature": 1}
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (lambda state: state["peaks"].reverse(), "the remembered frontier does not give"),
+        (lambda state: state["peaks"].pop(), "a damaged frontier"),
+    ],
+    ids=["peaks swapped", "a peak missing"],
+)
+def test_a_damaged_frontier_in_the_state_file_is_refused_not_gone_on_from(
+    tmp_path: Path, damage: Callable[[dict[str, list[str]]], object], says: str
+) -> None:
+    record, _ = filled(tmp_path, 6, 6)  # 6 entries: two perfect subtrees (4 and 2)
+    record.close()
+    path = tmp_path / "ledger.db.checkpoint"
+    state = json.loads(path.read_text())
+    assert len(state["peaks"]) == 2
+    damage(state)
+    path.write_text(json.dumps(state))
+    one_line_refusal(gputally(*collector_args(tmp_path)), LEDGER, says)

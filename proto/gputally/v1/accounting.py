@@ -269,29 +269,23 @@ _FLAGGED_PARTS = (
     ("effective_estimated_seconds", "effective_seconds"),
     ("busy_unmeasured_seconds", "seconds"),
 )
-assert SUMMARY_FIELDS == (
+# Every number has its place: a GpuSummary field added without one fails here, at import.
+assert set(SUMMARY_FIELDS) == {
     "present_seconds",
-    "allocated_seconds",
-    "busy_seconds",
-    "sm_active_seconds",
-    "sm_measured_seconds",
-    "effective_seconds",
-    "effective_estimated_seconds",
-    "busy_unmeasured_seconds",
-    "energy_joules",
     "lost_seconds",
-    "busy_missing_seconds",
-    "allocated_missing_seconds",
-), "a GpuSummary number was added: give it its place in summary_problem"
-assert FLAGGED_FIELDS == (
-    "seconds",
-    "allocated_seconds",
-    "busy_seconds",
-    "sm_active_seconds",
-    "effective_seconds",
-    "effective_estimated_seconds",
-    "busy_unmeasured_seconds",
-), "a PaddingTotal number was added: give it its place in summary_problem"
+    "energy_joules",
+    *(part for part, _ in _PARTS),
+}, "a GpuSummary number was added: give it its place in _PARTS"
+assert set(FLAGGED_FIELDS) == {"seconds", *(part for part, _ in _FLAGGED_PARTS)}
+# The rules by position in SUMMARY_FIELDS and FLAGGED_FIELDS, for the fast checks.
+_AT = {name: i for i, name in enumerate(SUMMARY_FIELDS)}
+_PRESENT, _LOST, _ENERGY = _AT["present_seconds"], _AT["lost_seconds"], _AT["energy_joules"]
+_PARTS_AT = tuple((_AT[part], _AT[whole]) for part, whole in _PARTS)
+_DISJOINT_AT = tuple((_AT[a], _AT[b]) for a, b in _DISJOINT)
+_F_AT = {name: i for i, name in enumerate(FLAGGED_FIELDS)}
+_F_PARTS_AT = tuple((_F_AT[part], _F_AT[whole]) for part, whole in _FLAGGED_PARTS)
+# a flagged measure and the GPU's own (allocated within allocated, ...)
+_F_OWN_AT = tuple((_F_AT[name], _AT[name]) for name in FLAGGED_FIELDS[1:])
 # Read in one C call per message: the auditor's tools check every GPU summary of a ledger.
 _summary_values = operator.attrgetter(*SUMMARY_FIELDS)
 _flagged_values = operator.attrgetter(*FLAGGED_FIELDS)
@@ -327,60 +321,30 @@ def implausible_energy(gpu: pb.GpuSummary, window_seconds: float) -> str:
 
 
 def _part_ok(part: pb.GpuSummary, slack: float, tol: float, joules: float) -> bool:
-    """Whether one GPU summary (or share) is possible: the fast check, plain comparisons."""
+    """Whether one GPU summary (or share) is possible: the fast check of the rules above."""
     values = _summary_values(part)
-    (
-        present,
-        allocated,
-        busy,
-        sm_active,
-        sm_measured,
-        effective,
-        estimated,
-        unmeasured,
-        energy,
-        lost,
-        busy_missing,
-        allocated_missing,
-    ) = values
-    # a finite sum rules out NaN and infinities; then min and max bound every number
+    # a finite sum rules out NaN and infinities; then min bounds every number from below
     if not math.isfinite(sum(values)) or min(values) < 0.0:
         return False
-    top = present + tol
+    top = values[_PRESENT] + tol
     if (
-        present + lost > slack
-        or energy > joules
-        or max(allocated, busy, sm_measured, effective, unmeasured, busy_missing, allocated_missing)
-        > top
-        or sm_active > sm_measured + tol
-        or estimated > effective + tol
-        or busy + busy_missing > top
-        or allocated + allocated_missing > top
-        or sm_measured + unmeasured > top
+        values[_PRESENT] + values[_LOST] > slack
+        or values[_ENERGY] > joules
+        or any(values[a] > values[b] + tol for a, b in _PARTS_AT)
+        or any(values[a] + values[b] > top for a, b in _DISJOINT_AT)
     ):
         return False
     padding = part.padding
     for total in (part.flagged, *padding) if padding else (part.flagged,):
         flagged = _flagged_values(total)
-        if (
-            not flagged[0]
-            and math.isfinite(sum(flagged))
-            and 0.0 <= min(flagged) <= max(flagged) <= tol
-        ):
+        if not math.isfinite(sum(flagged)) or min(flagged) < 0.0:
+            return False
+        if max(flagged) <= tol:
             continue  # nothing flagged, and nothing claimed within it
-        seconds, f_alloc, f_busy, f_sm, f_eff, f_est, f_unm = flagged
         if (
-            not math.isfinite(sum(flagged))
-            or min(flagged) < 0.0
-            or seconds > top
-            or max(f_alloc, f_busy, f_sm, f_eff, f_unm) > seconds + tol
-            or f_est > f_eff + tol
-            or f_alloc > allocated + tol
-            or f_busy > busy + tol
-            or f_sm > sm_active + tol
-            or f_eff > effective + tol
-            or f_est > estimated + tol
-            or f_unm > unmeasured + tol
+            flagged[0] > top
+            or any(flagged[a] > flagged[b] + tol for a, b in _F_PARTS_AT)
+            or any(flagged[f] > values[g] + tol for f, g in _F_OWN_AT)
         ):
             return False
     return True
@@ -459,42 +423,18 @@ def _summary_ok(gpus: Sequence[pb.GpuSummary], slack: float, tol: float, joules:
         and max(map(max, flagged)) <= tol
     ):
         return False
-    (
-        present,
-        allocated,
-        busy,
-        sm_active,
-        sm_measured,
-        effective,
-        estimated,
-        unmeasured,
-        energy,
-        lost,
-        busy_missing,
-        allocated_missing,
-    ) = zip(*rows, strict=True)
+    columns = list(zip(*rows, strict=True))
+    present = columns[_PRESENT]
     top = [p + tol for p in present]
-    gt = operator.gt
+    gt, add = operator.gt, operator.add
     return not (
-        max(map(operator.add, present, lost)) > slack
-        or max(energy) > joules
+        max(map(add, present, columns[_LOST])) > slack
+        or max(columns[_ENERGY]) > joules
         or any(
-            any(map(gt, column, top))
-            for column in (
-                allocated,
-                busy,
-                sm_measured,
-                effective,
-                unmeasured,
-                busy_missing,
-                allocated_missing,
-            )
+            any(map(gt, columns[a], top if b == _PRESENT else [w + tol for w in columns[b]]))
+            for a, b in _PARTS_AT
         )
-        or any(map(gt, sm_active, [m + tol for m in sm_measured]))
-        or any(map(gt, estimated, [e + tol for e in effective]))
-        or any(map(gt, map(operator.add, busy, busy_missing), top))
-        or any(map(gt, map(operator.add, allocated, allocated_missing), top))
-        or any(map(gt, map(operator.add, sm_measured, unmeasured), top))
+        or any(any(map(gt, map(add, columns[a], columns[b]), top)) for a, b in _DISJOINT_AT)
     )
 
 

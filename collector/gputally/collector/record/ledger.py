@@ -348,7 +348,15 @@ class Ledger:
         )
         if incremental:
             assert remembered is not None
-            self.frontier = Frontier.resume(remembered.size, remembered.peaks)
+            try:
+                self.frontier = Frontier.resume(remembered.size, remembered.peaks)
+            except ValueError as error:
+                raise LedgerStartError(f"{self._where()}: a damaged frontier ({error})") from None
+            if self.frontier.root() != remembered.root:
+                # going on from it would sign checkpoints no earlier one is a prefix of
+                raise LedgerStartError(
+                    f"{self._where()}: the remembered frontier does not give the signed root"
+                )
             self._last_id = remembered.last_id
             self.history = remembered
         done = self._rehash(
