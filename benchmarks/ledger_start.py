@@ -147,12 +147,22 @@ def windows(nodes: list[Node], window: int) -> Iterator[list[Row]]:
         number += 1
 
 
-def index_of(rows: list[Row]) -> list[tuple[str, str, int]]:
+def index_of(rows: list[Row]) -> list[tuple[str, str, int, int, float, float]]:
     """The GPU window index rows of a window's summaries (what the collector keeps)."""
     out = []
-    for node, _, _, _, end, _, body in rows:
+    for node, _, _, start, end, _, body in rows:
         summary = pb.Summary.FromString(pb.SignedSummary.FromString(body).body)
-        out += [(gpu.uuid, node, end) for gpu in summary.gpus]
+        out += [
+            (
+                accounting.card(g.uuid),
+                node,
+                start,
+                end,
+                g.present_seconds + g.lost_seconds,
+                g.energy_joules,
+            )
+            for g in summary.gpus
+        ]
     return out
 
 

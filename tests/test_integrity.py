@@ -13,6 +13,7 @@ import math
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -1165,3 +1166,19 @@ def test_a_damaged_frontier_in_the_state_file_is_refused_not_gone_on_from(
     damage(state)
     path.write_text(json.dumps(state))
     one_line_refusal(gputally(*collector_args(tmp_path)), LEDGER, says)
+
+
+def test_the_ledger_start_benchmark_still_runs_on_the_ledger_it_measures() -> None:
+    """The benchmark writes the record's tables itself (bulk loads): a schema change that
+    leaves it behind fails here, not months later when someone wants the figures."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ledger_start.py"
+    ran = subprocess.run(
+        [sys.executable, str(script), "--entries", "2000"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 0, ran.stderr
+    rows = [line.split() for line in ran.stdout.splitlines()]
+    assert any(row[:1] == ["2,000"] and len(row) == 7 for row in rows)  # a row of the table
+    assert "projected linearly from 2,000 entries" in ran.stdout
