@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import shutil
@@ -14,12 +15,34 @@ from typing import Any
 import pytest
 
 from gputally.cli.options import address
+from gputally.cli.web import serve_http
 from gputally.collector.live import server as ingest
-from gputally.collector.live.metrics import make_app, make_registry, serve_http
+from gputally.collector.live.metrics import make_app, make_registry
 from gputally.collector.live.state import ClusterState
 from gputally.collector.live.validate import TimeLimits
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuzz-messages",
+        type=int,
+        default=100_000,
+        help="mutated messages the in-process fuzz run sends (tests/test_fuzz.py)",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _root_logging() -> Iterator[None]:
+    """A command run in-process (main([...])) installs its log handler on the root logger,
+    writing to that test's captured stderr: put the root logger back, so that no later test
+    logs into a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def require_binary(name: str, package: str = "prometheus") -> str:
@@ -42,7 +65,8 @@ def free_port() -> int:
 class Collector:
     """A real collector (grpc.aio ingest + HTTP exposition) on loopback, on its own thread."""
 
-    def __init__(self, **state_options: Any):
+    def __init__(self, *, tls: ingest.Tls | None = None, **state_options: Any):
+        self.tls = tls or ingest.Tls()
         # Most tests replay fixed 2026 times on virtual clocks: no horizon, no skew limit,
         # unless a test sets its own (the limits have tests of their own).
         state_options.setdefault("limits", TimeLimits(horizon=math.inf, skew=math.inf))
@@ -62,7 +86,9 @@ class Collector:
         asyncio.set_event_loop(self._loop)
 
         async def start() -> None:
-            self.server, port = await ingest.start(self.state, "127.0.0.1:0")
+            self.server, port, self.service = await ingest.start(
+                self.state, "127.0.0.1:0", self.tls
+            )
             self.target = f"127.0.0.1:{port}"
 
         self._loop.run_until_complete(start())

@@ -97,6 +97,48 @@ def report(
     return message
 
 
+async def raw_stream(
+    target: str,
+    first: pb.Hello,
+    batches: list[list[pb.Report]],
+    *,
+    key: Ed25519PrivateKey | None = None,
+    credentials: Any = None,
+    options: Any = (),
+) -> list[pb.CollectorMessage]:
+    """A hand-made agent: a hello (answering a Challenge with a proof signed by `key`, else
+    with an empty one), then each batch, reading the answer to each. The replies: the
+    Welcome, then an Ack per batch. Raises grpc.aio.AioRpcError when the collector ends the
+    stream."""
+    import grpc
+
+    from gputally.v1 import telemetry_pb2_grpc as pb_grpc
+    from gputally.v1.signing import sign_stream
+
+    channel = (
+        grpc.aio.insecure_channel(target, options=options)
+        if credentials is None
+        else grpc.aio.secure_channel(target, credentials, options=options)
+    )
+    async with channel:
+        call = pb_grpc.IngestStub(channel).Stream()
+        await call.write(pb.AgentMessage(hello=first))
+        reply = await call.read()
+        if reply is not grpc.aio.EOF and reply.WhichOneof("body") == "challenge":
+            nonce = reply.challenge.nonce
+            signature = (
+                sign_stream(key, nonce, first.node, first.instance_id) if key is not None else b""
+            )
+            await call.write(pb.AgentMessage(proof=pb.Proof(signature=signature)))
+            reply = await call.read()
+        replies = [reply]
+        for batch in batches:
+            await call.write(pb.AgentMessage(batch=pb.ReportBatch(reports=batch)))
+            replies.append(await call.read())
+        await call.done_writing()
+        return replies
+
+
 def carrying(seq: int, signed: pb.SignedSummary, t: float = T0) -> pb.Report:
     """A summary-only report, as an agent sends a closed window."""
     return pb.Report(seq=seq, time_unix_nano=int(t * 1e9), summary=signed)

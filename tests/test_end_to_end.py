@@ -126,12 +126,12 @@ def test_agent_keeps_sampling_through_a_collector_restart() -> None:
     async def scenario_run() -> tuple[int, int, int]:
         states = [ClusterState(), ClusterState()]
         task = asyncio.ensure_future(agent.run(duration=4.0))
-        server, _ = await ingest.start(states[0], f"127.0.0.1:{port}")
+        server, _, _ = await ingest.start(states[0], f"127.0.0.1:{port}")
         await asyncio.sleep(1.0)
         await server.stop(0)  # the collector goes away; the agent keeps sampling
         await asyncio.sleep(1.5)
         assert agent.sender.outbox, "reports should wait in the outbox while the collector is down"
-        server, _ = await ingest.start(states[1], f"127.0.0.1:{port}")
+        server, _, _ = await ingest.start(states[1], f"127.0.0.1:{port}")
         await task
         await server.stop(0)
         a, b = (s.nodes["node-00"] for s in states)
@@ -237,7 +237,13 @@ def test_the_commands_as_processes(tmp_path: Path) -> None:
             except OSError:
                 time.sleep(0.1)
         simulate = subprocess.Popen(
-            [*_gputally(), "simulate", f"--collector=127.0.0.1:{grpc_port}", "--duration=12"],
+            [
+                *_gputally(),
+                "simulate",
+                f"--collector=127.0.0.1:{grpc_port}",
+                "--duration=12",
+                f"--state-dir={tmp_path / 'fleet'}",
+            ],
             stderr=subprocess.PIPE,
             text=True,
         )

@@ -54,6 +54,7 @@ from .factories import (
     gpu_sample,
     gputally_command,
     hello,
+    raw_stream,
     report,
     summary,
 )
@@ -76,28 +77,13 @@ def recording(tmp_path: Path) -> tuple[ClusterState, Record, SummarySigner]:
     keys, made = enrolled(tmp_path, NODE)
     record = Record(tmp_path / "r.db")
     state = ClusterState(record=record, keys=keys)
-    state.open_session(hello(NODE, 1, key=made[NODE]))
+    state.open_session(hello(NODE, 1, key=made[NODE]), proven=True)
     return state, record, SummarySigner(made[NODE], NODE)
 
 
 def window(k: int, busy: float = 0.3, node: str = NODE, seconds: float = 300.0) -> pb.Summary:
     """Window k (300 s each from T0) of GPU 0 of `node`."""
     return summary(T0 + seconds * k, seconds, busy, node)
-
-
-async def raw_stream(
-    target: str, first: pb.Hello, batches: list[list[pb.Report]]
-) -> list[pb.CollectorMessage]:
-    """A hand-made agent: a hello, then each batch, reading the answer to each."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = pb_grpc.IngestStub(channel).Stream()
-        await call.write(pb.AgentMessage(hello=first))
-        replies = [await call.read()]
-        for batch in batches:
-            await call.write(pb.AgentMessage(batch=pb.ReportBatch(reports=batch)))
-            replies.append(await call.read())
-        await call.done_writing()
-        return replies
 
 
 async def send_all(sender: Sender, reports: list[pb.Report], timeout: float = 10.0) -> bool:
@@ -124,7 +110,13 @@ def test_a_replayed_hello_with_a_huge_seq_cannot_make_acknowledged_summaries_van
     sniffed = hello(NODE, key=key, instance=7)  # name, instance and key travel in clear
     # the replay: one report numbered 2^62, valid as telemetry (it needs no signature)
     poison = report(2**62, T0 + 30, gpu_sample(0, busy=0.0), gpu_sample(1, busy=0.0))
-    asyncio.run(raw_stream(collector.target, sniffed, [[poison]]))
+    # replayed by someone without the key: refused before it can touch anything (issue 11)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        asyncio.run(raw_stream(collector.target, sniffed, [[poison]]))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert NODE not in collector.state.nodes
+    # sent by a second process that holds the key (a cloned agent): it may number anything
+    asyncio.run(raw_stream(collector.target, sniffed, [[poison]], key=key))
     assert collector.state.nodes[NODE].last_seq == 2**62
 
     signer = SummarySigner(key, NODE, tmp_path / "agent")
@@ -137,6 +129,7 @@ def test_a_replayed_hello_with_a_huge_seq_cannot_make_acknowledged_summaries_van
         collector.target,
         lambda: hello(NODE, key=key, instance=7),
         on_acked=lambda r: signer.forget(pb.Summary.FromString(r.summary.body).chain_seq),
+        prove=signer.prove,
     )
     assert asyncio.run(send_all(sender, reports))
     # every summary the agent let go of is in the ledger: all 8, and its spool is empty
@@ -160,6 +153,7 @@ def test_summaries_are_not_acknowledged_while_the_ledger_is_damaged_and_are_sent
         lambda: hello(NODE, key=key),
         backoff_initial=0.05,
         on_acked=lambda r: signer.forget(pb.Summary.FromString(r.summary.body).chain_seq),
+        prove=signer.prove,
     )
     reports = [
         report(k + 1, T0 + 300 * (k + 1), busy_sample(0, 0.3), summary=signer.sign(window(k)))
@@ -181,7 +175,7 @@ def test_summaries_are_not_acknowledged_while_the_ledger_is_damaged_and_are_sent
         # repaired: the next stream sends what was not recorded, first
         ledger.broken = ""
         # a newer stream for the node: the agent's is cut, and it reconnects
-        await raw_stream(collector.target, hello(NODE, key=key, instance=99), [])
+        await raw_stream(collector.target, hello(NODE, key=key, instance=99), [], key=key)
         sender.submit(report(3, T0 + 900, busy_sample(0, 0.3)))
         assert await sender.drain(10.0)
         sender.stop()
@@ -207,7 +201,7 @@ def test_one_window_sent_three_times_is_recorded_once_and_the_claim_is_refuted(
         for k in range(3)
     ]
     one_gpu = hello(NODE, 1, key=made[NODE])
-    _, ack = asyncio.run(raw_stream(collector.target, one_gpu, [copies]))
+    _, ack = asyncio.run(raw_stream(collector.target, one_gpu, [copies], key=made[NODE]))
     assert [r.seq for r in ack.ack.rejections] == [2, 3]
     assert all("overlaps one this node recorded" in r.reason for r in ack.ack.rejections)
     assert ack.ack.recorded_chain_seq == 1
@@ -246,7 +240,7 @@ def test_impossible_summaries_are_refused_with_their_reason(
     keys, made = enrolled(tmp_path, NODE)
     record = Record(tmp_path / "r.db")
     state = ClusterState(record=record, keys=keys, limits=TimeLimits())  # the defaults
-    state.open_session(hello(NODE, 1, key=made[NODE]))
+    state.open_session(hello(NODE, 1, key=made[NODE]), proven=True)
     s = window(0)
     change(s)
     signed = SummarySigner(made[NODE], NODE).sign(s)
@@ -283,8 +277,10 @@ def test_backwards_and_overlapping_intervals_are_refused_or_clipped() -> None:
     state = ClusterState(clock=lambda: T0 + 100)
     state.open_session(hello(NODE, 1))
     state.ingest(NODE, report(1, T0 + 10, gpu_sample(0, busy=1.0), interval=10), received=T0 + 10)
+    # ends before the previous one, and arrives with it: no real time passed for its second
+    # (an agent clock stepped back is another case: tests/test_network.py)
     with pytest.raises(InvalidMessageError, match="not after the previous report"):
-        state.ingest(NODE, report(2, T0 + 5, gpu_sample(0, busy=1.0)), received=T0 + 11)
+        state.ingest(NODE, report(2, T0 + 5, gpu_sample(0, busy=1.0)), received=T0 + 10)
     # [T0 + 5, T0 + 15] overlaps [T0, T0 + 10] by 5 s: only the last 5 s count
     state.ingest(NODE, report(3, T0 + 15, gpu_sample(0, busy=1.0), interval=10), received=T0 + 15)
     node = state.nodes[NODE]
@@ -347,10 +343,10 @@ def test_a_card_that_moved_from_a_node_that_is_down_counts_once() -> None:
     moved = hello("n2", 1)
     moved.gpus[0].uuid = f"GPU-{NODE}-0"
     with pytest.raises(IdentityConflictError):
-        state.open_session(moved)  # n1 is still connected
+        state.open_session(moved, proven=True)  # n1 is still connected
     state.close_session(NODE, session)
     now[0] = T0 + 16  # and now down for longer than stale_after
-    state.open_session(moved)
+    state.open_session(moved, proven=True)
     view = state.view()
     assert view.seen == 1 and state.nodes[NODE].gpus == {}
     assert math.isclose(view.expected, 1)
@@ -797,7 +793,7 @@ def test_numbers_out_of_their_place_are_refused_live_and_flagged_in_the_audit(
     keys, made = enrolled(tmp_path, NODE)
     state = ClusterState(record=Record(tmp_path / "r.db"), keys=keys)
     first = hello(NODE, 2, key=made[NODE])
-    state.open_session(first)
+    state.open_session(first, proven=True)
     s = window(0)
     change(s)
     signed = SummarySigner(made[NODE], NODE).sign(s)
@@ -854,15 +850,15 @@ def test_a_uuid_in_another_case_is_the_same_card(
         clone = hello("n2", 1)
         clone.gpus[0].uuid = variant
         with pytest.raises(IdentityConflictError):
-            state.open_session(clone)
+            state.open_session(clone, proven=True)
     spaced = hello("n3", 1)
     spaced.gpus[0].uuid = "GPU-n1-0 "
     with pytest.raises(InvalidMessageError, match="has a UUID that is not one"):
-        state.open_session(spaced)
+        state.open_session(spaced, proven=True)
     # and in the record: n2's window for the same card in another case is refused
     keys, made = enrolled(tmp_path, NODE, "n2")
     recording = ClusterState(record=Record(tmp_path / "r.db"), keys=keys)
-    recording.open_session(hello(NODE, 1, key=made[NODE]))
+    recording.open_session(hello(NODE, 1, key=made[NODE]), proven=True)
     first = SummarySigner(made[NODE], NODE).sign(window(0))
     recording.ingest(
         NODE,
@@ -873,7 +869,7 @@ def test_a_uuid_in_another_case_is_the_same_card(
     other.gpus[0].uuid = "gpu-n1-0"
     recording.nodes[NODE].session = 0  # n1 went away, n2 claims the card for the same window
     recording.nodes[NODE].last_received = 0.0
-    recording.open_session(other)
+    recording.open_session(other, proven=True)
     copy = window(0, node="n2")
     copy.gpus[0].uuid = "gpu-n1-0"
     with pytest.raises(InvalidMessageError, match="a duplicate identity"):
@@ -916,7 +912,7 @@ def test_a_card_that_moved_counts_its_seconds_once_live() -> None:
     now[0] = T0 + 616
     moved = hello("n2", 1)
     moved.gpus[0].uuid = f"GPU-{NODE}-0"
-    state.open_session(moved)
+    state.open_session(moved, proven=True)
     # one report claiming the last 600 s, which n1 already counted up to T0 + 600
     state.ingest(
         "n2", report(1, T0 + 616, gpu_sample(0, busy=1.0), interval=600), received=T0 + 616
@@ -945,7 +941,9 @@ def test_acknowledged_entries_lost_with_the_wal_are_refused_at_start(
         )
         for k in range(5)
     ]
-    _, ack = asyncio.run(raw_stream(collector.target, hello(NODE, key=agent_key), [carried]))
+    _, ack = asyncio.run(
+        raw_stream(collector.target, hello(NODE, key=agent_key), [carried], key=agent_key)
+    )
     assert ack.ack.recorded_chain_seq == 5  # acknowledged: the agent lets them go
     copied = tmp_path / "copy"
     copied.mkdir()
@@ -1079,7 +1077,7 @@ def test_a_node_name_too_long_for_its_key_file_is_refused(tmp_path: Path) -> Non
     (tmp_path / "keys").mkdir()
     state = ClusterState(keys=KeyStore(tmp_path / "keys", trust_on_first_use=True))
     with pytest.raises(InvalidMessageError, match="of at most 250 bytes"):
-        state.open_session(hello("\u00e9" * 200, 1, key=Ed25519PrivateKey.generate()))
+        state.open_session(hello("\u00e9" * 200, 1, key=Ed25519PrivateKey.generate()), proven=True)
     assert list((tmp_path / "keys").iterdir()) == []
 
 

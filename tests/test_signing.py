@@ -20,14 +20,13 @@ from gputally.collector.live.validate import InvalidMessageError
 from gputally.collector.record.keys import KeyStore, KeyStoreError
 from gputally.collector.record.store import Record
 from gputally.v1 import telemetry_pb2 as pb
-from gputally.v1 import telemetry_pb2_grpc as pb_grpc
 from gputally.v1.signing import KeyFileError, public_bytes
 from gputally.v1.signing import load_or_create_private_key as load_or_create_key
 from gputally.v1.signing import verify_summary as verify
 
 from . import factories
 from .conftest import Collector
-from .factories import T0, carrying, gputally_command, summary
+from .factories import T0, carrying, gputally_command, raw_stream, summary
 
 
 def test_keys_are_created_private_and_refused_when_readable_by_others(tmp_path: Path) -> None:
@@ -106,11 +105,11 @@ def test_only_enrolled_keys_speak_for_a_node(tmp_path: Path) -> None:
     good, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     store.enroll("n1", public_bytes(good))
     state = ClusterState(record=Record(tmp_path / "r.db"), keys=KeyStore(keys_dir))
-    state.open_session(hello("n1", good))
+    state.open_session(hello("n1", good), proven=True)
     with pytest.raises(NotEnrolledError, match="not the one enrolled"):
-        state.open_session(hello("n1", other))
+        state.open_session(hello("n1", other), proven=True)
     with pytest.raises(NotEnrolledError, match="no enrolled key"):
-        state.open_session(hello("n2", good))
+        state.open_session(hello("n2", good), proven=True)
     signer = SummarySigner(good, "n1")
     ok = pb.Report(seq=1, time_unix_nano=int(T0 * 1e9), summary=signer.sign(summary()))
     assert state.ingest("n1", ok, received=T0) == "accepted"
@@ -179,12 +178,10 @@ def test_an_unenrolled_agent_is_refused_with_permission_denied(
     )
 
     async def talk() -> grpc.aio.AioRpcError:
-        async with grpc.aio.insecure_channel(collector.target) as channel:
-            call = pb_grpc.IngestStub(channel).Stream()
-            await call.write(pb.AgentMessage(hello=hello("n1", Ed25519PrivateKey.generate())))
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await call.read()
-            return refused.value
+        key = Ed25519PrivateKey.generate()  # the agent proves it holds it: still not enrolled
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await raw_stream(collector.target, hello("n1", key), [], key=key)
+        return refused.value
 
     error = asyncio.run(talk())
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -298,7 +295,7 @@ def test_after_a_key_rotation_the_collector_records_the_new_chain_without_a_brea
     record = Record(tmp_path / "r.db")
     state = ClusterState(record=record, keys=KeyStore(keys_dir))
     old = SummarySigner(old_key, "n1")
-    state.open_session(hello("n1", old_key))
+    state.open_session(hello("n1", old_key), proven=True)
     for seq in (1, 2):
         signed = old.sign(summary(T0 + 60 * seq))
         assert state.ingest("n1", carrying(seq, signed), received=T0) == "accepted"
@@ -307,17 +304,17 @@ def test_after_a_key_rotation_the_collector_records_the_new_chain_without_a_brea
     new = SummarySigner(new_key, "n1")
     reinstalled = hello("n1", new_key)
     reinstalled.instance_id = 2
-    state.open_session(reinstalled)
+    state.open_session(reinstalled, proven=True)
     first = new.sign(summary(T0 + 180))
     assert state.ingest("n1", carrying(1, first), received=T0) == "accepted"
     chain = state.intake.chain("n1")
     assert record.count() == 3 and chain.breaks == 0 and chain.resent == 0
     # the old key no longer speaks for the node
     with pytest.raises(NotEnrolledError, match="retired by a rotation"):
-        state.open_session(hello("n1", old_key))
+        state.open_session(hello("n1", old_key), proven=True)
     # a restarted collector goes on with the new key's chain, from its record
     state = ClusterState(record=record, keys=KeyStore(keys_dir))
-    state.open_session(reinstalled)
+    state.open_session(reinstalled, proven=True)
     assert state.ingest("n1", carrying(1, first), received=T0) == "accepted"
     second = new.sign(summary(T0 + 240))
     assert state.ingest("n1", carrying(2, second), received=T0) == "accepted"
@@ -337,12 +334,12 @@ def test_the_collector_records_a_resent_summary_once_and_refuses_a_rewrite(
     first, second = signer.sign(summary(T0)), signer.sign(summary(T0 + 60))
 
     state = ClusterState(record=record, keys=KeyStore(keys_dir))
-    state.open_session(hello("n1", key))
+    state.open_session(hello("n1", key), proven=True)
     assert state.ingest("n1", carrying(1, first), received=T0) == "accepted"
     # the agent restarts (a new instance, sequence numbers from 1) and sends its spool again
     restarted = hello("n1", key)
     restarted.instance_id = 2
-    state.open_session(restarted)
+    state.open_session(restarted, proven=True)
     assert state.ingest("n1", carrying(1, first), received=T0) == "accepted"
     assert record.count() == 1 and state.intake.chain("n1").resent == 1
     # the same number with other content (signed by the node's key) would rewrite the chain
@@ -351,7 +348,7 @@ def test_the_collector_records_a_resent_summary_once_and_refuses_a_rewrite(
         state.ingest("n1", carrying(2, rewrite), received=T0 + 700)
     # a restarted collector picks the chain up from its record
     state = ClusterState(record=record, keys=KeyStore(keys_dir))
-    state.open_session(hello("n1", key))
+    state.open_session(hello("n1", key), proven=True)
     assert state.ingest("n1", carrying(1, first), received=T0) == "accepted"  # resent again
     assert state.ingest("n1", carrying(2, second), received=T0) == "accepted"
     chain = state.intake.chain("n1")

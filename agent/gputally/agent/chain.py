@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError
 
 from gputally.v1 import telemetry_pb2 as pb
-from gputally.v1.signing import chain_hash, public_bytes, sign_summary, write_file
+from gputally.v1.signing import chain_hash, public_bytes, sign_stream, sign_summary, write_file
 
 KEY_FILE = "agent.key"
 CHAIN_FILE = "chain.json"
@@ -61,6 +61,11 @@ class SummarySigner:
             if summary.chain_seq > self.chain_seq:
                 self.chain_seq = summary.chain_seq
                 self.prev_hash = chain_hash(signed.body)
+
+    def prove(self, nonce: bytes, hello: pb.Hello) -> bytes:
+        """Sign a collector's Challenge for this node's stream (signing.stream_proof_message):
+        the stream then speaks for the node, which a copy of its public key cannot do."""
+        return sign_stream(self.key, nonce, hello.node, hello.instance_id)
 
     def _spooled(self) -> list[tuple[int, Path]]:
         if self._spool is None or not self._spool.is_dir():

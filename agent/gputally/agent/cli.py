@@ -24,6 +24,8 @@ from .attribution import KUBELET_SOCKET
 from .padding import DEFAULT_BURN_PATTERNS, PaddingRules
 
 if TYPE_CHECKING:
+    from gputally.cli.tls import ClientFiles
+
     from .sampler import Sampler
 
 DEFAULT_COLLECTOR = "127.0.0.1:9471"
@@ -39,6 +41,50 @@ def add_collector_option(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="collector gRPC address (default: %(default)s)",
     )
+    group = parser.add_argument_group("TLS to the collector")
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS, verifying the collector's certificate against the system's CAs "
+        "(implied by --tls-ca) (default: plaintext)",
+    )
+    group.add_argument(
+        "--tls-ca",
+        default="",
+        metavar="PEM",
+        help="the CA that signed the collector's certificate (`gputally ca init` makes one)",
+    )
+    group.add_argument(
+        "--tls-cert",
+        default="",
+        metavar="PEM",
+        help="mutual TLS: this node's client certificate (`gputally ca issue --node NAME`), "
+        "read again at every connection",
+    )
+    group.add_argument("--tls-key", default="", metavar="PEM", help="the key of --tls-cert")
+    group.add_argument(
+        "--tls-server-name",
+        default="",
+        metavar="NAME",
+        help="the name the collector's certificate must carry, when it is not the host of "
+        "--collector (default: that host)",
+    )
+
+
+def client_tls(args: argparse.Namespace) -> ClientFiles | None:
+    """The TLS files the options name, checked now (a one-line UsageError), or None."""
+    from gputally.cli.tls import ClientFiles, TlsError
+
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        if args.tls_server_name:
+            raise UsageError("--tls-server-name needs TLS (--tls or --tls-ca)")
+        return None
+    files = ClientFiles(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    try:
+        files.credentials()
+    except TlsError as error:
+        raise UsageError(str(error)) from None
+    return files
 
 
 def add_duration_option(parser: argparse.ArgumentParser) -> None:
@@ -197,6 +243,13 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         help="also serve this node's per-GPU metrics on HOST:PORT/metrics, e.g. 0.0.0.0:9472 (default: off)",
     )
     agent.add_argument(
+        "--web-config-file",
+        default="",
+        metavar="YAML",
+        help="TLS and basic auth for --metrics-listen, in the Prometheus exporter-toolkit format "
+        "(tls_server_config, basic_auth_users), read again when it changes (default: plain HTTP)",
+    )
+    agent.add_argument(
         "--once",
         action="store_true",
         help="read every GPU once, print the readings and exit (no collector needed)",
@@ -306,24 +359,39 @@ def _daemon(args: argparse.Namespace, sampler: Sampler) -> int:
     """The agent proper: sample, summarise, sign, send, until stopped."""
     from .node import NodeAgent
 
+    try:
+        tls = client_tls(args)
+    except UsageError as error:
+        return fail("agent", str(error))
     exporter = None
     if args.metrics_listen is not None:
-        from prometheus_client import start_http_server
+        from prometheus_client import make_wsgi_app
+
+        from gputally.cli.web import WebConfigError, serve_http
 
         from .exporter import NodeExporter, make_registry
 
         exporter = NodeExporter(sampler.hello(0, args.backend))
         listen = args.metrics_listen
         try:
-            start_http_server(listen.port, addr=listen.bind_host, registry=make_registry(exporter))
+            serve_http(
+                make_wsgi_app(make_registry(exporter)),
+                listen,
+                args.web_config_file,
+                name="gputally-agent-http",
+            )
+        except WebConfigError as error:
+            return fail("agent", str(error))
         except (OSError, ValueError) as error:
             return fail("agent", f"--metrics-listen {listen}: {error}")
+    elif args.web_config_file:
+        return fail("agent", "--web-config-file applies to --metrics-listen, which is off")
     agent = NodeAgent(
         sampler,
         args.collector,
         backend_name=args.backend,
         sample_in_thread=args.backend == "nvml",
-        sender_options={"max_buffer": args.buffer_reports},
+        sender_options={"max_buffer": args.buffer_reports, "tls": tls},
         on_report=exporter.update if exporter else None,
     )
     if exporter is not None:

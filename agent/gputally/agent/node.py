@@ -49,6 +49,7 @@ class NodeAgent:
             self.collector,
             lambda: self.sampler.hello(instance_id, self.backend_name),
             on_acked=self._acked,
+            prove=self.sampler.signer.prove,
             **self._sender_options,
         )
 

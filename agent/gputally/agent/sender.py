@@ -13,6 +13,12 @@ a record (its Welcome says `recording`) reports the newest chain number recorded
 node in every Ack, and a summary above it stays (in memory, and in the signer's spool) and is
 sent again on the next stream, however many sequence numbers were acknowledged. Sequence
 numbers can be sent by anyone; the recorded chain number comes from the record.
+
+A stream speaks for the node only once the agent proves it holds the node's key: the
+collector answers the Hello with a fresh Challenge, which the agent signs (`prove`). With
+`tls`, the channel is TLS (and mutual TLS with a client certificate), its files read again at
+every connection so that rotated certificates are picked up. A batch the collector finds too
+big (RESOURCE_EXHAUSTED) makes the agent send half as many reports per batch from then on.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any
 
 import grpc
 
+from gputally.cli.tls import ClientFiles, TlsError
 from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1 import telemetry_pb2_grpc as pb_grpc
 
@@ -44,6 +51,9 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_send_message_length", 16 * 2**20),
     ("grpc.max_receive_message_length", 16 * 2**20),
 )
+# A batch's bytes, at most: well under the collector's default message limit (4 MiB), so a
+# backlog of large reports (many processes each) is split rather than refused.
+MAX_BATCH_BYTES = 2**20
 
 
 @dataclass(slots=True)
@@ -57,6 +67,15 @@ class SenderStats:
     connected: bool = False
     refused: bool = False  # the collector refused our hello; retried only at the slowest pace
     last_error: str = ""
+
+
+# Statuses that retrying at once will not change: the Hello, the key or the certificate.
+_REFUSALS = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+)
 
 
 class CollectorRejectedError(RuntimeError):
@@ -76,6 +95,8 @@ class Sender:
         rng: random.Random | None = None,
         channel_options: tuple[tuple[str, int], ...] = CHANNEL_OPTIONS,
         on_acked: Callable[[pb.Report], None] | None = None,
+        prove: Callable[[bytes, pb.Hello], bytes] | None = None,
+        tls: ClientFiles | None = None,
     ):
         if max_buffer < 1 or max_batch < 1:
             raise ValueError("max_buffer and max_batch must be at least 1")
@@ -90,6 +111,9 @@ class Sender:
         # e.g. drop a summary from the agent's spool: called once per report the collector is
         # done with (accepted, rejected, or its summary recorded)
         self._on_acked = on_acked
+        # signs a Challenge's nonce for a Hello with the node's key (SummarySigner.prove)
+        self._prove = prove
+        self.tls = tls
         self.outbox: deque[pb.Report] = deque()
         # Reports acknowledged whose summary the collector has not recorded (its ledger was
         # damaged): sent again first on the next stream.
@@ -146,6 +170,10 @@ class Sender:
                 )
             except grpc.aio.AioRpcError as error:
                 self.stats.last_error = f"{error.code().name}: {error.details()}"
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and self.stats.connected:
+                    # a batch beyond the collector's limits (not a stream limit at the
+                    # Hello): smaller ones from now on
+                    self.max_batch = max(1, self.max_batch // 2)
                 log.warning(
                     "stream to collector lost",
                     extra={"kv": {"collector": self.target, "error": self.stats.last_error}},
@@ -168,30 +196,46 @@ class Sender:
             self._wakeup.clear()
             await self._wakeup.wait()
 
+    def _channel(self) -> grpc.aio.Channel:
+        if self.tls is None:
+            return grpc.aio.insecure_channel(self.target, options=self._options)
+        try:
+            credentials = self.tls.credentials()
+        except TlsError as error:
+            raise CollectorRejectedError(str(error)) from None
+        options = (*self._options, *self.tls.options())
+        return grpc.aio.secure_channel(self.target, credentials, options=options)
+
+    async def _handshake(self, call: grpc.aio.StreamStreamCall) -> pb.Welcome:
+        """Hello, then (when challenged) the proof, then the Welcome."""
+        hello = self._hello()
+        await call.write(pb.AgentMessage(hello=hello))
+        try:
+            first = await call.read()
+            if first is not grpc.aio.EOF and first.WhichOneof("body") == "challenge":
+                if self._prove is None:
+                    raise CollectorRejectedError(
+                        "the collector asks this agent to prove its key, and it has none"
+                    )
+                signature = self._prove(first.challenge.nonce, hello)
+                await call.write(pb.AgentMessage(proof=pb.Proof(signature=signature)))
+                first = await call.read()
+        except grpc.aio.AioRpcError as error:
+            if error.code() in _REFUSALS:
+                raise CollectorRejectedError(f"{error.code().name}: {error.details()}") from None
+            raise
+        if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
+            raise CollectorRejectedError("the collector did not answer the hello with a welcome")
+        return first.welcome  # type: ignore[no-any-return]
+
     async def _session(self) -> bool:
         """One stream's life. Returns whether the collector welcomed us."""
-        async with grpc.aio.insecure_channel(self.target, options=self._options) as channel:
+        async with self._channel() as channel:
             call = pb_grpc.IngestStub(channel).Stream()
-            await call.write(pb.AgentMessage(hello=self._hello()))
-            try:
-                first = await call.read()
-            except grpc.aio.AioRpcError as error:
-                if error.code() in (
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    grpc.StatusCode.PERMISSION_DENIED,
-                ):
-                    raise CollectorRejectedError(
-                        f"{error.code().name}: {error.details()}"
-                    ) from None
-                raise
-            if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
-                raise CollectorRejectedError(
-                    "the collector did not answer the hello with a welcome"
-                )
+            welcome = await self._handshake(call)
             self.stats.connects += 1
             self.stats.connected = True
             self.stats.last_error = ""
-            welcome = first.welcome
             self._recording = welcome.recording
             self._on_ack(welcome.resume_after_seq, (), welcome.recorded_chain_seq)
             # What was acknowledged but not recorded goes first, in sequence order, as the
@@ -217,7 +261,7 @@ class Sender:
         self, call: grpc.aio.StreamStreamCall, reader: asyncio.Future[None]
     ) -> None:
         while not self._stop.is_set():
-            batch = [r for r in self.outbox if r.seq > self._sent_upto][: self.max_batch]
+            batch = self._next_batch()
             if batch:
                 await call.write(pb.AgentMessage(batch=pb.ReportBatch(reports=batch)))
                 self._sent_upto = batch[-1].seq
@@ -236,6 +280,20 @@ class Sender:
                     grpc.aio.Metadata(),
                     "collector closed the stream",
                 )
+
+    def _next_batch(self) -> list[pb.Report]:
+        """The next reports to send: at most max_batch of them and MAX_BATCH_BYTES (one
+        report at least, whatever its size)."""
+        batch: list[pb.Report] = []
+        size = 0
+        for report in self.outbox:
+            if report.seq <= self._sent_upto:
+                continue
+            size += report.ByteSize()
+            if batch and (len(batch) >= self.max_batch or size > MAX_BATCH_BYTES):
+                break
+            batch.append(report)
+        return batch
 
     async def _read_acks(self, call: grpc.aio.StreamStreamCall) -> None:
         while True:

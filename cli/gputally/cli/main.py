@@ -37,9 +37,11 @@ COMMANDS = {
     "collector": "gputally.collector.cli",
     "query": "gputally.collector.cli",
     "enroll": "gputally.collector.cli",
+    "ca": "gputally.cli.ca",
     "audit": "gputally.collector.audit.cli",
     "simulate": "gputally.agent.sim.cli",
     "demo": "gputally.agent.sim.cli",
+    "web-password": "gputally.cli.web",
 }
 
 # -- logging ---------------------------------------------------------------------------------

@@ -50,9 +50,10 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grpc-listen",
         type=address,
-        default="0.0.0.0:9471",
+        default="127.0.0.1:9471",
         metavar="HOST:PORT",
-        help="where agents connect (default: %(default)s)",
+        help="where agents connect; on any address but loopback, only with --tls-cert (or "
+        "--insecure), e.g. 0.0.0.0:9471 (default: %(default)s)",
     )
     parser.add_argument(
         "--metrics-listen",
@@ -161,6 +162,8 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
         help="how far ahead of the collector's clock an agent's report or summary may end "
         "(default: %(default)s)",
     )
+    _add_security_options(parser)
+    _add_limit_options(parser)
     parser.add_argument(
         "--checkpoint-interval",
         type=positive,
@@ -168,6 +171,79 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how often to sign a checkpoint when the log grew (default: %(default)s)",
     )
+
+
+def _add_security_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("TLS and authentication")
+    group.add_argument(
+        "--tls-cert",
+        default="",
+        metavar="PEM",
+        help="the gRPC listener's certificate (chain), read again when it changes; "
+        "`gputally ca` makes one (default: none, plaintext)",
+    )
+    group.add_argument("--tls-key", default="", metavar="PEM", help="the private key of --tls-cert")
+    group.add_argument(
+        "--tls-client-ca",
+        default="",
+        metavar="PEM",
+        help="mutual TLS: accept only agents whose client certificate this CA signed, and "
+        "whose certificate names the node they speak for (default: no client certificate)",
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve plaintext gRPC on a non-loopback --grpc-listen: anyone on the network "
+        "can read the stream (and, without --keys, send reports) (default: refused)",
+    )
+    group.add_argument(
+        "--web-config-file",
+        default="",
+        metavar="YAML",
+        help="TLS and basic auth for /metrics, /healthz and /readyz, in the Prometheus "
+        "exporter-toolkit format (tls_server_config, basic_auth_users with bcrypt hashes: "
+        "`gputally web-password`), read again when it changes (default: plain HTTP)",
+    )
+
+
+def _add_limit_options(parser: argparse.ArgumentParser) -> None:
+    from .live.validate import Limits
+
+    group = parser.add_argument_group(
+        "limits", "what one agent may send and the collector keeps (docs/reliability.md)"
+    )
+    for flag, kind, metavar, text in (
+        (
+            "--max-message-bytes",
+            count,
+            "BYTES",
+            "largest message accepted (RESOURCE_EXHAUSTED beyond)",
+        ),
+        ("--max-batch-reports", count, "N", "reports in one batch"),
+        ("--max-gpus", count, "N", "GPUs in one Hello"),
+        ("--max-string", count, "BYTES", "longest text kept: versions, tenants, jobs"),
+        ("--max-items", count, "N", "entries of a list in one GPU sample (processes, XIDs, MIG)"),
+        ("--max-streams", count, "N", "open agent streams in total"),
+        ("--max-streams-per-peer", count, "N", "open agent streams from one IP address"),
+        ("--max-nodes", count, "N", "nodes in the live state (new ones refused beyond)"),
+        ("--evict-after", positive, "SECONDS", "forget a node without stream or report this long"),
+        (
+            "--hello-timeout",
+            positive,
+            "SECONDS",
+            "time a new stream has to send its Hello and Proof",
+        ),
+        ("--max-models", count, "N", 'GPU models shown by name; others are "(other)"'),
+        ("--max-xid-codes", count, "N", 'XID codes shown per node; others are "other"'),
+    ):
+        default = getattr(Limits(), flag.removeprefix("--").replace("-", "_"))
+        group.add_argument(
+            flag,
+            type=kind,
+            default=default,
+            metavar=metavar,
+            help=f"{text} (default: %(default)s)",
+        )
 
 
 def add_period_options(

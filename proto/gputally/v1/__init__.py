@@ -7,7 +7,8 @@ those messages by, each in one place so that agent and collector can never count
 * ``accounting``: what a sample adds up to (GPU-seconds per measure, energy between counter
   readings, a MIG GPU's split among its owners), the measure and padding-rule names, and the
   bounds and verdicts of docs/utilization.md;
-* ``signing``: the signing domain of summaries, their signatures, and the key files.
+* ``signing``: the signing domains (summaries, a stream's proof of possession), their
+  signatures, and the key files.
 
 They depend on protobuf and cryptography only. The agent and the collector import this
 package and never each other.
@@ -19,6 +20,7 @@ package and never each other.
 __version__ = "0.1.0"
 
 # The minor revision of v1 this code speaks (Hello.protocol_revision). Revisions only add
-# optional fields, so a collector accepts any revision from 1 on; 0 means the field was never
-# set, which no gputally agent does.
-PROTOCOL_REVISION = 1
+# optional fields and messages; 0 means the field was never set, which no gputally agent does.
+# Revision 2 added the Challenge and Proof: a revision-1 agent cannot prove its key, so its
+# live reports count only on a collector without enrolled keys, marked unauthenticated.
+PROTOCOL_REVISION = 2

@@ -1,9 +1,10 @@
 """Signing domains and key files (docs/audit.md): one home for both sides.
 
 An agent signs each serialized Summary with its node's Ed25519 key over ``SUMMARY_DOMAIN +
-body``; the collector and the auditor verify the same bytes the same way. The domain keeps a
-signature over a summary from ever being taken for a signature over anything else (the
-collector's checkpoints are signed notes, another domain).
+body``; the collector and the auditor verify the same bytes the same way. At the start of each
+stream it proves it holds that key by signing the collector's fresh nonce under
+``STREAM_DOMAIN``. The domains keep a signature over one thing from ever being taken for a
+signature over another (the collector's checkpoints are signed notes, a third domain).
 
 Private keys (an agent's node key, the collector's checkpoint key) are PKCS#8 PEM files
 readable by their owner only, written whole or not at all. Public keys travel as the base64
@@ -25,7 +26,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 SUMMARY_DOMAIN = b"gputally summary v1\n"
+STREAM_DOMAIN = b"gputally stream v1\n"
 PUBLIC_KEY_BYTES = 32  # an Ed25519 public key, raw
+NONCE_BYTES = 32  # a Challenge's nonce
 
 
 class KeyFileError(ValueError):
@@ -39,6 +42,40 @@ def sign_summary(key: Ed25519PrivateKey, body: bytes) -> bytes:
 def verify_summary(public_key: bytes, body: bytes, signature: bytes) -> bool:
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, SUMMARY_DOMAIN + body)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def stream_proof_message(nonce: bytes, node: str, instance_id: int, public_key: bytes) -> bytes:
+    """What a stream's Proof signs: its own domain (never a summary's), the collector's fresh
+    nonce (so a proof seen on one stream opens no other), and what the Hello claims: the node,
+    the agent instance whose sequence numbers the stream carries, and the key. Each part has a
+    fixed length or a length prefix, so no two claims give the same bytes."""
+    name = node.encode()
+    return b"".join(
+        (
+            STREAM_DOMAIN,
+            len(nonce).to_bytes(2, "big"),
+            nonce,
+            len(name).to_bytes(2, "big"),
+            name,
+            instance_id.to_bytes(8, "big"),
+            public_key,
+        )
+    )
+
+
+def sign_stream(key: Ed25519PrivateKey, nonce: bytes, node: str, instance_id: int) -> bytes:
+    return key.sign(stream_proof_message(nonce, node, instance_id, public_bytes(key)))
+
+
+def verify_stream(
+    public_key: bytes, signature: bytes, nonce: bytes, node: str, instance_id: int
+) -> bool:
+    message = stream_proof_message(nonce, node, instance_id, public_key)
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
     except (InvalidSignature, ValueError):
         return False
     return True
@@ -77,7 +114,8 @@ def write_file(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     half of one, and no temporary file behind. Mode 0600 (the default) for private keys."""
     private = not mode & 0o077
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o777)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    # a short fixed prefix: a name of up to 255 bytes must still leave room for the temporary
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".gputally-", suffix=".tmp")
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:

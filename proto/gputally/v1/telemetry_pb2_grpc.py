@@ -47,8 +47,10 @@ class IngestServicer:
     """
 
     def Stream(self, request_iterator, context):
-        """The agent's first message must be a Hello; every later one carries Reports.
-        The collector answers the Hello with a Welcome and acknowledges reports with Acks.
+        """The agent's first message must be a Hello. From revision 2 on, the collector answers a
+        Hello that carries a public key with a Challenge, and the agent's next message must be
+        its Proof. The collector then answers with a Welcome; every later agent message carries
+        Reports, and the collector acknowledges them with Acks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -17,6 +17,7 @@ from ..cli import (
     add_duration_option,
     add_scenario_option,
     add_summary_options,
+    client_tls,
     padding_rules,
 )
 
@@ -67,6 +68,14 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         help="with --fast: the declared inventory (default: the scenario's GPUs)",
     )
     add_collector_option(simulate)
+    simulate.add_argument(
+        "--state-dir",
+        default="gputally-sim-state",
+        metavar="DIR",
+        help="each simulated node's key, summary chain and spool, in DIR/<node>/, so that a "
+        "fleet restarted continues where it stopped (a collector that enrolled its keys still "
+        "knows it); empty for fresh keys every run (default: %(default)s)",
+    )
     add_duration_option(simulate)
     simulate.add_argument(
         "--interval",
@@ -122,12 +131,16 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
+    from gputally.v1.signing import KeyFileError
+
+    from ..chain import ChainStateError
     from .fleet import run_fleet
     from .scenario import ScenarioError, load_scenario
 
     try:
         sc = load_scenario(args.scenario)
         padding = padding_rules(args)
+        tls = client_tls(args)
     except (ScenarioError, UsageError) as error:
         return fail("simulate", str(error))
     if args.fast:
@@ -136,16 +149,21 @@ def run_simulate(args: argparse.Namespace) -> int:
         f"simulating {sc.nodes} nodes x {sc.gpus_per_node} GPUs ({sc.gpu_model}) -> {args.collector}",
         file=sys.stderr,
     )
-    stats = asyncio.run(
-        run_fleet(
-            sc,
-            args.collector,
-            duration=args.duration,
-            interval=args.interval or 1.0,
-            summary_window=args.summary_window or 300.0,
-            padding=padding,
+    try:
+        stats = asyncio.run(
+            run_fleet(
+                sc,
+                args.collector,
+                duration=args.duration,
+                interval=args.interval or 1.0,
+                summary_window=args.summary_window or 300.0,
+                padding=padding,
+                state_dir=Path(args.state_dir) if args.state_dir else None,
+                sender_options={"tls": tls},
+            )
         )
-    )
+    except (KeyFileError, ChainStateError, OSError) as error:
+        return fail("simulate", f"--state-dir {args.state_dir}: {error}")
     print(
         f"sent {stats.reports} reports from {stats.nodes} nodes; acknowledged {stats.acked}, dropped {stats.dropped}",
         file=sys.stderr,

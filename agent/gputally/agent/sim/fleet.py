@@ -1,6 +1,11 @@
 """A whole simulated fleet in one process: every node of a scenario is a real agent
 (``NvmlBackend`` over ``MockNVML``, ``Sampler``, ``Sender``) with its own gRPC stream, in real
-time or on a virtual clock."""
+time or on a virtual clock.
+
+With a state directory each node keeps its key, summary chain and spool in <dir>/<node>/, as
+a real agent does in its --state-dir: a fleet stopped and started again continues its chains
+and is recognised by a collector that enrolled its keys. Without one, keys live in memory
+and every run is a new fleet."""
 
 from __future__ import annotations
 
@@ -8,9 +13,14 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gputally.v1.signing import load_or_create_private_key
 
 from ..attribution import Attributor
 from ..backend import NvmlBackend
+from ..chain import KEY_FILE, SummarySigner
 from ..node import NodeAgent
 from ..padding import PaddingRules
 from ..sampler import Sampler
@@ -52,20 +62,28 @@ def build_fleet(
     start: float | None = None,
     summary_window: float = 300.0,
     padding: PaddingRules | None = None,
+    state_dir: Path | None = None,
+    sender_options: dict[str, Any] | None = None,
 ) -> list[NodeAgent]:
     start = clock() if start is None else start
     agents = []
     for node in range(scenario.nodes):
         mock = MockNVML(scenario, node, clock, start=start)
+        name = scenario.node_name(node)
+        signer = None
+        if state_dir is not None:
+            home = state_dir / name
+            signer = SummarySigner(load_or_create_private_key(home / KEY_FILE), name, home)
         sampler = Sampler(
             # Events are drained by each tick: one thread per simulated node would not scale.
             NvmlBackend(mock, events="poll", monotonic=clock, clock=clock),
             attributor=Attributor(processes=mock.processes, monotonic=clock),
-            node=scenario.node_name(node),
+            node=name,
             interval=interval,
             clock=clock,
             summary_window=summary_window,
             padding=padding,
+            signer=signer,
         )
         sampler.open()
         outages = [f for f in scenario.faults if f.kind == "node_down" and f.hits(node)]
@@ -80,6 +98,7 @@ def build_fleet(
                 backend_name="mock",
                 sample_in_thread=False,
                 down=down if outages else None,
+                sender_options=sender_options,
             )
         )
     return agents
@@ -94,9 +113,17 @@ async def run_fleet(
     stop: asyncio.Event | None = None,
     summary_window: float = 300.0,
     padding: PaddingRules | None = None,
+    state_dir: Path | None = None,
+    sender_options: dict[str, Any] | None = None,
 ) -> FleetStats:
     agents = build_fleet(
-        scenario, collector, interval=interval, summary_window=summary_window, padding=padding
+        scenario,
+        collector,
+        interval=interval,
+        summary_window=summary_window,
+        padding=padding,
+        state_dir=state_dir,
+        sender_options=sender_options,
     )
     try:
         await asyncio.gather(*(agent.run(duration=duration, stop=stop) for agent in agents))

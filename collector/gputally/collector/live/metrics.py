@@ -12,22 +12,17 @@ To average any measure exactly over a range, divide the counter by the inventory
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-from gputally.cli.options import Address
 from gputally.v1 import __version__
 from gputally.v1.accounting import MEASURES, PADDING_RULES
 
-from .state import MAX_TENANTS, ClusterState, ClusterView, NodeView
+from .state import MAX_TENANTS, OTHER_XID, ClusterState, ClusterView, NodeView
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 NodeValues = Callable[[NodeView], Iterable[tuple[Sequence[str], float]]]
@@ -37,9 +32,39 @@ _NODE_SERIES: tuple[tuple[str, str, str, tuple[str, ...], NodeValues], ...] = (
     (
         "gauge",
         "gputally_node_info",
-        "The node's agent as its hello describes it (backend mock or nvml, versions).",
-        ("backend", "agent_version", "driver_version", "protocol_revision"),
-        lambda n: [((n.backend, n.agent_version, n.driver_version, str(n.protocol_revision)), 1)],
+        "The node's agent as its hello describes it (backend mock or nvml, versions), and how "
+        "its stream is vouched for: authenticated=enrolled (it proved the node's enrolled key), "
+        "unenrolled (it proved a key nobody enrolled), none (it proved no key).",
+        ("backend", "agent_version", "driver_version", "protocol_revision", "authenticated"),
+        lambda n: [
+            (
+                (
+                    n.backend,
+                    n.agent_version,
+                    n.driver_version,
+                    str(n.protocol_revision),
+                    n.authenticated,
+                ),
+                1,
+            )
+        ],
+    ),
+    (
+        "gauge",
+        "gputally_node_clock_offset_seconds",
+        "The node's clock minus the collector's, as its fastest-delivered report shows it "
+        "(network delay included, so a few milliseconds below the truth). Reports more than "
+        "--max-skew ahead are refused.",
+        (),
+        lambda n: [((), n.clock_offset)],
+    ),
+    (
+        "counter",
+        "gputally_node_clock_steps",
+        "Times the node's clock stepped back and its reports were followed across the step "
+        "(counted whole, placed where the previous one ended).",
+        (),
+        lambda n: [((), n.clock_steps)],
     ),
     (
         "gauge",
@@ -152,7 +177,10 @@ _NODE_SERIES: tuple[tuple[str, str, str, tuple[str, ...], NodeValues], ...] = (
         "gputally_node_xid_events",
         "XID errors the node's GPUs reported (e.g. 79: fell off the bus).",
         ("xid",),
-        lambda n: [((str(code),), count) for code, count in sorted(n.xids.items())],
+        lambda n: [
+            (("other" if code == OTHER_XID else str(code),), count)
+            for code, count in sorted(n.xids.items())
+        ],
     ),
 )
 
@@ -185,6 +213,39 @@ class ClusterCollector(Collector):
             "Hellos refused because they claimed a GPU (UUID or serial) another node, still up, holds.",
             value=view.identity_conflicts,
         )
+        yield from self._guards(view)
+
+    def _guards(self, view: ClusterView) -> Iterator[Any]:
+        """What the collector refused, folded and forgot: its limits at work."""
+        yield GaugeMetricFamily(
+            "gputally_cluster_unauthenticated_nodes",
+            "Connected nodes whose live reports no enrolled key vouches for (no --keys, or an "
+            "agent that proves no key): anyone who can reach the port could have sent them.",
+            value=view.unauthenticated,
+        )
+        refused = CounterMetricFamily(
+            "gputally_streams_refused",
+            "Agent streams ended with an error status, by gRPC status (UNAUTHENTICATED: a failed "
+            "proof of possession; RESOURCE_EXHAUSTED: a limit; PERMISSION_DENIED: a key not enrolled).",
+            labels=["status"],
+        )
+        for status, count in sorted(view.refusals.items()):
+            refused.add_metric([status], count)
+        yield refused
+        yield CounterMetricFamily(
+            "gputally_nodes_evicted",
+            "Nodes forgotten after --evict-after without a stream or report.",
+            value=view.evicted,
+        )
+        folded = CounterMetricFamily(
+            "gputally_labels_folded",
+            'Label values shown as "(other)" because their label reached its cap (model: GPUs '
+            "announced, xid: events, rule: flagged samples).",
+            labels=["label"],
+        )
+        for label in ("model", "xid", "rule"):
+            folded.add_metric([label], view.folded.get(label, 0))
+        yield folded
 
     def _cluster(self, view: ClusterView) -> Iterator[Any]:
         """The cluster's GPUs, live figures, counters and models."""
@@ -362,19 +423,6 @@ def make_registry(state: ClusterState) -> CollectorRegistry:
     return registry
 
 
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # scrapes are not news
-        pass
-
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _ThreadingServer6(_ThreadingServer):
-    address_family = socket.AF_INET6
-
-
 def make_app(registry: CollectorRegistry, ready: Callable[[], str]) -> WSGIApp:
     """/metrics, /healthz and /readyz. `ready` says why the collector is not ready ("" when
     it is): /readyz answers 503 with that reason, for a load balancer and a person alike."""
@@ -404,16 +452,3 @@ def make_app(registry: CollectorRegistry, ready: Callable[[], str]) -> WSGIApp:
         return [b"not found: try /metrics, /healthz or /readyz\n"]
 
     return app
-
-
-def serve_http(app: WSGIApp, listen: Address) -> tuple[WSGIServer, threading.Thread]:
-    """Serve the app on a daemon thread; returns the server (its server_port is the bound port).
-
-    Not prometheus_client's start_http_server (which the agent uses): the collector also
-    answers /healthz and /readyz, and listens on IPv6 addresses too."""
-    host = listen.bind_host
-    server_class = _ThreadingServer6 if ":" in host else _ThreadingServer
-    server = make_server(host, listen.port, app, server_class=server_class, handler_class=_Quiet)
-    thread = threading.Thread(target=server.serve_forever, name="gputally-http", daemon=True)
-    thread.start()
-    return server, thread

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +19,29 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from gputally.cli.options import Address
+from gputally.cli.options import address as options_address
+from gputally.cli.tls import ServerFiles, TlsError, is_loopback, peer_names, server_credentials
+from gputally.cli.web import serve_http
 from gputally.v1 import __version__
 from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1 import telemetry_pb2_grpc as pb_grpc
-from gputally.v1.signing import load_or_create_private_key
+from gputally.v1.signing import (
+    NONCE_BYTES,
+    PUBLIC_KEY_BYTES,
+    load_or_create_private_key,
+    verify_stream,
+)
 
 from ..record.keys import KeyStore
 from ..record.ledger import CheckpointError, Ledger, LedgerStartError, publish_collector_key
 from ..record.store import Record
-from .metrics import make_app, make_registry, serve_http
-from .state import ClusterState, IdentityConflictError, NotEnrolledError
-from .validate import InvalidMessageError, TimeLimits
+from .metrics import make_app, make_registry
+from .state import ClusterState, IdentityConflictError, NotEnrolledError, UnauthenticatedError
+from .validate import InvalidMessageError, LimitError, Limits, TimeLimits, check_hello
 
 log = logging.getLogger("gputally.collector.ingest")
 
-# gRPC server options, named and explained once.
+# gRPC server options, named and explained once (the message size is Limits').
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # Agents ping every 30 s on quiet streams; gRPC's default policy would answer such pings
     # with GOAWAY "too_many_pings" and cut the agents off. Accept pings down to 10 s apart.
@@ -41,115 +51,312 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # Ping agents every 60 s ourselves, so a vanished node's session is closed within ~80 s.
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.max_receive_message_length", 16 * 2**20),
 )
+# Reports validated and applied between two yields to the event loop: one batch of a
+# thousand reports must not hold up every other stream (and the scrapes' lock) until done.
+SLICE = 32
 
 
-async def _read(context: grpc.aio.ServicerContext) -> Any:
+class _Refused(Exception):
+    """Ends a stream with a status: raised inside the session, turned into an abort once."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+async def _read(context: grpc.aio.ServicerContext, timeout: float | None = None) -> Any:
     """The stream's next message; a message that is not an AgentMessage ends the stream with
     INVALID_ARGUMENT and a reason (grpc would answer UNKNOWN, and log a traceback)."""
     try:
-        return await context.read()
+        if timeout is None:
+            return await context.read()
+        return await asyncio.wait_for(context.read(), timeout)
     except DecodeError:
-        await context.abort(
+        raise _Refused(
             grpc.StatusCode.INVALID_ARGUMENT, "a message that is not a gputally.v1 AgentMessage"
-        )
+        ) from None
+    except TimeoutError:
+        raise _Refused(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"no Hello (and Proof) within {timeout:g} s of opening the stream (--hello-timeout)",
+        ) from None
+
+
+def peer_host(peer: str) -> str:
+    """The address part of grpc's peer string ("ipv4:10.0.0.7:5123", "ipv6:[::1]:5123")."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6":
+        return rest.rpartition("]")[0].lstrip("[") or rest
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    return peer  # unix sockets and the like: one peer each
 
 
 class IngestService(pb_grpc.IngestServicer):
-    def __init__(self, state: ClusterState):
+    """One session per agent stream. Before any of a stream's reports can count, it passes,
+    in this order: the stream limits (in total and per peer address), its Hello within
+    --hello-timeout, the Hello's checks and limits, the client certificate's name (mutual
+    TLS), the proof that it holds the Hello's key, and the node's enrolment. Every refusal is
+    a precise status with a reason, logged once, never a traceback."""
+
+    def __init__(
+        self,
+        state: ClusterState,
+        *,
+        client_names: bool = False,
+        hello_timeout: float | None = None,
+    ):
         self.state = state
+        self.sizes = state.sizes
+        # mutual TLS: the client certificate must name the Hello's node
+        self.client_names = client_names
+        self.hello_timeout = self.sizes.hello_timeout if hello_timeout is None else hello_timeout
+        self.streams = 0
+        self.by_peer: dict[str, int] = {}
 
     async def Stream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
-        first = await _read(context)
+        peer = peer_host(context.peer())
+        node = ""
+        self.streams += 1
+        self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+        try:
+            if self.streams > self.sizes.max_streams:
+                raise _Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the collector has {self.streams - 1} streams open, its limit "
+                    f"(--max-streams {self.sizes.max_streams}); retry later",
+                )
+            if self.by_peer[peer] > self.sizes.max_streams_per_peer:
+                raise _Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{self.by_peer[peer] - 1} streams are open from {peer}, the limit per "
+                    f"address (--max-streams-per-peer {self.sizes.max_streams_per_peer})",
+                )
+            hello, session, resume, recorded = await self._open(context)
+            node = hello.node
+            log.info(
+                "agent connected",
+                extra={"kv": {"node": node, "gpus": len(hello.gpus), "peer": context.peer()}},
+            )
+            try:
+                await self._session(context, hello, session, resume, recorded)
+            finally:
+                self.state.close_session(node, session)
+                log.info("agent disconnected", extra={"kv": {"node": node}})
+        except _Refused as refusal:
+            self.state.refused_stream(refusal.code.name)
+            log.warning(
+                "stream refused",
+                extra={
+                    "kv": {
+                        "peer": context.peer(),
+                        "node": node,
+                        "status": refusal.code.name,
+                        "error": refusal.reason,
+                    }
+                },
+            )
+            await context.abort(refusal.code, refusal.reason)
+        finally:
+            self.streams -= 1
+            self.by_peer[peer] -= 1
+            if not self.by_peer[peer]:
+                del self.by_peer[peer]
+
+    async def _open(self, context: grpc.aio.ServicerContext) -> tuple[pb.Hello, int, int, int]:
+        """The Hello, its proof of possession, and the session it opens."""
+        first = await _read(context, self.hello_timeout)
         if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
-            await context.abort(
+            raise _Refused(
                 grpc.StatusCode.INVALID_ARGUMENT, "the first message on a stream must be a Hello"
             )
         hello = first.hello
         try:
-            session, resume, recorded = self.state.open_session(hello)
-        except IdentityConflictError as error:
-            log.warning(
-                "hello refused: duplicate GPU identity",
-                extra={"kv": {"peer": context.peer(), "error": str(error)}},
-            )
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-        except NotEnrolledError as error:
-            log.warning(
-                "hello refused", extra={"kv": {"peer": context.peer(), "error": str(error)}}
-            )
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+            check_hello(hello, self.sizes)
+        except LimitError as error:
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
         except InvalidMessageError as error:
-            log.warning(
-                "hello refused", extra={"kv": {"peer": context.peer(), "error": str(error)}}
-            )
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        log.info(
-            "agent connected",
-            extra={"kv": {"node": hello.node, "gpus": len(hello.gpus), "peer": context.peer()}},
-        )
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        if self.client_names:
+            names = peer_names(dict(context.auth_context()))
+            if hello.node not in names:
+                raise _Refused(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"hello from {hello.node}: the client certificate is for "
+                    f"{', '.join(sorted(names)) or 'no name'}, not this node",
+                )
+        proven = False
+        if hello.protocol_revision >= 2 and hello.public_key:
+            proven = await self._prove(context, hello)
         try:
-            self.state.intake.acknowledge()  # what the Welcome calls recorded is remembered
-            await context.write(
-                pb.CollectorMessage(
-                    welcome=pb.Welcome(
-                        collector_version=__version__,
-                        resume_after_seq=resume,
-                        recording=self.state.intake.recording,
-                        recorded_chain_seq=recorded,
-                    )
+            session, resume, recorded = self.state.open_session(hello, proven=proven)
+        except LimitError as error:
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
+        except InvalidMessageError as error:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        except UnauthenticatedError as error:
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, str(error)) from None
+        except NotEnrolledError as error:
+            raise _Refused(grpc.StatusCode.PERMISSION_DENIED, str(error)) from None
+        except IdentityConflictError as error:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, str(error)) from None
+        return hello, session, resume, recorded
+
+    async def _prove(self, context: grpc.aio.ServicerContext, hello: pb.Hello) -> bool:
+        """Challenge the stream to sign a fresh nonce with the Hello's key."""
+        if len(hello.public_key) != PUBLIC_KEY_BYTES:
+            raise _Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"hello from {hello.node}: public_key must be {PUBLIC_KEY_BYTES} bytes of Ed25519",
+            )
+        nonce = os.urandom(NONCE_BYTES)
+        await context.write(pb.CollectorMessage(challenge=pb.Challenge(nonce=nonce)))
+        answer = await _read(context, self.hello_timeout)
+        if answer is grpc.aio.EOF or answer.WhichOneof("body") != "proof":
+            raise _Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "after a Challenge the agent's next message must be its Proof",
+            )
+        if not verify_stream(
+            hello.public_key, answer.proof.signature, nonce, hello.node, hello.instance_id
+        ):
+            raise _Refused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"hello from {hello.node}: the proof does not verify with the Hello's public "
+                "key: this stream does not hold that key's private half",
+            )
+        return True
+
+    async def _session(
+        self,
+        context: grpc.aio.ServicerContext,
+        hello: pb.Hello,
+        session: int,
+        resume: int,
+        recorded: int,
+    ) -> None:
+        self.state.intake.acknowledge()  # what the Welcome calls recorded is remembered
+        await context.write(
+            pb.CollectorMessage(
+                welcome=pb.Welcome(
+                    collector_version=__version__,
+                    resume_after_seq=resume,
+                    recording=self.state.intake.recording,
+                    recorded_chain_seq=recorded,
                 )
             )
-            while True:
-                message = await _read(context)
-                if message is grpc.aio.EOF:
-                    return
-                if not self.state.is_current(hello.node, session):
-                    await context.abort(
-                        grpc.StatusCode.ALREADY_EXISTS,
-                        f"a newer stream from node {hello.node} replaced this one",
-                    )
-                if message.WhichOneof("body") != "batch":
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        "after the Hello, only report batches may be sent",
-                    )
-                await context.write(pb.CollectorMessage(ack=self._apply(hello.node, message.batch)))
-        finally:
-            self.state.close_session(hello.node, session)
-            log.info("agent disconnected", extra={"kv": {"node": hello.node}})
+        )
+        while True:
+            message = await _read(context)
+            if message is grpc.aio.EOF:
+                return
+            if not self.state.is_current(hello.node, session):
+                raise _Refused(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"a newer stream from node {hello.node} replaced this one",
+                )
+            if message.WhichOneof("body") != "batch":
+                raise _Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "after the Welcome, only report batches may be sent",
+                )
+            reports = message.batch.reports
+            if len(reports) > self.sizes.max_batch_reports:
+                raise _Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"a batch of {len(reports)} reports, more than --max-batch-reports "
+                    f"{self.sizes.max_batch_reports}: send smaller batches",
+                )
+            ack = await self._apply(hello.node, session, reports)
+            await context.write(pb.CollectorMessage(ack=ack))
 
-    def _apply(self, node: str, batch: pb.ReportBatch) -> pb.Ack:
+    async def _apply(self, node: str, session: int, reports: Sequence[pb.Report]) -> pb.Ack:
+        """Every report of a batch, SLICE at a time with the event loop let go in between;
+        the rejections are logged once for the batch, with their count and the first reason."""
         ack = pb.Ack()
-        for report in batch.reports:
+        for i, report in enumerate(reports):
+            if i and not i % SLICE:
+                await asyncio.sleep(0)
+                if not self.state.is_current(node, session):
+                    break  # superseded mid-batch: the new stream resends the rest
             try:
                 self.state.ingest(node, report)
             except InvalidMessageError as error:
                 ack.rejections.add(seq=report.seq, reason=str(error))
-                log.warning(
-                    "report rejected",
-                    extra={"kv": {"node": node, "seq": report.seq, "error": str(error)}},
-                )
             ack.acked_seq = max(ack.acked_seq, report.seq)
+        if ack.rejections:
+            first = ack.rejections[0]
+            log.warning(
+                "reports rejected",
+                extra={
+                    "kv": {
+                        "node": node,
+                        "rejected": len(ack.rejections),
+                        "of": len(reports),
+                        "first_seq": first.seq,
+                        "error": first.reason,
+                    }
+                },
+            )
         # what the record holds, not what was sent: the only number that lets an agent let go
         self.state.intake.acknowledge()
         ack.recorded_chain_seq = self.state.intake.recorded_seq(node)
         return ack
 
 
-async def start(state: ClusterState, listen: Address | str) -> tuple[grpc.aio.Server, int]:
-    """Start the ingest server; returns it and the port bound (useful with port 0)."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    pb_grpc.add_IngestServicer_to_server(IngestService(state), server)
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """The gRPC listener's TLS (gputally.cli.tls): none, or a certificate and key, and for
+    mutual TLS the CA of the agents' client certificates."""
+
+    cert: str = ""
+    key: str = ""
+    client_ca: str = ""
+
+
+async def start(
+    state: ClusterState, listen: Address | str, tls: Tls = Tls(), *, insecure: bool = False
+) -> tuple[grpc.aio.Server, int, IngestService]:
+    """Start the ingest server; returns it, the port bound (useful with port 0) and the
+    service. Plaintext only on a loopback address, unless `insecure`: on any other, tenants
+    sharing the network could read and forge the stream. TlsError for unusable files,
+    OSError when it cannot listen."""
+    address = listen if isinstance(listen, Address) else options_address(str(listen))
+    if not tls.cert and not insecure and not is_loopback(address.host):
+        raise OSError(
+            "plaintext gRPC is refused on a non-loopback address: give --tls-cert and "
+            "--tls-key (`gputally ca` makes them), or --insecure to accept anyone on the network"
+        )
+    if bool(tls.cert) != bool(tls.key) or (tls.client_ca and not tls.cert):
+        raise TlsError("--tls-cert and --tls-key go together, and --tls-client-ca needs both")
+    sizes = state.sizes
+    server = grpc.aio.server(
+        options=(
+            *SERVER_OPTIONS,
+            ("grpc.max_receive_message_length", sizes.max_message_bytes),
+            # the concurrent streams grpc itself will carry: past our own limit, refused cheaply
+            ("grpc.max_concurrent_streams", min(sizes.max_streams + 16, 2**31 - 1)),
+        )
+    )
+    service = IngestService(state, client_names=bool(tls.client_ca))
+    pb_grpc.add_IngestServicer_to_server(service, server)
     try:
-        port = server.add_insecure_port(str(listen))
+        if tls.cert:
+            credentials = server_credentials(ServerFiles(tls.cert, tls.key, tls.client_ca))
+            port = server.add_secure_port(str(address), credentials)
+        else:
+            port = server.add_insecure_port(str(address))
     except RuntimeError as error:  # grpcio raises RuntimeError when the bind fails
         raise OSError(f"cannot listen there ({error})") from None
     if port == 0:
         raise OSError("cannot listen there (the address is in use or not this host's)")
     await server.start()
-    return server, port
+    return server, port, service
+
+
+_LIMITS = Limits()  # the defaults
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +380,27 @@ class Settings:
     startup_check: str = "incremental"
     horizon: float = 7 * 86400.0
     max_skew: float = 300.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    insecure: bool = False
+    web_config_file: str = ""
+    max_message_bytes: int = _LIMITS.max_message_bytes
+    max_batch_reports: int = _LIMITS.max_batch_reports
+    max_gpus: int = _LIMITS.max_gpus
+    max_string: int = _LIMITS.max_string
+    max_items: int = _LIMITS.max_items
+    max_streams: int = _LIMITS.max_streams
+    max_streams_per_peer: int = _LIMITS.max_streams_per_peer
+    max_nodes: int = _LIMITS.max_nodes
+    evict_after: float = _LIMITS.evict_after
+    hello_timeout: float = _LIMITS.hello_timeout
+    max_models: int = _LIMITS.max_models
+    max_xid_codes: int = _LIMITS.max_xid_codes
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(**{f.name: getattr(self, f.name) for f in fields(Limits)})
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
@@ -219,6 +447,7 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
         keys=keys,
         ledger=ledger,
         limits=TimeLimits(s.horizon, s.max_skew),
+        sizes=s.limits,
     )
 
     def ready() -> str:
@@ -231,35 +460,63 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
 
     app = make_app(make_registry(state), ready=ready)
     try:
-        http, _ = serve_http(app, s.metrics_listen)
+        http, _ = serve_http(app, s.metrics_listen, s.web_config_file)
     except OSError as error:
         raise OSError(f"--metrics-listen {s.metrics_listen}: {error.strerror or error}") from None
     try:
         try:
-            server, grpc_port = await start(state, s.grpc_listen)
+            server, grpc_port, _ = await start(
+                state,
+                s.grpc_listen,
+                Tls(s.tls_cert, s.tls_key, s.tls_client_ca),
+                insecure=s.insecure,
+            )
         except OSError as error:
             raise OSError(f"--grpc-listen {s.grpc_listen}: {error}") from None
         grpc_at = Address(s.grpc_listen.bind_host, grpc_port)
         metrics_at = Address(s.metrics_listen.bind_host, http.server_port)
+        scheme = "https" if s.web_config_file and _web_tls(s.web_config_file) else "http"
         print(
-            f"gputally collector: gRPC on {grpc_at}, metrics on http://{metrics_at}/metrics",
+            f"gputally collector: gRPC{' (TLS)' if s.tls_cert else ''} on {grpc_at}, "
+            f"metrics on {scheme}://{metrics_at}/metrics",
             file=sys.stderr,
             flush=True,
         )
+        if state.keys is None:
+            log.warning(
+                "no --keys: live figures come from unauthenticated streams "
+                "(gputally_cluster_unauthenticated_nodes)"
+            )
         if s.expected_gpus is None:
             log.warning(
                 "no --expected-gpus: ratios use the GPUs seen as the denominator, so GPUs that never report cannot lower them"
             )
-        await _run(s, ledger, server, stop)
+        await _run(s, state, ledger, server, stop)
     finally:
         http.shutdown()
         http.server_close()
 
 
+def _web_tls(path: str) -> bool:
+    from gputally.cli.web import load_web_config
+
+    return load_web_config(path).tls is not None
+
+
 async def _run(
-    s: Settings, ledger: Ledger | None, server: grpc.aio.Server, stop: asyncio.Event
+    s: Settings,
+    state: ClusterState,
+    ledger: Ledger | None,
+    server: grpc.aio.Server,
+    stop: asyncio.Event,
 ) -> None:
-    """Sign checkpoints until `stop`; then let the streams finish and cover what they sent."""
+    """Sign checkpoints until `stop`; then let the streams finish and cover what they sent.
+    Meanwhile nodes idle for --evict-after are forgotten, so memory follows the live fleet."""
+
+    async def evictions() -> None:
+        while True:
+            await asyncio.sleep(min(60.0, s.evict_after))
+            state.evict()
 
     async def checkpoints() -> None:
         while ledger is not None:
@@ -270,6 +527,7 @@ async def _run(
             await asyncio.sleep(s.checkpoint_interval)
 
     signer = asyncio.ensure_future(checkpoints())
+    evictor = asyncio.ensure_future(evictions())
     # The entries under the remembered checkpoint, rehashed while the collector runs.
     stopping = threading.Event()
     history = (
@@ -282,6 +540,7 @@ async def _run(
     finally:
         stopping.set()
         signer.cancel()
+        evictor.cancel()
         if history is not None:
             await history
         await server.stop(s.grace)

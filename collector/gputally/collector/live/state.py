@@ -40,11 +40,34 @@ from ..record.keys import KeyStore, KeyStoreError
 from ..record.ledger import Ledger
 from ..record.store import Record
 from .intake import Chain, IntakeStoppedError, SummaryIntake
-from .validate import InvalidMessageError, TimeLimits, check_hello, check_report
+from .validate import (
+    InvalidMessageError,
+    LimitError,
+    Limits,
+    TimeLimits,
+    check_hello,
+    check_report,
+)
 
 # Tenants shown individually in the live view; the rest are summed as "(other)".
 MAX_TENANTS = 20
 OTHER_TENANTS = "(other)"
+# What a label value beyond its cap becomes (models, padding rules, tenants), and an XID code
+# beyond a node's cap (shown as xid="other").
+OTHER = "(other)"
+OTHER_XID = -1
+# A report that starts this much before the previous one ended, yet arrives on time as the
+# next one, is an agent clock stepped back (NTP), not a repeat: see ClusterState._covered.
+CLOCK_STEP_S = 1.0
+# "On time": at least this share of its interval after the previous report arrived. And a
+# node's clock is followed across a step at most once per STEP_EVERY_S: NTP steps are rare,
+# and an agent that "steps" at every report gains at most one interval per period.
+STEP_ELAPSED = 0.9
+STEP_EVERY_S = 600.0
+# How a stream's reports are vouched for (gputally_node_info's `authenticated`).
+AUTH_ENROLLED = "enrolled"  # it proved the node's enrolled key
+AUTH_PROVEN = "unenrolled"  # it proved a key, but no key is enrolled: nobody vouches for it
+AUTH_NONE = "none"  # a revision-1 agent, or no key: anyone could have sent them
 # Longest agent-given text kept for the node's info series (versions, backend).
 MAX_INFO = 64
 # The accounting numbers the live window adds up, per second a sample covers.
@@ -74,6 +97,10 @@ class NotEnrolledError(ValueError):
 
 class IdentityConflictError(ValueError):
     """A hello claiming a GPU (UUID or serial) that another node, still up, holds."""
+
+
+class UnauthenticatedError(ValueError):
+    """A stream that did not prove the key it must speak with (gRPC UNAUTHENTICATED)."""
 
 
 @dataclass(slots=True)
@@ -158,6 +185,11 @@ class NodeState:
     agent_end: float = -math.inf
     clipped_seconds: float = 0.0  # report seconds not counted: they overlapped earlier ones
     energy_refused: int = 0  # energy readings beyond what the board can draw, not counted
+    opened: float = 0.0  # collector clock: when its latest stream was opened
+    public_key: bytes = b""  # the key its stream proved ("" when it proved none)
+    authenticated: str = AUTH_NONE
+    clock_steps: int = 0  # agent clock steps back that were followed (see _covered)
+    last_step: float = -math.inf  # collector clock: when the latest one was
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +230,9 @@ class NodeView:
     summaries_unrecorded: int
     clipped_seconds: float
     energy_refused: int
+    authenticated: str
+    clock_offset: float  # agent clock minus collector clock (network delay included)
+    clock_steps: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +254,10 @@ class ClusterView:
     padding_gpus: dict[str, int]  # rule -> GPUs it flags now (among reporting GPUs)
     identity_conflicts: int  # hellos refused: a GPU another node, still up, holds
     intake_stopped: str  # why summaries are not being recorded ("" while they are)
+    unauthenticated: int  # connected nodes whose live reports no enrolled key vouches for
+    evicted: int  # nodes forgotten after --evict-after without a stream
+    folded: dict[str, int]  # label -> values shown as "(other)" (occurrences)
+    refusals: dict[str, int]  # gRPC status name -> streams ended with it
 
 
 def _weighted(rates: list[tuple[float, ...]], weights: list[float]) -> list[float]:
@@ -278,6 +317,7 @@ class ClusterState:
         keys: KeyStore | None = None,
         ledger: Ledger | None = None,
         limits: TimeLimits | None = None,
+        sizes: Limits | None = None,
     ):
         if window <= 0 or lag < 0 or stale_after <= 0:
             raise ValueError("window and stale_after must be positive and lag not negative")
@@ -292,6 +332,7 @@ class ClusterState:
         self.keys = keys
         # A record keeps only summaries signed by enrolled keys: without keys, none.
         self.limits = limits or TimeLimits()
+        self.sizes = sizes or Limits()
         self.intake = SummaryIntake(keys, record, ledger, self.limits)
         if record is not None and expected_gpus is not None:
             record.declare_inventory(expected_gpus, clock())
@@ -305,22 +346,63 @@ class ClusterState:
         # counts on its new node only after the seconds its old node already counted
         self._card_end: dict[str, tuple[str, float]] = {}
         self.identity_conflicts = 0
+        self.evicted = 0
+        self.refusals: dict[str, int] = {}  # gRPC status name -> streams ended with it
+        self.folded: dict[str, int] = {}
+        self._models: set[str] = set()  # models shown by name (at most sizes.max_models)
 
     # -- sessions --------------------------------------------------------------------------
 
-    def open_session(self, hello: pb.Hello) -> tuple[int, int, int]:
-        """Register a stream. Returns (session id, seq to resume after, newest chain number
-        recorded). A node's newer stream supersedes an older one still open (the agent
-        reconnected). IdentityConflictError when it claims a card another node holds."""
-        check_hello(hello)
+    def open_session(self, hello: pb.Hello, proven: bool = False) -> tuple[int, int, int]:
+        """Register a stream. `proven`: it signed this stream's challenge with the Hello's
+        key. Returns (session id, seq to resume after, newest chain number recorded). A
+        node's newer stream supersedes an older one still open (the agent reconnected).
+
+        With enrolled keys only a stream that proved the node's enrolled key opens (and only
+        then does trust-on-first-use enrol one). Without them, a key a node proved stays its
+        key on this collector while the node is up: another stream for it must prove the same.
+        Nothing about the node changes before these checks pass: a refused Hello moves
+        neither its sequence numbers nor its stream.
+
+        InvalidMessageError (LimitError) for a bad Hello, UnauthenticatedError,
+        NotEnrolledError, IdentityConflictError when it claims a card another node holds."""
+        check_hello(hello, self.sizes)
+        authenticated = AUTH_PROVEN if proven else AUTH_NONE
         if self.keys is not None:
+            if not proven:
+                raise UnauthenticatedError(
+                    f"hello from {hello.node}: this collector has enrolled keys, so a stream "
+                    "speaks for a node only once it proves the node's key (agents of protocol "
+                    "revision 2 and later do, when they have a key)"
+                )
             try:
                 self.keys.admit(hello.node, hello.public_key)
             except KeyStoreError as error:
                 raise NotEnrolledError(str(error)) from None
+            authenticated = AUTH_ENROLLED
+        now = self.clock()
         with self._lock:
-            self._claim(hello)
             node = self.nodes.get(hello.node)
+            if node is None and len(self.nodes) >= self.sizes.max_nodes:
+                self._evict(now, self.sizes.evict_after)
+                if len(self.nodes) >= self.sizes.max_nodes:
+                    raise LimitError(
+                        f"hello from {hello.node}: the collector keeps {len(self.nodes)} nodes, "
+                        f"its limit (--max-nodes {self.sizes.max_nodes})"
+                    )
+            if (
+                self.keys is None
+                and node is not None
+                and node.public_key
+                and (not proven or hello.public_key != node.public_key)
+                and self._is_up(node, now)
+            ):
+                raise NotEnrolledError(
+                    f"node {hello.node} proved another key on this collector and is up: a "
+                    f"stream for it must prove that key (refused until the node has been down "
+                    f"for {self.stale_after:g} s; enrolled keys (--keys) make this permanent)"
+                )
+            self._claim(hello)
             if node is None:
                 node = self.nodes[hello.node] = NodeState(name=hello.node)
             if node.instance_id != hello.instance_id:
@@ -331,7 +413,10 @@ class ClusterState:
             if node.session == 0:
                 self._sessions += 1
             node.session = self._next_session
+            node.opened = now
             node.offset = math.inf
+            node.public_key = hello.public_key if proven else b""
+            node.authenticated = authenticated
             node.backend = hello.backend[:MAX_INFO]
             node.agent_version = hello.agent_version[:MAX_INFO]
             node.driver_version = hello.driver_version[:MAX_INFO]
@@ -343,12 +428,56 @@ class ClusterState:
                         hello.node,
                         identity.index,
                         identity.uuid,
-                        identity.model,
+                        self._model_label(identity.model),
                         identity.serial,
                         card(identity.uuid),
                     )
             recorded = self.intake.recorded_seq(hello.node)
             return node.session, node.last_seq, recorded
+
+    def refused_stream(self, status: str) -> None:
+        with self._lock:
+            self.refusals[status] = self.refusals.get(status, 0) + 1
+
+    def _is_up(self, node: NodeState, now: float) -> bool:
+        return node.session != 0 or (
+            node.last_received > 0 and now - node.last_received <= self.stale_after
+        )
+
+    def _fold(self, label: str) -> None:
+        self.folded[label] = self.folded.get(label, 0) + 1
+
+    def _model_label(self, model: str) -> str:
+        """The model as the live view shows it: by name for the first sizes.max_models seen,
+        "(other)" after (a Hello can name any model; a series per name would be unbounded)."""
+        if model in self._models:
+            return model
+        if len(self._models) < self.sizes.max_models:
+            self._models.add(model)
+            return model
+        self._fold("model")
+        return OTHER
+
+    def evict(self, now: float | None = None) -> int:
+        """Forget nodes without a stream and without a report for sizes.evict_after seconds
+        (their seconds stay in the cluster's counters). Returns how many were forgotten."""
+        with self._lock:
+            return self._evict(self.clock() if now is None else now, self.sizes.evict_after)
+
+    def _evict(self, now: float, after: float) -> int:
+        idle = [
+            n
+            for n in self.nodes.values()
+            if n.session == 0 and now - max(n.last_received, n.opened) > after
+        ]
+        for node in idle:
+            del self.nodes[node.name]
+            for key in [k for k, holder in self._cards.items() if holder == node.name]:
+                del self._cards[key]
+            for key in [k for k, (holder, _) in self._card_end.items() if holder == node.name]:
+                del self._card_end[key]
+        self.evicted += len(idle)
+        return len(idle)
 
     def _claim(self, hello: pb.Hello) -> None:
         """Give the hello's cards to its node, unless another node that is up holds one:
@@ -416,7 +545,7 @@ class ClusterState:
             summary: pb.Summary | None = None
             duplicate = report.seq <= node.last_seq
             try:
-                check_report(report, node.gpus, received, self.limits)
+                check_report(report, node.gpus, received, self.limits, self.sizes)
                 if report.HasField("summary"):
                     uuids = {i: g.uuid for i, g in node.gpus.items()}
                     summary = self.intake.open(name, report.summary, uuids, received)
@@ -429,7 +558,7 @@ class ClusterState:
                     return "duplicate"
                 # A live part refused here leaves its summary recorded: that one was judged
                 # on its own, and is evidence whatever the report's clock says.
-                covered = self._covered(node, report) if report.gpus else 0.0
+                covered = self._covered(node, report, received) if report.gpus else 0.0
             except InvalidMessageError:
                 node.reports["rejected"] += 1
                 raise
@@ -441,11 +570,30 @@ class ClusterState:
                 self._integrate(node, report, received, covered)
             return "accepted"
 
-    def _covered(self, node: NodeState, report: pb.Report) -> float:
+    def _covered(self, node: NodeState, report: pb.Report, received: float) -> float:
         """The seconds of the report's interval that no earlier report of the node covered
         (agent clock): an overlap is clipped, a report that ends no later than the previous
-        one covers nothing new and is refused, so no second counts twice in the counters."""
+        one covers nothing new and is refused, so no second counts twice in the counters.
+
+        One exception: an agent's clock stepped back (NTP corrects it). Its next report then
+        starts well before the previous one ended, but it is the very next sequence number
+        and arrived an interval after the previous one, on the collector's clock: real time
+        has passed for its seconds. That report counts whole and the node's placement on
+        the collector's clock moves by the step, so the node stays in the live window. A
+        lying agent gains little by it: such a report must have waited out most of its own
+        interval, and only one step per STEP_EVERY_S is followed."""
         end = report.time_unix_nano / 1e9
+        start = end - report.interval_seconds
+        if start < node.agent_end - CLOCK_STEP_S and (
+            node.last_received > 0
+            and report.seq == node.last_seq + 1
+            and received - node.last_received >= STEP_ELAPSED * report.interval_seconds
+            and received - node.last_step >= STEP_EVERY_S
+        ):
+            node.last_step = received
+            node.offset += node.agent_end - start  # the placement continues where it was
+            node.agent_end = start
+            node.clock_steps += 1
         if end <= node.agent_end:
             raise InvalidMessageError(
                 f"report {report.seq} ends at {end:.3f}, not after the previous report "
@@ -483,7 +631,9 @@ class ClusterState:
             gpu = node.gpus[proto.index]
             gpu.status = proto.status
             ok = proto.status == pb.GPU_STATUS_OK
-            padding = tuple(proto.padding) if ok else ()  # padding flags present seconds only
+            # padding flags present seconds only; a rule this collector does not know is shown
+            # as "(other)" (its name is the agent's to choose: unbounded otherwise)
+            padding = tuple(self._rule(r) for r in proto.padding) if ok else ()
             dt = self._card_seconds(node, gpu, end, covered)
             refused = gpu.energy.implausible
             joules = gpu.energy.joules(proto, dt)
@@ -500,7 +650,11 @@ class ClusterState:
             gpu.padding = padding
             self._charge(gpu, proto, per_second, end, placed)
             for event in proto.xid_events:
-                node.xids[event.code] = node.xids.get(event.code, 0) + 1
+                code = event.code
+                if code not in node.xids and len(node.xids) >= self.sizes.max_xid_codes:
+                    code = OTHER_XID
+                    self._fold("xid")
+                node.xids[code] = node.xids.get(code, 0) + 1
             for name, value in zip(_COUNTED_NAMES, _counted(per_second), strict=True):
                 added.seconds[name] += value * dt
                 if padding:
@@ -511,6 +665,12 @@ class ClusterState:
             self._trim(gpu, received)
         node.counters.add(added)
         self.counters.add(added)
+
+    def _rule(self, rule: str) -> str:
+        if rule in accounting.PADDING_RULES:
+            return rule
+        self._fold("rule")
+        return OTHER
 
     def _charge(
         self,
@@ -610,6 +770,14 @@ class ClusterState:
                 padding_gpus=padding_gpus,
                 identity_conflicts=self.identity_conflicts,
                 intake_stopped=self.intake.stopped,
+                unauthenticated=sum(
+                    1
+                    for n in self.nodes.values()
+                    if n.session != 0 and n.authenticated != AUTH_ENROLLED
+                ),
+                evicted=self.evicted,
+                folded=dict(self.folded),
+                refusals=dict(self.refusals),
             )
 
     def _node_view(
@@ -641,6 +809,9 @@ class ClusterState:
             summaries_unrecorded=chain.unrecorded,
             clipped_seconds=node.clipped_seconds,
             energy_refused=node.energy_refused,
+            authenticated=node.authenticated,
+            clock_offset=-node.offset if math.isfinite(node.offset) else 0.0,
+            clock_steps=node.clock_steps,
         )
 
 

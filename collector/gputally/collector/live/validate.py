@@ -10,13 +10,27 @@ from dataclasses import dataclass
 
 from gputally.v1 import PROTOCOL_REVISION
 from gputally.v1 import telemetry_pb2 as pb
-from gputally.v1.accounting import MAX_IDENTITY, card, summary_problem, uuid_problem
+from gputally.v1.accounting import (
+    MAX_IDENTITY,
+    PADDING_RULES,
+    card,
+    summary_problem,
+    uuid_problem,
+)
 
 # A DNS name is at most 253 characters; a node's key file is <node>.pub, and a file name is
 # at most 255 bytes: so at most 250 bytes of UTF-8.
 MAX_NODE_NAME = 250
 MAX_SEQ = 2**63 - 1  # the record stores sequence numbers as SQLite's signed 64-bit integers
 MAX_INTERVAL_S = 3600.0
+
+
+class InvalidMessageError(ValueError):
+    """A hello, report or summary the collector refuses; the message says why."""
+
+
+class LimitError(InvalidMessageError):
+    """A message beyond one of the collector's Limits (gRPC RESOURCE_EXHAUSTED)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +53,26 @@ class TimeLimits:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How much one agent may send and the collector keeps, so that memory and the work per
+    message stay bounded whatever a client sends. Each is a collector option; refusals name
+    the option. A message over max_message_bytes never reaches Python: grpc refuses it."""
+
+    max_message_bytes: int = 4 * 2**20  # one AgentMessage; an 8-GPU report is ~2 KiB
+    max_batch_reports: int = 1024  # reports in one batch (the agent sends at most 256)
+    max_gpus: int = 64  # GPUs in one Hello (the largest machines hold 16)
+    max_string: int = 1024  # bytes of any text the collector keeps (versions, tenants, jobs)
+    max_items: int = 1024  # entries of any list in one GPU sample (processes, XIDs, MIG, ...)
+    max_streams: int = 20_000  # open streams in total
+    max_streams_per_peer: int = 64  # open streams from one IP address
+    max_nodes: int = 20_000  # nodes kept in the live state (a 100,000-GPU cluster: 12,500)
+    evict_after: float = 86_400.0  # a node without a stream or report this long is forgotten
+    hello_timeout: float = 10.0  # seconds a stream may take to send its Hello (and Proof)
+    max_models: int = 32  # distinct GPU models shown; the rest are "(other)"
+    max_xid_codes: int = 32  # distinct XID codes shown per node; the rest are "other"
+
+
 # GpuSample fields that are fractions in [0, 1].
 _FRACTIONS = (
     "busy",
@@ -51,11 +85,13 @@ _FRACTIONS = (
 )
 
 
-class InvalidMessageError(ValueError):
-    """A hello, report or summary the collector refuses; the message says why."""
+def _too_long(text: str, limit: int) -> bool:
+    # len() first: a str of n characters holds at most 4n bytes of UTF-8, most hold n
+    return len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit)
 
 
-def check_hello(hello: pb.Hello) -> None:
+def check_hello(hello: pb.Hello, sizes: Limits = Limits()) -> None:
+    """A Hello's identity: LimitError beyond `sizes`, InvalidMessageError when it is unusable."""
     if not hello.node:
         raise InvalidMessageError("hello: node name is empty")
     if (
@@ -66,6 +102,17 @@ def check_hello(hello: pb.Hello) -> None:
         raise InvalidMessageError(
             f"hello: node name {hello.node[:40]!r} is not a printable name without spaces of at most {MAX_NODE_NAME} bytes"
         )
+    if len(hello.gpus) > sizes.max_gpus:
+        raise LimitError(
+            f"hello from {hello.node}: {len(hello.gpus)} GPUs, more than the collector accepts "
+            f"on one node (--max-gpus {sizes.max_gpus})"
+        )
+    for name in ("agent_version", "backend", "driver_version", "nvml_version"):
+        if _too_long(getattr(hello, name), sizes.max_string):
+            raise LimitError(
+                f"hello from {hello.node}: {name} is longer than --max-string "
+                f"{sizes.max_string} bytes"
+            )
     if hello.protocol_revision < 1:
         raise InvalidMessageError(
             f"hello from {hello.node}: protocol_revision is not set; this collector speaks "
@@ -87,6 +134,8 @@ def check_hello(hello: pb.Hello) -> None:
             )
         if gpu.serial and uuid_problem(gpu.serial):
             raise InvalidMessageError(f"hello from {hello.node}: GPU {gpu.index}: bad serial")
+        if _too_long(gpu.pci_bus_id, MAX_IDENTITY):
+            raise InvalidMessageError(f"hello from {hello.node}: GPU {gpu.index}: bad PCI bus id")
     uuids = [card(gpu.uuid) for gpu in hello.gpus]
     if len(set(uuids)) != len(uuids):
         raise InvalidMessageError(f"hello from {hello.node}: GPU UUIDs repeat")
@@ -96,7 +145,11 @@ def check_hello(hello: pb.Hello) -> None:
 
 
 def check_report(
-    report: pb.Report, gpus: Container[int], now: float, limits: TimeLimits = TimeLimits()
+    report: pb.Report,
+    gpus: Container[int],
+    now: float,
+    limits: TimeLimits = TimeLimits(),
+    sizes: Limits = Limits(),
 ) -> None:
     """A report of a node whose hello announced the GPU indices `gpus`, received at `now`."""
     if not 0 < report.seq <= MAX_SEQ:
@@ -120,10 +173,37 @@ def check_report(
         if sample.index in seen:
             raise InvalidMessageError(f"GPU index {sample.index} appears twice")
         seen.add(sample.index)
-        _check_sample(sample)
+        _check_sample(sample, sizes)
 
 
-def _check_sample(sample: pb.GpuSample) -> None:
+def _check_attribution(where: str, attribution: pb.Attribution, sizes: Limits) -> None:
+    # Kept by the collector (whom a GPU is charged to) and shown as labels: bounded.
+    for name in ("source", "tenant", "job"):
+        if _too_long(getattr(attribution, name), sizes.max_string):
+            raise LimitError(
+                f"{where}: attribution {name} is longer than --max-string {sizes.max_string} bytes"
+            )
+
+
+def _check_sample(sample: pb.GpuSample, sizes: Limits = Limits()) -> None:
+    where = f"GPU {sample.index}"
+    for name in ("processes", "xid_events", "mig", "padding"):
+        if len(getattr(sample, name)) > sizes.max_items:
+            raise LimitError(
+                f"{where}: {len(getattr(sample, name))} {name}, more than --max-items {sizes.max_items}"
+            )
+    for rule in sample.padding:
+        if rule not in PADDING_RULES and _too_long(rule, MAX_IDENTITY):
+            raise InvalidMessageError(
+                f"{where}: a padding rule name of more than {MAX_IDENTITY} characters"
+            )
+    if sample.HasField("attribution"):
+        _check_attribution(where, sample.attribution, sizes)
+    for instance in sample.mig:
+        if instance.HasField("attribution"):
+            _check_attribution(
+                f"{where} MIG {instance.gpu_instance_id}", instance.attribution, sizes
+            )
     for name in _FRACTIONS:
         if sample.HasField(name):
             value = getattr(sample, name)
