@@ -56,7 +56,7 @@ def test_promtool_checks_the_rules() -> None:
     checked = run(promtool, "check", "rules", RULES / "recording.yml", RULES / "alerts.yml")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "SUCCESS: 21 rules found" in checked.stdout  # recording
-    assert "SUCCESS: 16 rules found" in checked.stdout  # alerts
+    assert "SUCCESS: 18 rules found" in checked.stdout  # alerts
 
 
 @pytest.mark.parametrize("tests", ["recording_test.yml", "alerts_test.yml"])
@@ -190,10 +190,12 @@ def test_the_manifests_hold_together() -> None:
     assert not any(
         kind in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding") for kind, _ in objects
     )
-    # every volume the agent mounts is one of the three it needs
+    # every volume the agent mounts is one of the four it needs
     volumes = {v["name"]: v for v in agent["spec"]["volumes"]}
     assert volumes["state"]["hostPath"]["path"] == "/var/lib/gputally"
-    assert set(volumes) == {"config", "state", "pod-resources"}
+    assert set(volumes) == {"config", "state", "pod-resources", "collector-ca"}
+    # of the collector's TLS Secret, the agents get the CA alone, never the key
+    assert volumes["collector-ca"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
     mounts = {m["name"]: m for m in agent["spec"]["containers"][0]["volumeMounts"]}
     assert mounts["pod-resources"]["readOnly"] is True
     # the collector's ledger is on the claim, and one writer at a time

@@ -233,6 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_config(command_parser, args)
         return 0
     setup_logging(args.log_level, args.log_format)
+    # grpc's C core logs every failed TLS handshake (a port scan, a plaintext client) at
+    # INFO on stderr, outside our structured log: keep it to errors unless asked otherwise.
+    # Read when grpc first loads, which no command has done by now.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     handler: Handler = args.handler
     try:
         return handler(args)
