@@ -437,3 +437,46 @@ def test_a_full_outbox_drops_plain_reports_before_summaries() -> None:
     for seq in (1, 2, 3):
         only.submit(pb.Report(seq=seq, summary=signed))
     assert [r.seq for r in only.outbox] == [2, 3] and only.stats.dropped == 1
+
+
+def test_a_simulated_fleet_restarted_from_its_state_directory_is_the_same_fleet(
+    collector_factory: Callable[..., Collector], tmp_path: Path
+) -> None:
+    """`gputally simulate` killed and started again against a trust-on-first-use collector:
+    its nodes keep their keys and chains (DIR/<node>/), so they are let in again and their
+    chains go on without a break, instead of being refused as strangers."""
+    from gputally.collector.record.keys import KeyStore
+    from gputally.collector.record.store import Record
+
+    record = Record(tmp_path / "r.db")
+    keys = KeyStore(tmp_path / "keys", trust_on_first_use=True)
+    collector = collector_factory(record=record, keys=keys)
+    sc = scenario.parse(
+        {
+            "cluster": {"nodes": 2, "gpus_per_node": 1},
+            "workload": [{"share": 1.0, "kind": "training"}],
+        },
+        name="t",
+    )
+    state_dir = tmp_path / "fleet"
+    for _ in range(2):
+        stats = asyncio.run(
+            run_fleet(
+                sc,
+                collector.target,
+                duration=2.5,
+                interval=0.5,
+                summary_window=1.0,
+                state_dir=state_dir,
+            )
+        )
+        assert stats.acked >= 5 * 2
+    assert sorted(p.name for p in state_dir.iterdir()) == ["node-00", "node-01"]
+    for node in ("node-00", "node-01"):
+        chain = collector.state.intake.chains[node]
+        assert chain.breaks == 0 and chain.recorded >= 4  # summaries of both runs, one chain
+        assert collector.state.nodes[node].reports["rejected"] == 0
+    assert sorted(p.name for p in (tmp_path / "keys").glob("*.pub")) == [
+        "node-00.pub",
+        "node-01.pub",
+    ]

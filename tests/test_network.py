@@ -595,3 +595,92 @@ def test_a_replayed_hundred_reports_of_one_hour_are_not_a_clock_step() -> None:
 @pytest.fixture(autouse=True)
 def _bounded() -> Iterator[None]:
     yield
+
+
+# -- /metrics of both daemons from a web configuration file ------------------------------------
+
+
+def test_both_daemons_serve_metrics_with_tls_and_basic_auth(pki: Pki, tmp_path: Path) -> None:
+    import base64
+    import ssl
+    import subprocess
+    import time
+    import urllib.error
+
+    import bcrypt
+
+    from .conftest import free_port
+    from .factories import gputally_command
+
+    config = tmp_path / "web-config.yml"
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()
+    config.write_text(
+        f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n"
+        f"basic_auth_users:\n  prometheus: '{hashed}'\n"
+    )
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    collector_port, agent_port = free_port(), free_port()
+    commands = {
+        "collector": [
+            "collector",
+            "--db=",
+            f"--metrics-listen=127.0.0.1:{collector_port}",
+            "--grpc-listen=127.0.0.1:0",
+        ],
+        "agent": [
+            "agent",
+            "--backend=mock",
+            f"--state-dir={tmp_path / 'agent'}",
+            "--collector=127.0.0.1:9",  # nobody there: the exporter serves regardless
+            f"--metrics-listen=127.0.0.1:{agent_port}",
+        ],
+    }
+    processes = [
+        subprocess.Popen(
+            [*gputally_command(), *args, f"--web-config-file={config}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in commands.values()
+    ]
+
+    def get(port: int, password: str | None) -> tuple[int, str]:
+        request = urllib.request.Request(f"https://localhost:{port}/metrics")
+        if password is not None:
+            token = base64.b64encode(f"prometheus:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, ""
+
+    try:
+        for port, metric in (
+            (collector_port, "gputally_collector_build_info"),
+            (agent_port, "gputally_gpu_"),
+        ):
+            deadline = time.monotonic() + 20
+            status = 0
+            while time.monotonic() < deadline:
+                try:
+                    status, body = get(port, "s3cret")
+                    break
+                except OSError:
+                    time.sleep(0.2)
+            assert status == 200 and metric in body
+            assert get(port, None)[0] == 401
+            assert get(port, "wrong")[0] == 401
+            with pytest.raises(urllib.error.URLError):  # plain HTTP gets no metrics
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    for process in processes:
+        assert "Traceback" not in (process.stderr.read() if process.stderr else "")

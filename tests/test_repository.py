@@ -56,3 +56,22 @@ def test_each_command_loads_only_its_own_module() -> None:
     assert every == set(main.COMMANDS)
     for name, module in main.COMMANDS.items():
         assert name in main.build_parser(name)[1], (name, module)
+
+
+def test_every_test_the_reliability_guarantees_cite_exists() -> None:
+    """docs/reliability.md backs each guarantee with a test: each one it names must exist, so
+    that a renamed or deleted test cannot leave a guarantee unbacked in the docs."""
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    tests = {path.name: path.read_text() for path in (ROOT / "tests").glob("test_*.py")}
+    cited: list[tuple[str, str]] = []
+    current = ""
+    for file, function, bare in re.findall(
+        r"(test_\w+\.py)(?:::(test_\w+))?|(test_\w+)(?![\w.])", text
+    ):
+        current = file or current  # a bare name is in the file named last before it
+        cited.append((current, function or bare))
+    assert len(cited) > 30
+    missing = [
+        (f, n) for f, n in cited if f not in tests or (n and f"def {n}(" not in tests[f])
+    ]
+    assert missing == []
