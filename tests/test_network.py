@@ -684,3 +684,29 @@ def test_both_daemons_serve_metrics_with_tls_and_basic_auth(pki: Pki, tmp_path: 
                 process.kill()
     for process in processes:
         assert "Traceback" not in (process.stderr.read() if process.stderr else "")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--grpc-listen=0.0.0.0:0"], "plaintext gRPC is refused on a non-loopback address"),
+        (["--tls-cert=nope.crt", "--tls-key=nope.key"], "--tls-cert nope.crt: cannot read"),
+        (["--tls-client-ca={ca}"], "--tls-client-ca needs both"),
+        (["--tls-cert={cert}", "--tls-key={ca}"], "not the private key of --tls-cert"),
+        (["--web-config-file={bad}"], "unknown key 'x' in the top level"),
+    ],
+)
+def test_unusable_tls_or_web_settings_are_one_line_and_exit_2(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], says: str
+) -> None:
+    from gputally.cli.main import main
+
+    (tmp_path / "bad.yml").write_text("x: 1\n")
+    names = {"ca": pki.ca, "cert": pki.server_cert, "bad": tmp_path / "bad.yml"}
+    filled = [a.format(**names) for a in args]
+    base = ["collector", "--db=", "--metrics-listen=127.0.0.1:0"]
+    if not any(a.startswith("--grpc-listen") for a in filled):
+        base.append("--grpc-listen=127.0.0.1:0")
+    assert main([*base, *filled]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err and "Traceback" not in err

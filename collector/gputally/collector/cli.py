@@ -370,6 +370,8 @@ def _register_enroll(sub: Any) -> argparse.ArgumentParser:
 def run_collector(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
+    from gputally.cli.tls import TlsError
+    from gputally.cli.web import WebConfigError
     from gputally.v1.signing import KeyFileError
 
     from .live.server import Settings, serve
@@ -390,7 +392,7 @@ def run_collector(args: argparse.Namespace) -> int:
         asyncio.run(main())
     except LedgerStartError as error:
         return fail("collector", str(error), LEDGER)
-    except (OSError, RecordError, KeyFileError) as error:
+    except (OSError, RecordError, KeyFileError, TlsError, WebConfigError) as error:
         return fail("collector", str(error))
     return 0
 
