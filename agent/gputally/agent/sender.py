@@ -308,12 +308,15 @@ class Sender:
         self, acked_seq: int, rejections: Iterable[pb.Rejection], recorded_chain_seq: int
     ) -> None:
         rejected = set()
+        first: pb.Rejection | None = None
         for rejection in rejections:
             rejected.add(rejection.seq)
             self.stats.rejected += 1
+            first = first or rejection
+        if first is not None:  # one line per acknowledgement, however many it rejects
             log.error(
-                "collector rejected a report",
-                extra={"kv": {"seq": rejection.seq, "reason": rejection.reason}},
+                "collector rejected reports",
+                extra={"kv": {"rejected": len(rejected), "seq": first.seq, "reason": first.reason}},
             )
         while self.outbox and self.outbox[0].seq <= acked_seq:
             report = self.outbox.popleft()
