@@ -223,7 +223,11 @@ def test_a_hundred_thousand_mutated_messages_through_the_real_stream_handler(
 ) -> None:
     wanted = int(request.config.getoption("--fuzz-messages"))
     first, seeds, key = corpus()
-    state = ClusterState(limits=TimeLimits(horizon=math.inf, skew=math.inf), clock=lambda: T0)
+    state = ClusterState(
+        limits=TimeLimits(horizon=math.inf, skew=math.inf),
+        clock=lambda: T0,
+        sizes=Limits(max_refusals_per_peer=10**9),  # every stream is one peer's here
+    )
     service = ingest.IngestService(state, hello_timeout=5.0)
     state.open_session(hello("control", 2))
     rng = random.Random(20261201)
@@ -370,7 +374,8 @@ def test_arbitrary_report_fields_are_rejected_or_counted_never_crash(
 def test_mutated_bytes_over_the_wire_leave_the_collector_serving(
     collector_factory: Callable[..., Collector], caplog: pytest.LogCaptureFixture
 ) -> None:
-    collector = collector_factory(sizes=Limits(hello_timeout=2.0))
+    # every stream comes from 127.0.0.1: no throttle of its refusals, or most would be that
+    collector = collector_factory(sizes=Limits(hello_timeout=2.0, max_refusals_per_peer=10**9))
     _, seeds, _ = corpus()
     rng = random.Random(7)
 

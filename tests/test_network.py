@@ -710,3 +710,58 @@ def test_unusable_tls_or_web_settings_are_one_line_and_exit_2(
     assert main([*base, *filled]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and says in err and "Traceback" not in err
+
+
+def test_a_stream_whose_batches_are_all_rejected_is_ended_after_three(
+    collector_factory: Callable[..., Collector],
+) -> None:
+    collector = collector_factory()
+    key = Ed25519PrivateKey.generate()
+    bad = [
+        [report(10 * b + i + 1, T0 + 10 * b + i + 1, gpu_sample(7)) for i in range(10)]
+        for b in range(4)
+    ]
+    code, reason = refused(raw_stream(collector.target, hello("n1", 1, key=key), bad, key=key))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        "the last 3 batches were rejected whole (GPU index 7 was not in this node's hello)"
+        in reason
+    )
+    assert collector.state.nodes["n1"].reports["rejected"] == 30  # the fourth never read
+    # a batch with one good report among bad ones resets the count: the stream goes on
+    good = Ed25519PrivateKey.generate()
+    mixed = [
+        [
+            report(3 * b + 1, T0 + 3 * b + 1, gpu_sample(7)),
+            report(3 * b + 2, T0 + 3 * b + 2, busy_sample(0, 0.5)),
+        ]
+        for b in range(5)
+    ]
+    replies = asyncio.run(raw_stream(collector.target, hello("n2", 1, key=good), mixed, key=good))
+    assert len(replies) == 6
+
+
+def test_a_peer_refused_in_a_loop_is_refused_at_once_and_not_logged(
+    collector_factory: Callable[..., Collector], caplog: pytest.LogCaptureFixture
+) -> None:
+    collector = collector_factory(sizes=Limits(max_refusals_per_peer=5))
+    bogus = hello("x", 1)
+    bogus.protocol_revision = 0  # refused: INVALID_ARGUMENT
+
+    async def loop() -> list[str]:
+        codes = []
+        for _ in range(12):
+            try:
+                await raw_stream(collector.target, bogus, [])
+            except grpc.aio.AioRpcError as error:
+                codes.append(error.code().name)
+        return codes
+
+    with caplog.at_level(logging.DEBUG, logger="gputally.collector.ingest"):
+        codes = asyncio.run(loop())
+    assert codes == ["INVALID_ARGUMENT"] * 6 + ["RESOURCE_EXHAUSTED"] * 6
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["stream refused"] * 5 + [
+        "streams refused in a loop: refused at once, and no longer logged"
+    ]
+    assert collector.state.refusals == {"INVALID_ARGUMENT": 6, "RESOURCE_EXHAUSTED": 6}

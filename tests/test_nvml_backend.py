@@ -46,7 +46,12 @@ def test_identity_is_read_once_with_every_field() -> None:
     first = inventory[0]
     assert first.uuid == lib.gpu_uuid(0) and first.uuid.startswith("GPU-")
     assert len({g.uuid for g in inventory}) == 4
-    assert first.serial == "1650923000000"
+    # 13 digits, from the same name as the UUID: unique across nodes and scenarios
+    assert first.serial.isdigit() and len(first.serial) == 13
+    assert len({g.serial for g in inventory}) == 4
+    renamed = ONE_NODE.replace("[cluster]\n", '[cluster]\nnode_prefix = "b"\n')
+    other, _, _ = make(renamed)  # another cluster's node 0
+    assert other.open()[0].serial != first.serial
     assert first.model == "NVIDIA H100 80GB HBM3"
     assert first.pci_bus_id == "00000000:18:00.0"  # decoded from the bytes NVML structs hold
     assert first.memory_total_bytes == 81559 * 2**20

@@ -71,7 +71,5 @@ def test_every_test_the_reliability_guarantees_cite_exists() -> None:
         current = file or current  # a bare name is in the file named last before it
         cited.append((current, function or bare))
     assert len(cited) > 30
-    missing = [
-        (f, n) for f, n in cited if f not in tests or (n and f"def {n}(" not in tests[f])
-    ]
+    missing = [(f, n) for f, n in cited if f not in tests or (n and f"def {n}(" not in tests[f])]
     assert missing == []

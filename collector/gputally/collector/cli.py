@@ -233,6 +233,13 @@ def _add_limit_options(parser: argparse.ArgumentParser) -> None:
             "SECONDS",
             "time a new stream has to send its Hello and Proof",
         ),
+        (
+            "--max-refusals-per-peer",
+            count,
+            "N",
+            "streams refused from one IP address in 10 s before its next ones are refused at "
+            "once, unread and unlogged",
+        ),
         ("--max-models", count, "N", 'GPU models shown by name; others are "(other)"'),
         ("--max-xid-codes", count, "N", 'XID codes shown per node; others are "other"'),
     ):

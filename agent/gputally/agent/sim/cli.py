@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gputally.cli.options import TIMES, count, fail, parse_time, port, positive
+from gputally.cli.options import FAILED, TIMES, count, fail, parse_time, port, positive
 
 from ..cli import (
     UsageError,
@@ -168,6 +168,12 @@ def run_simulate(args: argparse.Namespace) -> int:
         f"sent {stats.reports} reports from {stats.nodes} nodes; acknowledged {stats.acked}, dropped {stats.dropped}",
         file=sys.stderr,
     )
+    if stats.refused:
+        return fail(
+            "simulate",
+            f"the collector refused {stats.refused} of {stats.nodes} nodes: {stats.refusal}",
+            FAILED,
+        )
     return 0
 
 

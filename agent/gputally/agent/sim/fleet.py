@@ -34,6 +34,8 @@ class FleetStats:
     reports: int = 0
     acked: int = 0
     dropped: int = 0
+    refused: int = 0  # nodes the collector refused (a key, a certificate, a Hello)
+    refusal: str = ""  # why, the last one
     # The span every node observed (unix seconds): from the last node to start covering time
     # to the first node to take its last sample. A query over it sees no unobserved second.
     observed_from: float | None = None
@@ -46,6 +48,9 @@ def _stats(agents: list[NodeAgent]) -> FleetStats:
         stats.reports += agent.reports
         stats.acked += agent.sender.stats.acked
         stats.dropped += agent.sender.stats.dropped
+        if agent.sender.stats.refused:
+            stats.refused += 1
+            stats.refusal = agent.sender.stats.last_error
     opened = [a.sampler.opened_at for a in agents if a.sampler.opened_at is not None]
     sampled = [a.sampler.last_sample_at for a in agents if a.sampler.last_sample_at is not None]
     if agents and len(opened) == len(agents) and len(sampled) == len(agents):

@@ -255,7 +255,9 @@ class MockNVML:
 
     def nvmlDeviceGetSerial(self, handle: Any) -> str:
         gpu = self._gpu("nvmlDeviceGetSerial", handle)
-        return f"{1650923000000 + self.node * 100 + gpu:013d}"
+        # 13 digits like a real board's, from the same name as the UUID: two scenarios (or
+        # two clusters' simulations) never give two nodes one serial
+        return f"1{uuid.UUID(self.gpu_uuid(gpu).removeprefix('GPU-')).int % 10**12:012d}"
 
     def nvmlDeviceGetName(self, handle: Any) -> str:
         self._gpu("nvmlDeviceGetName", handle)

@@ -37,7 +37,14 @@ from ..record.ledger import CheckpointError, Ledger, LedgerStartError, publish_c
 from ..record.store import Record
 from .metrics import make_app, make_registry
 from .state import ClusterState, IdentityConflictError, NotEnrolledError, UnauthenticatedError
-from .validate import InvalidMessageError, LimitError, Limits, TimeLimits, check_hello
+from .validate import (
+    MAX_NODE_NAME,
+    InvalidMessageError,
+    LimitError,
+    Limits,
+    TimeLimits,
+    check_hello,
+)
 
 log = logging.getLogger("gputally.collector.ingest")
 
@@ -55,6 +62,11 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 # Reports validated and applied between two yields to the event loop: one batch of a
 # thousand reports must not hold up every other stream (and the scrapes' lock) until done.
 SLICE = 32
+# A stream whose last REJECTED_BATCHES batches were rejected whole is ended: it sends nothing
+# that counts, and each of its batches costs the collector a core for milliseconds.
+REJECTED_BATCHES = 3
+# The span over which a peer's refused streams are counted (Limits.max_refusals_per_peer).
+REFUSAL_WINDOW_S = 10.0
 
 
 class _Refused(Exception):
@@ -115,6 +127,8 @@ class IngestService(pb_grpc.IngestServicer):
         self.hello_timeout = self.sizes.hello_timeout if hello_timeout is None else hello_timeout
         self.streams = 0
         self.by_peer: dict[str, int] = {}
+        # peer -> (start of its refusal window, streams refused in it)
+        self.refusals: dict[str, tuple[float, int]] = {}
 
     async def Stream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         peer = peer_host(context.peer())
@@ -122,6 +136,12 @@ class IngestService(pb_grpc.IngestServicer):
         self.streams += 1
         self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
         try:
+            if self._throttled(peer):
+                raise _Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"more than {self.sizes.max_refusals_per_peer} streams from {peer} were "
+                    f"refused in {REFUSAL_WINDOW_S:g} s (--max-refusals-per-peer): retry later",
+                )
             if self.streams > self.sizes.max_streams:
                 raise _Refused(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -134,7 +154,11 @@ class IngestService(pb_grpc.IngestServicer):
                     f"{self.by_peer[peer] - 1} streams are open from {peer}, the limit per "
                     f"address (--max-streams-per-peer {self.sizes.max_streams_per_peer})",
                 )
-            hello, session, resume, recorded = await self._open(context)
+            named: list[str] = []  # the Hello's node, for the log of a refusal
+            try:
+                hello, session, resume, recorded = await self._open(context, named)
+            finally:
+                node = named[0] if named else ""
             node = hello.node
             log.info(
                 "agent connected",
@@ -147,7 +171,9 @@ class IngestService(pb_grpc.IngestServicer):
                 log.info("agent disconnected", extra={"kv": {"node": node}})
         except _Refused as refusal:
             self.state.refused_stream(refusal.code.name)
-            log.warning(
+            quiet = self._count_refusal(peer)  # past the peer's limit: not logged
+            log.log(
+                logging.DEBUG if quiet else logging.WARNING,
                 "stream refused",
                 extra={
                     "kv": {
@@ -165,7 +191,36 @@ class IngestService(pb_grpc.IngestServicer):
             if not self.by_peer[peer]:
                 del self.by_peer[peer]
 
-    async def _open(self, context: grpc.aio.ServicerContext) -> tuple[pb.Hello, int, int, int]:
+    def _throttled(self, peer: str) -> bool:
+        start, count = self.refusals.get(peer, (0.0, 0))
+        return (
+            count > self.sizes.max_refusals_per_peer and time.monotonic() - start < REFUSAL_WINDOW_S
+        )
+
+    def _count_refusal(self, peer: str) -> bool:
+        """Count a refused stream of `peer`; True when its refusals are no longer logged (one
+        line says so when that starts)."""
+        now = time.monotonic()
+        start, count = self.refusals.get(peer, (now, 0))
+        if now - start >= REFUSAL_WINDOW_S:
+            start, count = now, 0
+        count += 1
+        self.refusals[peer] = (start, count)
+        if len(self.refusals) > 2 * self.sizes.max_streams:  # bounded: forget the quiet ones
+            self.refusals = {
+                p: v for p, v in self.refusals.items() if now - v[0] < REFUSAL_WINDOW_S
+            }
+        limit = self.sizes.max_refusals_per_peer
+        if count == limit + 1:
+            log.warning(
+                "streams refused in a loop: refused at once, and no longer logged",
+                extra={"kv": {"peer": peer, "refused": count, "seconds": REFUSAL_WINDOW_S}},
+            )
+        return count > limit
+
+    async def _open(
+        self, context: grpc.aio.ServicerContext, named: list[str]
+    ) -> tuple[pb.Hello, int, int, int]:
         """The Hello, its proof of possession, and the session it opens."""
         first = await _read(context, self.hello_timeout)
         if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
@@ -173,6 +228,7 @@ class IngestService(pb_grpc.IngestServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "the first message on a stream must be a Hello"
             )
         hello = first.hello
+        named.append(hello.node[:MAX_NODE_NAME])
         try:
             check_hello(hello, self.sizes)
         except LimitError as error:
@@ -248,6 +304,7 @@ class IngestService(pb_grpc.IngestServicer):
                 )
             )
         )
+        rejected_whole = 0  # consecutive batches none of whose reports counted
         while True:
             message = await _read(context)
             if message is grpc.aio.EOF:
@@ -270,7 +327,15 @@ class IngestService(pb_grpc.IngestServicer):
                     f"{self.sizes.max_batch_reports}: send smaller batches",
                 )
             ack = await self._apply(hello.node, session, reports)
-            await context.write(pb.CollectorMessage(ack=ack))
+            await context.write(pb.CollectorMessage(ack=ack))  # first: it lets them go
+            whole = bool(reports) and len(ack.rejections) == len(reports)
+            rejected_whole = rejected_whole + 1 if whole else 0
+            if rejected_whole >= REJECTED_BATCHES:
+                raise _Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"node {hello.node}: the last {REJECTED_BATCHES} batches were rejected "
+                    f"whole ({ack.rejections[0].reason}): stream ended",
+                )
 
     async def _apply(self, node: str, session: int, reports: Sequence[pb.Report]) -> pb.Ack:
         """Every report of a batch, SLICE at a time with the event loop let go in between;
@@ -395,6 +460,7 @@ class Settings:
     max_nodes: int = _LIMITS.max_nodes
     evict_after: float = _LIMITS.evict_after
     hello_timeout: float = _LIMITS.hello_timeout
+    max_refusals_per_peer: int = _LIMITS.max_refusals_per_peer
     max_models: int = _LIMITS.max_models
     max_xid_codes: int = _LIMITS.max_xid_codes
 

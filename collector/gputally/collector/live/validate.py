@@ -69,6 +69,9 @@ class Limits:
     max_nodes: int = 20_000  # nodes kept in the live state (a 100,000-GPU cluster: 12,500)
     evict_after: float = 86_400.0  # a node without a stream or report this long is forgotten
     hello_timeout: float = 10.0  # seconds a stream may take to send its Hello (and Proof)
+    # streams refused from one IP address per REFUSAL_WINDOW_S before the next ones are
+    # refused at once, unread and unlogged (a client retrying bad Hellos in a loop)
+    max_refusals_per_peer: int = 100
     max_models: int = 32  # distinct GPU models shown; the rest are "(other)"
     max_xid_codes: int = 32  # distinct XID codes shown per node; the rest are "other"
 
