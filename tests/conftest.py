@@ -69,7 +69,9 @@ class Collector:
         self.tls = tls or ingest.Tls()
         # Most tests replay fixed 2026 times on virtual clocks: no horizon, no skew limit,
         # unless a test sets its own (the limits have tests of their own).
-        state_options.setdefault("limits", TimeLimits(horizon=math.inf, skew=math.inf))
+        state_options.setdefault(
+            "limits", TimeLimits(horizon=math.inf, skew=math.inf, backlog=math.inf)
+        )
         self.state = ClusterState(**state_options)  # record=Record(...) keeps a durable record
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()

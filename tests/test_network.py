@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from gputally.cli import ca
 from gputally.cli.tls import ClientFiles
 from gputally.collector.live import server as ingest
 from gputally.collector.live.state import AUTH_ENROLLED, AUTH_PROVEN, ClusterState
-from gputally.collector.live.validate import Limits
+from gputally.collector.live.validate import InvalidMessageError, Limits, TimeLimits
 from gputally.collector.record.keys import KeyStore
 from gputally.collector.record.store import Record
 from gputally.v1 import telemetry_pb2 as pb
@@ -719,15 +720,37 @@ def test_a_stream_whose_batches_are_all_rejected_is_ended_after_three(
     key = Ed25519PrivateKey.generate()
     bad = [
         [report(10 * b + i + 1, T0 + 10 * b + i + 1, gpu_sample(7)) for i in range(10)]
-        for b in range(4)
+        for b in range(3)
     ]
-    code, reason = refused(raw_stream(collector.target, hello("n1", 1, key=key), bad, key=key))
+
+    async def stream() -> tuple[int, grpc.StatusCode, str]:
+        from gputally.v1 import telemetry_pb2_grpc as pb_grpc
+
+        async with grpc.aio.insecure_channel(collector.target) as channel:
+            call = pb_grpc.IngestStub(channel).Stream()
+            await call.write(pb.AgentMessage(hello=hello("n1", 1, key=key)))
+            nonce = (await call.read()).challenge.nonce
+            proof = sign_stream(key, nonce, "n1", 1)
+            await call.write(pb.AgentMessage(proof=pb.Proof(signature=proof)))
+            await call.read()  # the Welcome
+            acks = 0
+            for batch in bad:
+                await call.write(pb.AgentMessage(batch=pb.ReportBatch(reports=batch)))
+                acks += (await call.read()).ack.acked_seq > 0  # each batch is acknowledged
+            try:
+                await call.read()
+                return acks, grpc.StatusCode.OK, ""
+            except grpc.aio.AioRpcError as error:
+                return acks, error.code(), str(error.details())
+
+    acks, code, reason = asyncio.run(stream())
+    assert acks == 3  # acknowledged first, so that the agent lets them go
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert (
         "the last 3 batches were rejected whole (GPU index 7 was not in this node's hello)"
         in reason
     )
-    assert collector.state.nodes["n1"].reports["rejected"] == 30  # the fourth never read
+    assert collector.state.nodes["n1"].reports["rejected"] == 30
     # a batch with one good report among bad ones resets the count: the stream goes on
     good = Ed25519PrivateKey.generate()
     mixed = [
@@ -759,9 +782,126 @@ def test_a_peer_refused_in_a_loop_is_refused_at_once_and_not_logged(
 
     with caplog.at_level(logging.DEBUG, logger="gputally.collector.ingest"):
         codes = asyncio.run(loop())
-    assert codes == ["INVALID_ARGUMENT"] * 6 + ["RESOURCE_EXHAUSTED"] * 6
+    assert codes[:6] == ["INVALID_ARGUMENT"] * 6
+    # refused before its Hello is read: the client may see its own write fail (INTERNAL)
+    # rather than the status; the collector's count below is the truth
+    assert set(codes[6:]) <= {"RESOURCE_EXHAUSTED", "INTERNAL"} and len(codes) == 12
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["stream refused"] * 5 + [
         "streams refused in a loop: refused at once, and no longer logged"
     ]
     assert collector.state.refusals == {"INVALID_ARGUMENT": 6, "RESOURCE_EXHAUSTED": 6}
+
+
+def test_a_lying_agent_cannot_count_more_seconds_than_real_time_plus_the_backlog() -> None:
+    """The hostile review's attack: report 1 now, report 2 a "clock step" back to a week ago,
+    then 168 hours walked forward in 170 reports, all within --max-skew and --horizon. The
+    node may count the backlog an agent's outbox can bring (--live-backlog), never more."""
+    now = [T0 + 7 * 86400]
+    limits = TimeLimits(backlog=3600.0)
+    state = ClusterState(clock=lambda: now[0], limits=limits)
+    state.open_session(hello("liar", 1))
+    state.ingest("liar", report(1, now[0], busy_sample(0, 1.0)), received=now[0])
+    now[0] += 1.0
+    start = T0 + 10
+    state.ingest("liar", report(2, start, busy_sample(0, 1.0), interval=0.005), received=now[0])
+    for k in range(168):
+        now[0] += 0.001  # all at once: no real time passes
+        with contextlib.suppress(InvalidMessageError):
+            state.ingest(
+                "liar",
+                report(k + 3, start + 3600 * (k + 1), busy_sample(0, 1.0), interval=3600),
+                received=now[0],
+            )
+    node = state.nodes["liar"]
+    elapsed = now[0] - (T0 + 7 * 86400)  # 1.168 s
+    # 604,801 GPU-seconds before; now the backlog and the time that passed, no more
+    assert node.counters.seconds["busy"] <= elapsed + 3600.0 + 1e-6
+    assert node.counters.seconds["busy"] == pytest.approx(3600.0, abs=2.0)
+    assert node.clipped_seconds == pytest.approx(3600.0 * 168 + 1.005 - 3600.0 - elapsed, abs=2.0)
+
+
+def test_streams_that_have_not_proven_anything_cannot_take_the_nodes_places(
+    collector_factory: Callable[..., Collector],
+) -> None:
+    collector = collector_factory(sizes=Limits(max_pending_streams=2, hello_timeout=5.0))
+    key = Ed25519PrivateKey.generate()
+    from gputally.v1 import telemetry_pb2_grpc as pb_grpc
+
+    async def scenario() -> tuple[grpc.StatusCode, list[pb.CollectorMessage]]:
+        async with grpc.aio.insecure_channel(collector.target) as channel:
+            stub = pb_grpc.IngestStub(channel)
+            # opened, a Hello sent, its Challenge never answered: not proven, not welcomed
+            silent = [stub.Stream() for _ in range(2)]
+            for i, call in enumerate(silent):
+                await call.write(pb.AgentMessage(hello=hello(f"x{i}", 1, key=key)))
+            await asyncio.sleep(0.3)
+            third = stub.Stream()
+            try:
+                await third.read()
+                code = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as error:
+                code = error.code()
+            for call in silent:
+                call.cancel()
+            await asyncio.sleep(0.3)
+            # their places free again, a node's stream opens
+            replies = await raw_stream(collector.target, hello("n1", 1, key=key), ONE, key=key)
+            return code, replies
+
+    code, replies = asyncio.run(scenario())
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert replies[0].WhichOneof("body") == "welcome" and replies[1].ack.acked_seq == 1
+
+
+@pytest.mark.parametrize(
+    ("peer", "host"),
+    [
+        ("ipv4:10.0.0.7:5123", "10.0.0.7"),
+        ("ipv6:[::1]:5123", "::1"),
+        ("ipv6:%5B::1%5D:48782", "::1"),  # how grpcio 1.85 writes it
+        ("ipv6:%5Bfe80::1%25eth0%5D:9", "fe80::1%eth0"),
+        ("unix:/run/x.sock", "unix:/run/x.sock"),
+    ],
+)
+def test_the_peer_address_is_the_host_without_the_port(peer: str, host: str) -> None:
+    assert ingest.peer_host(peer) == host
+
+
+def test_the_per_peer_limit_holds_for_ipv6_peers() -> None:
+    state = ClusterState(sizes=Limits(max_streams_per_peer=1, hello_timeout=5.0))
+    key = Ed25519PrivateKey.generate()
+    from gputally.v1 import telemetry_pb2_grpc as pb_grpc
+
+    async def scenario() -> grpc.StatusCode:
+        server, port, _ = await ingest.start(state, "[::1]:0")
+        try:
+            options = [("grpc.use_local_subchannel_pool", 1)]  # two connections, one address
+            async with (
+                grpc.aio.insecure_channel(f"[::1]:{port}", options=options) as a,
+                grpc.aio.insecure_channel(f"[::1]:{port}", options=options) as b,
+            ):
+                first = pb_grpc.IngestStub(a).Stream()  # held open: a Hello, no Proof
+                await first.write(pb.AgentMessage(hello=hello("x", 1, key=key)))
+                await asyncio.sleep(0.3)
+                second = pb_grpc.IngestStub(b).Stream()
+                try:
+                    await second.read()
+                    return grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as error:
+                    return error.code()
+                finally:
+                    first.cancel()
+        finally:
+            await server.stop(0)
+
+    assert asyncio.run(scenario()) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_chain_number_beyond_the_records_integers_is_refused() -> None:
+    from gputally.collector.live.validate import check_summary
+
+    s = summary(T0, 60.0, 0.5, "n1")
+    s.chain_seq = 2**64 - 1
+    with pytest.raises(InvalidMessageError, match=r"chain_seq must be in \[1, 2\^63 - 1\]"):
+        check_summary(s, {0: "GPU-n1-0"}, T0 + 60, TimeLimits(horizon=math.inf, skew=math.inf))

@@ -229,6 +229,7 @@ def get(
     auth: tuple[str, str] | None = None,
     host: str = "127.0.0.1",
     authorization: str | None = None,
+    path: str = "/metrics",
 ) -> Response:
     connection = (
         http.client.HTTPSConnection(host, port, timeout=TIMEOUT, context=context)
@@ -241,7 +242,7 @@ def get(
     if authorization is not None:
         headers["Authorization"] = authorization
     try:
-        connection.request("GET", "/metrics", headers=headers)
+        connection.request("GET", path, headers=headers)
         response = connection.getresponse()
         return Response(response.status, dict(response.getheaders()), response.read())
     finally:
@@ -293,12 +294,13 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
         config: dict[str, Any] | None = None,
         app: web.WSGIApp = hello,
         host: str = "127.0.0.1",
+        open_paths: frozenset[str] = frozenset(),
     ) -> int:
         path = ""
         if config is not None:
             path = str(tmp_path / "web.yml")
             write(Path(path), yaml.safe_dump(config))
-        server, thread = serve_http(app, Address(host, 0), path)
+        server, thread = serve_http(app, Address(host, 0), path, open_paths=open_paths)
         started.append((server, thread))
         return int(server.server_port)
 
@@ -520,8 +522,25 @@ def test_a_changed_file_takes_effect_and_a_broken_one_is_logged_once_and_ignored
     assert warnings[0].kv["file"] == str(path)  # type: ignore[attr-defined]
     assert "basic_auth_users.carol is not a bcrypt hash" in warnings[0].kv["error"]  # type: ignore[attr-defined]
 
-    write(path, "")  # valid again: no users at all
-    assert get(port).status == 200
+    # an empty file (or one caught half-written, before its users) would turn basic auth
+    # off: refused like a broken one, the users stay (turning auth off takes a restart)
+    caplog.clear()
+    write(path, "")
+    assert get(port).status == 401
+    assert get(port, auth=("carol", "other")).status == 200
+    (refusal,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "turning basic auth off takes a restart" in refusal.kv["error"]  # type: ignore[attr-defined]
+
+
+def test_health_checks_need_no_password_but_still_tls(serve: Serve, pki: Pki) -> None:
+    port = serve(
+        {"tls_server_config": tls(pki), "basic_auth_users": {"alice": RIGHT}},
+        open_paths=frozenset({"/healthz"}),
+    )
+    context = client(pki)
+    assert get(port, context, path="/healthz").status == 200  # a probe has no password
+    assert get(port, context, path="/metrics").status == 401
+    assert get(port, context, auth=("alice", "right")).status == 200
 
 
 def test_a_reload_cannot_turn_https_into_http(

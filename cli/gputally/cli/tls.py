@@ -122,8 +122,14 @@ def _check_pair(cert: bytes, key: bytes, files: ServerFiles) -> None:
         c, k = Path(tmp, "c.pem"), Path(tmp, "k.pem")
         c.write_bytes(cert)
         k.write_bytes(key)
+
+        def no_password() -> str:
+            raise TlsError(
+                f"--tls-key {files.key}: an encrypted key; give it unencrypted (mode 0600)"
+            )
+
         try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(c, k)
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(c, k, password=no_password)
         except ssl.SSLError as error:
             raise TlsError(
                 f"--tls-key {files.key}: not the private key of --tls-cert {files.cert} "

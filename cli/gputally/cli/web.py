@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 import bcrypt
 import yaml
@@ -762,6 +762,13 @@ class _Live:
                     raise WebConfigError(
                         f"{self.path}: switching to or from TLS takes a restart (serving {scheme})"
                     )
+                if generation.auth.enabled and not fresh[0].auth.enabled:
+                    # a file caught half-written (its users not yet there) must not open the
+                    # door: turning basic auth off, like TLS, takes a restart
+                    raise WebConfigError(
+                        f"{self.path}: turning basic auth off takes a restart (a half-written "
+                        "file would otherwise let anyone in)"
+                    )
             except WebConfigError as error:
                 self._broken = now
                 log.warning(
@@ -787,9 +794,39 @@ class _Connection:
     refused: str = ""  # why the client certificate is not allowed, or ""
 
 
+class _Responder(ServerHandler):
+    """wsgiref's response writer, without a traceback on stderr when the client hung up
+    mid-response (a scraper's timeout, a port scan): that is the client's doing, not news."""
+
+    def log_exception(self, exc_info: Any) -> None:
+        if issubclass(exc_info[0], ConnectionError | TimeoutError | ssl.SSLError):
+            log.debug("client went away mid-response", extra={"kv": {"error": str(exc_info[1])}})
+            return
+        super().log_exception(exc_info)
+
+
 class _Handler(WSGIRequestHandler):
     # Seconds a connection may stall mid-request: a stuck client holds a thread, not forever.
     timeout = 60
+
+    def handle(self) -> None:
+        # WSGIRequestHandler.handle, with _Responder for its ServerHandler
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.requestline = self.request_version = self.command = ""
+            self.send_error(414)
+            return
+        if not self.parse_request():
+            return
+        responder = _Responder(
+            self.rfile,
+            self.wfile,  # type: ignore[arg-type]  # a socket file, as the base class passes
+            self.get_stderr(),
+            self.get_environ(),
+            multithread=False,
+        )
+        responder.request_handler = self  # type: ignore[attr-defined]  # wsgiref's back-pointer
+        responder.run(self.server.get_app())  # type: ignore[attr-defined]
 
     def __init__(
         self, request: Any, client_address: Any, server: Any, connection: _Connection | None = None
@@ -943,9 +980,10 @@ def _credentials(header: str) -> tuple[str, bytes] | None:
         return None
 
 
-def _guard(app: WSGIApp) -> WSGIApp:
+def _guard(app: WSGIApp, open_paths: frozenset[str] = frozenset()) -> WSGIApp:
     """The app behind the configuration's rate limit, client certificate rule and basic auth,
-    its responses with the configuration's headers."""
+    its responses with the configuration's headers. `open_paths` (health checks: a liveness
+    probe has no password) need no basic auth; they are served over TLS all the same."""
 
     def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         connection: _Connection = environ.pop(_CONNECTION)
@@ -967,7 +1005,7 @@ def _guard(app: WSGIApp) -> WSGIApp:
             return refuse(
                 "403 Forbidden", f"client certificate not allowed: {connection.refused}\n"
             )
-        if generation.auth.enabled:
+        if generation.auth.enabled and environ.get("PATH_INFO", "") not in open_paths:
             credentials = _credentials(environ.get("HTTP_AUTHORIZATION", ""))
             if credentials is None or not generation.auth.check(*credentials):
                 return refuse(
@@ -981,19 +1019,25 @@ def _guard(app: WSGIApp) -> WSGIApp:
 
 
 def serve_http(
-    app: WSGIApp, listen: Address, web_config: str = "", *, name: str = "gputally-http"
+    app: WSGIApp,
+    listen: Address,
+    web_config: str = "",
+    *,
+    name: str = "gputally-http",
+    open_paths: frozenset[str] = frozenset(),
 ) -> tuple[WSGIServer, threading.Thread]:
     """Serve the app on a daemon thread; returns the server (its server_port is the bound
     port) and the thread.
 
     `web_config` names an exporter-toolkit web configuration file (TLS, basic auth, headers);
-    empty: plain HTTP for everyone. A bad file raises WebConfigError before anything listens."""
+    empty: plain HTTP for everyone. A bad file raises WebConfigError before anything listens.
+    `open_paths` are served without basic auth (the collector's /healthz and /readyz)."""
     live = _Live(Path(web_config)) if web_config else None
     host = listen.bind_host
     server_class = _Server6 if ":" in host else _Server
     server = server_class((host, listen.port), _Handler)
     server.live = live
-    server.set_app(_guard(app) if live is not None else app)
+    server.set_app(_guard(app, open_paths) if live is not None else app)
     thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
     thread.start()
     if live is not None:

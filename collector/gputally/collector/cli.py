@@ -162,6 +162,16 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
         help="how far ahead of the collector's clock an agent's report or summary may end "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--live-backlog",
+        type=non_negative,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how many seconds a node's live reports may run ahead of the time the collector "
+        "has seen pass since its first report: the backlog an agent's outbox brings after an "
+        "outage; beyond, they are clipped (the record still gets the signed summaries) "
+        "(default: %(default)s)",
+    )
     _add_security_options(parser)
     _add_limit_options(parser)
     parser.add_argument(
@@ -223,7 +233,13 @@ def _add_limit_options(parser: argparse.ArgumentParser) -> None:
         ("--max-gpus", count, "N", "GPUs in one Hello"),
         ("--max-string", count, "BYTES", "longest text kept: versions, tenants, jobs"),
         ("--max-items", count, "N", "entries of a list in one GPU sample (processes, XIDs, MIG)"),
-        ("--max-streams", count, "N", "open agent streams in total"),
+        ("--max-streams", count, "N", "agent streams speaking for a node, in total"),
+        (
+            "--max-pending-streams",
+            count,
+            "N",
+            "streams opened that have not yet proven a node's key (their own budget)",
+        ),
         ("--max-streams-per-peer", count, "N", "open agent streams from one IP address"),
         ("--max-nodes", count, "N", "nodes in the live state (new ones refused beyond)"),
         ("--evict-after", positive, "SECONDS", "forget a node without stream or report this long"),

@@ -219,7 +219,8 @@ class ClusterCollector(Collector):
         """What the collector refused, folded and forgot: its limits at work."""
         yield GaugeMetricFamily(
             "gputally_cluster_unauthenticated_nodes",
-            "Connected nodes whose live reports no enrolled key vouches for (no --keys, or an "
+            "Nodes connected or reporting within --stale-after whose live reports no enrolled key "
+            "vouches for (no --keys, or an "
             "agent that proves no key): anyone who can reach the port could have sent them.",
             value=view.unauthenticated,
         )
@@ -421,6 +422,10 @@ def make_registry(state: ClusterState) -> CollectorRegistry:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry
+
+
+# Served without basic auth under a web configuration (they tell only "ok" or why not ready).
+HEALTH_PATHS = ("/healthz", "/readyz")
 
 
 def make_app(registry: CollectorRegistry, ready: Callable[[], str]) -> WSGIApp:

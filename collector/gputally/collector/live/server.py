@@ -10,6 +10,7 @@ import os
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -35,7 +36,7 @@ from gputally.v1.signing import (
 from ..record.keys import KeyStore
 from ..record.ledger import CheckpointError, Ledger, LedgerStartError, publish_collector_key
 from ..record.store import Record
-from .metrics import make_app, make_registry
+from .metrics import HEALTH_PATHS, make_app, make_registry
 from .state import ClusterState, IdentityConflictError, NotEnrolledError, UnauthenticatedError
 from .validate import (
     MAX_NODE_NAME,
@@ -97,8 +98,9 @@ async def _read(context: grpc.aio.ServicerContext, timeout: float | None = None)
 
 
 def peer_host(peer: str) -> str:
-    """The address part of grpc's peer string ("ipv4:10.0.0.7:5123", "ipv6:[::1]:5123")."""
-    kind, _, rest = peer.partition(":")
+    """The address part of grpc's peer string ("ipv4:10.0.0.7:5123", "ipv6:[::1]:5123";
+    grpc writes the brackets of IPv6 percent-encoded: "ipv6:%5B::1%5D:5123")."""
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")
     if kind == "ipv6":
         return rest.rpartition("]")[0].lstrip("[") or rest
     if kind == "ipv4":
@@ -125,7 +127,8 @@ class IngestService(pb_grpc.IngestServicer):
         # mutual TLS: the client certificate must name the Hello's node
         self.client_names = client_names
         self.hello_timeout = self.sizes.hello_timeout if hello_timeout is None else hello_timeout
-        self.streams = 0
+        self.streams = 0  # welcomed: speaking for a node
+        self.pending = 0  # opened, not yet welcomed (Hello, Proof)
         self.by_peer: dict[str, int] = {}
         # peer -> (start of its refusal window, streams refused in it)
         self.refusals: dict[str, tuple[float, int]] = {}
@@ -133,7 +136,8 @@ class IngestService(pb_grpc.IngestServicer):
     async def Stream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         peer = peer_host(context.peer())
         node = ""
-        self.streams += 1
+        welcomed = False
+        self.pending += 1
         self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
         try:
             if self._throttled(peer):
@@ -142,11 +146,13 @@ class IngestService(pb_grpc.IngestServicer):
                     f"more than {self.sizes.max_refusals_per_peer} streams from {peer} were "
                     f"refused in {REFUSAL_WINDOW_S:g} s (--max-refusals-per-peer): retry later",
                 )
-            if self.streams > self.sizes.max_streams:
+            # Streams that have not proven anything yet have their own, smaller budget, so
+            # that a flood of them cannot take the places of the nodes' streams.
+            if self.pending > self.sizes.max_pending_streams:
                 raise _Refused(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the collector has {self.streams - 1} streams open, its limit "
-                    f"(--max-streams {self.sizes.max_streams}); retry later",
+                    f"{self.pending - 1} streams are opening (no Welcome yet), the limit "
+                    f"(--max-pending-streams {self.sizes.max_pending_streams}); retry later",
                 )
             if self.by_peer[peer] > self.sizes.max_streams_per_peer:
                 raise _Refused(
@@ -160,6 +166,16 @@ class IngestService(pb_grpc.IngestServicer):
             finally:
                 node = named[0] if named else ""
             node = hello.node
+            if self.streams >= self.sizes.max_streams:
+                self.state.close_session(node, session)
+                raise _Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the collector has {self.streams} streams open, its limit "
+                    f"(--max-streams {self.sizes.max_streams}); retry later",
+                )
+            self.pending -= 1
+            self.streams += 1
+            welcomed = True
             log.info(
                 "agent connected",
                 extra={"kv": {"node": node, "gpus": len(hello.gpus), "peer": context.peer()}},
@@ -186,7 +202,10 @@ class IngestService(pb_grpc.IngestServicer):
             )
             await context.abort(refusal.code, refusal.reason)
         finally:
-            self.streams -= 1
+            if welcomed:
+                self.streams -= 1
+            else:
+                self.pending -= 1
             self.by_peer[peer] -= 1
             if not self.by_peer[peer]:
                 del self.by_peer[peer]
@@ -221,7 +240,9 @@ class IngestService(pb_grpc.IngestServicer):
     async def _open(
         self, context: grpc.aio.ServicerContext, named: list[str]
     ) -> tuple[pb.Hello, int, int, int]:
-        """The Hello, its proof of possession, and the session it opens."""
+        """The Hello, its proof of possession, and the session it opens: within one
+        --hello-timeout from the stream's start, however the client paces them."""
+        deadline = time.monotonic() + self.hello_timeout
         first = await _read(context, self.hello_timeout)
         if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
             raise _Refused(
@@ -245,7 +266,7 @@ class IngestService(pb_grpc.IngestServicer):
                 )
         proven = False
         if hello.protocol_revision >= 2 and hello.public_key:
-            proven = await self._prove(context, hello)
+            proven = await self._prove(context, hello, deadline)
         try:
             session, resume, recorded = self.state.open_session(hello, proven=proven)
         except LimitError as error:
@@ -260,7 +281,9 @@ class IngestService(pb_grpc.IngestServicer):
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, str(error)) from None
         return hello, session, resume, recorded
 
-    async def _prove(self, context: grpc.aio.ServicerContext, hello: pb.Hello) -> bool:
+    async def _prove(
+        self, context: grpc.aio.ServicerContext, hello: pb.Hello, deadline: float
+    ) -> bool:
         """Challenge the stream to sign a fresh nonce with the Hello's key."""
         if len(hello.public_key) != PUBLIC_KEY_BYTES:
             raise _Refused(
@@ -269,7 +292,7 @@ class IngestService(pb_grpc.IngestServicer):
             )
         nonce = os.urandom(NONCE_BYTES)
         await context.write(pb.CollectorMessage(challenge=pb.Challenge(nonce=nonce)))
-        answer = await _read(context, self.hello_timeout)
+        answer = await _read(context, max(deadline - time.monotonic(), 0.001))
         if answer is grpc.aio.EOF or answer.WhichOneof("body") != "proof":
             raise _Refused(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -401,8 +424,11 @@ async def start(
         options=(
             *SERVER_OPTIONS,
             ("grpc.max_receive_message_length", sizes.max_message_bytes),
-            # the concurrent streams grpc itself will carry: past our own limit, refused cheaply
-            ("grpc.max_concurrent_streams", min(sizes.max_streams + 16, 2**31 - 1)),
+            # streams on one connection: an agent needs one; more than one peer may open are
+            # refused before they reach the collector's code
+            ("grpc.max_concurrent_streams", min(sizes.max_streams_per_peer + 8, 2**31 - 1)),
+            # a TLS or HTTP/2 handshake not done in 10 s is dropped (grpc's default: 120 s)
+            ("grpc.server_handshake_timeout_ms", 10_000),
         )
     )
     service = IngestService(state, client_names=bool(tls.client_ca))
@@ -445,6 +471,7 @@ class Settings:
     startup_check: str = "incremental"
     horizon: float = 7 * 86400.0
     max_skew: float = 300.0
+    live_backlog: float = 3600.0
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -456,6 +483,7 @@ class Settings:
     max_string: int = _LIMITS.max_string
     max_items: int = _LIMITS.max_items
     max_streams: int = _LIMITS.max_streams
+    max_pending_streams: int = _LIMITS.max_pending_streams
     max_streams_per_peer: int = _LIMITS.max_streams_per_peer
     max_nodes: int = _LIMITS.max_nodes
     evict_after: float = _LIMITS.evict_after
@@ -512,7 +540,7 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
         record=record,
         keys=keys,
         ledger=ledger,
-        limits=TimeLimits(s.horizon, s.max_skew),
+        limits=TimeLimits(s.horizon, s.max_skew, s.live_backlog),
         sizes=s.limits,
     )
 
@@ -526,7 +554,10 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
 
     app = make_app(make_registry(state), ready=ready)
     try:
-        http, _ = serve_http(app, s.metrics_listen, s.web_config_file)
+        # health checks need no password (probes have none), but get TLS like the rest
+        http, _ = serve_http(
+            app, s.metrics_listen, s.web_config_file, open_paths=frozenset(HEALTH_PATHS)
+        )
     except OSError as error:
         raise OSError(f"--metrics-listen {s.metrics_listen}: {error.strerror or error}") from None
     try:

@@ -191,6 +191,8 @@ class NodeState:
     authenticated: str = AUTH_NONE
     clock_steps: int = 0  # agent clock steps back that were followed (see _covered)
     last_step: float = -math.inf  # collector clock: when the latest one was
+    first_received: float = 0.0  # collector clock: its first report with samples
+    counted: float = 0.0  # seconds of its reports counted so far
 
 
 @dataclass(frozen=True, slots=True)
@@ -600,7 +602,21 @@ class ClusterState:
                 f"report {report.seq} ends at {end:.3f}, not after the previous report "
                 f"({node.agent_end:.3f}): its seconds are already covered"
             )
-        return min(report.interval_seconds, end - node.agent_end)
+        covered = min(report.interval_seconds, end - node.agent_end)
+        # Real time bounds it all: a node's counted seconds never exceed the time the
+        # collector has seen pass since its first report, plus the backlog an agent may bring.
+        # Whatever its clock claims (steps, a fresh start), a node cannot report faster.
+        since = received - node.first_received if node.first_received else 0.0
+        allowance = since + self.limits.backlog - node.counted
+        if covered > allowance:
+            if allowance <= 0:
+                raise InvalidMessageError(
+                    f"report {report.seq}: node {node.name} has reported {node.counted:.0f} s "
+                    f"in {since:.0f} s (more than --live-backlog "
+                    f"{self.limits.backlog:g} s ahead of the collector's clock)"
+                )
+            covered = allowance
+        return covered
 
     def _card_seconds(self, node: NodeState, gpu: GpuState, end: float, covered: float) -> float:
         """The seconds of this GPU's sample that count: the report's new seconds, less any a
@@ -623,6 +639,9 @@ class ClusterState:
         window."""
         agent_time = report.time_unix_nano / 1e9
         node.clipped_seconds += report.interval_seconds - covered
+        node.counted += covered
+        if not node.first_received:
+            node.first_received = received
         node.agent_end = agent_time
         node.offset = min(node.offset, received - agent_time)
         end = agent_time + node.offset
@@ -794,8 +813,12 @@ class ClusterState:
             padding_gpus=padding_gpus,
             identity_conflicts=totals.identity_conflicts,
             intake_stopped=totals.intake_stopped,
+            # connected, or reporting lately: a forged node that sent and left counts too
             unauthenticated=sum(
-                1 for n in copies if n.session != 0 and n.authenticated != AUTH_ENROLLED
+                1
+                for n in copies
+                if n.authenticated != AUTH_ENROLLED
+                and (n.session != 0 or now - n.last_received <= self.stale_after)
             ),
             evicted=totals.evicted,
             folded=totals.folded,

@@ -42,6 +42,10 @@ class TimeLimits:
 
     horizon: float = 7 * 86400.0
     skew: float = 300.0
+    # How far a node's live reports may run ahead of the time the collector has seen pass
+    # since its first one: the backlog an agent brings after an outage (its outbox holds an
+    # hour at one report a second). Older seconds reach the record through signed summaries.
+    backlog: float = 3600.0
 
     def check(self, what: str, start_ns: int, end_ns: int, now: float) -> None:
         earliest, latest = now - self.horizon, now + self.skew
@@ -64,7 +68,8 @@ class Limits:
     max_gpus: int = 64  # GPUs in one Hello (the largest machines hold 16)
     max_string: int = 1024  # bytes of any text the collector keeps (versions, tenants, jobs)
     max_items: int = 1024  # entries of any list in one GPU sample (processes, XIDs, MIG, ...)
-    max_streams: int = 20_000  # open streams in total
+    max_streams: int = 20_000  # welcomed streams in total (one per node)
+    max_pending_streams: int = 1024  # streams opened but not yet welcomed (Hello, Proof)
     max_streams_per_peer: int = 64  # open streams from one IP address
     max_nodes: int = 20_000  # nodes kept in the live state (a 100,000-GPU cluster: 12,500)
     evict_after: float = 86_400.0  # a node without a stream or report this long is forgotten
@@ -240,6 +245,11 @@ def check_summary(
     problem = summary_problem(summary)
     if problem:
         raise InvalidMessageError(problem)
+    if not 0 < summary.chain_seq <= MAX_SEQ:
+        # the record's integers are signed 64-bit: a number beyond them would wedge the chain
+        raise InvalidMessageError(
+            f"summary: chain_seq must be in [1, 2^63 - 1], got {summary.chain_seq}"
+        )
     limits.check(
         "the summary's window", summary.window_start_unix_nano, summary.window_end_unix_nano, now
     )
