@@ -814,3 +814,33 @@ def test_prometheus_scrapes_over_https_with_basic_auth(
     finally:
         process.terminate()
         process.wait(20)
+
+
+def test_connections_beyond_the_cap_are_closed_at_once(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client holding many slow connections holds at most MAX_CONNECTIONS threads; the
+    next connection is closed at once, and served again once the slow ones are gone."""
+    monkeypatch.setattr(web, "MAX_CONNECTIONS", 3)
+    port = serve()
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) for _ in range(3)]
+    try:
+        for s in slow:
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the rest
+        time.sleep(0.3)
+        extra = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        extra.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert extra.recv(100) == b""  # closed without an answer
+        extra.close()
+    finally:
+        for s in slow:
+            s.close()
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            if get(port).status == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.1)
+    assert get(port).status == 200

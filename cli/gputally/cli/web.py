@@ -806,8 +806,9 @@ class _Responder(ServerHandler):
 
 
 class _Handler(WSGIRequestHandler):
-    # Seconds a connection may stall mid-request: a stuck client holds a thread, not forever.
-    timeout = 60
+    # Seconds a connection may stall mid-request: a stuck client holds a thread, not forever
+    # (a scrape sends its request at once).
+    timeout = 15
 
     def handle(self) -> None:
         # WSGIRequestHandler.handle, with _Responder for its ServerHandler
@@ -846,9 +847,35 @@ class _Handler(WSGIRequestHandler):
         return environ
 
 
+# Connections served at once; past it a new one is closed at once. Scrapers are few: a
+# client holding hundreds of slow connections must not hold as many threads.
+MAX_CONNECTIONS = 128
+
+
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     live: _Live | None = None
+    _slots = threading.BoundedSemaphore(MAX_CONNECTIONS)  # replaced per server in server_bind
+
+    def server_bind(self) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().server_bind()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug(
+                "connection refused: too many at once",
+                extra={"kv": {"peer": _peer(client_address)}},
+            )
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """In the connection's own thread: the configuration check, the TLS handshake (a slow
