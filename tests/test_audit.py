@@ -531,3 +531,45 @@ def test_an_entry_of_the_wrong_type_is_a_finding_not_a_crash(tmp_path: Path) -> 
     )
     assert query.returncode == 2 and "Traceback" not in query.stderr
     assert "holds an entry that is not a summary: the record is damaged" in query.stderr
+
+
+# -- provenance ------------------------------------------------------------------------------
+
+
+def test_summaries_sign_the_backend_they_were_measured_with() -> None:
+    node = factories.mock_node(
+        '[cluster]\nnodes = 1\ngpus_per_node = 1\n[[workload]]\nshare = 1.0\nkind = "training"\n',
+        start=factories.T0,
+        summary_window=10.0,
+    )
+    signed = []
+    for _ in range(12):
+        node.clock.advance(1.0)
+        report = node.sampler.tick()
+        if report.HasField("summary"):
+            signed.append(report.summary)
+    node.close()
+    summary = pb.Summary.FromString(signed[0].body)
+    # in the signed body: the collector, and an auditor, read it where the numbers are
+    assert (summary.backend, summary.driver_version) == ("mock", "580.95.05")
+
+
+def test_figures_over_simulated_summaries_say_so_first_and_count_each_backend() -> None:
+    from gputally.collector.audit.figures import as_dict, compute, render_text
+
+    def row(node: str, backend: str) -> tuple[str, bytes]:
+        s = factories.summary(factories.T0, 3600.0, 0.5, node)
+        s.backend = backend
+        return node, factories.envelope(s)
+
+    rows = [row("n1", "mock"), row("n2", "nvml"), row("n3", "")]
+    answer = as_dict(compute(rows, factories.T0, factories.T0 + 3600, 3), "busy", 0.4)
+    assert answer["backends"] == {"mock": 1, "nvml": 1, "unknown": 1}
+    assert answer["simulated"] == 1
+    first = render_text(answer).splitlines()[0]
+    assert first == (
+        "SIMULATED DATA: 1 of the 3 summaries of this period come from the mock backend "
+        "(gputally simulate or --backend mock), not from GPUs"
+    )
+    real = as_dict(compute(rows[1:], factories.T0, factories.T0 + 3600, 2), "busy", 0.4)
+    assert real["simulated"] == 0 and "SIMULATED" not in render_text(real)

@@ -220,9 +220,9 @@ def test_a_report_supported_only_by_flagged_padding_says_so_and_is_no_pass(
     out = tmp_path / "padded"
     result = report(db, keys, out, "2025-03-01", "2025-03-02", "0.85")
     assert result.returncode == PADDING_DECIDES == 3, result.stdout + result.stderr
-    assert result.stdout.splitlines()[0] == (
-        "claim busy >= 85.00%: SUPPORTED ONLY BY FLAGGED PADDING; REFUTED WITHOUT IT"
-    )
+    simulated, verdict = result.stdout.splitlines()[:2]
+    assert simulated.startswith("SIMULATED DATA: 48 of the 48 summaries")  # a mock ledger
+    assert verdict == "claim busy >= 85.00%: SUPPORTED ONLY BY FLAGGED PADDING; REFUTED WITHOUT IT"
     data = json.loads((out / "report.json").read_text())
     assert data["verdict"] == "supported" and data["without_padding"]["verdict"] == "refuted"
     assert data["headline_verdict"] == "supported only by flagged padding; refuted without it"
@@ -252,7 +252,7 @@ def test_a_report_whose_verdict_padding_does_not_change_reads_as_before(
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.fullmatch(
         r"busy 95\.\d\d% \[.*\], coverage .*, claim 40\.00%: supported",
-        result.stdout.splitlines()[0],
+        result.stdout.splitlines()[1],  # after the line that says the data are simulated
     )
     data = json.loads((out / "report.json").read_text())
     assert (data["verdict"], data["headline_verdict"], data["padding_decides"]) == (
@@ -281,7 +281,8 @@ def test_query_of_a_claim_supported_only_by_flagged_padding_is_no_pass(
 
     text = query("0.85")
     assert text.returncode == 3, text.stdout + text.stderr
-    first, second = text.stdout.splitlines()[:2]
+    simulated, _, first, second = text.stdout.splitlines()[:4]
+    assert simulated.startswith("SIMULATED DATA: ")
     assert (
         first == "VERDICT     busy >= 85.00%: SUPPORTED ONLY BY FLAGGED PADDING; REFUTED WITHOUT IT"
     )

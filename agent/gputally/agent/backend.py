@@ -122,6 +122,12 @@ class NvmlBackend:
         self.driver_version = ""
         self.nvml_version = ""
 
+    @property
+    def kind(self) -> str:
+        """ "nvml", or what a stand-in library says it is ("mock"): signed into every summary,
+        so that simulated figures are never taken for measured ones."""
+        return str(getattr(self._lib, "PROVENANCE", "nvml"))
+
     # -- lifecycle -------------------------------------------------------------------------
 
     def open(self) -> list[GpuInfo]:

@@ -147,7 +147,10 @@ class Sampler:
         self.inventory = self.backend.open()
         self._last = self.opened_at = self.clock()
         self.summarizer = Summarizer(
-            [identity_to_proto(i) for i in self.inventory], self.summary_window
+            [identity_to_proto(i) for i in self.inventory],
+            self.summary_window,
+            backend=self.backend.kind,
+            driver_version=self.backend.driver_version,
         )
         return self.inventory
 

@@ -33,7 +33,16 @@ class _Totals:
 
 
 class Summarizer:
-    def __init__(self, inventory: list[pb.GpuIdentity], window: float = 300.0):
+    def __init__(
+        self,
+        inventory: list[pb.GpuIdentity],
+        window: float = 300.0,
+        *,
+        backend: str = "",
+        driver_version: str = "",
+    ):
+        # what every summary says it was measured with, signed with its numbers
+        self.backend, self.driver_version = backend, driver_version
         if window <= 0:
             raise ValueError("the summary window must be positive")
         self.window = window
@@ -93,6 +102,8 @@ class Summarizer:
         summary = pb.Summary(
             window_start_unix_nano=round(number * self.window * 1e9),
             window_end_unix_nano=round((number + 1) * self.window * 1e9),
+            backend=self.backend,
+            driver_version=self.driver_version[:64],
         )
         for index, identity in sorted(self.inventory.items()):
             totals = gpus.get(index, _Totals())

@@ -121,20 +121,24 @@ class SignedSummary(_message.Message):
     def __init__(self, body: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Summary(_message.Message):
-    __slots__ = ("window_start_unix_nano", "window_end_unix_nano", "gpus", "node", "chain_seq", "prev_hash")
+    __slots__ = ("window_start_unix_nano", "window_end_unix_nano", "gpus", "node", "chain_seq", "prev_hash", "backend", "driver_version")
     WINDOW_START_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     WINDOW_END_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     CHAIN_SEQ_FIELD_NUMBER: _ClassVar[int]
     PREV_HASH_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     window_start_unix_nano: int
     window_end_unix_nano: int
     gpus: _containers.RepeatedCompositeFieldContainer[GpuSummary]
     node: str
     chain_seq: int
     prev_hash: bytes
-    def __init__(self, window_start_unix_nano: _Optional[int] = ..., window_end_unix_nano: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[GpuSummary, _Mapping]]] = ..., node: _Optional[str] = ..., chain_seq: _Optional[int] = ..., prev_hash: _Optional[bytes] = ...) -> None: ...
+    backend: str
+    driver_version: str
+    def __init__(self, window_start_unix_nano: _Optional[int] = ..., window_end_unix_nano: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[GpuSummary, _Mapping]]] = ..., node: _Optional[str] = ..., chain_seq: _Optional[int] = ..., prev_hash: _Optional[bytes] = ..., backend: _Optional[str] = ..., driver_version: _Optional[str] = ...) -> None: ...
 
 class GpuSummary(_message.Message):
     __slots__ = ("index", "uuid", "serial", "model", "present_seconds", "allocated_seconds", "busy_seconds", "sm_active_seconds", "sm_measured_seconds", "effective_seconds", "effective_estimated_seconds", "busy_unmeasured_seconds", "energy_joules", "padding", "flagged", "attribution", "lost_seconds", "busy_missing_seconds", "allocated_missing_seconds", "shares")

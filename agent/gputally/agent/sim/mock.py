@@ -121,6 +121,8 @@ class MockNVML:
 
     driver_version = "580.95.05"
     nvml_version = "13.580.95.05"
+    # What NvmlBackend.kind says, and so what every summary signs: simulated, not measured.
+    PROVENANCE = "mock"
 
     def __init__(self, scenario: Scenario, node: int, clock: Clock, *, start: float | None = None):
         if not 0 <= node < scenario.nodes:

@@ -265,7 +265,7 @@ def run_audit_verify(args: argparse.Namespace) -> int:
 
 def run_audit_report(args: argparse.Namespace) -> int:
     from . import report as report_module
-    from .figures import Rollup, padding_figures
+    from .figures import Rollup, padding_figures, simulated_lines
 
     def say(text: str) -> None:
         print(f"  {text}", file=sys.stderr, flush=True)
@@ -300,6 +300,8 @@ def run_audit_report(args: argparse.Namespace) -> int:
         paths = report_module.write(answer, Path(args.out), args.measure)
     except OSError as error:
         return fail("audit report", f"--out {args.out}: {error}")
+    for line in simulated_lines(answer)[:1]:  # before anything else: not measurements
+        print(line)
     if answer["padding_decides"]:  # said first, and never a pass (docs/utilization.md §8)
         print(f"claim {args.measure} >= {args.claim:.2%}: {answer['headline_verdict'].upper()}")
         print(f"{padding_figures(answer)}, coverage {answer['coverage']:.1%}")

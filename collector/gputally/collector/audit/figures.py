@@ -117,6 +117,9 @@ class PeriodFigures:
     gpu_model: dict[str, str] = field(default_factory=dict)
     energy_by_day: dict[str, float] = field(default_factory=dict)
     summaries: int = 0
+    # summaries by the backend they were measured with ("unknown": from agents before it
+    # was signed): a figure over "mock" summaries is a simulation, and says so first
+    backends: dict[str, int] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -213,12 +216,15 @@ class Rollup:
         # MIG shares, keyed (GPU, tenant, job): only the tenant and job breakdowns use them.
         self.held: dict[tuple[str, str, str], Sums] = {}
         self.summaries = 0
+        self.backends: dict[str, int] = {}
 
     def add_summary(self, node: str, summary: pb.Summary) -> None:
         window = (summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9)
-        self.add(node, window, gpu_numbers(node, summary))
+        self.add(node, window, gpu_numbers(node, summary), summary.backend)
 
-    def add(self, node: str, window: tuple[float, float], gpus: list[GpuNumbers]) -> None:
+    def add(
+        self, node: str, window: tuple[float, float], gpus: list[GpuNumbers], backend: str = ""
+    ) -> None:
         """Add one summary's GPUs, pro rata to its window's overlap with the period."""
         w0, w1 = window
         overlap = min(w1, self.end) - max(w0, self.start)
@@ -226,6 +232,8 @@ class Rollup:
             return
         share = overlap / (w1 - w0)
         self.summaries += 1
+        kind = backend or "unknown"
+        self.backends[kind] = self.backends.get(kind, 0) + 1
         node_rules: list[tuple[str, float]] = []
         fine, held = self.fine, self.held
         for key, model, tenant, job, numbers, shares in gpus:
@@ -255,19 +263,26 @@ class Rollup:
     def clear(self) -> None:
         """Back to nothing added (a verification that has to start again)."""
         self.fine, self.node_day, self.held, self.summaries = {}, {}, {}, 0
+        self.backends = {}
 
     def merge(self, other: Rollup) -> None:
         """Add another rollup of the same period (a worker's share of the log) into this one."""
         if (other.start, other.end, other.expected) != (self.start, self.end, self.expected):
             raise ValueError("only rollups of the same period and inventory can be merged")
         self.summaries += other.summaries
+        for kind, count in other.backends.items():
+            self.backends[kind] = self.backends.get(kind, 0) + count
         _merge_table(self.fine, other.fine)
         _merge_table(self.node_day, other.node_day)
         _merge_table(self.held, other.held)
 
     def period(self) -> PeriodFigures:
         out = PeriodFigures(
-            start=self.start, end=self.end, expected=self.expected, summaries=self.summaries
+            start=self.start,
+            end=self.end,
+            expected=self.expected,
+            summaries=self.summaries,
+            backends=dict(self.backends),
         )
         for (key, node, model, tenant, job), sums in self.fine.items():
             groups = [
@@ -388,7 +403,12 @@ def compute(
             continue  # claims no window: its GPUs' seconds are not taken
         start_ns, end_ns = summary.window_start_unix_nano, summary.window_end_unix_nano
         overlapping = screen.overlapping(node, start_ns, end_ns, windows_of(summary))
-        rollup.add(node, (start_ns / 1e9, end_ns / 1e9), countable(node, summary, overlapping))
+        rollup.add(
+            node,
+            (start_ns / 1e9, end_ns / 1e9),
+            countable(node, summary, overlapping),
+            summary.backend,
+        )
     return rollup.period()
 
 
@@ -459,6 +479,8 @@ def as_dict(
         "measures": measures(cluster),
         "measures_without_padding": measures(clean),
         "summaries": figures.summaries,
+        "backends": dict(sorted(figures.backends.items())),
+        "simulated": figures.backends.get("mock", 0),
         "by_node": breakdown(figures.nodes, held=False),
         "by_model": breakdown(figures.models, held=False),
         "by_tenant": breakdown(figures.tenants, held=True),
@@ -492,11 +514,23 @@ _OVER = {
 }
 
 
+def simulated_lines(answer: dict[str, Any]) -> list[str]:
+    """The first line of any answer over simulated summaries: they are not measurements."""
+    mock, total = answer.get("simulated", 0), answer.get("summaries", 0)
+    if not mock:
+        return []
+    return [
+        f"SIMULATED DATA: {mock:,} of the {total:,} summaries of this period come from the mock "
+        "backend (gputally simulate or --backend mock), not from GPUs",
+        "",
+    ]
+
+
 def render_text(answer: dict[str, Any], by: Sequence[str] = ()) -> str:
     """as_dict's answer for a person: the claim's measure marked, every measure, then the
     breakdowns asked for, as tables."""
     days = answer["seconds"] / 86400
-    lines = _padding_decides_lines(answer)
+    lines = simulated_lines(answer) + _padding_decides_lines(answer)
     lines += [
         f"period      {answer['from']} .. {answer['to']} ({days:.2f} days)",
         f"inventory   {answer['expected_gpus']} GPUs declared, {answer['seen_gpus']} seen; "

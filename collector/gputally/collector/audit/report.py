@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .figures import MEASURES, Rollup, as_dict, bounds
+from .figures import MEASURES, Rollup, as_dict, bounds, simulated_lines
 from .verify import Verification
 
 
@@ -191,6 +191,7 @@ CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:800px;color:#222}
 h1{font-size:1.5em}table{border-collapse:collapse}td,th{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:right}
 td:first-child,th:first-child{text-align:left}.verdict{font-size:1.3em;font-weight:600}
+.simulated{font-size:1.3em;font-weight:600;color:#b00;border:2px solid #b00;padding:.4em .6em}
 .supported{color:#176d2f}.refuted{color:#a11}.undetermined{color:#8a6100}
 .padding-decides{color:#a11}.verdict-figures{font-size:1.3em}
 svg{width:100%;height:auto;font-size:10px}.grid{stroke:#ddd}.line{fill:none;stroke:#1f5fbf;stroke-width:1.5}
@@ -299,6 +300,10 @@ def render_html(r: dict[str, Any]) -> str:
         bar_chart("Energy per day (kWh)", short, [d["energy_kwh"] for d in r["daily"]]),
     ]
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in r["warnings"])
+    # simulated figures say so before anything else: they are not measurements
+    simulated = "".join(
+        f'<p class="simulated">{html.escape(line)}</p>' for line in simulated_lines(r)[:1]
+    )
     findings = "".join(
         f"<li><b>{f['count']:,} {html.escape(kind)}</b>: "
         f"{html.escape(f['examples'][0]['message']) if f['examples'] else ''}</li>"
@@ -313,7 +318,7 @@ def render_html(r: dict[str, Any]) -> str:
     )
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>gputally audit report: {html.escape(r["from"])} to {html.escape(r["to"])}</title><style>{CSS}</style></head><body>
-<h1>GPU utilization audit report</h1>
+{simulated}<h1>GPU utilization audit report</h1>
 <p>Period {html.escape(r["from"])} to {html.escape(r["to"])} ({r["seconds"] / 86400:.1f} days).
 Inventory: {r["expected_gpus"]} GPUs declared, {r["seen_gpus"]} seen. Coverage {r["coverage"]:.1%}.</p>
 <p>Ledger verified: {v["entries"]:,} signed summaries from {v["nodes"]} nodes, every signature, every node's chain

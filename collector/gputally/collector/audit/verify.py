@@ -300,7 +300,7 @@ def _opened(
         )
         if rollup is not None and problem is None:
             window = (summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9)
-            rollup.add(node, window, gpu_numbers(node, summary))
+            rollup.add(node, window, gpu_numbers(node, summary), summary.backend)
     return out, rollup
 
 
@@ -475,7 +475,7 @@ def _add_up_again(record: Record, rollup: Rollup, excluded: dict[int, set[str]])
         skipped = excluded.get(entry, set())
         window = (summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9)
         rollup_numbers = countable(node, summary, [(key, "", 0, "") for key in skipped])
-        sums.add(node, window, rollup_numbers)
+        sums.add(node, window, rollup_numbers, summary.backend)
     rollup.clear()
     rollup.merge(sums)
 
