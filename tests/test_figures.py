@@ -353,3 +353,24 @@ def test_a_verdict_flagged_padding_does_not_change_keeps_its_wording() -> None:
     assert not any(line.startswith("VERDICT") for line in lines)
     no_claim = padded_answer(None)
     assert (no_claim["headline_verdict"], no_claim["padding_decides"]) == (None, False)
+
+
+def test_as_dict_warns_about_gpus_never_seen_and_low_coverage() -> None:
+    """16 GPUs report a full hour; 10,000 are declared: coverage 0.16%, said, with the GPUs
+    that never reported, instead of a bare "undetermined" with no warning."""
+    rows = []
+    for n in range(16):
+        s = factories.summary(T0, 3600.0, 0.5, f"n{n}")
+        s.backend = "nvml"
+        rows.append((f"n{n}", signed(s)))
+    answer = as_dict(compute(rows, T0, T0 + 3600, expected=10_000), "busy", 0.85)
+    assert answer["coverage"] == pytest.approx(16 / 10_000)
+    assert answer["warnings"] == [
+        "9984 of the 10000 GPUs declared never reported in this period: their seconds count as "
+        "unobserved (zero in the figure, full in its upper bound)",
+        "coverage is 0.2%: most of the figure's capacity was not observed, so the figure is "
+        "closer to its lower bound than to what the GPUs did; the bounds say how far apart "
+        "they are",
+    ]
+    full = as_dict(compute(rows, T0, T0 + 3600, expected=16), "busy", 0.85)
+    assert full["warnings"] == []

@@ -494,8 +494,39 @@ def as_dict(
             else []
         )
         + ([] if figures.summaries else ["no summary in the record overlaps this period"])
-        + ([] if math.isfinite(figures.seconds) else ["the period is not finite"]),
+        + ([] if math.isfinite(figures.seconds) else ["the period is not finite"])
+        + _weak_spots(figures, seen),
     }
+
+
+# Below this coverage a figure is mostly unobserved time counted as zero: it is said.
+LOW_COVERAGE = 0.9
+
+
+def _weak_spots(figures: PeriodFigures, seen: int) -> list[str]:
+    """What makes a figure weak that the figure alone does not show: GPUs declared but never
+    seen, low coverage, simulated summaries."""
+    out = []
+    if figures.summaries and seen < figures.expected:
+        out.append(
+            f"{figures.expected - seen} of the {figures.expected} GPUs declared never reported "
+            "in this period: their seconds count as unobserved (zero in the figure, full in its "
+            "upper bound)"
+        )
+    coverage = figures.coverage()
+    if figures.summaries and coverage < LOW_COVERAGE:
+        out.append(
+            f"coverage is {coverage:.1%}: most of the figure's capacity was not observed, so the "
+            "figure is closer to its lower bound than to what the GPUs did; the bounds say how "
+            "far apart they are"
+        )
+    mock = figures.backends.get("mock", 0)
+    if mock:
+        out.append(
+            f"{mock:,} of the {figures.summaries:,} summaries come from the mock backend: "
+            "simulated, not measured"
+        )
+    return out
 
 
 def _headline(verdict: str | None, without_padding: str | None) -> str | None:
