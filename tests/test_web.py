@@ -708,17 +708,6 @@ def test_a_complete_file_is_read_completely(pki: Pki, tmp_path: Path) -> None:
 # -- gputally web-password -------------------------------------------------------------------
 
 
-@pytest.fixture
-def keep_logging() -> Iterator[None]:
-    """main() sets up the root logger for the command: put it back for the other tests."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.mark.usefixtures("keep_logging")
 def test_web_password_prints_a_bcrypt_hash_the_file_accepts(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -732,7 +721,6 @@ def test_web_password_prints_a_bcrypt_hash_the_file_accepts(
     assert load_web_config(path).users == {"prometheus": hashed.encode()}
 
 
-@pytest.mark.usefixtures("keep_logging")
 @pytest.mark.parametrize(
     ("stdin", "message"),
     [("\n", "empty"), ("two\nlines\n", "one line"), ("x" * 73, "73 bytes")],
