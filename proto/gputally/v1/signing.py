@@ -92,6 +92,12 @@ def public_bytes(key: Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+def key_fingerprint(raw: bytes) -> str:
+    """How a key is named to people (enrolment records, reports): `SHA256:` and the hex SHA-256
+    of its 32 raw bytes, the same from every tool that reads the key."""
+    return "SHA256:" + hashlib.sha256(raw).hexdigest()
+
+
 def encode_public_key(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 

@@ -50,7 +50,7 @@ from google.protobuf.message import DecodeError
 
 from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1.accounting import summary_problem
-from gputally.v1.signing import chain_hash, verify_summary, write_file
+from gputally.v1.signing import chain_hash, key_fingerprint, verify_summary, write_file
 
 from ..record import merkle
 from ..record.keys import KeyStore
@@ -97,6 +97,15 @@ class Verification:
     origin: str = ""
     trusted: int = 0  # entries whose signatures a receipt vouched for instead of this run
     receipt_note: str = ""  # why a receipt given was not used, if it was not
+    # The evidence to cite, beside the figures (audit report's evidence section):
+    checkpoint_note: str = ""  # the newest checkpoint, the signed note in full
+    # each witness cosignature of the newest cosigned checkpoint: {"witness": name,
+    # "key": verifier key, "size": checkpoint size, "time": unix seconds it was cosigned}
+    cosignatures: list[dict[str, object]] = field(default_factory=list)
+    # how long after their windows the summaries were recorded, see recording_delays()
+    recording: dict[str, object] = field(default_factory=dict)
+    # node -> fingerprints (signing.key_fingerprint) of the keys that signed its summaries
+    signers: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -387,6 +396,7 @@ def _verify(
     roots: dict[int, bytes] = {}
     screen = Screen()
     excluded: dict[int, set[str]] = {}  # entry -> GPUs whose windows overlap earlier ones
+    signed_with: dict[str, set[int]] = {}  # node -> which of its keys signed its summaries
     checkpoints = record.checkpoints()
     wanted = {size for _, size, _, _ in checkpoints}
     enrolled = {path.stem: keys.keys(path.stem) for path in keys_dir.glob("*.pub")}
@@ -415,6 +425,8 @@ def _verify(
                     result.problems.append(Problem(entry, checked.problem, IMPLAUSIBLE))
                     checked = checked._replace(problem=None)
                 problem = _chain(entry, node, checked, chains)
+                if checked.problem is None:
+                    signed_with.setdefault(node, set()).add(checked.signer)
                 if problem is not None:
                     result.problems.append(problem)
                 if checked.problem is None:
@@ -436,6 +448,11 @@ def _verify(
             checkpoints, roots, frontier.size, name, collector_key
         )
         result.checkpoints = len(checkpoints)
+        result.checkpoint_note = checkpoints[-1][3] if checkpoints else ""
+        result.signers = {
+            node: [key_fingerprint(enrolled[node][i]) for i in sorted(used)]
+            for node, used in sorted(signed_with.items())
+        }
     finally:
         record.close()
         if pool is not None:
