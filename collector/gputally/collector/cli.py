@@ -181,6 +181,30 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how often to sign a checkpoint when the log grew (default: %(default)s)",
     )
+    group = parser.add_argument_group(
+        "witnesses", "outside parties that cosign the checkpoints (gputally witness; docs/audit.md)"
+    )
+    group.add_argument(
+        "--witnesses",
+        default="",
+        metavar="FILE",
+        help="the witnesses to send each new checkpoint to, with a consistency proof: one per line, "
+        "`<witness verifier key> <URL>` (the key `gputally witness init` printed); their "
+        "cosignatures are kept in the ledger (default: none)",
+    )
+    group.add_argument(
+        "--witness-ca",
+        default="",
+        metavar="PEM",
+        help="CA certificates for https:// witnesses (default: the system's)",
+    )
+    group.add_argument(
+        "--witness-timeout",
+        type=positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long one witness may take to answer (default: %(default)s)",
+    )
 
 
 def _add_security_options(parser: argparse.ArgumentParser) -> None:
@@ -400,6 +424,7 @@ def run_collector(args: argparse.Namespace) -> int:
     from .live.server import Settings, serve
     from .record.ledger import LedgerStartError
     from .record.store import RecordError
+    from .record.witnessing import WitnessConfigError
 
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
 
@@ -415,7 +440,14 @@ def run_collector(args: argparse.Namespace) -> int:
         asyncio.run(main())
     except LedgerStartError as error:
         return fail("collector", str(error), LEDGER)
-    except (OSError, RecordError, KeyFileError, TlsError, WebConfigError) as error:
+    except (
+        OSError,
+        RecordError,
+        KeyFileError,
+        TlsError,
+        WebConfigError,
+        WitnessConfigError,
+    ) as error:
         return fail("collector", str(error))
     return 0
 

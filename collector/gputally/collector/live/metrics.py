@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from gputally.v1 import __version__
 from gputally.v1.accounting import MEASURES, PADDING_RULES
 
+from ..record.witnessing import Witnesses
 from .state import MAX_TENANTS, OTHER_XID, ClusterState, ClusterView, NodeView
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -415,10 +416,61 @@ class ClusterCollector(Collector):
                 yield gpus
 
 
-def make_registry(state: ClusterState) -> CollectorRegistry:
+class WitnessCollector(Collector):
+    """What the witnesses did with the ledger's checkpoints (record/witnessing.Witnesses)."""
+
+    def __init__(self, witnesses: Witnesses, ledger_size: Callable[[], int]):
+        self.witnesses = witnesses
+        self.ledger_size = ledger_size
+
+    def collect(self) -> Iterator[Any]:
+        yield GaugeMetricFamily(
+            "gputally_ledger_checkpoint_size",
+            "Entries covered by the newest checkpoint the collector signed.",
+            value=self.ledger_size(),
+        )
+        size = GaugeMetricFamily(
+            "gputally_witness_cosigned_size",
+            "Entries covered by the newest checkpoint this witness cosigned; below "
+            "gputally_ledger_checkpoint_size, the newest entries are not yet witnessed.",
+            labels=["witness"],
+        )
+        at = GaugeMetricFamily(
+            "gputally_witness_cosigned_timestamp_seconds",
+            "When this witness cosigned its newest checkpoint (its clock, as signed).",
+            labels=["witness"],
+        )
+        count = CounterMetricFamily(
+            "gputally_witness_cosignatures",
+            "Cosignatures received from this witness and kept in the ledger.",
+            labels=["witness"],
+        )
+        failures = CounterMetricFamily(
+            "gputally_witness_failures",
+            "Checkpoints this witness did not cosign, by reason (conflict: it has seen another "
+            "history of this log, a rollback or a fork; refused: it does not know or trust this "
+            "log's key; http, error: unreachable; proof, protocol, record).",
+            labels=["witness", "reason"],
+        )
+        for name, held in sorted(self.witnesses.status.items()):
+            size.add_metric([name], held.size)
+            at.add_metric([name], held.cosigned_at)
+            count.add_metric([name], held.cosignatures)
+            for reason, n in sorted(held.failures.items()):
+                failures.add_metric([name, reason], n)
+        yield from (size, at, count, failures)
+
+
+def make_registry(
+    state: ClusterState,
+    witnesses: Witnesses | None = None,
+    ledger_size: Callable[[], int] | None = None,
+) -> CollectorRegistry:
     """A fresh registry per collector (never the global one): tests and embedders stay isolated."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ClusterCollector(state))
+    if witnesses is not None and ledger_size is not None:
+        registry.register(WitnessCollector(witnesses, ledger_size))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry

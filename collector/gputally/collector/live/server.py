@@ -36,6 +36,7 @@ from gputally.v1.signing import (
 from ..record.keys import KeyStore
 from ..record.ledger import CheckpointError, Ledger, LedgerStartError, publish_collector_key
 from ..record.store import Record
+from ..record.witnessing import WitnessConfigError, Witnesses, read_witnesses
 from .metrics import HEALTH_PATHS, make_app, make_registry
 from .state import ClusterState, IdentityConflictError, NotEnrolledError, UnauthenticatedError
 from .validate import (
@@ -491,6 +492,9 @@ class Settings:
     max_refusals_per_peer: int = _LIMITS.max_refusals_per_peer
     max_models: int = _LIMITS.max_models
     max_xid_codes: int = _LIMITS.max_xid_codes
+    witnesses: str = ""
+    witness_ca: str = ""
+    witness_timeout: float = 10.0
 
     @property
     def limits(self) -> Limits:
@@ -532,6 +536,18 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
             full_check=s.startup_check == "full",
         )
         publish_collector_key(ledger, Path(s.keys), key_path.parent)
+    witnesses = None
+    if s.witnesses:
+        if ledger is None:
+            raise WitnessConfigError(
+                "--witnesses: witnesses cosign checkpoints: give --db and --keys"
+            )
+        witnesses = Witnesses(
+            read_witnesses(Path(s.witnesses)),
+            ledger.record,
+            timeout=s.witness_timeout,
+            ca_file=s.witness_ca,
+        )
     state = ClusterState(
         expected_gpus=s.expected_gpus,
         window=s.window,
@@ -552,7 +568,10 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
             return f"summaries are not being recorded: {state.intake.stopped}"
         return ""
 
-    app = make_app(make_registry(state), ready=ready)
+    registry = make_registry(
+        state, witnesses, (lambda: ledger.last_size) if ledger is not None else None
+    )
+    app = make_app(registry, ready=ready)
     try:
         # health checks need no password (probes have none), but get TLS like the rest
         http, _ = serve_http(
@@ -588,7 +607,7 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
             log.warning(
                 "no --expected-gpus: ratios use the GPUs seen as the denominator, so GPUs that never report cannot lower them"
             )
-        await _run(s, state, ledger, server, stop)
+        await _run(s, state, ledger, server, stop, witnesses)
     finally:
         http.shutdown()
         http.server_close()
@@ -606,9 +625,22 @@ async def _run(
     ledger: Ledger | None,
     server: grpc.aio.Server,
     stop: asyncio.Event,
+    witnesses: Witnesses | None = None,
 ) -> None:
     """Sign checkpoints until `stop`; then let the streams finish and cover what they sent.
-    Meanwhile nodes idle for --evict-after are forgotten, so memory follows the live fleet."""
+    Each new checkpoint goes to the witnesses (and, at start, the newest one, to any witness
+    behind it). Meanwhile nodes idle for --evict-after are forgotten, so memory follows the
+    live fleet."""
+
+    def witness() -> None:
+        if (
+            witnesses is not None
+            and ledger is not None
+            and ledger.last_note
+            and not ledger.broken
+            and witnesses.behind(ledger.last_size)
+        ):
+            witnesses.submit(ledger.last_note, ledger.consistency)
 
     async def evictions() -> None:
         while True:
@@ -621,6 +653,7 @@ async def _run(
                 await asyncio.to_thread(ledger.checkpoint, time.time())
             except CheckpointError as error:
                 log.error("checkpoint refused", extra={"kv": {"error": str(error)}})
+            await asyncio.to_thread(witness)
             await asyncio.sleep(s.checkpoint_interval)
 
     signer = asyncio.ensure_future(checkpoints())
@@ -644,3 +677,4 @@ async def _run(
         if ledger is not None:
             with contextlib.suppress(CheckpointError):
                 ledger.checkpoint(time.time())  # cover everything recorded before the stop
+            await asyncio.to_thread(witness)

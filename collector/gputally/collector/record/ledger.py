@@ -34,7 +34,7 @@ from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1.accounting import Window, card, next_window
 from gputally.v1.signing import KeyFileError, decode_public_key, public_bytes, write_file
 
-from .merkle import Frontier, leaf_hash
+from .merkle import Frontier, consistency_proof, consistency_proof_extending, leaf_hash
 from .store import Record, RecordError
 
 log = logging.getLogger("gputally.collector.ledger")
@@ -74,8 +74,9 @@ def check_origin(origin: str) -> str:
     return origin
 
 
-def key_id(name: str, public_key: bytes) -> bytes:
-    return hashlib.sha256(name.encode() + b"\n" + ED25519 + public_key).digest()[:4]
+def key_id(name: str, public_key: bytes, algorithm: bytes = ED25519) -> bytes:
+    """The signed-note key id: the first 4 bytes of SHA-256(name, newline, algorithm, key)."""
+    return hashlib.sha256(name.encode() + b"\n" + algorithm + public_key).digest()[:4]
 
 
 def checkpoint_text(origin: str, size: int, root: bytes) -> str:
@@ -134,16 +135,17 @@ def open_note(note: str, name: str, public_key: bytes) -> tuple[str, int, bytes]
     raise CheckpointError(f"no signature by {name} with this key")
 
 
-def verifier_key(name: str, public_key: bytes) -> str:
-    """The C2SP signed-note verifier key of `name`'s Ed25519 key."""
+def verifier_key(name: str, public_key: bytes, algorithm: bytes = ED25519) -> str:
+    """The C2SP signed-note verifier key of `name`'s Ed25519 key (`algorithm` 0x04 for a
+    witness's cosigning key, C2SP tlog-cosignature)."""
     check_origin(name)
-    return (
-        f"{name}+{key_id(name, public_key).hex()}+{base64.b64encode(ED25519 + public_key).decode()}"
-    )
+    blob = base64.b64encode(algorithm + public_key).decode()
+    return f"{name}+{key_id(name, public_key, algorithm).hex()}+{blob}"
 
 
-def parse_verifier_key(text: str) -> tuple[str, bytes]:
-    """(name, public key) of a verifier key line; ValueError saying why it is not one."""
+def parse_verifier_key(text: str, algorithm: bytes = ED25519) -> tuple[str, bytes]:
+    """(name, public key) of a verifier key line of `algorithm`; ValueError saying why it is
+    not one."""
     parts = text.strip().split("+", 2)  # the base64 key may hold "+" of its own
     if len(parts) != 3:
         raise ValueError("a verifier key is <name>+<key id>+<key>")
@@ -153,9 +155,10 @@ def parse_verifier_key(text: str) -> tuple[str, bytes]:
         raw = base64.b64decode(encoded, validate=True)
     except ValueError:
         raise ValueError("the key is not base64") from None
-    if len(raw) != 33 or raw[:1] != ED25519:
-        raise ValueError("not an Ed25519 key (0x01 and 32 bytes)")
-    if len(hash_hex) != 8 or hash_hex != key_id(name, raw[1:]).hex():
+    if len(raw) != 33 or raw[:1] != algorithm:
+        what = "a witness's Ed25519 cosigning key" if algorithm != ED25519 else "an Ed25519 key"
+        raise ValueError(f"not {what} (0x{algorithm.hex()} and 32 bytes)")
+    if len(hash_hex) != 8 or hash_hex != key_id(name, raw[1:], algorithm).hex():
         raise ValueError("the key id does not match the name and key")
     return name, raw[1:]
 
@@ -331,6 +334,7 @@ class Ledger:
         self._pin_origin()
         checkpoints = record.checkpoints()
         self.last_size = checkpoints[-1][1] if checkpoints else 0
+        self.last_note = checkpoints[-1][3] if checkpoints else ""  # the newest one signed
         remembered = read_latest(latest) if latest is not None else None
         self.state = remembered  # what the checkpoint state file holds now
         if latest is not None and remembered is None and record.meta(STATE_KEY) is not None:
@@ -506,6 +510,7 @@ class Ledger:
                 remembered.size, remembered.root, remembered.note, time.time()
             )
             self.last_size = max(self.last_size, remembered.size)
+            self.last_note = remembered.note
 
     def check_history(self, stop: threading.Event | None = None) -> bool:
         """Rehash the entries the start took on trust (those under the remembered checkpoint),
@@ -623,9 +628,31 @@ class Ledger:
                     ) from None
             try:
                 self.record.add_checkpoint(self.frontier.size, root, note, now)
+                self.record.add_frontier(self.frontier.size, self._last_id, self.frontier.peaks())
             except RecordError as error:
                 self.fail(str(error))
                 raise CheckpointError(str(error)) from None
             self.last_size = self.frontier.size
+            self.last_note = note
             self.record.sync()
             return True
+
+    def consistency(self, old: int, new: int) -> list[bytes]:
+        """The RFC 9162 consistency proof from the log's first `old` entries to its first
+        `new` (both checkpointed sizes, old <= new), for a witness. From the frontier kept at
+        `old`, it reads only the entries added since; for a size checkpointed before frontiers
+        were kept, every leaf up to `new`. Leaf hashes are the stored ones, which every
+        checkpoint rehashed before signing. ValueError when the log does not reach `new`."""
+        if old == 0 or old == new:
+            return []
+        kept = self.record.frontier_at(old)
+        if kept is not None:
+            last_id, peaks = kept
+            added = self.record.leaves(last_id, new - old)
+            if len(added) != new - old:
+                raise ValueError(f"the ledger does not reach {new:,} entries")
+            return consistency_proof_extending(old, peaks, added)
+        leaves = self.record.leaves(0, new)
+        if len(leaves) != new:
+            raise ValueError(f"the ledger does not reach {new:,} entries")
+        return consistency_proof(leaves, old)

@@ -71,6 +71,50 @@ def consistency_proof(leaves: Sequence[bytes], size1: int) -> list[bytes]:
     return _subproof(leaves, size1, True)
 
 
+def consistency_proof_extending(
+    size1: int, peaks1: Sequence[bytes], added: Sequence[bytes]
+) -> list[bytes]:
+    """PROOF(size1, D[size1 + len(added)]) from the older tree's frontier (its perfect subtrees,
+    largest first: Frontier.peaks) and the leaves added since, without the older leaves.
+
+    Every hash the proof needs from the older tree is one of its perfect subtrees, or the
+    hash of several consecutive ones up to its end; so a log can prove its growth to a
+    witness by reading only what it appended since the witness's last checkpoint. Equal, for
+    every input, to consistency_proof over all the leaves (tests/test_witness.py)."""
+    size2 = size1 + len(added)
+    if size1 < 1:
+        raise ValueError(f"a consistency proof needs 0 < size1 <= size2, got {size1} and {size2}")
+    heights = [bit for bit in range(size1.bit_length() - 1, -1, -1) if size1 >> bit & 1]
+    if len(heights) != len(peaks1):
+        raise ValueError(f"{len(peaks1)} subtree hashes do not make a tree of {size1} leaves")
+    spans: list[tuple[int, int, bytes]] = []
+    start = 0
+    for height, peak in zip(heights, peaks1, strict=True):
+        spans.append((start, start + (1 << height), peak))
+        start += 1 << height
+
+    def tree_hash(lo: int, hi: int) -> bytes:
+        if lo >= size1:
+            return root(added[lo - size1 : hi - size1])
+        chosen = [(a, b, peak) for a, b, peak in spans if a >= lo and b <= hi]
+        if not chosen or chosen[0][0] != lo or chosen[-1][1] != hi:
+            raise AssertionError(f"[{lo}, {hi}) is not made of the older tree's subtrees")
+        node = chosen[-1][2]
+        for _, _, left in reversed(chosen[:-1]):
+            node = node_hash(left, node)
+        return node
+
+    def sub(lo: int, hi: int, m: int, complete: bool) -> list[bytes]:
+        if m == hi - lo:
+            return [] if complete else [tree_hash(lo, hi)]
+        k = _split(hi - lo)
+        if m <= k:
+            return [*sub(lo, lo + k, m, complete), tree_hash(lo + k, hi)]
+        return [*sub(lo + k, hi, m - k, False), tree_hash(lo, lo + k)]
+
+    return sub(0, size2, size1, True)
+
+
 def _subproof(leaves: Sequence[bytes], m: int, complete: bool) -> list[bytes]:
     n = len(leaves)
     if m == n:

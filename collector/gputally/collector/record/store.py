@@ -41,6 +41,25 @@ CREATE TABLE IF NOT EXISTS inventory (
     since REAL NOT NULL,
     expected INTEGER NOT NULL
 );
+-- Witnesses' cosignatures (C2SP tlog-cosignature) of the checkpoint of each size: signature
+-- lines by outside parties, kept as they came; the auditor checks them with the witnesses'
+-- keys, so a row here proves nothing by being here.
+CREATE TABLE IF NOT EXISTS cosignatures (
+    id INTEGER PRIMARY KEY,
+    size INTEGER NOT NULL,
+    witness TEXT NOT NULL,
+    line TEXT NOT NULL,
+    timestamp INTEGER NOT NULL,
+    UNIQUE (size, line)
+);
+-- An index, not evidence: the tree's frontier at each checkpoint (merkle.Frontier), and the
+-- checkpoint's last entry, from which a consistency proof to a later size is made reading only
+-- the entries added since (merkle.consistency_proof_extending).
+CREATE TABLE IF NOT EXISTS frontiers (
+    size INTEGER PRIMARY KEY,
+    last_id INTEGER NOT NULL,
+    peaks BLOB NOT NULL
+);
 -- Facts fixed when the ledger was created (its origin), never changed after.
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -68,6 +87,12 @@ class RecordError(RuntimeError):
 
 def _damaged(path: Path, error: sqlite3.Error) -> RecordError:
     return RecordError(f"{path}: the record cannot be read or written: {error}")
+
+
+def _no_table(error: sqlite3.Error) -> bool:
+    """A table a ledger written by an older collector lacks (read-only readers cannot add
+    it): read as empty."""
+    return isinstance(error, sqlite3.OperationalError) and "no such table" in str(error)
 
 
 def _blob(value: object) -> bytes:
@@ -268,6 +293,85 @@ class Record:
                 )
             except sqlite3.Error as error:
                 raise _damaged(self.path, error) from None
+
+    def checkpoint_times(self) -> dict[int, float]:
+        """size -> when the collector says it signed the checkpoint of that size (its own
+        clock: a claim, which witnesses' cosignatures can confirm)."""
+        with self._lock:
+            try:
+                rows = self._db.execute("SELECT size, created FROM checkpoints").fetchall()
+            except sqlite3.Error as error:
+                raise _damaged(self.path, error) from None
+        out: dict[int, float] = {}
+        for size, created in rows:
+            with contextlib.suppress(TypeError, ValueError):
+                out.setdefault(int(size), float(created))
+        return out
+
+    def add_frontier(self, size: int, last_id: int, peaks: list[bytes]) -> None:
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO frontiers (size, last_id, peaks) VALUES (?, ?, ?)",
+                    (size, last_id, b"".join(peaks)),
+                )
+            except sqlite3.Error as error:
+                raise _damaged(self.path, error) from None
+
+    def frontier_at(self, size: int) -> tuple[int, list[bytes]] | None:
+        """(last entry id, peaks) of the tree at a checkpointed `size`; None when not kept."""
+        with self._lock:
+            try:
+                row = self._db.execute(
+                    "SELECT last_id, peaks FROM frontiers WHERE size = ?", (size,)
+                ).fetchone()
+            except sqlite3.Error as error:
+                if _no_table(error):
+                    return None
+                raise _damaged(self.path, error) from None
+        if row is None:
+            return None
+        blob = _blob(row[1])
+        return int(row[0]), [blob[i : i + 32] for i in range(0, len(blob), 32)]
+
+    def leaves(self, after_id: int, limit: int) -> list[bytes]:
+        """The stored leaf hashes of the `limit` entries after `after_id`, in log order."""
+        with self._lock:
+            try:
+                rows = self._db.execute(
+                    "SELECT leaf FROM summaries WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+                ).fetchall()
+            except sqlite3.Error as error:
+                raise _damaged(self.path, error) from None
+        return [_blob(leaf) for (leaf,) in rows]
+
+    def add_cosignature(self, size: int, witness: str, line: str, timestamp: int) -> None:
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO cosignatures (size, witness, line, timestamp)"
+                    " VALUES (?, ?, ?, ?)",
+                    (size, witness, line, timestamp),
+                )
+            except sqlite3.Error as error:
+                raise _damaged(self.path, error) from None
+
+    def cosignatures(self) -> list[tuple[int, str, str]]:
+        """(size, witness name, signature line) of every cosignature kept, oldest first."""
+        with self._lock:
+            try:
+                rows = self._db.execute(
+                    "SELECT size, witness, line FROM cosignatures ORDER BY id"
+                ).fetchall()
+            except sqlite3.Error as error:
+                if _no_table(error):
+                    return []
+                raise _damaged(self.path, error) from None
+        out: list[tuple[int, str, str]] = []
+        for size, witness, line in rows:
+            with contextlib.suppress(TypeError, ValueError):
+                out.append((int(size), str(witness), str(line)))
+        return out
 
     def checkpoints(self) -> list[tuple[int, int, bytes, str]]:
         """(id, size, root, signed note) of every checkpoint, oldest first."""
