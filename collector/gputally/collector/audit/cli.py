@@ -15,7 +15,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gputally.cli.options import FAILED, PADDING_DECIDES, TIMES, count, fail, parse_time
+from gputally.cli.options import (
+    FAILED,
+    PADDING_DECIDES,
+    TIMES,
+    count,
+    fail,
+    parse_time,
+    positive,
+)
 
 from ..cli import VERDICT_EXITS, add_claim_options, add_period_options
 
@@ -25,15 +33,18 @@ MAX_REPORT_DAYS = 3660
 
 if TYPE_CHECKING:
     from .figures import Rollup
-    from .verify import Receipt, Verification
+    from .verify import Anchors, Receipt, Verification
 
 
 def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
     return {"audit": _register_audit(sub)}
 
 
-def _add_ledger_options(parser: argparse.ArgumentParser, *, receipt: bool) -> None:
-    """What every auditor's command reads: the ledger and the public keys, nothing else."""
+def _add_ledger_options(
+    parser: argparse.ArgumentParser, *, receipt: bool, anchors: bool = True
+) -> None:
+    """What every auditor's command reads: the ledger and the public keys, and what the ledger
+    is checked against (witnesses, a kept checkpoint), nothing else."""
     parser.add_argument(
         "--ledger", required=True, metavar="PATH", help="the collector's record (its --db file)"
     )
@@ -43,14 +54,58 @@ def _add_ledger_options(parser: argparse.ArgumentParser, *, receipt: bool) -> No
         metavar="DIR",
         help="the agents' <node>.pub files and the collector's collector.vkey (or an older collector.ckey)",
     )
+    if anchors:
+        _add_anchor_options(parser)
     if receipt:
         parser.add_argument(
             "--receipt",
             metavar="FILE",
             help="a receipt from `audit verify --receipt`: the signatures it covers are not checked again "
             "(every hash, chain and checkpoint still is; a ledger or key directory that differs from the "
-            "receipt's is verified in full)",
+            "receipt's is verified in full, and a ledger shorter than the receipt, or with other first "
+            "entries, fails)",
         )
+
+
+def _add_anchor_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "anchors", "what the ledger must agree with beyond its own checkpoints (docs/audit.md)"
+    )
+    group.add_argument(
+        "--witness-key",
+        action="append",
+        default=[],
+        metavar="VKEY",
+        help="a witness's verifier key (the line `gputally witness init` printed, or a file "
+        "holding it); repeat for each witness. Every cosignature by these keys must verify, "
+        "and one of more entries than the ledger holds is a rollback",
+    )
+    group.add_argument(
+        "--min-witnesses",
+        type=count,
+        default=0,
+        metavar="N",
+        help="how many of the --witness-key witnesses must have cosigned (the --against "
+        "checkpoint, if given, else some checkpoint of the ledger) (default: 1 with "
+        "--witness-key)",
+    )
+    group.add_argument(
+        "--against",
+        default="",
+        metavar="CHECKPOINT",
+        help="a checkpoint of this log kept outside the ledger: a file (a witness's latest, "
+        "from `gputally witness show --origin`, or one a tenant or the auditor kept), or a "
+        "witness's URL (its latest is fetched from /checkpoint?origin=...). A ledger shorter "
+        "than it (rolled back) or with other first entries (forked) fails",
+    )
+    group.add_argument(
+        "--late-after",
+        type=positive,
+        default=6 * 3600.0,
+        metavar="SECONDS",
+        help="a summary first recorded (witnessed, else checkpointed) this long after its "
+        "window ended is counted as late: history written after the fact (default: %(default)s)",
+    )
 
 
 def _register_audit(sub: Any) -> argparse.ArgumentParser:
@@ -125,7 +180,7 @@ def _register_audit(sub: Any) -> argparse.ArgumentParser:
         "it (--since, e.g. the size of a checkpoint you kept). Each proof is checked before it is "
         "printed; check it again with any RFC 9162 implementation.",
     )
-    _add_ledger_options(prove, receipt=False)
+    _add_ledger_options(prove, receipt=False, anchors=False)
     prove.add_argument("--entry", type=count, metavar="ID", help="the entry (its id) to prove")
     prove.add_argument(
         "--since", type=count, metavar="SIZE", help="the earlier size to prove consistency from"
@@ -142,6 +197,85 @@ def _load_receipt(args: argparse.Namespace) -> Receipt | None:
     from .verify import Receipt
 
     return Receipt.load(Path(args.receipt)) if args.receipt else None
+
+
+def _anchors(args: argparse.Namespace) -> Anchors:
+    """The Anchors of --witness-key, --min-witnesses, --against and --late-after;
+    AnchorError (one line) when one cannot be used."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from ..record.ledger import read_collector_key
+    from ..record.witnessing import parse_witness_key
+    from .verify import AnchorError, Anchors
+
+    keys: list[tuple[str, bytes]] = []
+    for text in args.witness_key:
+        try:
+            keys.append(parse_witness_key(text))
+        except (OSError, ValueError) as error:
+            raise AnchorError(f"--witness-key {text[:80]}: {error}") from None
+    if args.min_witnesses > len(keys):
+        raise AnchorError(
+            f"--min-witnesses {args.min_witnesses}: only {len(keys)} --witness-key given"
+        )
+    against = ""
+    if args.against.startswith(("http://", "https://")):
+        url = args.against.rstrip("/")
+        if "/checkpoint" not in urllib.parse.urlsplit(url).path:
+            origin, _ = read_collector_key(Path(args.keys))
+            url += "/checkpoint?" + urllib.parse.urlencode({"origin": origin})
+        try:
+            with urllib.request.urlopen(url, timeout=30) as answer:
+                against = answer.read(1 << 20).decode()
+        except (urllib.error.URLError, OSError, UnicodeDecodeError) as error:
+            raise AnchorError(f"--against {url}: {getattr(error, 'reason', error)}") from None
+    elif args.against:
+        try:
+            against = Path(args.against).read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise AnchorError(f"--against {args.against}: {error}") from None
+    return Anchors(tuple(keys), args.min_witnesses, against, args.late_after)
+
+
+def _say_anchors(verification: Verification, args: argparse.Namespace) -> None:
+    """What the witnesses vouch for, and how late the summaries were recorded (stderr)."""
+    for cosigned in verification.cosignatures:
+        print(
+            f"  witness {cosigned['witness']}: cosigned {cosigned['size']:,} entries at "
+            f"{_utc(float(str(cosigned['time'])))}",
+            file=sys.stderr,
+        )
+    if args.witness_key:
+        rest = verification.entries - verification.witnessed
+        print(
+            f"  witnessed: {verification.witnessed:,} entries; {rest:,} after them rest on the "
+            "collector's signature alone",
+            file=sys.stderr,
+        )
+    recording = verification.recording
+    if recording.get("summaries"):
+        late = int(str(recording["late"]))
+        print(
+            f"  recorded ({recording['source']}): median {_duration(recording['median_delay_s'])}"
+            f", 99% within {_duration(recording['p99_delay_s'])}, longest "
+            f"{_duration(recording['max_delay_s'])} after their windows; {late:,} late "
+            f"(after {_duration(recording['late_after_s'])})",
+            file=sys.stderr,
+        )
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _duration(value: object) -> str:
+    seconds = float(str(value))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if abs(seconds) >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def _say_receipt(
@@ -165,7 +299,7 @@ def _verified(
     from gputally.v1.signing import KeyFileError
 
     from ..record.store import RecordError
-    from .verify import ReceiptError, verify_ledger
+    from .verify import AnchorError, ReceiptError, verify_ledger
 
     try:
         receipt = _load_receipt(args)
@@ -175,10 +309,12 @@ def _verified(
             progress=lambda n: print(f"  {n:,} entries checked", file=sys.stderr, flush=True),
             rollup=rollup,
             receipt=receipt,
+            anchors=_anchors(args),
         )
-    except (RecordError, KeyFileError, ReceiptError) as error:
+    except (RecordError, KeyFileError, ReceiptError, AnchorError) as error:
         return fail(command, str(error))
     _say_receipt(verification, receipt, args)
+    _say_anchors(verification, args)
     if not verification.trustworthy:
         print(f"gputally {command}: the ledger does not verify ({_failed_at(verification)})")
         return FAILED
@@ -203,15 +339,19 @@ def run_audit_verify(args: argparse.Namespace) -> int:
     from gputally.v1.signing import KeyFileError
 
     from ..record.store import RecordError
-    from .verify import Receipt, verify_ledger
+    from .verify import AnchorError, Receipt, verify_ledger
 
     def progress(entries: int) -> None:
         print(f"  ... {entries:,} entries checked", file=sys.stderr, flush=True)
 
     try:
-        result = verify_ledger(Path(args.ledger), Path(args.keys), progress=progress)
-    except (RecordError, KeyFileError) as error:
+        result = verify_ledger(
+            Path(args.ledger), Path(args.keys), progress=progress, anchors=_anchors(args)
+        )
+    except (RecordError, KeyFileError, AnchorError) as error:
         return fail("audit verify", str(error))
+    if not args.json:
+        _say_anchors(result, args)
     receipt_path = ""
     if result.ok and args.receipt:
         receipt = Receipt.of(result, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
@@ -233,6 +373,10 @@ def run_audit_verify(args: argparse.Namespace) -> int:
                     "root": result.root.hex(),
                     "findings": result.findings(args.examples),
                     "receipt": receipt_path or None,
+                    "checkpoint": result.checkpoint_note,
+                    "cosignatures": result.cosignatures,
+                    "witnessed": result.witnessed,
+                    "recording": result.recording,
                 },
                 indent=2,
             )

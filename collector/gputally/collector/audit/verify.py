@@ -36,13 +36,16 @@ checked in full.
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import json
 import os
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -58,11 +61,14 @@ from ..record.ledger import (
     COLLECTOR_KEY_FILE,
     LEGACY_KEY_FILE,
     CheckpointError,
+    checkpoint_text,
+    key_id,
     open_note,
     read_collector_key,
 )
 from ..record.merkle import Frontier, leaf_hash
 from ..record.store import Record
+from ..record.witnessing import COSIGNATURE, open_cosignature, split_note, witness_key_text
 from .figures import GpuWindows as _Windows
 from .figures import Rollup, Screen, countable, gpu_numbers, windows_of
 
@@ -74,9 +80,28 @@ OVERLAP = "overlap"  # a GPU's window overlapping an earlier one of the same nod
 DUPLICATE_IDENTITY = "duplicate identity"  # one card (UUID) in two nodes' windows at once
 IMPLAUSIBLE = "implausible value"  # a summary no GPU could produce
 CHECKPOINT = "checkpoint"  # a checkpoint that does not verify or contradicts the entries
-KINDS = (SIGNATURE, CHAIN_GAP, REWRITE, OVERLAP, DUPLICATE_IDENTITY, IMPLAUSIBLE, CHECKPOINT)
+# The ledger is shorter than a checkpoint signed before (one kept by the auditor, a witness's,
+# a receipt's, or a cosignature the ledger itself keeps): entries were removed after it.
+ROLLBACK = "rollback"
+FORK = "fork"  # the ledger's first entries are not those such a checkpoint signed
+WITNESS = "witness"  # a cosignature that does not verify, or fewer witnesses than required
+KINDS = (
+    SIGNATURE,
+    CHAIN_GAP,
+    REWRITE,
+    OVERLAP,
+    DUPLICATE_IDENTITY,
+    IMPLAUSIBLE,
+    CHECKPOINT,
+    ROLLBACK,
+    FORK,
+    WITNESS,
+)
 # Findings after which the ledger's figures cannot be trusted at all.
-INTEGRITY = frozenset({SIGNATURE, CHAIN_GAP, REWRITE, CHECKPOINT})
+INTEGRITY = frozenset({SIGNATURE, CHAIN_GAP, REWRITE, CHECKPOINT, ROLLBACK, FORK, WITNESS})
+# A summary first recorded (witnessed, else checkpointed) this long after its window ended
+# is "late": history written after the fact looks like this (audit verify --late-after).
+LATE_AFTER = 6 * 3600.0
 
 
 @dataclass(slots=True)
@@ -106,6 +131,13 @@ class Verification:
     recording: dict[str, object] = field(default_factory=dict)
     # node -> fingerprints (signing.key_fingerprint) of the keys that signed its summaries
     signers: dict[str, list[str]] = field(default_factory=dict)
+    # entries covered by a checkpoint that at least min_witnesses of the given witnesses
+    # cosigned (0 without witness keys); the entries after it rest on the collector alone
+    witnessed: int = 0
+    # node -> raw public keys that signed its summaries, and node -> GPU UUIDs seen under it
+    # (for the enrolment check)
+    keys_used: dict[str, set[bytes]] = field(default_factory=dict)
+    gpus_seen: dict[str, set[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -351,6 +383,22 @@ def _opened_in_order(
         yield done, future.result()
 
 
+@dataclass(frozen=True, slots=True)
+class Anchors:
+    """What the ledger is checked against beyond its own checkpoints: the witnesses' keys
+    (name, key), how many of them must have cosigned, and a checkpoint kept outside the
+    ledger (`--against`: a witness's latest, or one the auditor or a tenant kept), as text."""
+
+    witness_keys: tuple[tuple[str, bytes], ...] = ()
+    min_witnesses: int = 0
+    against: str = ""
+    late_after: float = LATE_AFTER
+
+
+class AnchorError(ValueError):
+    """An --against checkpoint or a witness key that cannot be used; the message says why."""
+
+
 def verify_ledger(
     ledger: Path,
     keys_dir: Path,
@@ -359,22 +407,56 @@ def verify_ledger(
     workers: int | None = None,
     rollup: Rollup | None = None,
     receipt: Receipt | None = None,
+    anchors: Anchors = Anchors(),
 ) -> Verification:
     """Verify the ledger; with `rollup`, also add up every verified entry's figures into it,
     in the same pass (a report needs both, and reading the ledger once is what keeps it fast).
     With `receipt`, the signatures it vouches for are not checked again, if it holds for this
     ledger and these keys; when the ledger turns out not to be the one it was made from, the
-    whole verification is run again without it."""
-    result = _verify(ledger, keys_dir, progress, workers, rollup, receipt)
+    whole verification is run again without trusting it, and the mismatch is a finding (a
+    receipt is also an anchor: a ledger shorter than it, or with other first entries, fails).
+    `anchors` adds witnesses and an outside checkpoint (see Anchors)."""
+    result = _verify(ledger, keys_dir, progress, workers, rollup, receipt, anchors, trust=True)
     if result.trusted and result.root == b"":  # the receipt's root did not come out
         if rollup is not None:
             rollup.clear()
-        result = _verify(ledger, keys_dir, progress, workers, rollup, None)
+        result = _verify(ledger, keys_dir, progress, workers, rollup, receipt, anchors, trust=False)
         result.receipt_note = (
             "the ledger's first entries are not those the receipt was made from: "
             "every signature was checked"
         )
     return result
+
+
+class _Claims:
+    """When each entry was first recorded, by someone's word: for entry i (0-based), the
+    earliest time of a checkpoint (size, time) with size > i."""
+
+    def __init__(self, claims: list[tuple[int, float]]):
+        claims = sorted(claims)
+        self.sizes = [size for size, _ in claims]
+        self.times = [t for _, t in claims]
+        for i in range(len(self.times) - 2, -1, -1):  # suffix minimum
+            self.times[i] = min(self.times[i], self.times[i + 1])
+
+    def at(self, index: int) -> float | None:
+        i = bisect.bisect_right(self.sizes, index)
+        return self.times[i] if i < len(self.times) else None
+
+
+def _cosignature_time(line: str, name: str, key: bytes) -> int | None:
+    """The timestamp a cosignature line claims, if it names this witness key (checked after
+    the pass, against the recomputed roots; a line that does not verify fails the ledger)."""
+    prefix = f"\u2014 {name} "
+    if not line.startswith(prefix):
+        return None
+    try:
+        blob = base64.b64decode(line[len(prefix) :].strip(), validate=True)
+    except ValueError:
+        return None
+    if len(blob) != 76 or blob[:4] != key_id(name, key, COSIGNATURE):
+        return None
+    return int.from_bytes(blob[4:12], "big")
 
 
 def _verify(
@@ -384,6 +466,9 @@ def _verify(
     workers: int | None,
     rollup: Rollup | None,
     receipt: Receipt | None,
+    anchors: Anchors,
+    *,
+    trust: bool,
 ) -> Verification:
     result = Verification()
     keys = KeyStore(keys_dir)
@@ -401,22 +486,45 @@ def _verify(
     wanted = {size for _, size, _, _ in checkpoints}
     enrolled = {path.stem: keys.keys(path.stem) for path in keys_dir.glob("*.pub")}
     count = record.count()
+    # Cosignatures: those the ledger keeps, and those on the --against checkpoint.
+    against = _against(anchors.against, name, collector_key) if anchors.against else None
+    cosignatures = record.cosignatures()
+    if against is not None:
+        cosignatures += [(against[1], "", line) for line in against[3]]
+    wanted.update(size for size, _, _ in cosignatures)
+    if against is not None:
+        wanted.add(against[1])
     if receipt is not None:
+        wanted.add(receipt.size)
         result.receipt_note = _receipt_unusable(receipt, result, count)
-        if not result.receipt_note:
+        if not result.receipt_note and trust:
             result.trusted = receipt.size
-            wanted.add(receipt.size)
+    # When each entry was recorded: by the witnesses' word (their cosignatures' times), else
+    # by the collector's (its checkpoints' times, a claim of its own clock).
+    witnessed_times = _Claims(
+        [
+            (size, float(t))
+            for size, _, line in cosignatures
+            for witness, key in anchors.witness_keys
+            if (t := _cosignature_time(line, witness, key)) is not None
+        ]
+    )
+    created = record.checkpoint_times()
+    claimed_times = _Claims(list(created.items()))
+    period = (rollup.start, rollup.end, rollup.expected) if rollup is not None else None
+    delays = array("d")
+    sources = {"witnessed": 0, "collector": 0, "none": 0}
     workers = workers if workers is not None else (os.cpu_count() or 1)
     pool = ProcessPoolExecutor(workers) if workers > 1 and count > _CHUNK else None
     try:
         # Signatures are checked out of order, in parallel; chains and the tree, in order, here.
-        period = (rollup.start, rollup.end, rollup.expected) if rollup is not None else None
         for batch, (results, partial) in _opened_in_order(
             record, enrolled, pool, workers, period, result.trusted
         ):
             if rollup is not None and partial is not None:
                 rollup.merge(partial)
             for (entry, node, _, _), checked in zip(batch, results, strict=True):
+                index = result.entries
                 result.entries += 1
                 if progress is not None and result.entries % 100_000 == 0:
                     progress(result.entries)
@@ -427,6 +535,19 @@ def _verify(
                 problem = _chain(entry, node, checked, chains)
                 if checked.problem is None:
                     signed_with.setdefault(node, set()).add(checked.signer)
+                    seen = result.gpus_seen.setdefault(node, set())
+                    seen.update(uuid for *_, uuid in checked.uuids)
+                    start_ns, end_ns = checked.window
+                    if period is None or (end_ns > period[0] * 1e9 and start_ns < period[1] * 1e9):
+                        when = witnessed_times.at(index)
+                        source = "witnessed"
+                        if when is None:
+                            when, source = claimed_times.at(index), "collector"
+                        if when is None:
+                            sources["none"] += 1
+                        else:
+                            sources[source] += 1
+                            delays.append(when - end_ns / 1e9)
                 if problem is not None:
                     result.problems.append(problem)
                 if checked.problem is None:
@@ -453,12 +574,243 @@ def _verify(
             node: [key_fingerprint(enrolled[node][i]) for i in sorted(used)]
             for node, used in sorted(signed_with.items())
         }
+        result.keys_used = {
+            node: {enrolled[node][i] for i in used} for node, used in signed_with.items()
+        }
+        if receipt is not None:
+            result.problems += _check_receipt(receipt, roots, result)
+        if against is not None:
+            result.problems += _check_against(against, roots, result.entries)
+        result.problems += _check_witnesses(
+            cosignatures,
+            roots,
+            {size: note for _, size, _, note in checkpoints},
+            against,
+            anchors,
+            result,
+        )
+        result.recording = _recording(delays, sources, anchors.late_after)
     finally:
         record.close()
         if pool is not None:
             pool.shutdown()
     result.problems.sort(key=lambda p: (p.entry is None, p.entry or 0))
     return result
+
+
+Against = tuple[str, int, bytes, list[str]]  # origin, size, root, its other signature lines
+
+
+def _against(note: str, name: str, collector_key: bytes) -> Against:
+    """The --against checkpoint, which must be this log's, signed by its collector key."""
+    try:
+        origin, size, root = open_note(note, name, collector_key)
+        _, lines = split_note(note)
+    except CheckpointError as error:
+        raise AnchorError(
+            f"--against: not a checkpoint of {name} signed by the collector's key ({error})"
+        ) from None
+    if origin != name:
+        raise AnchorError(f"--against: a checkpoint of {origin}, not of {name}")
+    prefix = f"\u2014 {name} "
+    return origin, size, root, [line + "\n" for line in lines if not line.startswith(prefix)]
+
+
+def _check_receipt(
+    receipt: Receipt, roots: dict[int, bytes], result: Verification
+) -> list[Problem]:
+    if receipt.origin != result.origin:
+        return []  # another log's receipt: said in receipt_note, nothing to compare
+    made = f"the receipt (verified {receipt.verified_at or 'at an unknown time'})"
+    if receipt.size > result.entries:
+        return [
+            Problem(
+                None,
+                f"{made} covers {receipt.size:,} entries, the ledger holds {result.entries:,}: "
+                "entries were removed after it was made (a rollback)",
+                ROLLBACK,
+            )
+        ]
+    if roots.get(receipt.size) != receipt.root:
+        return [
+            Problem(
+                None,
+                f"the ledger's first {receipt.size:,} entries are not those {made} was made "
+                "from: they were changed or replaced (a fork)",
+                FORK,
+            )
+        ]
+    return []
+
+
+def _check_against(against: Against, roots: dict[int, bytes], entries: int) -> list[Problem]:
+    _, size, root, _ = against
+    if size > entries:
+        return [
+            Problem(
+                None,
+                f"the checkpoint given (--against) signs {size:,} entries, the ledger holds "
+                f"{entries:,}: entries were removed after it was signed (a rollback)",
+                ROLLBACK,
+            )
+        ]
+    if roots.get(size) != root:
+        return [
+            Problem(
+                None,
+                f"the ledger's first {size:,} entries do not give the root of the checkpoint "
+                "given (--against): the log was changed or is another history (a fork)",
+                FORK,
+            )
+        ]
+    return []
+
+
+def _check_witnesses(
+    cosignatures: list[tuple[int, str, str]],
+    roots: dict[int, bytes],
+    notes: dict[int, str],
+    against: Against | None,
+    anchors: Anchors,
+    result: Verification,
+) -> list[Problem]:
+    """Every cosignature by a given witness key verifies over this log's checkpoint of its
+    size (as the entries give it, else as the ledger or --against keeps it); one of more
+    entries than the ledger holds is a rollback; and enough witnesses cosigned.
+
+    `cosignatures` are (size, source, line): source "" for a line of the --against
+    checkpoint, else the witness name the ledger filed it under (not trusted)."""
+    problems: list[Problem] = []
+    best: dict[str, tuple[int, int]] = {}  # witness -> (largest size cosigned, its time)
+    against_ok: set[str] = set()
+    for size, source, line in cosignatures:
+        for witness, key in anchors.witness_keys:
+            claimed = _cosignature_time(line, witness, key)
+            if claimed is None:
+                continue
+            if source == "" and against is not None:
+                text: str | None = checkpoint_text(result.origin, against[1], against[2])
+            elif size <= result.entries:
+                text = checkpoint_text(result.origin, size, roots[size])
+            else:
+                text = split_note(notes[size])[0] if size in notes else None
+            if text is None:
+                problems.append(
+                    Problem(
+                        None,
+                        f"the ledger keeps a cosignature by witness {witness} of a checkpoint of "
+                        f"{size:,} entries (at {_utc(claimed)}) but holds {result.entries:,} "
+                        "entries and no checkpoint of that size: entries were removed after it "
+                        "was witnessed (a rollback)",
+                        ROLLBACK,
+                    )
+                )
+                continue
+            try:
+                timestamp = open_cosignature(line, text, witness, key)
+            except CheckpointError:
+                problems.append(
+                    Problem(
+                        None,
+                        f"witness {witness}'s cosignature on the checkpoint given (--against) "
+                        "does not verify",
+                        WITNESS,
+                    )
+                    if source == ""
+                    else Problem(
+                        None,
+                        f"witness {witness}'s cosignature of size {size:,} is not over the tree "
+                        "the ledger's entries give: they were changed after it was witnessed, "
+                        "or the line is not the witness's (a fork)",
+                        FORK,
+                    )
+                )
+                continue
+            if timestamp is None:
+                continue
+            if size > result.entries and source != "":
+                problems.append(
+                    Problem(
+                        None,
+                        f"witness {witness} cosigned a checkpoint of {size:,} entries (at "
+                        f"{_utc(timestamp)}), the ledger holds {result.entries:,}: entries were "
+                        "removed after it was witnessed (a rollback)",
+                        ROLLBACK,
+                    )
+                )
+            if source == "":
+                against_ok.add(witness)
+            held = best.get(witness)
+            if held is None or size > held[0]:
+                best[witness] = (size, timestamp)
+    keys = dict(anchors.witness_keys)
+    result.cosignatures = [
+        {
+            "witness": witness,
+            "key": witness_key_text(witness, keys[witness]),
+            "size": size,
+            "time": timestamp,
+        }
+        for witness, (size, timestamp) in sorted(best.items())
+    ]
+    need = anchors.min_witnesses or (1 if anchors.witness_keys else 0)
+    sizes = sorted((size for size, _ in best.values()), reverse=True)
+    result.witnessed = min(result.entries, sizes[need - 1]) if need and len(sizes) >= need else 0
+    if need and anchors.against and len(against_ok) < need:
+        problems.append(
+            Problem(
+                None,
+                f"the checkpoint given (--against) is cosigned by {len(against_ok)} of the given "
+                f"witnesses; {need} are required (--min-witnesses)",
+                WITNESS,
+            )
+        )
+    elif need and len(sizes) < need:
+        problems.append(
+            Problem(
+                None,
+                f"{len(sizes)} of the given witnesses cosigned a checkpoint of this ledger; "
+                f"{need} are required (--min-witnesses)",
+                WITNESS,
+            )
+        )
+    return problems
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _recording(
+    delays: array[float], sources: dict[str, int], late_after: float
+) -> dict[str, object]:
+    """How long after their windows ended the summaries were recorded (see _verify)."""
+    ordered = sorted(delays)
+    n = len(ordered)
+
+    def quantile(q: float) -> float:
+        return ordered[min(n - 1, int(q * n))] if n else 0.0
+
+    if not n:
+        source = "none"
+    elif sources["collector"] == 0:
+        source = "witnessed"
+    elif sources["witnessed"] == 0:
+        source = "collector"
+    else:
+        source = "mixed"
+    return {
+        "source": source,
+        "summaries": n,
+        "witnessed": sources["witnessed"],
+        "claimed": sources["collector"],
+        "unrecorded": sources["none"],
+        "late_after_s": late_after,
+        "late": sum(1 for d in ordered if d > late_after),
+        "median_delay_s": quantile(0.5),
+        "p99_delay_s": quantile(0.99),
+        "max_delay_s": ordered[-1] if n else 0.0,
+    }
 
 
 def _overlap(entry: int, node: str, uuid: str, holder: str, end: int) -> Problem:
