@@ -10,15 +10,21 @@
 # one (on its line above), so that what the old key signed can still be verified. A key that
 # was retired by a rotation is never made current again. Nodes whose agents are gone keep
 # their keys: their past is still evidence.
-#   sh deploy/kubernetes/enroll.sh [--namespace NS] [--rotate NODE]...
+#
+# With --collect DIR it also writes, for the auditor's enrolment records (docs/enrolment.md),
+# each node's inventory (DIR/<node>.json, `gputally agent --once --json`) and the key its
+# agent presents (DIR/<node>.pub): what `gputally enrolment sign` reads.
+#   sh deploy/kubernetes/enroll.sh [--namespace NS] [--rotate NODE]... [--collect DIR]
 set -eu
 namespace=gputally
 rotate=" "
+collect=
 while [ $# -gt 0 ]; do
     case $1 in
     --namespace) namespace=$2; shift 2 ;;
     --rotate) rotate="$rotate$2 "; shift 2 ;;
-    -h | --help) sed -n '2,13p' "$0" | cut -c3-; exit 0 ;;
+    --collect) collect=$2; mkdir -p "$collect"; shift 2 ;;
+    -h | --help) sed -n '2,17p' "$0" | cut -c3-; exit 0 ;;
     *) echo "enroll.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -43,6 +49,11 @@ refused=0
 while read -r pod node; do
     key=$(kubectl -n "$namespace" exec "$pod" -- gputally agent --config /etc/gputally/agent.toml \
         --node "$node" --print-public-key </dev/null)
+    if [ -n "$collect" ]; then
+        echo "$key" > "$collect/$node.pub"
+        kubectl -n "$namespace" exec "$pod" -- gputally agent --config /etc/gputally/agent.toml \
+            --node "$node" --once --json </dev/null > "$collect/$node.json"
+    fi
     file="$dir/keys/$node.pub"
     current=$(grep . "$file" 2>/dev/null | tail -n 1 || true)
     if [ -z "$current" ]; then
