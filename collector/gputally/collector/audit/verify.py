@@ -69,6 +69,7 @@ from ..record.ledger import (
 from ..record.merkle import Frontier, leaf_hash
 from ..record.store import Record
 from ..record.witnessing import COSIGNATURE, open_cosignature, split_note, witness_key_text
+from .enrolment import ENROLLED_LATE, GPU_NOT_ENROLLED, NOT_ENROLLED, RECORD_INVALID, Enrolment
 from .figures import GpuWindows as _Windows
 from .figures import Rollup, Screen, countable, gpu_numbers, windows_of
 
@@ -85,6 +86,10 @@ CHECKPOINT = "checkpoint"  # a checkpoint that does not verify or contradicts th
 ROLLBACK = "rollback"
 FORK = "fork"  # the ledger's first entries are not those such a checkpoint signed
 WITNESS = "witness"  # a cosignature that does not verify, or fewer witnesses than required
+# Against the auditor's enrolment records (audit/enrolment.py, docs/enrolment.md): a key that
+# signed summaries with no record for its node, and a record that does not verify, mean the
+# ledger's authors are not those enrolled; a key or GPU enrolled after the period began, or a
+# GPU no record lists, is reported beside the figures.
 KINDS = (
     SIGNATURE,
     CHAIN_GAP,
@@ -96,9 +101,25 @@ KINDS = (
     ROLLBACK,
     FORK,
     WITNESS,
+    NOT_ENROLLED,
+    RECORD_INVALID,
+    ENROLLED_LATE,
+    GPU_NOT_ENROLLED,
 )
 # Findings after which the ledger's figures cannot be trusted at all.
-INTEGRITY = frozenset({SIGNATURE, CHAIN_GAP, REWRITE, CHECKPOINT, ROLLBACK, FORK, WITNESS})
+INTEGRITY = frozenset(
+    {
+        SIGNATURE,
+        CHAIN_GAP,
+        REWRITE,
+        CHECKPOINT,
+        ROLLBACK,
+        FORK,
+        WITNESS,
+        NOT_ENROLLED,
+        RECORD_INVALID,
+    }
+)
 # A summary first recorded (witnessed, else checkpointed) this long after its window ended
 # is "late": history written after the fact looks like this (audit verify --late-after).
 LATE_AFTER = 6 * 3600.0
@@ -393,6 +414,10 @@ class Anchors:
     min_witnesses: int = 0
     against: str = ""
     late_after: float = LATE_AFTER
+    # the auditor's enrolment records, and when the period began for "enrolled late" (default:
+    # the report's --from; none for `audit verify` without --enrolled-by)
+    enrolment: Enrolment | None = None
+    enrolled_by: float | None = None
 
 
 class AnchorError(ValueError):
@@ -590,6 +615,14 @@ def _verify(
             result,
         )
         result.recording = _recording(delays, sources, anchors.late_after)
+        if anchors.enrolment is not None:
+            began = anchors.enrolled_by
+            if began is None and rollup is not None:
+                began = rollup.start
+            result.problems += [
+                Problem(None, finding.message, finding.kind)
+                for finding in anchors.enrolment.check(result.keys_used, result.gpus_seen, began)
+            ]
     finally:
         record.close()
         if pool is not None:
