@@ -7,6 +7,7 @@ Real HTTP on 127.0.0.1, real ledgers, the real `gputally` commands."""
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -374,7 +375,9 @@ def test_a_rolled_back_ledger_fails_against_the_witness_and_a_kept_checkpoint(
         connection.execute("DELETE FROM checkpoints WHERE size > 8")
     found = verify_ledger(leftover, keys, anchors=Anchors(anchors.witness_keys))
     assert [p.kind for p in found.problems] == [ROLLBACK]
-    assert f"cosignature by witness {WITNESS_NAME} of a checkpoint of 12" in found.problems[0].message
+    assert (
+        f"cosignature by witness {WITNESS_NAME} of a checkpoint of 12" in found.problems[0].message
+    )
     # too few witnesses on the checkpoint given
     lone = Anchors(anchors.witness_keys, 1, log.ledger.last_note)  # the collector's, uncosigned
     assert [p.kind for p in verify_ledger(log.path, keys, anchors=lone).problems] == [WITNESS]
@@ -576,3 +579,21 @@ def test_witness_init_serve_show_and_a_collector_cosigned_end_to_end(tmp_path: P
         "audit", "verify", f"--ledger={rolled}", f"--keys={keys}", "--against=/nonexistent"
     )
     assert bad.returncode == USAGE and "Traceback" not in bad.stderr
+
+
+def test_a_command_of_two_words_reads_its_own_table_and_variables(tmp_path: Path) -> None:
+    config = tmp_path / "witness.toml"
+    config.write_text('[witness.serve]\nlisten = "127.0.0.1:19999"\nlogs = "logs.txt"\n')
+    shown = gputally("witness", "serve", f"--config={config}", "--print-config")
+    assert shown.returncode == 0, shown.stderr
+    assert 'listen = "127.0.0.1:19999"' in shown.stdout and 'logs = "logs.txt"' in shown.stdout
+    env = subprocess.run(
+        [*gputally_command(), "witness", "serve", f"--config={config}", "--print-config"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "GPUTALLY_WITNESS_SERVE_LISTEN": "127.0.0.1:1"},
+    )  # fmt: skip
+    assert 'listen = "127.0.0.1:1"' in env.stdout
+    # the logging options work after either word
+    for args in (("witness", "--log-level=info", "show"), ("witness", "show", "--log-level=info")):
+        ran = gputally(*args, f"--state={tmp_path / 'none.db'}")
+        assert ran.returncode == USAGE and "witness init" in ran.stderr

@@ -126,9 +126,13 @@ def _convert(action: argparse.Action, raw: Any, source: str) -> Any:
 
 
 def config_defaults(
-    parser: argparse.ArgumentParser, command: str, config: str | None
+    parser: argparse.ArgumentParser, command: str | Sequence[str], config: str | None
 ) -> dict[str, Any]:
-    """Defaults for one subcommand from its TOML file and the environment."""
+    """Defaults for one subcommand from its TOML file and the environment. A command of
+    several words (`witness serve`) reads the table [witness.serve] (or [witness], or the top
+    level) and the variables GPUTALLY_WITNESS_SERVE_<OPTION>."""
+    words = [command] if isinstance(command, str) else list(command)
+    command = " ".join(words)
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in _COMMON}
     values: dict[str, Any] = {}
     if config:
@@ -141,7 +145,11 @@ def config_defaults(
             raise ConfigError(f"--config {path}: {error.strerror or error}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"--config {path}: not valid TOML: {error}") from None
-        table = data.get(command, data) if isinstance(data.get(command), dict) else data
+        table = data
+        for part in words:
+            if not isinstance(table.get(part), dict):
+                break
+            table = table[part]
         for key, raw in table.items():
             if isinstance(raw, dict):
                 continue  # another command's table
@@ -151,7 +159,7 @@ def config_defaults(
                     f"{path}: unknown key {key!r} for `gputally {command}`; see `gputally {command} --help`"
                 )
             values[dest] = _convert(actions[dest], raw, f"{path}: {key}")
-    prefix = f"GPUTALLY_{command.upper()}_"
+    prefix = "GPUTALLY_" + "_".join(words).upper().replace("-", "_") + "_"
     for dest, action in actions.items():
         name = prefix + dest.upper()
         if name in os.environ:
@@ -159,27 +167,45 @@ def config_defaults(
     return values
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_common(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
+    """The configuration and logging options. A command of several words (`witness serve`)
+    takes them after every word: the inner ones leave unset what the outer one set
+    (argparse.SUPPRESS), so `witness --log-level info serve` and `witness serve --log-level
+    info` mean the same."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if nested else value
+
     group = parser.add_argument_group("configuration and logging")
     group.add_argument(
         "--config",
         metavar="FILE",
-        help="TOML file of option values (keys as the long option names)",
+        default=default(None),
+        help="TOML file of option values (keys as the long option names; a command of several "
+        "words also reads its [<word>.<word>] table)",
     )
     group.add_argument(
         "--print-config",
         action="store_true",
+        default=default(False),
         help="print the effective configuration as TOML and exit",
     )
     group.add_argument(
         "--log-level",
-        default="warning",
+        default=default("warning"),
         choices=["debug", "info", "warning", "error"],
-        help="default: %(default)s",
+        help="default: warning",
     )
     group.add_argument(
-        "--log-format", default="logfmt", choices=["logfmt", "json"], help="default: %(default)s"
+        "--log-format",
+        default=default("logfmt"),
+        choices=["logfmt", "json"],
+        help="default: logfmt",
     )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for inner in dict.fromkeys(action.choices.values()):
+                _add_common(inner, nested=True)
 
 
 def _print_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -221,13 +247,26 @@ def build_parser(
     return parser, commands
 
 
+def _innermost(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, path: list[str]
+) -> tuple[argparse.ArgumentParser, list[str]]:
+    """The parser of the command being run, for a command of several words (`audit verify`,
+    `witness serve`), and those words."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = getattr(args, action.dest, None)
+            if chosen in action.choices:
+                return _innermost(action.choices[chosen], args, [*path, chosen])
+    return parser, path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, commands = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
-    command_parser = commands[args.command]
+    command_parser, path = _innermost(commands[args.command], args, [args.command])
     try:
-        command_parser.set_defaults(**config_defaults(command_parser, args.command, args.config))
+        command_parser.set_defaults(**config_defaults(command_parser, path, args.config))
     except ConfigError as error:
         parser.exit(USAGE, f"gputally {args.command}: configuration error: {error}\n")
     args = parser.parse_args(argv)

@@ -313,7 +313,7 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
     _key_options(serve)
     serve.add_argument(
         "--logs",
-        required=True,
+        default="",
         metavar="FILE",
         help="the logs this witness cosigns: their verifier keys, one per line (each "
         "collector's collector.vkey); # comments",
@@ -436,6 +436,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from gputally.cli.web import WebConfigError, serve_http
     from gputally.v1.signing import KeyFileError
 
+    if not args.logs:
+        return fail("witness serve", "--logs FILE: the verifier keys of the logs to cosign")
     try:
         state, key, name = _open(args)
         logs = read_logs(Path(args.logs))
