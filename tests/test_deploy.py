@@ -56,7 +56,7 @@ def test_promtool_checks_the_rules() -> None:
     checked = run(promtool, "check", "rules", RULES / "recording.yml", RULES / "alerts.yml")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "SUCCESS: 21 rules found" in checked.stdout  # recording
-    assert "SUCCESS: 19 rules found" in checked.stdout  # alerts
+    assert "SUCCESS: 21 rules found" in checked.stdout  # alerts
 
 
 @pytest.mark.parametrize("tests", ["recording_test.yml", "alerts_test.yml"])
@@ -242,14 +242,15 @@ def test_the_daemons_accept_the_configuration_the_manifests_give_them(
 # -- systemd ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("daemon", ["agent", "collector"])
+@pytest.mark.parametrize("daemon", ["agent", "collector", "witness"])
 def test_the_daemons_accept_the_configuration_files_of_the_units(daemon: str) -> None:
     unit = (DEPLOY / "systemd" / f"gputally-{daemon}.service").read_text()
     assert f"--config /etc/gputally/{daemon}.toml" in unit
     gputally = Path(sys.executable).parent / "gputally"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUTALLY_")}
     config = DEPLOY / "systemd" / f"{daemon}.toml"
-    checked = run(gputally, daemon, "--config", config, "--print-config", env=env)
+    words = ["witness", "serve"] if daemon == "witness" else [daemon]
+    checked = run(gputally, *words, "--config", config, "--print-config", env=env)
     assert checked.returncode == 0, checked.stderr
     assert 'log-format = "json"' in checked.stdout.splitlines()
 
@@ -258,7 +259,11 @@ def test_the_systemd_units_verify(tmp_path: Path) -> None:
     analyze = require_binary("systemd-analyze", package="systemd")
     gputally = Path(sys.executable).parent / "gputally"
     units = sorted((DEPLOY / "systemd").glob("*.service"))
-    assert [u.name for u in units] == ["gputally-agent.service", "gputally-collector.service"]
+    assert [u.name for u in units] == [
+        "gputally-agent.service",
+        "gputally-collector.service",
+        "gputally-witness.service",
+    ]
     for unit in units:
         # verify checks that ExecStart's binary exists: point it at this environment's
         text = unit.read_text().replace("/usr/local/bin/gputally", str(gputally))
