@@ -597,3 +597,54 @@ def test_a_command_of_two_words_reads_its_own_table_and_variables(tmp_path: Path
     for args in (("witness", "--log-level=info", "show"), ("witness", "show", "--log-level=info")):
         ran = gputally(*args, f"--state={tmp_path / 'none.db'}")
         assert ran.returncode == USAGE and "witness init" in ran.stderr
+
+
+def test_keys_enrolled_after_the_period_began_are_reported_and_unenrolled_ones_fail(
+    tmp_path: Path,
+) -> None:
+    log = Log(tmp_path)
+    log.grow(12, checkpoint_at=T0 + 3660)  # one hour of node n1 from T0 (2026-01-01T00:00:00Z)
+    log.record.sync()
+    keys, enrolment = tmp_path / "keys", tmp_path / "enrolment"
+    key = tmp_path / "enrolment.key"
+    made = gputally("enrolment", "init", f"--key={key}", "--name=auditor.example/enrolment")
+    assert made.returncode == 0, made.stderr
+    signed = gputally(
+        "enrolment", "sign", f"--key={key}", f"--dir={enrolment}", "--node=n1",
+        f"--public-key={keys / 'n1.pub'}", "--gpu=GPU-n1-0:1320000000001",
+        "--at=2026-01-01T00:30:00Z",
+    )  # fmt: skip
+    assert signed.returncode == 0, signed.stderr
+    anchors = [f"--enrolment={enrolment}", f"--enrolment-key={key}.vkey"]
+    report = gputally(
+        "audit", "report", f"--ledger={log.path}", f"--keys={keys}", *anchors,
+        "--from=2026-01-01T00:00:00Z", "--to=2026-01-01T01:00:00Z", "--expected-gpus=1",
+        f"--out={tmp_path / 'report'}",
+    )  # fmt: skip
+    # enrolled half an hour into the period: reported beside the figures, not a refusal
+    assert report.returncode == 0, report.stdout + report.stderr
+    # the key and the GPU, both enrolled half an hour in
+    assert (
+        "finding: 2 enrolled late (node n1: GPU GPU-n1-0 was first enrolled 2026-01-01T00:30:00Z"
+        in report.stderr
+    )
+    assert "after the period began 2026-01-01T00:00:00Z" in report.stderr
+    # enrolled before the period: nothing to say
+    verify = gputally(
+        "audit", "verify", f"--ledger={log.path}", f"--keys={keys}", *anchors,
+        "--enrolled-by=2026-01-01T01:00:00Z",
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout
+    # the same ledger under another node's record only: its key is not enrolled, and it fails
+    other = tmp_path / "other-enrolment"
+    gputally(
+        "enrolment", "sign", f"--key={key}", f"--dir={other}", "--node=n2",
+        f"--public-key={Path(keys / 'n1.pub').read_text().strip()}", "--gpu=GPU-n1-0",
+        "--at=2025-12-01",
+    )  # fmt: skip
+    refused = gputally(
+        "audit", "verify", f"--ledger={log.path}", f"--keys={keys}",
+        f"--enrolment={other}", f"--enrolment-key={key}.vkey",
+    )  # fmt: skip
+    assert refused.returncode == FAILED
+    assert "not enrolled: 1" in refused.stdout and "(it is enrolled for n2)" in refused.stdout

@@ -120,9 +120,12 @@ INTEGRITY = frozenset(
         RECORD_INVALID,
     }
 )
+# Findings whose summaries (or GPUs' windows) are left out of every figure.
+UNCOUNTED = frozenset({OVERLAP, DUPLICATE_IDENTITY, IMPLAUSIBLE})
 # A summary first recorded (witnessed, else checkpointed) this long after its window ended
 # is "late": history written after the fact looks like this (audit verify --late-after).
 LATE_AFTER = 6 * 3600.0
+EARLY_BEFORE = 300.0
 
 
 @dataclass(slots=True)
@@ -840,6 +843,9 @@ def _recording(
         "unrecorded": sources["none"],
         "late_after_s": late_after,
         "late": sum(1 for d in ordered if d > late_after),
+        # recorded before its window ended, by more than the collector's default --max-skew:
+        # a window stamped in the future, or a recording time set back
+        "early": sum(1 for d in ordered if d < -EARLY_BEFORE),
         "median_delay_s": quantile(0.5),
         "p99_delay_s": quantile(0.99),
         "max_delay_s": ordered[-1] if n else 0.0,
