@@ -184,6 +184,10 @@ def test_demo_runs_and_ends_with_the_cluster_figures() -> None:
         "verified: every signature, every chain, every summary's plausibility and every "
         "checkpoint holds" in out
     )
+    # against the demo's witness, which cosigned every entry
+    assert re.search(r"witness witness\.demo\.example/gputally: cosigned \d+ entries", out), out
+    assert "0 after them rest on the collector's signature alone" in out
+    assert "witnessed: 1 of the 1 witnesses given cosigned it" in out
 
 
 def test_query_answers_for_a_past_period_from_the_record(

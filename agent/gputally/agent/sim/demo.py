@@ -161,14 +161,21 @@ def run_demo(scenario: Scenario, args: argparse.Namespace) -> int:
         # The demo's agents are born with it: trust each node's first key (never in production).
         f"--keys={record.parent / 'keys'}",
         "--trust-on-first-use",
+        # A witness, as a funder would run one, cosigns each checkpoint (every 10 s here).
+        "--checkpoint-interval=10",
     ]
+    witness = _Witness(record.parent / "witness")
     try:
+        witness.init()
+        options.append(f"--witnesses={witness.configure()}")
         with _collector(grpc_port, metrics_port, options, stop_within=10):
+            witness.serve(record.parent / "keys")
             interactive = sys.stdout.isatty() and not args.plain
             code, stats = asyncio.run(
                 _watch(scenario, args, f"127.0.0.1:{grpc_port}", url, interactive)
             )
     except CollectorStartError as error:
+        witness.stop()
         print(f"gputally demo: the collector did not start: {error}", file=sys.stderr)
         return 1
     # The same run, from the collector's durable record: what an auditor would be shown.
@@ -195,10 +202,80 @@ def run_demo(scenario: Scenario, args: argparse.Namespace) -> int:
         f"--ledger={record}",
         f"--keys={record.parent / 'keys'}",
     ]
+    if witness.vkey:
+        # ... against the witness's latest checkpoint, which the centre cannot take back
+        audit += [f"--witness-key={witness.vkey}", f"--against={witness.url}"]
     checked = subprocess.run(audit, capture_output=True, text=True, timeout=120)
-    print(f"\n`gputally audit verify --ledger={record} --keys={record.parent / 'keys'}`:\n")
-    print(checked.stdout.rstrip() or checked.stderr.rstrip())
+    witness.stop()
+    shown = " ".join(["gputally", *audit[len(_gputally_command()) :]])
+    print(f"\n`{shown}`:\n")
+    print(checked.stderr.rstrip())
+    print(checked.stdout.rstrip())
     return code
+
+
+class _Witness:
+    """A `gputally witness` process, as an outside party would run one: its key, its state,
+    its verifier key for the collector's --witnesses file and the auditor's --witness-key."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.vkey = ""
+        self.process: subprocess.Popen[str] | None = None
+
+    def init(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        made = subprocess.run(
+            [
+                *_gputally_command(),
+                "witness",
+                "init",
+                "--name=witness.demo.example/gputally",
+                f"--key={self.directory / 'witness.key'}",
+                f"--state={self.directory / 'witness.db'}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.vkey = made.stdout.strip() if made.returncode == 0 else ""
+
+    def configure(self) -> Path:
+        path = self.directory / "witnesses"
+        path.write_text(f"{self.vkey} {self.url}\n" if self.vkey else "")
+        return path
+
+    def serve(self, keys: Path) -> None:
+        """Start cosigning the log whose verifier key the collector published in `keys`."""
+        vkey = keys / "collector.vkey"
+        if not self.vkey or not vkey.exists():
+            return
+        logs = self.directory / "logs"
+        logs.write_text(vkey.read_text())
+        self.process = subprocess.Popen(
+            [
+                *_gputally_command(),
+                "witness",
+                "serve",
+                f"--key={self.directory / 'witness.key'}",
+                f"--state={self.directory / 'witness.db'}",
+                f"--logs={logs}",
+                f"--listen=127.0.0.1:{self.port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
 
 
 class CollectorStartError(RuntimeError):
