@@ -392,3 +392,41 @@ def test_notes_with_blank_lines_split_at_the_last_one_in_go_and_here(
         assert opened["verified"] and opened["text"] == text, (text, opened)
         assert (opened["origin"], opened["size"], opened["root"]) == (ORIGIN, size, b64(root))
         assert open_note(note, ORIGIN, public_bytes(log.key)) == (ORIGIN, size, root)
+
+
+def test_a_tenants_proof_against_a_checkpoint_it_holds_verifies_in_go(
+    tlogcheck: Path, log: Log, tmp_path: Path
+) -> None:
+    """`audit prove --checkpoint FILE --node NODE`: every entry of one node is in the (older)
+    checkpoint a tenant kept, and the newest extends it; Go checks each proof."""
+    size, _, note = log.notes[1]  # an older checkpoint, not the newest
+    held = tmp_path / "held.checkpoint"
+    held.write_text(note)
+    done = subprocess.run(
+        [*gputally_command(), "audit", "prove", f"--ledger={log.db}", f"--keys={log.keys}",
+         f"--checkpoint={held}", f"--node={NODES[1]}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["size"] == size and answer["checkpoint"] == note
+    inclusions = answer["inclusions"]
+    # the node's entries among the first `size`, in log order, each with its index
+    expected = [i for i in range(size) if i % len(NODES) == 1]
+    assert [inc["index"] for inc in inclusions] == expected
+    requests = [
+        {"checkpoint": note, "size": size, "root": answer["root"], "inclusion": inc}
+        for inc in inclusions
+    ]
+    checked = check(tlogcheck, log, proofs=requests)
+    assert [c["inclusion"] for c in checked["proofs"]] == ["verified"] * len(expected)
+    assert all(c["checkpoint"]["verified"] and c["agrees"] for c in checked["proofs"])
+    # a checkpoint of more entries than the ledger holds is refused in one line
+    forged = held.read_text().replace(f"\n{size}\n", f"\n{size + 10**6}\n")
+    held.write_text(forged)
+    refused = subprocess.run(
+        [*gputally_command(), "audit", "prove", f"--ledger={log.db}", f"--keys={log.keys}",
+         f"--checkpoint={held}", f"--node={NODES[1]}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "does not verify" in refused.stderr

@@ -977,10 +977,18 @@ class ProofRequestError(ValueError):
 
 
 def prove(
-    ledger: Path, keys_dir: Path, *, entry: int | None = None, since: int | None = None
+    ledger: Path,
+    keys_dir: Path,
+    *,
+    entry: int | None = None,
+    since: int | None = None,
+    checkpoint: str = "",
+    node: str = "",
 ) -> dict[str, object]:
-    """RFC 9162 proofs against the ledger's newest signed checkpoint: that entry `entry` is in
-    the log (inclusion), and that the log of `since` entries is a prefix of it (consistency).
+    """RFC 9162 proofs against a signed checkpoint: the ledger's newest, or `checkpoint` (a
+    signed note of this log that someone holds: a tenant, a witness's latest), that entry
+    `entry` is in the log (inclusion), that every entry of `node` is (inclusions), and that the
+    log of `since` entries is a prefix of it (consistency).
 
     Leaf hashes are recomputed from the entries' bytes, the checkpoint's signature and root
     checked first, and each proof verified before it is given, so that whoever holds the
@@ -989,40 +997,59 @@ def prove(
     name, collector_key = read_collector_key(keys_dir)
     record = Record(ledger, readonly=True)
     try:
-        checkpoints = record.checkpoints()
-        if not checkpoints:
-            raise ProofRequestError("the ledger has no signed checkpoint to prove against")
-        note = checkpoints[-1][3]
+        if checkpoint:
+            note = checkpoint
+        else:
+            checkpoints = record.checkpoints()
+            if not checkpoints:
+                raise ProofRequestError("the ledger has no signed checkpoint to prove against")
+            note = checkpoints[-1][3]
         try:
             _, size, root = open_note(note, name, collector_key)
         except CheckpointError as error:
-            raise ProofRequestError(f"the newest checkpoint: {error}") from None
+            which = "--checkpoint" if checkpoint else "the newest checkpoint"
+            raise ProofRequestError(f"{which}: {error}") from None
         ids: list[int] = []
+        nodes: list[str] = []
         leaves: list[bytes] = []
-        for row_id, _, stored, _ in record.entries():
+        for row_id, row_node, stored, _ in record.entries():
             if len(leaves) == size:
                 break
             ids.append(row_id)
+            nodes.append(row_node)
             leaves.append(leaf_hash(stored))
     finally:
         record.close()
-    if len(leaves) < size or merkle.root(leaves) != root:
+    if len(leaves) < size:
+        raise ProofRequestError(
+            f"the checkpoint signs {size:,} entries, the ledger holds {len(leaves):,}: it was "
+            "rolled back (run `audit verify --against` with this checkpoint)"
+        )
+    if merkle.root(leaves) != root:
         raise ProofRequestError(
             f"the ledger's entries do not give the root signed at size {size}: run `audit verify`"
         )
     out: dict[str, object] = {"checkpoint": note, "size": size, "root": _b64(root)}
-    if entry is not None:
-        if entry not in ids:
-            raise ProofRequestError(f"entry {entry} is not among the {size:,} the checkpoint signs")
-        index = ids.index(entry)
+
+    def inclusion(index: int) -> dict[str, object]:
         path = merkle.inclusion_proof(leaves, index)
         merkle.verify_inclusion(leaves[index], index, size, path, root)
-        out["inclusion"] = {
-            "entry": entry,
+        return {
+            "entry": ids[index],
             "index": index,
             "leaf_hash": _b64(leaves[index]),
             "proof": [_b64(h) for h in path],
         }
+
+    if entry is not None:
+        if entry not in ids:
+            raise ProofRequestError(f"entry {entry} is not among the {size:,} the checkpoint signs")
+        out["inclusion"] = inclusion(ids.index(entry))
+    if node:
+        mine = [i for i, held in enumerate(nodes) if held == node]
+        if not mine:
+            raise ProofRequestError(f"node {node} has no entry among the {size:,} signed")
+        out["inclusions"] = [inclusion(i) for i in mine]
     if since is not None:
         if not 0 < since <= size:
             raise ProofRequestError(f"--since {since}: the checkpoint signs 1..{size:,} entries")
