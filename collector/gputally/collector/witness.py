@@ -18,6 +18,7 @@ collector's live path or the agent: the witness is a separate party's program.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import logging
 import signal
@@ -45,8 +46,11 @@ CREATE TABLE IF NOT EXISTS logs (
     cosignature TEXT NOT NULL,
     timestamp INTEGER NOT NULL
 );
--- Requests signed by a log but refused: a rollback, a fork, a proof that fails. Evidence of
--- the log's misbehaviour (tlog-witness allows keeping them).
+-- Forks: a checkpoint the log signed for a size this witness cosigned, with another root.
+-- Two signed roots for one size cannot both be honest, whoever sends them, so each (origin,
+-- size, root) is kept once, as evidence against the log. A smaller checkpoint (stale, or
+-- replayed: anyone can resend an old one) or a bad proof attached to a good checkpoint proves
+-- nothing against the log, and is answered (409, 422) but not kept.
 CREATE TABLE IF NOT EXISTS refused (
     id INTEGER PRIMARY KEY,
     origin TEXT NOT NULL,
@@ -55,6 +59,7 @@ CREATE TABLE IF NOT EXISTS refused (
     why TEXT NOT NULL,
     body BLOB NOT NULL
 );
+CREATE UNIQUE INDEX IF NOT EXISTS refused_once ON refused (origin, why);
 """
 DEFAULT_LISTEN = "127.0.0.1:9473"
 
@@ -118,7 +123,7 @@ class WitnessState:
 
     def refuse(self, origin: str, status: int, why: str, body: bytes) -> None:
         self.db.execute(
-            "INSERT INTO refused (origin, at, status, why, body) VALUES (?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO refused (origin, at, status, why, body) VALUES (?, ?, ?, ?, ?)",
             (origin, time.time(), status, why, body),
         )
 
@@ -174,15 +179,13 @@ class WitnessService:
                 latest = held[0] if held is not None else 0
                 answer: Answer | None = None
                 if old != latest:
-                    # the log's idea of what we cosigned is not ours: it learns our size
+                    # the log's idea of what we cosigned is not ours: it learns our size (a
+                    # smaller checkpoint is refused the same way: we never go back)
                     answer = Answer(409, f"{latest}\n", SIZE_CONTENT_TYPE)
-                    if size < latest:
-                        self.state.refuse(
-                            origin, 409, f"rollback: size {size} after {latest} was cosigned", body
-                        )
                 elif held is not None and old == size and held[1] != root:
                     answer = Answer(409, f"fork: another root for size {size}\n")
-                    self.state.refuse(origin, 409, f"fork: another root at size {size}", body)
+                    why = f"fork: another root at size {size}: {base64.b64encode(root).decode()}"
+                    self.state.refuse(origin, 409, why, body)
                 elif old == 0 and proof:
                     answer = Answer(400, "the consistency proof from size 0 is empty\n")
                 elif held is not None and 0 < old < size:
@@ -190,7 +193,6 @@ class WitnessService:
                         merkle.verify_consistency(old, size, held[1], root, proof)
                     except merkle.ProofError as error:
                         answer = Answer(422, f"{error}\n")
-                        self.state.refuse(origin, 422, f"inconsistent: {error}", body)
                 if answer is None:
                     timestamp = max(int(self.clock()), held[4] if held is not None else 0)
                     line = cosign(text, self.name, self.key, timestamp)
@@ -334,10 +336,11 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
     serve.set_defaults(handler=run_serve)
     show = commands.add_parser(
         "show",
-        help="the logs this witness has cosigned, and the refused requests it keeps as evidence",
-        description="List each log's latest cosigned checkpoint and every request refused as a "
-        "rollback, fork or failed proof. With --origin, print that log's latest cosigned "
-        "checkpoint in full, for `audit verify --against`.",
+        help="the logs this witness has cosigned, and the forks it keeps as evidence",
+        description="List each log's latest cosigned checkpoint and every fork seen (a checkpoint "
+        "the log signed with another root for a size this witness cosigned; exit 1 if any). "
+        "With --origin, print that log's latest cosigned checkpoint in full, for `audit verify "
+        "--against`.",
     )
     show.add_argument(
         "--state", default="witness.db", metavar="PATH", help="(default: %(default)s)"
@@ -469,8 +472,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    import base64
-
     try:
         state = WitnessState(Path(args.state))
     except WitnessError as error:
@@ -488,5 +489,5 @@ def run_show(args: argparse.Namespace) -> int:
     refusals = state.refusals()
     for origin, at, status, why in refusals:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
-        print(f"  REFUSED {when} {origin} (HTTP {status}): {why}")
+        print(f"  FORK {when} {origin} (HTTP {status}): {why}")
     return FAILED if refusals else 0
