@@ -282,6 +282,9 @@ def test_the_collectors_client_proves_from_the_witness_size_and_keeps_the_cosign
     assert (held.size, held.cosignatures, held.failures) == (27, 4, {})
     assert [size for size, _, _ in log.record.cosignatures()] == [3, 4, 11, 27]
     assert not client.behind(27)
+    # a witness that cosigned this size already is not asked again
+    client.submit(log.ledger.last_note, log.ledger.consistency)
+    assert client.status[WITNESS_NAME].cosignatures == 4 and len(log.record.cosignatures()) == 4
 
     # a client that forgot what the witness cosigned (a fresh collector on a copy of the ledger
     # without its cosignatures) learns the size from the 409 and proves from there

@@ -261,10 +261,14 @@ class Witnesses:
 
     def submit(self, note: str, prove: ConsistencyProver) -> None:
         """Ask every witness to cosign `note` (the collector's newest checkpoint)."""
-        if not self.witnesses:
+        size = checkpoint_size(split_note(note)[0])
+        with self._lock:
+            # only those behind: a witness that cosigned this size already is not asked again
+            behind = [w for w in self.witnesses if self.status[w.name].size < size]
+        if not behind:
             return
-        with ThreadPoolExecutor(len(self.witnesses), thread_name_prefix="witness") as pool:
-            for witness in self.witnesses:
+        with ThreadPoolExecutor(len(behind), thread_name_prefix="witness") as pool:
+            for witness in behind:
                 pool.submit(self._submit_logged, witness, note, prove)
 
     def _submit_logged(self, witness: Witness, note: str, prove: ConsistencyProver) -> None:
