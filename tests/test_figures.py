@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from gputally.agent.padding import PaddingDetector, PaddingRules, effective
 from gputally.agent.summary import Summarizer
-from gputally.collector.audit.figures import as_dict, bounds, compute
+from gputally.collector.audit.figures import Rollup, as_dict, bounds, compute
 from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1.accounting import (
     BURN_TOOL,
@@ -362,15 +364,241 @@ def test_as_dict_warns_about_gpus_never_seen_and_low_coverage() -> None:
     for n in range(16):
         s = factories.summary(T0, 3600.0, 0.5, f"n{n}")
         s.backend = "nvml"
+        s.gpus[0].attribution.source, s.gpus[0].attribution.tenant = "static", "lab"
         rows.append((f"n{n}", signed(s)))
     answer = as_dict(compute(rows, T0, T0 + 3600, expected=10_000), "busy", 0.85)
     assert answer["coverage"] == pytest.approx(16 / 10_000)
     assert answer["warnings"] == [
         "9984 of the 10000 GPUs declared never reported in this period: their seconds count as "
         "unobserved (zero in the figure, full in its upper bound)",
-        "coverage is 0.2%: most of the figure's capacity was not observed, so the figure is "
-        "closer to its lower bound than to what the GPUs did; the bounds say how far apart "
-        "they are",
+        "coverage is 0.2%: 99.8% of the figure's capacity was not observed and counts as zero "
+        "in it, so the figure can be far below what the GPUs did; the bounds say how far",
     ]
     full = as_dict(compute(rows, T0, T0 + 3600, expected=16), "busy", 0.85)
     assert full["warnings"] == []
+
+
+def gpu_hour(
+    node: str, index: int, busy: float, sm: float, *, t: float = T0, tenant: str = "lab"
+) -> pb.Summary:
+    """One GPU's hour at `busy`, SM activity `sm` measured throughout, held by `tenant` ("":
+    attributed to no one)."""
+    s = pb.Summary(window_start_unix_nano=int(t * 1e9), window_end_unix_nano=int((t + 3600) * 1e9))
+    gpu = s.gpus.add(
+        index=index,
+        uuid=f"GPU-{node}-{index}",
+        serial=f"S-{node}-{index}",
+        model=H100,
+        present_seconds=3600.0,
+        allocated_seconds=3600.0,
+        busy_seconds=busy * 3600,
+        sm_active_seconds=sm * 3600,
+        sm_measured_seconds=3600.0,
+        effective_seconds=sm * 3600,
+    )
+    if tenant:
+        gpu.attribution.source, gpu.attribution.tenant = "static", tenant
+    return s
+
+
+def sixteen(busy: float = 0.85, sm: float = 0.55) -> list[tuple[str, bytes]]:
+    """16 GPUs (4 nodes of 4) for an hour at `busy`, SM activity `sm`."""
+    return [(f"n{n}", signed(gpu_hour(f"n{n}", g, busy, sm))) for n in range(4) for g in range(4)]
+
+
+def test_every_measure_gets_its_verdict_side_by_side() -> None:
+    """Busy 85% supports a claim of 85% while SM activity 55% refutes it: the real-work
+    measure's verdict is given beside the claim's, in the answer and in `gputally query`."""
+    from gputally.collector.audit.figures import WORK_MEASURE, render_text
+
+    answer = as_dict(compute(sixteen(), T0, T0 + 3600, expected=16), "busy", 0.85)
+    assert WORK_MEASURE == answer["work_measure"] == "sm_active"
+    got = {
+        m: (v["figure"], v["lower"], v["upper"], v["verdict"])
+        for m, v in answer["verdicts"].items()
+    }
+    assert got == {
+        "allocated": (1.0, 1.0, 1.0, SUPPORTED),
+        "busy": (0.85, 0.85, 0.85, SUPPORTED),
+        "sm_active": (0.55, 0.55, 0.55, REFUTED),
+        "effective": (0.55, 0.55, 0.55, REFUTED),
+    }
+    assert answer["verdicts"]["sm_active"]["headline_verdict"] == "refuted"
+    assert answer["verdict_caveat"] is None and answer["warnings"] == []
+    lines = render_text(answer).splitlines()
+    assert "claim       busy >= 85.00%: SUPPORTED  (without flagged padding: supported)" in lines
+    assert "work        sm_active >= 85.00%: REFUTED  (sm_active 55.00% [55.00%, 55.00%])" in lines
+    no_claim = as_dict(compute(sixteen(), T0, T0 + 3600, expected=16), "busy", None)
+    assert no_claim["verdicts"]["busy"]["verdict"] is None
+    assert not any(line.startswith("work") for line in render_text(no_claim).splitlines())
+
+
+def test_more_gpus_than_declared_is_said_loudly_and_is_no_plain_pass() -> None:
+    """16 GPUs at 85% busy, 12 declared: over the 12, busy would be 113.33%; the figures are
+    over the 16 seen, the warning says both, and the verdict carries a caveat."""
+    from gputally.collector.audit.figures import render_text
+
+    answer = as_dict(compute(sixteen(), T0, T0 + 3600, expected=12), "busy", 0.85)
+    inventory = answer["inventory"]
+    assert (inventory["declared"], inventory["seen"], inventory["denominator"]) == (12, 16, 16)
+    assert inventory["understated"] is True and inventory["capped"] == []
+    assert inventory["over_declared"]["busy"] == pytest.approx(16 * 0.85 / 12)
+    assert inventory["over_declared"]["allocated"] == pytest.approx(16 / 12)
+    assert answer["figure"] == 0.85 and answer["verdict"] == SUPPORTED
+    assert answer["warnings"] == [
+        "16 GPUs reported but only 12 were declared: the inventory is understated, and every "
+        "figure is over the 16 seen (over the 12 declared: allocated 133.33%, busy 113.33%, "
+        "more than any GPU can do)"
+    ]
+    assert answer["verdict_caveat"] == (
+        "the figures are over the 16 GPUs seen, not the 12 declared: the declared inventory is "
+        "wrong, and no verdict here is one about it; over the 12 declared, busy would be "
+        "113.33%, more than any GPU can do"
+    )
+    assert f"caveat      not a plain verdict: {answer['verdict_caveat']}" in render_text(answer)
+
+
+def test_a_figure_above_100_percent_is_capped_and_said() -> None:
+    """One card's window sent in two parts that together hold a second more than the window
+    (within the restart tolerance): busy 3601 s of 3600 comes out at 100%, capped, and said."""
+    parts = []
+    for seconds in (1800.0, 1801.0):
+        s = factories.summary(T0, 3600.0, 1.0)
+        s.gpus[0].present_seconds = s.gpus[0].busy_seconds = seconds
+        parts.append(("n1", signed(s)))
+    answer = as_dict(compute(parts, T0, T0 + 3600, expected=1), "busy", 0.9)
+    assert answer["inventory"]["capped"] == ["busy"]
+    assert answer["figure"] == 1.0 and answer["verdict"] == SUPPORTED
+    assert (
+        "busy came out above 100% of the GPU-seconds counted and were capped at 100%: the "
+        "record holds more GPU-seconds than the inventory has" in answer["warnings"]
+    )
+    assert answer["verdict_caveat"] == (
+        "busy came out above 100% of the GPU-seconds counted and were capped at 100%: the "
+        "record holds more than the inventory can"
+    )
+
+
+def test_use_attributed_to_no_one_is_said_above_one_percent() -> None:
+    """GPU 0 busy 60% for the lab, GPU 1 busy 20% for no one: a quarter of the use is
+    unattributed, 0.2 GPU-hours of it."""
+    rows = [
+        ("n1", signed(gpu_hour("n1", 0, 0.6, 0.3))),
+        ("n1", signed(gpu_hour("n1", 1, 0.2, 0.1, tenant=""))),
+    ]
+    answer = as_dict(compute(rows, T0, T0 + 3600, expected=2), "busy", None)
+    assert answer["unattributed"] == {
+        "busy_gpu_hours": pytest.approx(0.2),
+        "allocated_gpu_hours": pytest.approx(1.0),
+        "busy_share": pytest.approx(0.25),
+        "allocated_share": pytest.approx(0.5),
+    }
+    assert answer["warnings"] == [
+        "0.2 GPU-hours busy (25.0% of all) ran on GPUs attributed to no tenant and no job: who "
+        "used them the record does not say"
+    ]
+    rows[1] = ("n1", signed(gpu_hour("n1", 1, 0.006, 0.0, tenant="")))  # 1% of all: not said
+    assert as_dict(compute(rows, T0, T0 + 3600, expected=2), "busy", None)["warnings"] == []
+
+
+def hourly(
+    busy: Callable[[float], float], start: float, hours: int, node: str = "n1"
+) -> list[tuple[str, bytes]]:
+    """One GPU's hours from `start`, each at busy(window start)."""
+    return [
+        (node, signed(gpu_hour(node, 0, busy(start + h * 3600), 0.0, t=start + h * 3600)))
+        for h in range(hours)
+    ]
+
+
+def rolled(rows: list[tuple[str, bytes]], rollup: Rollup) -> Rollup:
+    for node, body in rows:
+        rollup.add_summary(node, pb.Summary.FromString(pb.SignedSummary.FromString(body).body))
+    return rollup
+
+
+MAR_1 = 1_772_323_200.0  # 2026-03-01T00:00:00Z, a Sunday: ISO week 2026-W09's last day
+
+
+def test_iso_weeks_start_on_monday_and_partial_ones_are_marked() -> None:
+    """From Sunday 1 March 12:00 to Tuesday 10 March 06:00: half a day of W09, all of W10,
+    and 1.25 days of W11, at busy 20%, 60% and 100% (by the week the hour is in)."""
+    monday = MAR_1 + 86400
+
+    def busy(t: float) -> float:
+        return 0.2 if t < monday else 0.6 if t < monday + 7 * 86400 else 1.0
+
+    start, end = MAR_1 + 43200, monday + 8 * 86400 + 21600
+    rollup = rolled(hourly(busy, MAR_1, 11 * 24), Rollup(start, end, 1))
+    weeks = rollup.weeks()
+    assert [(label, partial) for label, _, partial in weeks] == [
+        ("2026-W09", True),
+        ("2026-W10", False),
+        ("2026-W11", True),
+    ]
+    assert [(f.start, f.end) for _, f, _ in weeks] == [
+        (start, monday),
+        (monday, monday + 7 * 86400),
+        (monday + 7 * 86400, end),
+    ]
+    assert [bounds(f.total.sums, f.capacity)["busy"].figure for _, f, _ in weeks] == [
+        pytest.approx(0.2),
+        pytest.approx(0.6),
+        pytest.approx(1.0),
+    ]
+
+
+def test_a_phase_cut_within_a_day_and_a_window_is_exact() -> None:
+    """A phase from 2 March 06:30 to 4 March 18:00, on a GPU at busy 100% before 3 March
+    12:15 and 0% after: its figure is the share of its time before then, exactly, as
+    compute() gives it over the phase alone; the period's own figures do not change."""
+    drop = MAR_1 + 2 * 86400 + 44100  # 3 March 12:15, within an hour's window
+
+    def busy(t: float) -> float:
+        return 1.0 if t + 3600 <= drop else 0.25 if t < drop else 0.0  # the cut hour: 15 min
+
+    rows = hourly(busy, MAR_1, 5 * 24)
+    p0, p1 = MAR_1 + 86400 + 23400, MAR_1 + 3 * 86400 + 64800
+    rollup = rolled(rows, Rollup(MAR_1, MAR_1 + 5 * 86400, 1, [("acceptance", p0, p1)]))
+    phase = rollup.phases["acceptance"].period()
+    assert (phase.start, phase.end) == (p0, p1)
+    assert bounds(phase.total.sums, phase.capacity)["busy"].figure == pytest.approx(
+        (drop - p0) / (p1 - p0)
+    )
+    alone = compute(rows, p0, p1, expected=1)
+    assert as_dict(phase, "busy", 0.5) == as_dict(alone, "busy", 0.5)
+    assert as_dict(rollup.period(), "busy", 0.5) == as_dict(
+        compute(rows, MAR_1, MAR_1 + 5 * 86400, expected=1), "busy", 0.5
+    )
+
+
+def test_phases_must_lie_within_the_period_and_have_names_of_their_own() -> None:
+    with pytest.raises(ValueError, match="within the period"):
+        Rollup(MAR_1, MAR_1 + 86400, 1, [("late", MAR_1 + 3600, MAR_1 + 2 * 86400)])
+    with pytest.raises(ValueError, match="names must differ"):
+        Rollup(MAR_1, MAR_1 + 86400, 1, [("a", MAR_1, MAR_1 + 60), ("a", MAR_1 + 60, MAR_1 + 120)])
+
+
+def test_phases_travel_with_the_inventory_to_worker_rollups() -> None:
+    """verify.py builds each worker's rollup as Rollup(start, end, expected) from the main
+    rollup's period: the phases ride on `expected` (pickled as they are), so a partial rollup
+    adds them up too, and merges."""
+    import pickle
+
+    from gputally.collector.audit.figures import Inventory
+
+    phases = [("a", MAR_1 + 600, MAR_1 + 7200)]
+    main = Rollup(MAR_1, MAR_1 + 86400, 3, phases)
+    period = (main.start, main.end, main.expected)
+    carried = pickle.loads(pickle.dumps(period))
+    assert carried[2] == 3 and isinstance(carried[2], Inventory)
+    worker = Rollup(*carried)
+    assert list(worker.phases) == ["a"]
+    rolled(hourly(lambda t: 0.5, MAR_1, 3), worker)
+    main.merge(worker)
+    a = main.phases["a"].period()
+    assert a.summaries == 2 and bounds(a.total.sums, a.capacity)["busy"].figure == pytest.approx(
+        0.5 / 3  # 1 GPU at 50% of 3 declared
+    )
+    with pytest.raises(ValueError, match="same phases"):
+        main.merge(Rollup(MAR_1, MAR_1 + 86400, 3))

@@ -106,6 +106,27 @@ def _add_anchor_options(parser: argparse.ArgumentParser) -> None:
         help="a summary first recorded (witnessed, else checkpointed) this long after its "
         "window ended is counted as late: history written after the fact (default: %(default)s)",
     )
+    group.add_argument(
+        "--enrolment",
+        default="",
+        metavar="DIR",
+        help="the auditor's signed enrolment records (`gputally enrolment sign`): every key that "
+        "signed summaries must have one for its node, and every GPU seen must be listed "
+        "(docs/enrolment.md) (default: not checked)",
+    )
+    group.add_argument(
+        "--enrolment-key",
+        default="",
+        metavar="VKEY",
+        help="the enrolment key's verifier key (a file or the line), which the auditor holds",
+    )
+    group.add_argument(
+        "--enrolled-by",
+        default="",
+        metavar="TIME",
+        help="report keys and GPUs enrolled after this time (default: the report's --from; "
+        "for `audit verify`, not checked)",
+    )
 
 
 def _register_audit(sub: Any) -> argparse.ArgumentParser:
@@ -143,9 +164,13 @@ def _register_audit(sub: Any) -> argparse.ArgumentParser:
     check.set_defaults(handler=run_audit_verify)
     report = audit_sub.add_parser(
         "report",
-        help="verify, then write report.html (plots), report.json and CSV tables for a period",
+        help="verify, then write an evidence package for a period: report.html, report.json, CSV "
+        "tables and a manifest of their hashes",
         description="Verify the ledger (as `audit verify`), then recompute every figure for the period from "
-        "its summaries and write a self-contained report.html, report.json and CSV tables into --out.",
+        "its summaries and write into --out a self-contained report.html (verdicts on every measure, "
+        "limitations and the evidence to cite on its first screen; plots per day, week and phase), "
+        "report.json with everything, CSV tables (daily, weeks, phases, nodes, models, tenants, jobs, "
+        "gpus, node_days) and MANIFEST.sha256 of them all (docs/report.md).",
         epilog=f"{VERDICT_EXITS} {TIMES}",
     )
     _add_ledger_options(report, receipt=True)
@@ -158,6 +183,14 @@ def _register_audit(sub: Any) -> argparse.ArgumentParser:
         help="the inventory the claim is about",
     )
     add_claim_options(report)
+    report.add_argument(
+        "--phase",
+        action="append",
+        default=[],
+        metavar="NAME=FROM..TO",
+        help="a named part of the period with its own figures and verdicts, its bounds marked on every "
+        "plot, e.g. acceptance=2026-03-01..2026-06-01; within --from/--to, names unique; repeatable",
+    )
     report.add_argument("--out", required=True, metavar="DIR", help="where to write the report")
     report.set_defaults(handler=run_audit_report)
     census = audit_sub.add_parser(
@@ -174,7 +207,7 @@ def _register_audit(sub: Any) -> argparse.ArgumentParser:
     census.set_defaults(handler=run_audit_census)
     prove = audit_sub.add_parser(
         "prove",
-        help="RFC 9162 inclusion and consistency proofs against the newest signed checkpoint",
+        help="RFC 9162 inclusion and consistency proofs against a signed checkpoint",
         description="Print, as JSON, the newest signed checkpoint and the proofs asked for: that an "
         "entry is in the log (--entry), and that the log as it was at an earlier size is a prefix of "
         "it (--since, e.g. the size of a checkpoint you kept). Each proof is checked before it is "
@@ -184,6 +217,18 @@ def _register_audit(sub: Any) -> argparse.ArgumentParser:
     prove.add_argument("--entry", type=count, metavar="ID", help="the entry (its id) to prove")
     prove.add_argument(
         "--since", type=count, metavar="SIZE", help="the earlier size to prove consistency from"
+    )
+    prove.add_argument(
+        "--node",
+        default="",
+        help="prove every entry of this node (a tenant's proof that its summaries are in the log)",
+    )
+    prove.add_argument(
+        "--checkpoint",
+        default="",
+        metavar="FILE",
+        help="prove against this checkpoint of the log (one you hold, e.g. a witness's cosigned "
+        "latest) instead of the ledger's newest",
     )
     prove.set_defaults(handler=run_audit_prove)
     return audit
@@ -236,7 +281,25 @@ def _anchors(args: argparse.Namespace) -> Anchors:
             against = Path(args.against).read_text()
         except (OSError, UnicodeDecodeError) as error:
             raise AnchorError(f"--against {args.against}: {error}") from None
-    return Anchors(tuple(keys), args.min_witnesses, against, args.late_after)
+    enrolment = None
+    if args.enrolment or args.enrolment_key:
+        from .enrolment import EnrolmentError, load_enrolment
+
+        if not (args.enrolment and args.enrolment_key):
+            raise AnchorError("--enrolment and --enrolment-key go together")
+        try:
+            enrolment = load_enrolment(Path(args.enrolment), args.enrolment_key)
+        except EnrolmentError as error:
+            raise AnchorError(str(error)) from None
+    enrolled_by = None
+    if args.enrolled_by:
+        try:
+            enrolled_by = parse_time(args.enrolled_by, time.time())
+        except ValueError as error:
+            raise AnchorError(f"--enrolled-by: {error}") from None
+    return Anchors(
+        tuple(keys), args.min_witnesses, against, args.late_after, enrolment, enrolled_by
+    )
 
 
 def _say_anchors(verification: Verification, args: argparse.Namespace) -> None:
@@ -261,7 +324,12 @@ def _say_anchors(verification: Verification, args: argparse.Namespace) -> None:
             f"  recorded ({recording['source']}): median {_duration(recording['median_delay_s'])}"
             f", 99% within {_duration(recording['p99_delay_s'])}, longest "
             f"{_duration(recording['max_delay_s'])} after their windows; {late:,} late "
-            f"(after {_duration(recording['late_after_s'])})",
+            f"(after {_duration(recording['late_after_s'])})"
+            + (
+                f"; {recording['early']:,} recorded before their windows ended"
+                if recording.get("early")
+                else ""
+            ),
             file=sys.stderr,
         )
 
@@ -299,7 +367,7 @@ def _verified(
     from gputally.v1.signing import KeyFileError
 
     from ..record.store import RecordError
-    from .verify import AnchorError, ReceiptError, verify_ledger
+    from .verify import UNCOUNTED, AnchorError, ReceiptError, verify_ledger
 
     try:
         receipt = _load_receipt(args)
@@ -321,7 +389,8 @@ def _verified(
     for kind, found in verification.by_kind().items():
         # summaries a collector should have refused: left out of every figure, and said
         print(
-            f"  finding: {len(found):,} {kind} ({found[0].message}); not counted in any figure",
+            f"  finding: {len(found):,} {kind} ({found[0].message})"
+            + ("; not counted in any figure" if kind in UNCOUNTED else ""),
             file=sys.stderr,
         )
     return verification, receipt
@@ -400,6 +469,15 @@ def run_audit_verify(args: argparse.Namespace) -> int:
     print(
         "verified: every signature, every chain, every summary's plausibility and every checkpoint holds"
     )
+    if args.against:
+        print(f"anchored: the ledger extends the checkpoint given ({args.against})")
+    if args.witness_key:
+        print(
+            f"witnessed: {len(result.cosignatures)} of the {len(args.witness_key)} witnesses given "
+            f"cosigned it, up to {result.witnessed:,} of its {result.entries:,} entries"
+        )
+    if args.enrolment:
+        print(f"enrolled: every key and GPU has the auditor's enrolment record ({args.enrolment})")
     if receipt_path:
         print(
             f"receipt: {receipt_path} (size {result.entries:,}, root {result.root.hex()[:16]}...)"
@@ -414,8 +492,9 @@ def run_audit_report(args: argparse.Namespace) -> int:
     def say(text: str) -> None:
         print(f"  {text}", file=sys.stderr, flush=True)
 
+    now = time.time()
     try:
-        start, end = parse_time(args.start, time.time()), parse_time(args.end, time.time())
+        start, end = parse_time(args.start, now), parse_time(args.end, now)
     except ValueError as error:
         return fail("audit report", str(error))
     if end <= start:
@@ -426,21 +505,30 @@ def run_audit_report(args: argparse.Namespace) -> int:
             f"a report draws every day of its period, {MAX_REPORT_DAYS:,} at most; ask for a "
             "shorter one (`gputally query` gives the figures of any period)",
         )
+    try:
+        phases = report_module.parse_phases(args.phase, start, end, now)
+    except ValueError as error:
+        return fail("audit report", f"--phase {error}")
     say("verifying the ledger and adding up its figures ...")
-    rollup = Rollup(start, end, args.expected_gpus)
+    rollup = Rollup(start, end, args.expected_gpus, phases)
     verified = _verified(args, "audit report", rollup=rollup)
     if isinstance(verified, int):
         return verified
     verification, receipt = verified
     say(f"verified {verification.entries:,} entries; writing the report ...")
-    answer = report_module.build(
-        rollup,
-        args.measure,
-        args.claim,
-        verification,
-        receipt.verified_at if receipt is not None and verification.trusted else "",
-    )
     try:
+        answer = report_module.build(
+            rollup,
+            args.measure,
+            args.claim,
+            verification,
+            receipt.verified_at if receipt is not None and verification.trusted else "",
+            ledger=Path(args.ledger),
+            keys=Path(args.keys),
+            # the command line as typed; none when main() was called with other arguments
+            # than the process's (in-process), rather than a wrong one
+            command=sys.argv if sys.argv[1:3] == ["audit", "report"] else (),
+        )
         paths = report_module.write(answer, Path(args.out), args.measure)
     except OSError as error:
         return fail("audit report", f"--out {args.out}: {error}")
@@ -455,6 +543,8 @@ def run_audit_report(args: argparse.Namespace) -> int:
             f"{args.measure} {answer['figure']:.2%} [{answer['lower']:.2%}, {answer['upper']:.2%}], "
             f"coverage {answer['coverage']:.1%}{verdict}"
         )
+    for line in report_module.summary_lines(answer):
+        print(line)
     for path in paths:
         print(f"wrote {path}")
     return PADDING_DECIDES if answer["padding_decides"] else 0
@@ -466,10 +556,21 @@ def run_audit_prove(args: argparse.Namespace) -> int:
     from ..record.store import RecordError
     from .verify import ProofRequestError, prove
 
-    if args.entry is None and args.since is None:
-        return fail("audit prove", "give --entry ID, --since SIZE, or both")
+    if args.entry is None and args.since is None and not args.node:
+        return fail("audit prove", "give --entry ID, --node NODE, --since SIZE, or several")
     try:
-        answer = prove(Path(args.ledger), Path(args.keys), entry=args.entry, since=args.since)
+        checkpoint = Path(args.checkpoint).read_text() if args.checkpoint else ""
+    except (OSError, UnicodeDecodeError) as error:
+        return fail("audit prove", f"--checkpoint {args.checkpoint}: {error}")
+    try:
+        answer = prove(
+            Path(args.ledger),
+            Path(args.keys),
+            entry=args.entry,
+            since=args.since,
+            checkpoint=checkpoint,
+            node=args.node,
+        )
     except (RecordError, KeyFileError, ProofRequestError) as error:
         return fail("audit prove", str(error))
     print(json.dumps(answer, indent=2))

@@ -5,13 +5,17 @@ audit commands on a verified ledger. One path adds summaries up, :class:`Rollup`
 summary goes into one fine table keyed by (GPU, node, model, tenant, job), and one per (day,
 node), once each; the period's breakdowns and its days are rolled up from those at the end.
 What the numbers mean (bounds, verdicts, owners) is gputally.v1.accounting's.
+
+A Rollup can also hold named phases (`audit report --phase`): one more Rollup each, filled by
+the same adds, so that a phase that starts or ends within a day is exact. ISO weeks come from
+the days, which are exact already.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -21,7 +25,13 @@ from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1.accounting import FLAGGED_FIELDS, RECORDED_MEASURES, SUMMARY_FIELDS, Bounds
 
 MEASURES = RECORDED_MEASURES
+# The real-work measure (docs/utilization.md §2): the share of a GPU's SMs at work, which a
+# spin kernel does not raise. Reports put its verdict beside the claim's measure, always.
+WORK_MEASURE = "sm_active"
 DAY = 86400.0
+WEEK = 7 * DAY
+# Unix day 0 (1970-01-01) was a Thursday: ISO week n (Monday 00:00 UTC) starts on day 7n - 3.
+_MONDAY = 3
 _ENERGY = SUMMARY_FIELDS.index("energy_joules")
 
 
@@ -115,6 +125,8 @@ class PeriodFigures:
     jobs: dict[str, Group] = field(default_factory=dict)
     gpus: dict[str, Group] = field(default_factory=dict)  # per GPU (UUID): the distribution
     gpu_model: dict[str, str] = field(default_factory=dict)
+    gpu_nodes: dict[str, set[str]] = field(default_factory=dict)  # per GPU: the nodes it was on
+    gpu_identity: dict[str, tuple[str, str]] = field(default_factory=dict)  # (UUID, serial)
     energy_by_day: dict[str, float] = field(default_factory=dict)
     summaries: int = 0
     # summaries by the backend they were measured with ("unknown": from agents before it
@@ -153,9 +165,9 @@ SHARED = ""  # never a name accounting.owner gives
 
 # What a period adds up of one GPU summary: (key: the GPU's UUID, else node/index; model;
 # tenant and job, SHARED when it is charged by its shares; its Numbers; a shared MIG GPU's
-# shares, (tenant, job, Numbers) each). Plain tuples, as Numbers are, and they travel cheaply
-# from worker processes.
-GpuNumbers = tuple[str, str, str, str, Numbers, list[tuple[str, str, Numbers]]]
+# shares, (tenant, job, Numbers) each; its identity, (UUID as reported, serial)). Plain
+# tuples, as Numbers are, and they travel cheaply from worker processes.
+GpuNumbers = tuple[str, str, str, str, Numbers, list[tuple[str, str, Numbers]], tuple[str, str]]
 
 
 def gpu_numbers(node: str, summary: pb.Summary) -> list[GpuNumbers]:
@@ -178,6 +190,7 @@ def gpu_numbers(node: str, summary: pb.Summary) -> list[GpuNumbers]:
                     [(t.rule, t.seconds) for t in padding] if padding else [],
                 ),
                 [(*accounting.owner(s.attribution), read(s)) for s in shares] if shares else [],
+                (gpu.uuid, gpu.serial),
             )
         )
     return out
@@ -202,21 +215,56 @@ def _merge_table(into: dict[_Key, Sums], other: dict[_Key, Sums]) -> None:
             mine.merge(sums)
 
 
-class Rollup:
-    """A period's figures and its days', in one pass that adds each GPU summary once."""
+# A named part of a period: (name, start, end), unix seconds.
+Phase = tuple[str, float, float]
 
-    def __init__(self, start: float, end: float, expected: int):
+
+class Inventory(int):
+    """The declared inventory, carrying the phases a rollup of it breaks its period into.
+
+    An int, because that is what it is everywhere else; it carries the phases because a
+    rollup's period reaches verify.py's worker processes as (start, end, expected), each of
+    which adds up its share of the log into Rollup(start, end, expected): the phases travel
+    with the inventory, so every partial rollup adds up its phases too, and merges into the
+    whole one."""
+
+    phases: tuple[Phase, ...]
+
+    def __new__(cls, value: int, phases: Sequence[Phase] = ()) -> Inventory:
+        inventory = super().__new__(cls, value)
+        inventory.phases = tuple(phases)
+        return inventory
+
+    def __reduce__(self) -> tuple[type[Inventory], tuple[int, tuple[Phase, ...]]]:
+        return (Inventory, (int(self), self.phases))
+
+
+class Rollup:
+    """A period's figures and its days', in one pass that adds each GPU summary once; with
+    `phases`, each phase's figures too, from the same adds."""
+
+    def __init__(self, start: float, end: float, expected: int, phases: Sequence[Phase] = ()):
         if end <= start:
             raise ValueError("the period must end after it starts")
         if expected < 1:
             raise ValueError("the inventory must be at least 1 GPU")
-        self.start, self.end, self.expected = start, end, expected
+        phases = tuple(phases) or getattr(expected, "phases", ())
+        names = [name for name, _, _ in phases]
+        if len(set(names)) != len(names):
+            raise ValueError("phase names must differ")
+        for name, p0, p1 in phases:
+            if not start <= p0 < p1 <= end:
+                raise ValueError(f"phase {name} must lie within the period and end after it starts")
+        self.start, self.end = start, end
+        self.expected: int = Inventory(int(expected), phases)
         self.fine: dict[tuple[str, str, str, str, str], Sums] = {}
         self.node_day: dict[tuple[int, str], Sums] = {}
         # MIG shares, keyed (GPU, tenant, job): only the tenant and job breakdowns use them.
         self.held: dict[tuple[str, str, str], Sums] = {}
+        self.identity: dict[str, tuple[str, str]] = {}  # GPU -> (UUID, serial)
         self.summaries = 0
         self.backends: dict[str, int] = {}
+        self.phases = {name: Rollup(p0, p1, int(expected)) for name, p0, p1 in phases}
 
     def add_summary(self, node: str, summary: pb.Summary) -> None:
         window = (summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9)
@@ -226,6 +274,8 @@ class Rollup:
         self, node: str, window: tuple[float, float], gpus: list[GpuNumbers], backend: str = ""
     ) -> None:
         """Add one summary's GPUs, pro rata to its window's overlap with the period."""
+        for phase in self.phases.values():
+            phase.add(node, window, gpus, backend)
         w0, w1 = window
         overlap = min(w1, self.end) - max(w0, self.start)
         if overlap <= 0 or w1 <= w0:
@@ -235,8 +285,8 @@ class Rollup:
         kind = backend or "unknown"
         self.backends[kind] = self.backends.get(kind, 0) + 1
         node_rules: list[tuple[str, float]] = []
-        fine, held = self.fine, self.held
-        for key, model, tenant, job, numbers, shares in gpus:
+        fine, held, identity = self.fine, self.held, self.identity
+        for key, model, tenant, job, numbers, shares, ident in gpus:
             sums = fine.get((key, node, model, tenant, job))
             if sums is None:
                 sums = fine[(key, node, model, tenant, job)] = Sums()
@@ -245,8 +295,11 @@ class Rollup:
             node_rules += rules
             for part_tenant, part_job, part in shares:
                 _sums_of(held, (key, part_tenant, part_job)).add(part, share)
+            known = identity.get(key)
+            if known != ident:  # rare: the first time, or a card that says two things
+                identity[key] = ident if known is None else max(known, ident)
         # The node's totals for this window, column by column, split over the days it spans.
-        each = [numbers for _, _, _, _, numbers, _ in gpus]
+        each = [numbers for _, _, _, _, numbers, _, _ in gpus]
         node_numbers = (
             [sum(c) for c in zip(*(v for v, _, _ in each), strict=True)]
             or [0.0] * len(SUMMARY_FIELDS),
@@ -263,24 +316,35 @@ class Rollup:
     def clear(self) -> None:
         """Back to nothing added (a verification that has to start again)."""
         self.fine, self.node_day, self.held, self.summaries = {}, {}, {}, 0
-        self.backends = {}
+        self.backends, self.identity = {}, {}
+        for phase in self.phases.values():
+            phase.clear()
 
     def merge(self, other: Rollup) -> None:
         """Add another rollup of the same period (a worker's share of the log) into this one."""
         if (other.start, other.end, other.expected) != (self.start, self.end, self.expected):
             raise ValueError("only rollups of the same period and inventory can be merged")
+        if [(n, p.start, p.end) for n, p in other.phases.items()] != [
+            (n, p.start, p.end) for n, p in self.phases.items()
+        ]:
+            raise ValueError("only rollups of the same phases can be merged")
         self.summaries += other.summaries
         for kind, count in other.backends.items():
             self.backends[kind] = self.backends.get(kind, 0) + count
         _merge_table(self.fine, other.fine)
         _merge_table(self.node_day, other.node_day)
         _merge_table(self.held, other.held)
+        for key, ident in other.identity.items():
+            known = self.identity.get(key)
+            self.identity[key] = ident if known is None else max(known, ident)
+        for name, phase in self.phases.items():
+            phase.merge(other.phases[name])
 
     def period(self) -> PeriodFigures:
         out = PeriodFigures(
             start=self.start,
             end=self.end,
-            expected=self.expected,
+            expected=int(self.expected),
             summaries=self.summaries,
             backends=dict(self.backends),
         )
@@ -300,6 +364,8 @@ class Rollup:
                 group.sums.merge(sums)
                 group.gpus.add(key)
             out.gpu_model[key] = model
+            out.gpu_nodes.setdefault(key, set()).add(node)
+        out.gpu_identity = dict(self.identity)
         for (key, tenant, job), sums in self.held.items():
             for group in (
                 out.tenants.setdefault(tenant, Group()),
@@ -314,21 +380,48 @@ class Rollup:
 
     def days(self) -> list[tuple[str, PeriodFigures]]:
         """Each UTC day's figures (totals and nodes only); GPUs per node come from the period."""
+        spans = {
+            number: (max(self.start, number * DAY), min(self.end, (number + 1) * DAY))
+            for number in range(int(self.start // DAY), math.ceil(self.end / DAY))
+        }
+        return [(_day(f.start), f) for _, f in self._spans(spans, lambda day: day)]
+
+    def weeks(self) -> list[tuple[str, PeriodFigures, bool]]:
+        """Each ISO week's figures (Monday 00:00 UTC to Monday), as days() gives the days':
+        (e.g. "2026-W10", figures, whether the period holds only part of the week)."""
+        first = (int(self.start // DAY) + _MONDAY) // 7
+        last = (math.ceil(self.end / DAY) - 1 + _MONDAY) // 7
+        spans = {}
+        for week in range(first, last + 1):
+            w0, w1 = (7 * week - _MONDAY) * DAY, (7 * week + 7 - _MONDAY) * DAY
+            spans[week] = (max(self.start, w0), min(self.end, w1))
+        out = []
+        for week, figures in self._spans(spans, lambda day: (day + _MONDAY) // 7):
+            year, number, _ = datetime.fromtimestamp((7 * week - _MONDAY) * DAY, UTC).isocalendar()
+            partial = figures.seconds < WEEK
+            out.append((f"{year}-W{number:02d}", figures, partial))
+        return out
+
+    def _spans(
+        self, spans: dict[int, tuple[float, float]], of_day: Callable[[int], int]
+    ) -> list[tuple[int, PeriodFigures]]:
+        """The figures of spans made of whole days (within the period): `of_day` says which
+        span a day number is in."""
         gpus_of: dict[str, set[str]] = {}
         for key, node, *_ in self.fine:
             gpus_of.setdefault(node, set()).add(key)
-        days: dict[int, PeriodFigures] = {}
-        for number in range(int(self.start // DAY), math.ceil(self.end / DAY)):
-            d0, d1 = max(self.start, number * DAY), min(self.end, (number + 1) * DAY)
-            days[number] = PeriodFigures(start=d0, end=d1, expected=self.expected)
+        figures = {
+            n: PeriodFigures(start=s0, end=s1, expected=int(self.expected))
+            for n, (s0, s1) in spans.items()
+        }
         for (number, node), sums in self.node_day.items():
-            figures = days[number]
-            figures.total.sums.merge(sums)
-            group = figures.nodes.setdefault(node, Group())
+            span = figures[of_day(number)]
+            span.total.sums.merge(sums)
+            group = span.nodes.setdefault(node, Group())
             group.sums.merge(sums)
             group.gpus |= gpus_of.get(node, set())
-            figures.total.gpus |= group.gpus
-        return [(_day(f.start), f) for _, f in sorted(days.items())]
+            span.total.gpus |= group.gpus
+        return sorted(figures.items())
 
 
 class Screen:
@@ -412,6 +505,84 @@ def compute(
     return rollup.period()
 
 
+def verdicts(figures: PeriodFigures, claim: float | None) -> dict[str, dict[str, Any]]:
+    """Every measure's figure, bounds and verdict on `claim` (None without one), with and
+    without flagged padding, and the verdict's one wording (accounting.headline)."""
+    cluster = bounds(figures.total.sums, figures.capacity)
+    clean = bounds(figures.total.sums, figures.capacity, without_padding=True)
+    out = {}
+    for name in MEASURES:
+        b, c = cluster[name], clean[name]
+        verdict = None if claim is None else b.verdict(claim)
+        verdict_clean = None if claim is None else c.verdict(claim)
+        out[name] = {
+            "figure": b.figure,
+            "lower": b.lower,
+            "upper": b.upper,
+            "verdict": verdict,
+            "without_padding": {"figure": c.figure, "lower": c.lower, "upper": c.upper},
+            "verdict_without_padding": verdict_clean,
+            "headline_verdict": _headline(verdict, verdict_clean),
+            "padding_decides": verdict != verdict_clean,
+        }
+    return out
+
+
+def _unclamped(figures: PeriodFigures, gpus: int) -> dict[str, float]:
+    """Each measure's figure over `gpus` x the period, not clamped to [0, 1]: what an
+    inventory of `gpus` would make of the GPU-seconds recorded."""
+    capacity = gpus * figures.seconds
+    values = figures.total.sums.values
+    if capacity <= 0 or not math.isfinite(capacity):
+        return dict.fromkeys(MEASURES, 0.0)
+    return {m: values[f"{m}_seconds"] / capacity for m in MEASURES}
+
+
+def inventory(figures: PeriodFigures) -> dict[str, Any]:
+    """The GPUs declared, seen and counted, and what the declared count alone would make of
+    the record: over an understated inventory a figure can pass 100%, which bounds() would
+    clamp, silently, to 100%."""
+    seen = len(figures.total.gpus)
+    over_declared = _unclamped(figures, figures.expected)
+    over_denominator = _unclamped(figures, figures.denominator)
+    return {
+        "declared": figures.expected,
+        "seen": seen,
+        "denominator": figures.denominator,
+        "understated": seen > figures.expected,
+        "never_seen": max(figures.expected - seen, 0),
+        # each measure over the declared GPUs, unclamped (above 1: impossible for them)
+        "over_declared": over_declared,
+        # measures whose figure over the GPUs counted came out above 100% and was clamped
+        "capped": [m for m, x in over_denominator.items() if x > 1.0 + 1e-9],
+    }
+
+
+def verdict_caveat(figures: PeriodFigures, measure: str) -> str | None:
+    """Why a verdict must not read as a plain pass though the bounds give one: the figures
+    are over more GPUs than were declared, or a figure had to be capped at 100%. None when
+    neither."""
+    inv = inventory(figures)
+    parts = []
+    if inv["understated"]:
+        parts.append(
+            f"the figures are over the {inv['seen']} GPUs seen, not the {inv['declared']} "
+            "declared: the declared inventory is wrong, and no verdict here is one about it"
+        )
+        raw = inv["over_declared"][measure]
+        if raw > 1.0:
+            parts.append(
+                f"over the {inv['declared']} declared, {measure} would be {raw:.2%}, more than "
+                "any GPU can do"
+            )
+    if inv["capped"]:
+        parts.append(
+            f"{', '.join(inv['capped'])} came out above 100% of the GPU-seconds counted and "
+            "were capped at 100%: the record holds more than the inventory can"
+        )
+    return "; ".join(parts) if parts else None
+
+
 def as_dict(
     figures: PeriodFigures, measure: str, claim: float | None, top: int = 50
 ) -> dict[str, Any]:
@@ -447,8 +618,8 @@ def as_dict(
     verdict = None if claim is None else chosen.verdict(claim)
     verdict_clean = None if claim is None else chosen_clean.verdict(claim)
     return {
-        "from": datetime.fromtimestamp(figures.start, UTC).isoformat().replace("+00:00", "Z"),
-        "to": datetime.fromtimestamp(figures.end, UTC).isoformat().replace("+00:00", "Z"),
+        "from": _iso(figures.start),
+        "to": _iso(figures.end),
         "seconds": figures.seconds,
         "expected_gpus": figures.expected,
         "seen_gpus": seen,
@@ -464,12 +635,21 @@ def as_dict(
         # not "verdict" alone, which is the verdict with flagged padding counted as work.
         "headline_verdict": _headline(verdict, verdict_clean),
         "padding_decides": verdict != verdict_clean,
+        # why the verdict is no plain pass whatever the bounds say (None: no reason)
+        "verdict_caveat": verdict_caveat(figures, measure),
         "without_padding": {
             "figure": chosen_clean.figure,
             "lower": chosen_clean.lower,
             "upper": chosen_clean.upper,
             "verdict": verdict_clean,
         },
+        # every measure's verdict on the same claim, side by side: the real-work measure
+        # (WORK_MEASURE) beside the one the claim names
+        "work_measure": WORK_MEASURE,
+        "verdicts": verdicts(figures, claim),
+        # the share of the capacity in which each measure was measured (not estimated)
+        "measured": accounting.measured(figures.total.sums.values, figures.capacity, MEASURES),
+        "inventory": inventory(figures),
         "padding_gpu_hours": figures.total.sums.flagged["seconds"] / 3600.0,
         "padding_gpu_hours_by_rule": {
             r: s / 3600.0 for r, s in sorted(figures.total.sums.by_rule.items())
@@ -481,50 +661,93 @@ def as_dict(
         "summaries": figures.summaries,
         "backends": dict(sorted(figures.backends.items())),
         "simulated": figures.backends.get("mock", 0),
+        "unattributed": unattributed(figures),
         "by_node": breakdown(figures.nodes, held=False),
         "by_model": breakdown(figures.models, held=False),
         "by_tenant": breakdown(figures.tenants, held=True),
         "by_job": breakdown(figures.jobs, held=True),
-        "warnings": (
-            [
-                f"{seen} GPUs reported but only {figures.expected} were declared: the inventory is "
-                f"understated, and every figure is over the {seen} seen"
-            ]
-            if seen > figures.expected
-            else []
-        )
-        + ([] if figures.summaries else ["no summary in the record overlaps this period"])
+        "warnings": ([] if figures.summaries else ["no summary in the record overlaps this period"])
         + ([] if math.isfinite(figures.seconds) else ["the period is not finite"])
         + _weak_spots(figures, seen),
     }
 
 
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+
+
+def unattributed(figures: PeriodFigures) -> dict[str, float]:
+    """The use no scheduler accounts for: GPU-hours busy and allocated on GPUs (or MIG
+    slices) attributed to no tenant and no job, and their share of all."""
+    total = figures.total.sums.values
+    group = figures.tenants.get(accounting.UNATTRIBUTED)
+    values = group.sums.values if group is not None else {}
+    busy, allocated = values.get("busy_seconds", 0.0), values.get("allocated_seconds", 0.0)
+    return {
+        "busy_gpu_hours": busy / 3600.0,
+        "allocated_gpu_hours": allocated / 3600.0,
+        "busy_share": busy / total["busy_seconds"] if total["busy_seconds"] > 0 else 0.0,
+        "allocated_share": (
+            allocated / total["allocated_seconds"] if total["allocated_seconds"] > 0 else 0.0
+        ),
+    }
+
+
 # Below this coverage a figure is mostly unobserved time counted as zero: it is said.
 LOW_COVERAGE = 0.9
+# Use on GPUs no scheduler attributes, above this share of all use, is said: the tenant and
+# job breakdowns (and any bill made from them) cannot account for it.
+UNATTRIBUTED_USE = 0.01
 
 
 def _weak_spots(figures: PeriodFigures, seen: int) -> list[str]:
-    """What makes a figure weak that the figure alone does not show: GPUs declared but never
-    seen, low coverage, simulated summaries."""
+    """What makes a figure weak that the figure alone does not show: more GPUs seen than
+    declared, GPUs declared but never seen, figures capped at 100%, low coverage, simulated
+    summaries, use attributed to no tenant."""
     out = []
+    inv = inventory(figures)
+    if inv["understated"]:
+        over = inv["over_declared"]
+        impossible = [f"{m} {x:.2%}" for m, x in over.items() if x > 1.0]
+        out.append(
+            f"{seen} GPUs reported but only {figures.expected} were declared: the inventory is "
+            f"understated, and every figure is over the {seen} seen"
+            + (
+                f" (over the {figures.expected} declared: {', '.join(impossible)}, more than "
+                "any GPU can do)"
+                if impossible
+                else ""
+            )
+        )
     if figures.summaries and seen < figures.expected:
         out.append(
             f"{figures.expected - seen} of the {figures.expected} GPUs declared never reported "
             "in this period: their seconds count as unobserved (zero in the figure, full in its "
             "upper bound)"
         )
+    if inv["capped"]:
+        out.append(
+            f"{', '.join(inv['capped'])} came out above 100% of the GPU-seconds counted and "
+            "were capped at 100%: the record holds more GPU-seconds than the inventory has"
+        )
     coverage = figures.coverage()
     if figures.summaries and coverage < LOW_COVERAGE:
         out.append(
-            f"coverage is {coverage:.1%}: most of the figure's capacity was not observed, so the "
-            "figure is closer to its lower bound than to what the GPUs did; the bounds say how "
-            "far apart they are"
+            f"coverage is {coverage:.1%}: {1 - coverage:.1%} of the figure's capacity was not "
+            "observed and counts as zero in it, so the figure can be far below what the GPUs did; "
+            "the bounds say how far"
         )
     mock = figures.backends.get("mock", 0)
     if mock:
         out.append(
             f"{mock:,} of the {figures.summaries:,} summaries come from the mock backend: "
             "simulated, not measured"
+        )
+    use = unattributed(figures)
+    if use["busy_share"] > UNATTRIBUTED_USE:
+        out.append(
+            f"{use['busy_gpu_hours']:,.1f} GPU-hours busy ({use['busy_share']:.1%} of all) ran on "
+            "GPUs attributed to no tenant and no job: who used them the record does not say"
         )
     return out
 
@@ -583,6 +806,8 @@ def render_text(answer: dict[str, Any], by: Sequence[str] = ()) -> str:
             f"claim       {answer['measure']} >= {answer['claim']:.2%}: {answer['verdict'].upper()}"
             f"  (without flagged padding: {answer['without_padding']['verdict']})",
         ]
+    if answer["claim"] is not None:
+        lines += _work_and_caveat_lines(answer)
     lines += [
         "",
         f"energy      {answer['energy_kwh']:.3f} kWh",
@@ -595,6 +820,22 @@ def render_text(answer: dict[str, Any], by: Sequence[str] = ()) -> str:
     for name in by:
         lines += ["", *_breakdown_table(name, answer[f"by_{name}"], list(answer["measures"]))]
     return "\n".join(lines)
+
+
+def _work_and_caveat_lines(answer: dict[str, Any]) -> list[str]:
+    """Beside a claim's verdict: the same claim on the real-work measure (when the claim is on
+    another), and why the verdict is no plain pass when the inventory says so."""
+    lines = []
+    work = answer.get("work_measure", WORK_MEASURE)
+    if answer["measure"] != work and "verdicts" in answer:
+        verdict = answer["verdicts"][work]
+        lines.append(
+            f"work        {work} >= {answer['claim']:.2%}: {verdict['headline_verdict'].upper()}"
+            f"  ({work} {verdict['figure']:.2%} [{verdict['lower']:.2%}, {verdict['upper']:.2%}])"
+        )
+    if answer.get("verdict_caveat"):
+        lines.append(f"caveat      not a plain verdict: {answer['verdict_caveat']}")
+    return lines
 
 
 def _claim_headline(answer: dict[str, Any]) -> str:
