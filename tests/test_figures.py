@@ -579,19 +579,15 @@ def test_phases_must_lie_within_the_period_and_have_names_of_their_own() -> None
         Rollup(MAR_1, MAR_1 + 86400, 1, [("a", MAR_1, MAR_1 + 60), ("a", MAR_1 + 60, MAR_1 + 120)])
 
 
-def test_phases_travel_with_the_inventory_to_worker_rollups() -> None:
-    """verify.py builds each worker's rollup as Rollup(start, end, expected) from the main
-    rollup's period: the phases ride on `expected` (pickled as they are), so a partial rollup
-    adds them up too, and merges."""
+def test_phases_travel_to_worker_rollups() -> None:
+    """verify.py builds each worker's rollup as Rollup(*main.period_of()), pickled to the
+    worker process: a partial rollup adds the phases up too, and merges."""
     import pickle
-
-    from gputally.collector.audit.figures import Inventory
 
     phases = [("a", MAR_1 + 600, MAR_1 + 7200)]
     main = Rollup(MAR_1, MAR_1 + 86400, 3, phases)
-    period = (main.start, main.end, main.expected)
-    carried = pickle.loads(pickle.dumps(period))
-    assert carried[2] == 3 and isinstance(carried[2], Inventory)
+    carried = pickle.loads(pickle.dumps(main.period_of()))
+    assert carried == (MAR_1, MAR_1 + 86400, 3, tuple(phases))
     worker = Rollup(*carried)
     assert list(worker.phases) == ["a"]
     rolled(hourly(lambda t: 0.5, MAR_1, 3), worker)

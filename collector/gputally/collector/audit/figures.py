@@ -219,26 +219,6 @@ def _merge_table(into: dict[_Key, Sums], other: dict[_Key, Sums]) -> None:
 Phase = tuple[str, float, float]
 
 
-class Inventory(int):
-    """The declared inventory, carrying the phases a rollup of it breaks its period into.
-
-    An int, because that is what it is everywhere else; it carries the phases because a
-    rollup's period reaches verify.py's worker processes as (start, end, expected), each of
-    which adds up its share of the log into Rollup(start, end, expected): the phases travel
-    with the inventory, so every partial rollup adds up its phases too, and merges into the
-    whole one."""
-
-    phases: tuple[Phase, ...]
-
-    def __new__(cls, value: int, phases: Sequence[Phase] = ()) -> Inventory:
-        inventory = super().__new__(cls, value)
-        inventory.phases = tuple(phases)
-        return inventory
-
-    def __reduce__(self) -> tuple[type[Inventory], tuple[int, tuple[Phase, ...]]]:
-        return (Inventory, (int(self), self.phases))
-
-
 class Rollup:
     """A period's figures and its days', in one pass that adds each GPU summary once; with
     `phases`, each phase's figures too, from the same adds."""
@@ -248,7 +228,7 @@ class Rollup:
             raise ValueError("the period must end after it starts")
         if expected < 1:
             raise ValueError("the inventory must be at least 1 GPU")
-        phases = tuple(phases) or getattr(expected, "phases", ())
+        phases = tuple(phases)
         names = [name for name, _, _ in phases]
         if len(set(names)) != len(names):
             raise ValueError("phase names must differ")
@@ -256,7 +236,8 @@ class Rollup:
             if not start <= p0 < p1 <= end:
                 raise ValueError(f"phase {name} must lie within the period and end after it starts")
         self.start, self.end = start, end
-        self.expected: int = Inventory(int(expected), phases)
+        self.expected = int(expected)
+        self.spans: tuple[Phase, ...] = phases  # (name, start, end) of each phase
         self.fine: dict[tuple[str, str, str, str, str], Sums] = {}
         self.node_day: dict[tuple[int, str], Sums] = {}
         # MIG shares, keyed (GPU, tenant, job): only the tenant and job breakdowns use them.
@@ -265,6 +246,11 @@ class Rollup:
         self.summaries = 0
         self.backends: dict[str, int] = {}
         self.phases = {name: Rollup(p0, p1, int(expected)) for name, p0, p1 in phases}
+
+    def period_of(self) -> tuple[float, float, int, tuple[Phase, ...]]:
+        """What makes an empty rollup like this one (Rollup(*period_of())): verify.py's worker
+        processes each add up their share of the log into one, merged after."""
+        return (self.start, self.end, self.expected, self.spans)
 
     def add_summary(self, node: str, summary: pb.Summary) -> None:
         window = (summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9)

@@ -265,7 +265,8 @@ def keys_digest(keys: Path) -> str:
 _CHUNK = 20_000
 
 
-Period = tuple[float, float, int]  # start, end, expected GPUs: what a Rollup adds up
+# start, end, expected GPUs, phases: what a Rollup adds up (Rollup.period_of)
+Period = tuple[float, float, int, tuple[tuple[str, float, float], ...]]
 Entry = tuple[int, str, bytes, bytes]  # (id, node, stored bytes, stored leaf hash)
 
 
@@ -539,7 +540,7 @@ def _verify(
     )
     created = record.checkpoint_times()
     claimed_times = _Claims(list(created.items()))
-    period = (rollup.start, rollup.end, rollup.expected) if rollup is not None else None
+    period = rollup.period_of() if rollup is not None else None
     delays = array("d")
     sources = {"witnessed": 0, "collector": 0, "none": 0}
     workers = workers if workers is not None else (os.cpu_count() or 1)
@@ -872,7 +873,7 @@ def _add_up_again(record: Record, rollup: Rollup, excluded: dict[int, set[str]])
     """The period's figures again, without the GPU summaries that overlap earlier ones: the
     workers added everything up before the overlaps (found in log order) were known. Runs
     only on a ledger with overlaps, which an honest collector never writes."""
-    sums = Rollup(rollup.start, rollup.end, rollup.expected)
+    sums = Rollup(*rollup.period_of())
     for entry, node, stored, leaf in record.entries():
         if leaf_hash(stored) != leaf:
             continue
