@@ -315,8 +315,11 @@ def test_every_recording_rule_alert_and_dashboard_query_against_a_live_cluster(
                 metric = metric.replace("$instance", ".*")
                 values = api(base, f"label/{label}/values", **{"match[]": metric})
                 assert values, variable["name"]
-        # queries allowed to be empty, and why: no XID event happens in this scenario
-        may_be_empty = {"{{node}} XID {{xid}}"}
+        # queries allowed to be empty, and why: no XID event happens in this scenario; this
+        # collector has no witnesses (the same expression is GputallyWitnessBehind's, which
+        # promtool tests in alerts_test.yml, and test_witness.py reads the metrics themselves)
+        may_be_empty = {"{{node}} XID {{xid}}", "{{witness}}", "{{witness}} conflicts"}
+        without_witnesses = {"Ledger entries not yet witnessed"}
         known: dict[str, dict[str, float]] = {
             "Utilization by measure (live window)": MEASURES,
             "GPUs reporting / expected": {"reporting": 32, "expected": 32},
@@ -350,7 +353,9 @@ def test_every_recording_rule_alert_and_dashboard_query_against_a_live_cluster(
                             panel["title"],
                             legend,
                         )
-            assert answered, f"panel {panel['title']!r} shows no data"
+            assert answered or panel["title"] in without_witnesses, (
+                f"panel {panel['title']!r} shows no data"
+            )
         assert checked >= 14  # every known figure above was found and compared
     finally:
         fleet.join(60)
