@@ -61,7 +61,8 @@ def ledger(
     )
     collector.stop()
     key = Ed25519PrivateKey.generate()
-    assert Ledger(record, key, "gputally/test").checkpoint(START)
+    # signed a minute after the last window, as a collector would
+    assert Ledger(record, key, "gputally/test").checkpoint(START + 3 * 86400 + 60)
     (keys / COLLECTOR_KEY_FILE).write_text(collector_key_text("gputally/test", public_bytes(key)))
     return db, keys
 
@@ -538,7 +539,12 @@ def test_files_manifest_and_exports_are_complete(tmp_path: Path) -> None:
     ]
     from gputally.collector.audit.report import _SPAN_FIELDS
 
-    assert list(rows_of(out / "weeks.csv")[0]) == ["week", "partial", *_SPAN_FIELDS]
+    assert list(rows_of(out / "weeks.csv")[0]) == [
+        "week",
+        "partial",
+        "verdict_caveat",
+        *_SPAN_FIELDS,
+    ]
     with (out / "phases.csv").open() as handle:  # no phase: a header, the same as with some
         assert handle.read().splitlines() == [
             ",".join(
@@ -624,7 +630,8 @@ def test_the_evidence_to_cite_is_exact(tmp_path: Path) -> None:
     assert shlex.join(["gputally", "audit", "report", f"--ledger={db}"]) in html_text(first)
     assert html_escape(note) in page  # the signed note itself, in full, below
     kinds = [item["kind"] for item in json.loads((out / "report.json").read_text())["limitations"]]
-    assert kinds == ["coverage", "witnesses", "trust"]
+    # recording times: the collector's own checkpoint time, no witness's
+    assert kinds == ["coverage", "witnesses", "claimed_times", "trust"]
 
 
 def html_text(fragment: str) -> str:
@@ -664,7 +671,7 @@ def test_more_gpus_than_declared_is_never_a_green_pass(tmp_path: Path) -> None:
         page.index('<section id="verdicts">') : page.index('<section id="limitations">')
     ]
     assert 'class="supported"' not in verdicts  # no pass's green anywhere in the verdicts
-    assert '<b class="caveat">Yes, but not for the GPUs declared: 85.00%' in verdicts
+    assert '<b class="caveat">Yes, but not a plain yes: 85.00%' in verdicts
     assert "16 GPUs reported where 12 were declared" in verdicts and "113.33%" in verdicts
 
 

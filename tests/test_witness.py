@@ -7,6 +7,7 @@ Real HTTP on 127.0.0.1, real ledgers, the real `gputally` commands."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import sqlite3
@@ -26,6 +27,7 @@ from gputally.agent.chain import SummarySigner
 from gputally.cli.options import FAILED, USAGE, address
 from gputally.cli.web import serve_http
 from gputally.collector.audit.verify import (
+    EARLY_WITNESSED,
     FORK,
     ROLLBACK,
     WITNESS,
@@ -57,7 +59,8 @@ from gputally.collector.record.witnessing import (
     split_note,
     witness_key_text,
 )
-from gputally.collector.witness import WitnessService, WitnessState, make_app
+from gputally.collector.witness import WitnessService, WitnessState, make_app, read_logs
+from gputally.v1 import telemetry_pb2 as pbm
 from gputally.v1.signing import public_bytes
 
 from .conftest import free_port
@@ -154,10 +157,12 @@ class Log:
         self.ledger = Ledger(self.record, self.key, ORIGIN)
         self.windows = 0
 
-    def grow(self, n: int, *, checkpoint_at: float | None = None) -> str:
+    def grow(self, n: int, *, checkpoint_at: float | None = None, tenant: str = "") -> str:
         """n more 300 s windows of node n1, then a checkpoint (signed at `checkpoint_at`)."""
         for _ in range(n):
             s = summary(T0 + 300.0 * self.windows, 300.0, 0.5, "n1")
+            if tenant:
+                s.gpus[0].attribution.tenant = tenant
             self.windows += 1
             signed = self.signer.sign(s)
             self.record.append(
@@ -652,3 +657,255 @@ def test_keys_enrolled_after_the_period_began_are_reported_and_unenrolled_ones_f
     )  # fmt: skip
     assert refused.returncode == FAILED
     assert "not enrolled: 1" in refused.stdout and "(it is enrolled for n2)" in refused.stdout
+
+
+# -- what a hostile review found, each held to account --------------------------------------
+
+
+def test_an_empty_or_unusable_against_is_an_error_not_an_anchor_turned_off(tmp_path: Path) -> None:
+    log = Log(tmp_path)
+    log.grow(4, checkpoint_at=T0 + 1260)
+    log.record.sync()
+    keys = tmp_path / "keys"
+    (tmp_path / "empty.txt").write_text("\n")
+    for against, says in (
+        (str(tmp_path / "empty.txt"), "empty"),
+        ("http://[::1", "--against"),
+        (str(tmp_path / "missing.txt"), "missing.txt"),
+    ):
+        ran = gputally(
+            "audit", "verify", f"--ledger={log.path}", f"--keys={keys}", f"--against={against}"
+        )
+        assert ran.returncode == USAGE and says in ran.stderr, ran.stderr
+        assert "Traceback" not in ran.stderr and "anchored" not in ran.stdout
+
+
+def test_a_checkpoint_of_another_key_or_origin_and_a_renamed_receipt_are_forks(
+    tmp_path: Path,
+) -> None:
+    log = Log(tmp_path)
+    log.grow(4, checkpoint_at=T0 + 1260)
+    log.record.sync()
+    keys = tmp_path / "keys"
+    # the collector key was swapped: the checkpoint a tenant kept is not this log's
+    other = sign_note(checkpoint_text(ORIGIN, 4, bytes(32)), ORIGIN, Ed25519PrivateKey.generate())
+    result = verify_ledger(log.path, keys, anchors=Anchors(against=other))
+    assert [p.kind for p in result.problems] == [FORK]
+    # a receipt made for the log under another origin
+    receipt = Receipt("example.org/the-real-log", 4, result.root, result.keys_digest, "t")
+    found = verify_ledger(log.path, keys, receipt=receipt)
+    assert [p.kind for p in found.problems] == [FORK]
+    assert "is for the log example.org/the-real-log" in found.problems[0].message
+
+
+def test_history_witnessed_before_its_windows_ended_is_an_integrity_finding(tmp_path: Path) -> None:
+    log = Log(tmp_path)
+    # the windows end at T0+300 .. T0+1200; the witness cosigns at T0 (before any ended)
+    witness = WitnessServer(tmp_path, {ORIGIN: public_bytes(log.key)}, clock=T0)
+    client = Witnesses([Witness(WITNESS_NAME, public_bytes(witness.key), witness.url)], log.record)
+    log.grow(4, checkpoint_at=T0 + 1260)
+    client.submit(log.ledger.last_note, log.ledger.consistency)
+    witness.stop()
+    result = verify_ledger(
+        log.path, tmp_path / "keys", anchors=Anchors(((WITNESS_NAME, public_bytes(witness.key)),))
+    )
+    assert [p.kind for p in result.problems] == [EARLY_WITNESSED] * 3  # the first ends at +300
+    assert not result.trustworthy
+
+
+def test_recording_before_the_windows_by_the_collectors_own_times_is_a_caveat(
+    tmp_path: Path,
+) -> None:
+    log = Log(tmp_path)
+    log.grow(12, checkpoint_at=T0 + 1800)  # half of the hour's windows end after that
+    log.record.sync()
+    ran = gputally(
+        "audit", "report", f"--ledger={log.path}", f"--keys={tmp_path / 'keys'}",
+        f"--from={T0:.0f}", f"--to={T0 + 3600:.0f}", "--expected-gpus=1", "--claim=0.4",
+        f"--out={tmp_path / 'out'}",
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["evidence"]["recording"]["early"] == 5  # ends at +2400 .. +3600, > 300 s ahead
+    assert report["verdict"] == "supported" and "recorded before their" in report["verdict_caveat"]
+    assert "NOT A PLAIN VERDICT" in ran.stdout
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "Yes, but not a plain yes" in html and "centre&#x27;s word" in html
+
+
+def test_rows_the_collector_never_writes_are_still_verified_and_counted_nowhere(
+    tmp_path: Path,
+) -> None:
+    log = Log(tmp_path)
+    log.grow(4, checkpoint_at=T0 + 1260)
+    log.record.sync()
+    keys = tmp_path / "keys"
+    forged = pbm.SignedSummary(
+        body=summary(T0, 300.0, 1.0, "n1").SerializeToString(), signature=bytes(64)
+    )
+    tampered = tmp_path / "tampered.db"
+    shutil.copy(log.path, tampered)
+    with sqlite3.connect(tampered) as connection:
+        connection.execute(
+            "INSERT INTO summaries (id, node, instance, seq, window_start_ns, window_end_ns,"
+            " received, body, leaf) VALUES (-1, 'n1', 1, 99, 0, 1, 0, ?, x'00')",
+            (forged.SerializeToString(),),
+        )
+    result = verify_ledger(tampered, keys)
+    assert result.entries == 5 and not result.trustworthy
+    assert result.problems[0].entry == -1
+    census = gputally("audit", "census", f"--ledger={tampered}", f"--keys={keys}")
+    assert census.returncode == FAILED and "Traceback" not in census.stderr
+
+
+def test_the_census_reads_the_signed_windows_not_the_record_columns(tmp_path: Path) -> None:
+    log = Log(tmp_path)
+    log.grow(4, checkpoint_at=T0 + 1260)
+    log.record.sync()
+    keys = tmp_path / "keys"
+    moved = tmp_path / "moved.db"
+    shutil.copy(log.path, moved)
+    with sqlite3.connect(moved) as connection:  # ten days later, by the unsigned columns
+        connection.execute(
+            "UPDATE summaries SET window_start_ns = window_start_ns + 864000000000000,"
+            " window_end_ns = window_end_ns + 864000000000000"
+        )
+    for db, cards in ((log.path, "cards seen: 1"), (moved, "cards seen: 1")):
+        ran = gputally(
+            "audit", "census", f"--ledger={db}", f"--keys={keys}",
+            f"--from={T0:.0f}", f"--to={T0 + 3600:.0f}",
+        )  # fmt: skip
+        assert ran.returncode == 0 and cards in ran.stdout, ran.stdout + ran.stderr
+    later = gputally(
+        "audit", "census", f"--ledger={moved}", f"--keys={keys}",
+        f"--from={T0 + 9 * 86400:.0f}", f"--to={T0 + 11 * 86400:.0f}",
+    )  # fmt: skip
+    assert later.returncode == 0 and "cards seen: 0" in later.stdout, later.stdout
+
+
+def test_a_stale_checkpoint_replayed_to_the_auditor_fails_with_max_age(tmp_path: Path) -> None:
+    log, witness, _ = _witnessed_ledger(tmp_path)  # cosigned at the witness's clock, T0 + 1 h
+    latest = (
+        urllib.request.urlopen(f"{witness.url}/checkpoint?origin={ORIGIN}", timeout=10)
+        .read()
+        .decode()
+    )
+    witness.stop()
+    keys = ((WITNESS_NAME, public_bytes(witness.key)),)
+    fresh = Anchors(keys, 1, latest, max_age=600, now=T0 + 3600 + 300)
+    assert verify_ledger(log.path, tmp_path / "keys", anchors=fresh).ok
+    stale = Anchors(keys, 1, latest, max_age=600, now=T0 + 3 * 3600)
+    result = verify_ledger(log.path, tmp_path / "keys", anchors=stale)
+    assert [p.kind for p in result.problems] == [WITNESS] and "--max-age" in result.problems[
+        0
+    ].message
+
+
+def test_altered_cosignature_and_checkpoint_rows_are_findings_not_tracebacks(
+    tmp_path: Path,
+) -> None:
+    log, witness, _ = _witnessed_ledger(tmp_path)
+    witness.stop()
+    log.record.sync()
+    keys = tmp_path / "keys"
+    vkey = witness.vkey
+    for change, kind in (
+        ("INSERT INTO cosignatures (size, witness, line, timestamp) SELECT 0, witness, line,"
+         " timestamp FROM cosignatures LIMIT 1", "witness"),
+        ("UPDATE checkpoints SET size = 'x' WHERE id = 1", "checkpoint"),
+    ):  # fmt: skip
+        copy = tmp_path / "altered.db"
+        shutil.copy(log.path, copy)
+        with sqlite3.connect(copy) as connection:
+            connection.execute(change)
+        for command in ("verify", "report"):
+            extra = (
+                [f"--from={T0:.0f}", f"--to={T0 + 3600:.0f}", "--expected-gpus=1", f"--out={tmp_path / 'r'}"]
+                if command == "report"
+                else []
+            )  # fmt: skip
+            ran = gputally(
+                "audit",
+                command,
+                f"--ledger={copy}",
+                f"--keys={keys}",
+                f"--witness-key={vkey}",
+                *extra,
+            )
+            assert ran.returncode == FAILED and "Traceback" not in ran.stderr, ran.stderr
+            assert kind in ran.stdout
+
+
+def test_the_witness_refuses_a_tree_too_large_and_a_log_named_twice(tmp_path: Path) -> None:
+    log = Log(tmp_path)
+    witness = WitnessServer(tmp_path, {ORIGIN: public_bytes(log.key)})
+    try:
+        huge = sign_note(checkpoint_text(ORIGIN, 1 << 63, bytes(32)), ORIGIN, log.key)
+        assert witness.post(add_checkpoint_body(0, [], huge))[:3:2] == (
+            400,
+            "a tree size is below 2^63\n",
+        )
+    finally:
+        witness.stop()
+    logs = tmp_path / "logs"
+    line = collector_key_text(ORIGIN, public_bytes(log.key))
+    logs.write_text(line + collector_key_text(ORIGIN, public_bytes(Ed25519PrivateKey.generate())))
+    with pytest.raises(ValueError, match=r"line 2: the log .* has a key already"):
+        read_logs(logs)
+
+
+def test_a_tenants_proof_follows_the_signed_node_not_the_record_column(tmp_path: Path) -> None:
+    log = Log(tmp_path)
+    log.grow(4, checkpoint_at=T0 + 1260)
+    log.record.sync()
+    with sqlite3.connect(log.path) as connection:
+        connection.execute("UPDATE summaries SET node = 'n2' WHERE id = 2")
+    ran = gputally(
+        "audit", "prove", f"--ledger={log.path}", f"--keys={tmp_path / 'keys'}", "--node=n1"
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert [i["index"] for i in json.loads(ran.stdout)["inclusions"]] == [0, 1, 2, 3]
+
+
+def test_names_a_spreadsheet_would_run_are_quoted_in_the_csv_files(tmp_path: Path) -> None:
+    log = Log(tmp_path)
+    evil = '=HYPERLINK("http://evil.example/","Click")'
+    log.grow(12, checkpoint_at=T0 + 3660, tenant=evil)
+    log.record.sync()
+    ran = gputally(
+        "audit", "report", f"--ledger={log.path}", f"--keys={tmp_path / 'keys'}",
+        f"--from={T0:.0f}", f"--to={T0 + 3600:.0f}", "--expected-gpus=1",
+        f"--out={tmp_path / 'out'}",
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    import csv
+
+    with (tmp_path / "out" / "tenants.csv").open() as handle:
+        names = [row["name"] for row in csv.DictReader(handle)]
+    assert names == ["'" + evil]  # text, not a formula
+    assert (
+        json.loads((tmp_path / "out" / "report.json").read_text())["by_tenant"][0]["name"] == evil
+    )
+
+
+def test_gpus_the_auditor_never_enrolled_make_no_plain_yes(tmp_path: Path) -> None:
+    log = Log(tmp_path)
+    log.grow(12, checkpoint_at=T0 + 3660)
+    log.record.sync()
+    keys, enrolment, key = tmp_path / "keys", tmp_path / "enrolment", tmp_path / "e.key"
+    assert gputally("enrolment", "init", f"--key={key}", "--name=auditor.example/e").returncode == 0
+    signed = gputally(
+        "enrolment", "sign", f"--key={key}", f"--dir={enrolment}", "--node=n1",
+        f"--public-key={keys / 'n1.pub'}", "--gpu=GPU-n1-7", "--at=2025-12-01",
+    )  # fmt: skip
+    assert signed.returncode == 0, signed.stderr
+    ran = gputally(
+        "audit", "report", f"--ledger={log.path}", f"--keys={keys}", f"--enrolment={enrolment}",
+        f"--enrolment-key={key}.vkey", f"--from={T0:.0f}", f"--to={T0 + 3600:.0f}",
+        "--expected-gpus=1", "--claim=0.4", f"--out={tmp_path / 'out'}",
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["verdict"] == "supported"  # 50% busy >= 40%, but over a GPU nobody enrolled
+    assert "GPU windows of GPUs no enrolment record lists" in report["verdict_caveat"]
+    assert "Yes, but not a plain yes" in (tmp_path / "out" / "report.html").read_text()

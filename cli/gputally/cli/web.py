@@ -854,6 +854,9 @@ MAX_CONNECTIONS = 128
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    # the kernel's queue of connections not yet accepted: the default 5 resets a burst of
+    # clients (Prometheus and a few probes, a witness's loggers) that the cap below admits
+    request_queue_size = MAX_CONNECTIONS
     live: _Live | None = None
     _slots = threading.BoundedSemaphore(MAX_CONNECTIONS)  # replaced per server in server_bind
 

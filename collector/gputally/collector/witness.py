@@ -171,6 +171,8 @@ class WitnessService:
             return Answer(403, f"{error}\n")
         if old > size:
             return Answer(400, f"old size {old} is larger than the checkpoint's {size}\n")
+        if size >= 1 << 63:
+            return Answer(400, "a tree size is below 2^63\n")
         with self.state.lock:
             db = self.state.db
             db.execute("BEGIN IMMEDIATE")
@@ -429,6 +431,8 @@ def read_logs(path: Path) -> dict[str, bytes]:
             name, key = parse_verifier_key(line)
         except ValueError as error:
             raise ValueError(f"--logs {path}: line {number}: {error}") from None
+        if name in logs:
+            raise ValueError(f"--logs {path}: line {number}: the log {name} has a key already")
         logs[name] = key
     if not logs:
         raise ValueError(f"--logs {path}: no log's verifier key in the file")

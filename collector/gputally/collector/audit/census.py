@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from gputally.v1 import accounting
 from gputally.v1 import telemetry_pb2 as pb
 
@@ -41,10 +43,18 @@ class Card:
 
 
 def take(record: Record, start: float, end: float) -> dict[str, Card]:
+    """The cards of every entry whose signed window overlaps [start, end). Every row is read
+    and the window taken from the signed body, never from the record's window columns, which
+    no signature covers (run after a verification that holds: each row was checked)."""
     cards: dict[str, Card] = {}
-    for node, stored in record.summaries(int(start * 1e9), int(end * 1e9)):
-        summary = pb.Summary.FromString(pb.SignedSummary.FromString(stored).body)
+    for _, node, stored, _ in record.entries():
+        try:
+            summary = pb.Summary.FromString(pb.SignedSummary.FromString(stored).body)
+        except DecodeError:
+            continue  # a finding of the verification, never a card
         w0, w1 = summary.window_start_unix_nano / 1e9, summary.window_end_unix_nano / 1e9
+        if not (w1 > start and w0 < end):
+            continue
         for gpu in summary.gpus:
             key = accounting.card(gpu.uuid) or f"{node}/{gpu.index}"  # "GPU-AB", "gpu-ab": one card
             card = cards.setdefault(key, Card(gpu.uuid or key, gpu.serial, gpu.model))

@@ -99,6 +99,15 @@ def _add_anchor_options(parser: argparse.ArgumentParser) -> None:
         "than it (rolled back) or with other first entries (forked) fails",
     )
     group.add_argument(
+        "--max-age",
+        type=positive,
+        default=None,
+        metavar="SECONDS",
+        help="the --against checkpoint must have been cosigned by a --witness-key witness at "
+        "most this long ago: a stale checkpoint replayed to you proves nothing of what came "
+        "after it (default: any age; fetch it yourself, over https)",
+    )
+    group.add_argument(
         "--late-after",
         type=positive,
         default=6 * 3600.0,
@@ -265,22 +274,33 @@ def _anchors(args: argparse.Namespace) -> Anchors:
         raise AnchorError(
             f"--min-witnesses {args.min_witnesses}: only {len(keys)} --witness-key given"
         )
-    against = ""
+    against: str | None = None
     if args.against.startswith(("http://", "https://")):
         url = args.against.rstrip("/")
-        if "/checkpoint" not in urllib.parse.urlsplit(url).path:
-            origin, _ = read_collector_key(Path(args.keys))
-            url += "/checkpoint?" + urllib.parse.urlencode({"origin": origin})
         try:
+            if "/checkpoint" not in urllib.parse.urlsplit(url).path:
+                origin, _ = read_collector_key(Path(args.keys))
+                url += "/checkpoint?" + urllib.parse.urlencode({"origin": origin})
             with urllib.request.urlopen(url, timeout=30) as answer:
                 against = answer.read(1 << 20).decode()
-        except (urllib.error.URLError, OSError, UnicodeDecodeError) as error:
+        except (urllib.error.URLError, OSError, UnicodeDecodeError, ValueError) as error:
             raise AnchorError(f"--against {url}: {getattr(error, 'reason', error)}") from None
+        host = urllib.parse.urlsplit(url).hostname or ""
+        if url.startswith("http://") and host not in ("127.0.0.1", "::1", "localhost"):
+            print(
+                f"  warning: --against over plain http ({url}): anyone on the path could "
+                "answer with a stale checkpoint; use https, or --max-age",
+                file=sys.stderr,
+            )
     elif args.against:
         try:
             against = Path(args.against).read_text()
         except (OSError, UnicodeDecodeError) as error:
             raise AnchorError(f"--against {args.against}: {error}") from None
+    if args.against and not (against or "").strip():
+        raise AnchorError(f"--against {args.against}: empty: no checkpoint to verify against")
+    if args.max_age is not None and not args.against:
+        raise AnchorError("--max-age applies to the --against checkpoint: give one")
     enrolment = None
     if args.enrolment or args.enrolment_key:
         from .enrolment import EnrolmentError, load_enrolment
@@ -298,7 +318,14 @@ def _anchors(args: argparse.Namespace) -> Anchors:
         except ValueError as error:
             raise AnchorError(f"--enrolled-by: {error}") from None
     return Anchors(
-        tuple(keys), args.min_witnesses, against, args.late_after, enrolment, enrolled_by
+        tuple(keys),
+        args.min_witnesses,
+        against,
+        args.late_after,
+        enrolment,
+        enrolled_by,
+        args.max_age,
+        time.time(),
     )
 
 
@@ -554,7 +581,7 @@ def run_audit_prove(args: argparse.Namespace) -> int:
     from gputally.v1.signing import KeyFileError
 
     from ..record.store import RecordError
-    from .verify import ProofRequestError, prove
+    from .verify import ProofRefusedError, ProofRequestError, prove
 
     if args.entry is None and args.since is None and not args.node:
         return fail("audit prove", "give --entry ID, --node NODE, --since SIZE, or several")
@@ -571,6 +598,8 @@ def run_audit_prove(args: argparse.Namespace) -> int:
             checkpoint=checkpoint,
             node=args.node,
         )
+    except ProofRefusedError as error:
+        return fail("audit prove", str(error), FAILED)
     except (RecordError, KeyFileError, ProofRequestError) as error:
         return fail("audit prove", str(error))
     print(json.dumps(answer, indent=2))

@@ -43,9 +43,10 @@ from .figures import (
     as_dict,
     bounds,
     simulated_lines,
+    verdict_caveat,
     verdicts,
 )
-from .verify import UNCOUNTED, Verification
+from .verify import CAVEATS, UNCOUNTED, Verification
 
 # -- content ---------------------------------------------------------------------------------
 
@@ -105,7 +106,12 @@ def build(
                 }
             )
     weeks = [
-        {"week": label, "partial": partial, **_flat(_row(figures, claim))}
+        {
+            "week": label,
+            "partial": partial,
+            "verdict_caveat": verdict_caveat(figures, measure),
+            **_flat(_row(figures, claim)),
+        }
         for label, figures, partial in rollup.weeks()
     ]
     phases = [
@@ -137,6 +143,35 @@ def build(
             "evidence": evidence(verification, ledger, keys, command),
         }
     )
+    # Findings the figures still count, which a verdict must not pass over: GPUs the auditor
+    # did not enrol, keys enrolled late, summaries recorded before their windows ended.
+    found = verification.by_kind()
+    caveats = [
+        f"the figures count {len(found[kind]):,} {CAVEATS[kind]}"
+        for kind in CAVEATS
+        if kind in found
+    ]
+    early = int(verification.recording.get("early", 0) or 0)  # type: ignore[call-overload]
+    if early:
+        caveats.append(
+            f"{early:,} summaries the collector's own times say were recorded before their "
+            "windows ended, which no honest record can show"
+        )
+        answer["warnings"].append(
+            f"{early:,} summaries were recorded before their windows ended, by the collector's "
+            "own checkpoint times: those times (or its clock) are wrong, and they are the only "
+            "record of when the history was written"
+        )
+    answer["findings_caveats"] = caveats
+    if caveats:
+        text = "; ".join(caveats)
+        answer["verdict_caveat"] = (
+            f"{answer['verdict_caveat']}; {text}" if answer["verdict_caveat"] else text
+        )
+        for phase in phases:
+            phase["verdict_caveat"] = (
+                f"{phase['verdict_caveat']}; {text}" if phase["verdict_caveat"] else text
+            )
     recording = answer["evidence"]["recording"]
     if recording and recording.get("late"):
         answer["warnings"].append(
@@ -345,6 +380,11 @@ def evidence(
         # entries covered by a checkpoint enough of the given witnesses cosigned
         "witnessed": verification.witnessed,
         "recording": dict(verification.recording),
+        # cosignatures the ledger keeps (checked or not), the witness keys given, and the
+        # checkpoint the ledger was verified against (--against), if any
+        "cosignature_rows": verification.cosignature_rows,
+        "witness_keys": list(verification.witness_keys),
+        "against": dict(verification.against) if verification.against else None,
     }
     if ledger is not None:
         out["ledger"] = _file(ledger)
@@ -448,7 +488,17 @@ def limitations(r: dict[str, Any]) -> list[dict[str, str]]:
                 "program ran; there the range of real work reaches up to the busy time.",
             )
         )
-    if not ev["cosignatures"]:
+    if not ev["cosignatures"] and ev.get("cosignature_rows") and not ev.get("witness_keys"):
+        out.append(
+            Limitation(
+                "witnesses",
+                "Witnesses not checked.",
+                f"The log keeps {ev['cosignature_rows']:,} witness cosignatures, but no witness "
+                "key was given (--witness-key), so none was checked: until they are, only the "
+                "centre vouches for the state of its log.",
+            )
+        )
+    elif not ev["cosignatures"]:
         out.append(
             Limitation(
                 "witnesses",
@@ -477,6 +527,17 @@ def limitations(r: dict[str, Any]) -> list[dict[str, str]]:
             )
         )
     recording = ev["recording"]
+    if recording and recording.get("summaries") and recording.get("source") != "witnessed":
+        out.append(
+            Limitation(
+                "claimed_times",
+                "When the records were made is the centre's word.",
+                "No witness timestamped "
+                + ("them" if recording.get("source") == "collector" else "some of them")
+                + ": their recording times are the collector's own checkpoint times, which the "
+                "centre can set as it likes.",
+            )
+        )
     if recording and recording.get("late"):
         out.append(
             Limitation(
@@ -978,7 +1039,7 @@ def answer_of(v: dict[str, Any], caveat: str | None, short: bool = False) -> tup
             )
         return text, "padding-decides"
     if caveat and verdict == "supported":
-        return ("Yes, but" if short else "Yes, but not for the GPUs declared"), "caveat"
+        return ("Yes, but" if short else "Yes, but not a plain yes"), "caveat"
     return _WORD[verdict], verdict
 
 
@@ -1000,6 +1061,7 @@ def plain_caveat(r: dict[str, Any]) -> str:
         parts.append(text)
     if inv["capped"]:
         parts.append("a figure came out above 100% and had to be capped")
+    parts += r.get("findings_caveats", [])
     return "; ".join(parts) + ". See Limitations."
 
 
@@ -1295,6 +1357,13 @@ def breakdown_table(rows: Sequence[dict[str, Any]], title: str, over: str) -> st
     )
 
 
+def _week_word(verdict: str | None, caveat: str | None) -> str:
+    """A week's verdict in a word: never a plain Yes under a caveat."""
+    if verdict == "supported" and caveat:
+        return "Yes, but"
+    return _WORD.get(verdict or "", verdict or "")
+
+
 def weeks_table(r: dict[str, Any]) -> str:
     m, work = r["measure"], WORK_MEASURE
     shown = [m] if m == work else [m, work]
@@ -1304,7 +1373,7 @@ def weeks_table(r: dict[str, Any]) -> str:
         + "".join(
             f"<td>{w[x]:.2%} [{w[x + '_lower']:.2%}, {w[x + '_upper']:.2%}]"
             + (
-                f" {_WORD.get(w[x + '_verdict'] or '', w[x + '_verdict'] or '')}"
+                " " + _week_word(w[x + "_verdict"], w["verdict_caveat"] or r["verdict_caveat"])
                 if r["claim"] is not None
                 else ""
             )
@@ -1474,11 +1543,24 @@ report.json.</small></p>
 MANIFEST = "MANIFEST.sha256"
 
 
+# A cell a spreadsheet would run as a formula: node, tenant, job and model names are the
+# agents' words, and an auditor opens these files in a spreadsheet.
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """Text that a spreadsheet would take for a formula, quoted with a leading apostrophe
+    (the OWASP rule); numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(_FORMULA):
+        return "'" + value
+    return value
+
+
 def _csv(path: Path, rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(fields), extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: _cell(value) for key, value in row.items()} for row in rows)
 
 
 def _fields(rows: Sequence[dict[str, Any]], first: Sequence[str]) -> list[str]:

@@ -68,7 +68,13 @@ from ..record.ledger import (
 )
 from ..record.merkle import Frontier, leaf_hash
 from ..record.store import Record
-from ..record.witnessing import COSIGNATURE, open_cosignature, split_note, witness_key_text
+from ..record.witnessing import (
+    COSIGNATURE,
+    checkpoint_size,
+    open_cosignature,
+    split_note,
+    witness_key_text,
+)
 from .enrolment import ENROLLED_LATE, GPU_NOT_ENROLLED, NOT_ENROLLED, RECORD_INVALID, Enrolment
 from .figures import GpuWindows as _Windows
 from .figures import Rollup, Screen, countable, gpu_numbers, windows_of
@@ -84,7 +90,11 @@ CHECKPOINT = "checkpoint"  # a checkpoint that does not verify or contradicts th
 # The ledger is shorter than a checkpoint signed before (one kept by the auditor, a witness's,
 # a receipt's, or a cosignature the ledger itself keeps): entries were removed after it.
 ROLLBACK = "rollback"
-FORK = "fork"  # the ledger's first entries are not those such a checkpoint signed
+FORK = "fork"
+# A summary a witness cosigned before its window ended: proof that it was written in
+# advance. (By the collector's own checkpoint times, only a claim that contradicts itself:
+# counted in the recording figures, recording["early"], and a caveat on every verdict.)
+EARLY_WITNESSED = "witnessed before its window ended"  # the ledger's first entries are not those such a checkpoint signed
 WITNESS = "witness"  # a cosignature that does not verify, or fewer witnesses than required
 # Against the auditor's enrolment records (audit/enrolment.py, docs/enrolment.md): a key that
 # signed summaries with no record for its node, and a record that does not verify, mean the
@@ -101,6 +111,7 @@ KINDS = (
     ROLLBACK,
     FORK,
     WITNESS,
+    EARLY_WITNESSED,
     NOT_ENROLLED,
     RECORD_INVALID,
     ENROLLED_LATE,
@@ -116,10 +127,17 @@ INTEGRITY = frozenset(
         ROLLBACK,
         FORK,
         WITNESS,
+        EARLY_WITNESSED,
         NOT_ENROLLED,
         RECORD_INVALID,
     }
 )
+# Findings the figures count, and that a verdict must not pass over ("Yes, but"): what the
+# report says of each.
+CAVEATS = {
+    GPU_NOT_ENROLLED: "GPU windows of GPUs no enrolment record lists",
+    ENROLLED_LATE: "keys or GPUs enrolled after the period began",
+}
 # Findings whose summaries (or GPUs' windows) are left out of every figure.
 UNCOUNTED = frozenset({OVERLAP, DUPLICATE_IDENTITY, IMPLAUSIBLE})
 # A summary first recorded (witnessed, else checkpointed) this long after its window ended
@@ -162,6 +180,11 @@ class Verification:
     # (for the enrolment check)
     keys_used: dict[str, set[bytes]] = field(default_factory=dict)
     gpus_seen: dict[str, set[str]] = field(default_factory=dict)
+    cosignature_rows: int = 0  # cosignatures the ledger keeps, checked or not
+    witness_keys: list[str] = field(default_factory=list)  # the verifier keys given
+    # the --against checkpoint: {"size", "root" (base64), "cosigned_at" (newest cosignature
+    # by a given witness, 0 if none), "witnesses" (how many given witnesses cosigned it)}
+    against: dict[str, object] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -194,6 +217,13 @@ class Verification:
 
 class ReceiptError(ValueError):
     pass
+
+
+def _size(value: object) -> int:
+    """A receipt's size: a whole number of entries, 1 or more."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"size {value!r} is not a number of entries")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +260,7 @@ class Receipt:
                 raise ValueError("not a gputally receipt (format 1)")
             return cls(
                 str(data["origin"]),
-                int(data["size"]),
+                _size(data["size"]),
                 bytes.fromhex(data["root"]),
                 str(data["keys_digest"]),
                 str(data.get("verified_at", "")),
@@ -416,12 +446,16 @@ class Anchors:
 
     witness_keys: tuple[tuple[str, bytes], ...] = ()
     min_witnesses: int = 0
-    against: str = ""
+    against: str | None = None  # None: not given
     late_after: float = LATE_AFTER
     # the auditor's enrolment records, and when the period began for "enrolled late" (default:
     # the report's --from; none for `audit verify` without --enrolled-by)
     enrolment: Enrolment | None = None
     enrolled_by: float | None = None
+    # the --against checkpoint's newest cosignature by a given witness must be this recent
+    # (seconds before `now`): a stale checkpoint replayed to the auditor is a witness finding
+    max_age: float | None = None
+    now: float = 0.0
 
 
 class AnchorError(ValueError):
@@ -516,8 +550,14 @@ def _verify(
     enrolled = {path.stem: keys.keys(path.stem) for path in keys_dir.glob("*.pub")}
     count = record.count()
     # Cosignatures: those the ledger keeps, and those on the --against checkpoint.
-    against = _against(anchors.against, name, collector_key) if anchors.against else None
+    against_or_fork = (
+        _against(anchors.against, name, collector_key) if anchors.against is not None else None
+    )
+    against = against_or_fork if not isinstance(against_or_fork, Problem) else None
+    if isinstance(against_or_fork, Problem):
+        result.problems.append(against_or_fork)
     cosignatures = record.cosignatures()
+    result.cosignature_rows = len(cosignatures)
     if against is not None:
         cosignatures += [(against[1], "", line) for line in against[3]]
     wanted.update(size for size, _, _ in cosignatures)
@@ -567,11 +607,19 @@ def _verify(
                     seen = result.gpus_seen.setdefault(node, set())
                     seen.update(uuid for *_, uuid in checked.uuids)
                     start_ns, end_ns = checked.window
+                    when = witnessed_times.at(index)
+                    source = "witnessed"
+                    if when is None:
+                        when, source = claimed_times.at(index), "collector"
+                    if (
+                        when is not None
+                        and source == "witnessed"
+                        and when < end_ns / 1e9 - EARLY_BEFORE
+                    ):
+                        # the collector's own times saying so are a claim that contradicts
+                        # itself (recording["early"]: a caveat); a witness's, a proof
+                        result.problems.append(_early(entry, node, when, end_ns))
                     if period is None or (end_ns > period[0] * 1e9 and start_ns < period[1] * 1e9):
-                        when = witnessed_times.at(index)
-                        source = "witnessed"
-                        if when is None:
-                            when, source = claimed_times.at(index), "collector"
                         if when is None:
                             sources["none"] += 1
                         else:
@@ -638,26 +686,54 @@ def _verify(
 Against = tuple[str, int, bytes, list[str]]  # origin, size, root, its other signature lines
 
 
-def _against(note: str, name: str, collector_key: bytes) -> Against:
-    """The --against checkpoint, which must be this log's, signed by its collector key."""
+def _against(note: str, name: str, collector_key: bytes) -> Against | Problem:
+    """The --against checkpoint: this log's, signed by its collector key. A signed note that
+    is not (another origin, another key: the log the checkpoint's holder knows is not this
+    one) is a fork finding; text that is no signed checkpoint at all, an AnchorError."""
+    try:
+        text, lines = split_note(note)
+        checkpoint_size(text)
+    except CheckpointError as error:
+        raise AnchorError(f"--against: not a signed checkpoint ({error})") from None
     try:
         origin, size, root = open_note(note, name, collector_key)
-        _, lines = split_note(note)
     except CheckpointError as error:
-        raise AnchorError(
-            f"--against: not a checkpoint of {name} signed by the collector's key ({error})"
-        ) from None
-    if origin != name:
-        raise AnchorError(f"--against: a checkpoint of {origin}, not of {name}")
+        first = text.split("\n", 1)[0][:100]
+        return Problem(
+            None,
+            f"the checkpoint given (--against), of {first!r}, is not signed by this ledger's "
+            f"collector key for {name} ({error}): it is another log's, or this one's key or "
+            "origin was replaced (a fork)",
+            FORK,
+        )
     prefix = f"\u2014 {name} "
     return origin, size, root, [line + "\n" for line in lines if not line.startswith(prefix)]
+
+
+def _early(entry: int, node: str, when: float, end_ns: int) -> Problem:
+    """A summary a witness cosigned before its window ended: history prepared in advance."""
+    ahead = end_ns / 1e9 - when
+    return Problem(
+        entry,
+        f"node {node}'s summary was witnessed {ahead:,.0f} s before its window ended "
+        f"({_utc(when)} < {_utc(end_ns / 1e9)}): written in advance, not measured",
+        EARLY_WITNESSED,
+    )
 
 
 def _check_receipt(
     receipt: Receipt, roots: dict[int, bytes], result: Verification
 ) -> list[Problem]:
     if receipt.origin != result.origin:
-        return []  # another log's receipt: said in receipt_note, nothing to compare
+        return [
+            Problem(
+                None,
+                f"the receipt (verified {receipt.verified_at or 'at an unknown time'}) is for the "
+                f"log {receipt.origin}, this ledger is {result.origin}: the log the receipt "
+                "vouched for is not this one (a fork, or a renamed origin)",
+                FORK,
+            )
+        ]
     made = f"the receipt (verified {receipt.verified_at or 'at an unknown time'})"
     if receipt.size > result.entries:
         return [
@@ -720,6 +796,7 @@ def _check_witnesses(
     problems: list[Problem] = []
     best: dict[str, tuple[int, int]] = {}  # witness -> (largest size cosigned, its time)
     against_ok: set[str] = set()
+    against_newest = 0  # the newest cosignature on the --against checkpoint by a given witness
     for size, source, line in cosignatures:
         for witness, key in anchors.witness_keys:
             claimed = _cosignature_time(line, witness, key)
@@ -727,8 +804,18 @@ def _check_witnesses(
                 continue
             if source == "" and against is not None:
                 text: str | None = checkpoint_text(result.origin, against[1], against[2])
-            elif size <= result.entries:
+            elif 0 < size <= result.entries and size in roots:
                 text = checkpoint_text(result.origin, size, roots[size])
+            elif size < 1:
+                problems.append(
+                    Problem(
+                        None,
+                        f"the ledger keeps a cosignature by witness {witness} filed under size "
+                        f"{size}, which no checkpoint can have: the row was altered",
+                        WITNESS,
+                    )
+                )
+                continue
             else:
                 text = split_note(notes[size])[0] if size in notes else None
             if text is None:
@@ -777,6 +864,7 @@ def _check_witnesses(
                 )
             if source == "":
                 against_ok.add(witness)
+                against_newest = max(against_newest, timestamp)
             held = best.get(witness)
             if held is None or size > held[0]:
                 best[witness] = (size, timestamp)
@@ -793,7 +881,28 @@ def _check_witnesses(
     need = anchors.min_witnesses or (1 if anchors.witness_keys else 0)
     sizes = sorted((size for size, _ in best.values()), reverse=True)
     result.witnessed = min(result.entries, sizes[need - 1]) if need and len(sizes) >= need else 0
-    if need and anchors.against and len(against_ok) < need:
+    result.witness_keys = [witness_key_text(name, key) for name, key in anchors.witness_keys]
+    if against is not None:
+        result.against = {
+            "size": against[1],
+            "root": base64.b64encode(against[2]).decode(),
+            "cosigned_at": against_newest,
+            "witnesses": len(against_ok),
+        }
+    if anchors.max_age is not None and against is not None:
+        age = anchors.now - against_newest
+        if not against_ok or age > anchors.max_age:
+            when = f"last cosigned {_utc(against_newest)}" if against_ok else "cosigned by none"
+            problems.append(
+                Problem(
+                    None,
+                    f"the checkpoint given (--against) was {when} of the given witnesses, more "
+                    f"than --max-age ({anchors.max_age:,.0f} s) ago: a stale checkpoint says "
+                    "nothing of what came after it",
+                    WITNESS,
+                )
+            )
+    if need and anchors.against is not None and len(against_ok) < need:
         problems.append(
             Problem(
                 None,
@@ -977,6 +1086,10 @@ class ProofRequestError(ValueError):
     """A proof that cannot be given for this ledger; the message says why."""
 
 
+class ProofRefusedError(ProofRequestError):
+    """The ledger does not hold what the checkpoint signs: the answer is no (exit 1)."""
+
+
 def prove(
     ledger: Path,
     keys_dir: Path,
@@ -1013,21 +1126,21 @@ def prove(
         ids: list[int] = []
         nodes: list[str] = []
         leaves: list[bytes] = []
-        for row_id, row_node, stored, _ in record.entries():
+        for row_id, _, stored, _ in record.entries():
             if len(leaves) == size:
                 break
             ids.append(row_id)
-            nodes.append(row_node)
+            nodes.append(_signed_node(stored))  # the node the signed body names
             leaves.append(leaf_hash(stored))
     finally:
         record.close()
     if len(leaves) < size:
-        raise ProofRequestError(
+        raise ProofRefusedError(
             f"the checkpoint signs {size:,} entries, the ledger holds {len(leaves):,}: it was "
             "rolled back (run `audit verify --against` with this checkpoint)"
         )
     if merkle.root(leaves) != root:
-        raise ProofRequestError(
+        raise ProofRefusedError(
             f"the ledger's entries do not give the root signed at size {size}: run `audit verify`"
         )
     out: dict[str, object] = {"checkpoint": note, "size": size, "root": _b64(root)}
@@ -1063,6 +1176,15 @@ def prove(
             "proof": [_b64(h) for h in path],
         }
     return out
+
+
+def _signed_node(stored: bytes) -> str:
+    """The node a stored entry's signed body names ("" when it is no summary): the record's
+    node column is no part of the signature."""
+    try:
+        return pb.Summary.FromString(pb.SignedSummary.FromString(stored).body).node
+    except DecodeError:
+        return ""
 
 
 def _b64(data: bytes) -> str:

@@ -453,7 +453,7 @@ class Ledger:
         roots: dict[int, bytes] = {}
         # a ledger from before the GPU window index: fill it on the way (card -> node, window)
         index: dict[str, tuple[str, Window]] | None = {} if not self.record.indexed() else None
-        for row_id, _, body, leaf in self.record.entries(self._last_id):
+        for row_id, _, body, leaf in self.record.entries(self._last_id or None):
             computed = leaf_hash(body)
             if computed != leaf and not self.broken:
                 self.broken = f"entry {row_id}'s bytes no longer give its leaf hash: it was altered"
@@ -595,7 +595,7 @@ class Ledger:
         store it. Never signs an inconsistent one."""
         with self._lock:
             try:
-                for row_id, _, body, leaf in self.record.entries(self._last_id):
+                for row_id, _, body, leaf in self.record.entries(self._last_id or None):
                     computed = leaf_hash(body)
                     if computed != leaf:
                         self.fail(f"entry {row_id}'s bytes no longer give its leaf hash")

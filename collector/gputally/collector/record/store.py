@@ -104,6 +104,16 @@ def _blob(value: object) -> bytes:
     return b"" if value is None else str(value).encode()
 
 
+def _integer(value: object) -> int:
+    """A stored integer as an int, -1 when a damaged or edited row holds something else."""
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value))
+    except ValueError:
+        return -1
+
+
 def _signed(value: int) -> int:
     # SQLite integers are signed 64-bit; agent instance ids are unsigned 64-bit.
     return value - (1 << 64) if value >= 1 << 63 else value
@@ -273,12 +283,15 @@ class Record:
             ).fetchall()
         return [(int(i), _blob(leaf)) for i, leaf in rows]
 
-    def entries(self, after_id: int = 0) -> Iterator[tuple[int, str, bytes, bytes]]:
-        """(id, node, body, stored leaf hash) of every entry after `after_id`, in log order.
-        RecordError when a damaged page stops the read."""
+    def entries(self, after_id: int | None = None) -> Iterator[tuple[int, str, bytes, bytes]]:
+        """(id, node, body, stored leaf hash) of every entry after `after_id` (of every row,
+        without one: ids of 0 or below, which the collector never writes, are rows too, and
+        an auditor must see them), in log order. RecordError when a damaged page stops the
+        read."""
+        where, bound = ("WHERE id > ? ", (after_id,)) if after_id is not None else ("", ())
         try:
             for i, node, body, leaf in self._db.execute(
-                "SELECT id, node, body, leaf FROM summaries WHERE id > ? ORDER BY id", (after_id,)
+                f"SELECT id, node, body, leaf FROM summaries {where}ORDER BY id", bound
             ):
                 yield int(i), str(node), _blob(body), _blob(leaf)
         except sqlite3.Error as error:
@@ -369,8 +382,7 @@ class Record:
                 raise _damaged(self.path, error) from None
         out: list[tuple[int, str, str]] = []
         for size, witness, line in rows:
-            with contextlib.suppress(TypeError, ValueError):
-                out.append((int(size), str(witness), str(line)))
+            out.append((_integer(size), str(witness), str(line)))
         return out
 
     def checkpoints(self) -> list[tuple[int, int, bytes, str]]:
@@ -382,7 +394,8 @@ class Record:
                 ).fetchall()
             except sqlite3.Error as error:
                 raise _damaged(self.path, error) from None
-        return [(int(i), int(size), _blob(root), str(note)) for i, size, root, note in rows]
+        # an edited size that is not a number reads as -1: the checks then fail on it
+        return [(int(i), _integer(size), _blob(root), str(note)) for i, size, root, note in rows]
 
     def declare_inventory(self, expected: int, since: float) -> None:
         with self._lock:
