@@ -235,6 +235,9 @@ def test_query_answers_for_a_past_period_from_the_record(
         0.725, abs=0.005
     )
     assert answer["verdict"] == "supported" and answer["seen_gpus"] == 32
+    # where that inventory came from, and that query checks no signature: said, not implied
+    assert answer["inventory_source"].startswith("the collector's --expected-gpus, an unsigned")
+    assert answer["verified"] is False
     assert answer["energy_kwh"] == pytest.approx((16 * 560 + 16 * 70) * 1195 / 3.6e6, rel=0.01)
     assert [row["name"] for row in answer["by_model"]] == ["NVIDIA H100 80GB HBM3"]
     text = run(
@@ -253,6 +256,8 @@ def test_query_answers_for_a_past_period_from_the_record(
     assert text.returncode == 0, text.stderr
     assert re.search(r"claim\s+sm_active >= 30\.00%: SUPPORTED", text.stdout), text.stdout
     assert "coverage 100.0%" in text.stdout
+    assert "unverified: `gputally audit report` checks" in text.stdout
+    assert "an unsigned row of the record" not in text.stdout  # --expected-gpus was given
     # the breakdowns asked for, in that order: 32 GPUs x 1200 s, allocated busy SM effective
     figures = r"\s+32\s+10\.7\s+50\.00%\s+45\.00%\s+30\.00%\s+30\.00%\s+[0-9.]+\n"
     assert re.search(

@@ -511,9 +511,26 @@ def run_query(args: argparse.Namespace) -> int:
     finally:
         record.close()
     answer = as_dict(figures, args.measure, args.claim)
+    # Where the denominator came from: the inventory row the collector wrote is its operator's
+    # --expected-gpus, which nothing signs; and query reads the record without verifying it.
+    answer["inventory_source"] = (
+        "given (--expected-gpus)"
+        if args.expected_gpus
+        else "the collector's --expected-gpus, an unsigned row of the record"
+    )
+    answer["verified"] = False
     if args.json:
         print(json.dumps(answer, indent=2))
     else:
         print(render_text(answer, [name for name in args.by.split(",") if name]))
+        if not args.expected_gpus:
+            print(
+                "note        the inventory is the collector's --expected-gpus (an unsigned row of "
+                "the record): give --expected-gpus for the inventory a claim is about"
+            )
+        print(
+            "note        read from the record as it is, unverified: `gputally audit report` "
+            "checks every signature, chain and checkpoint first"
+        )
     # A verdict that flagged padding changes is never a pass (docs/utilization.md §8).
     return PADDING_DECIDES if answer["padding_decides"] else 0
