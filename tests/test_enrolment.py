@@ -19,6 +19,7 @@ from gputally.cli.main import main
 from gputally.collector.audit.enrolment import (
     ENROLLED_LATE,
     GPU_NOT_ENROLLED,
+    GPU_NOT_SEEN,
     NOT_ENROLLED,
     RECORD_INVALID,
     Enrolment,
@@ -276,6 +277,12 @@ def test_findings_name_each_key_and_gpu_the_enrolment_does_not_vouch_for(
             "node n3: GPU GPU-1a appears in its summaries, and no enrolment record of n3 lists "
             "it (it is enrolled for n1)",
         ),
+        # and n3's own enrolled GPU never reported: replaced by the one above
+        EnrolmentFinding(
+            GPU_NOT_SEEN,
+            "n3",
+            "node n3: GPU GPU-3a, enrolled 2026-02-20T10:00:00Z, appears in none of its summaries",
+        ),
     ]
     # without a period, nothing is late
     assert [f.kind for f in enrolment.check(used, gpus, None)] == [
@@ -283,6 +290,7 @@ def test_findings_name_each_key_and_gpu_the_enrolment_does_not_vouch_for(
         NOT_ENROLLED,
         GPU_NOT_ENROLLED,
         GPU_NOT_ENROLLED,
+        GPU_NOT_SEEN,
     ]
 
 
@@ -295,10 +303,10 @@ def test_a_rotated_node_passes_for_both_of_its_keys(
     enrol(tmp_path, auditor, "n1", new, MID, [("GPU-a", "1"), ("GPU-d", "4")])  # mid-period
     enrolment = load_enrolment(tmp_path, vkey(auditor))
     assert len(enrolment.records_for("n1")) == 3 and enrolment.problems == []
-    seen = {"n1": {"GPU-a", "GPU-b", "GPU-c"}}
-    assert enrolment.check({"n1": {old, new}}, seen, MAR) == []
+    seen = {"n1": {"GPU-a", "GPU-b", "GPU-c", "GPU-d"}}
+    assert enrolment.check({"n1": {old, new}}, seen, None) == []
     # a GPU first enrolled during the period is reported, the key (enrolled before) is not
-    assert enrolment.check({"n1": {new}}, {"n1": {"GPU-d"}}, MAR) == [
+    assert enrolment.check({"n1": {old, new}}, seen, MAR) == [
         EnrolmentFinding(
             ENROLLED_LATE,
             "n1",

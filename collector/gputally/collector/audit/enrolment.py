@@ -68,7 +68,10 @@ NOT_ENROLLED = "not enrolled"
 RECORD_INVALID = "record invalid"
 ENROLLED_LATE = "enrolled late"
 GPU_NOT_ENROLLED = "gpu not enrolled"
-KINDS = (NOT_ENROLLED, RECORD_INVALID, ENROLLED_LATE, GPU_NOT_ENROLLED)
+# An enrolled GPU that no summary of its node names: gone, replaced (perhaps by one that is
+# `gpu not enrolled`), or its node never reported.
+GPU_NOT_SEEN = "enrolled gpu not seen"
+KINDS = (NOT_ENROLLED, RECORD_INVALID, ENROLLED_LATE, GPU_NOT_ENROLLED, GPU_NOT_SEEN)
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 _EARLIEST, _LATEST = 0, int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp())
@@ -439,6 +442,21 @@ class Enrolment:
                             node,
                             f"node {node}: GPU {uuid} was first enrolled "
                             f"{format_time(enrolled)}, after the period began {began}",
+                        )
+                    )
+        seen_cards = {(node, card(uuid)) for node, uuids in gpus.items() for uuid in uuids}
+        shown: set[tuple[str, str]] = set()
+        for r in self.records:
+            for gpu in r.gpus:
+                g = (r.node, card(gpu.uuid))
+                if g not in seen_cards and g not in shown:
+                    shown.add(g)
+                    findings.append(
+                        EnrolmentFinding(
+                            GPU_NOT_SEEN,
+                            r.node,
+                            f"node {r.node}: GPU {gpu.uuid}, enrolled {format_time(first_gpu[g])}, "
+                            "appears in none of its summaries",
                         )
                     )
         findings.extend(EnrolmentFinding(RECORD_INVALID, n, p) for n, p in self._invalid)

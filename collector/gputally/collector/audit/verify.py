@@ -75,7 +75,14 @@ from ..record.witnessing import (
     split_note,
     witness_key_text,
 )
-from .enrolment import ENROLLED_LATE, GPU_NOT_ENROLLED, NOT_ENROLLED, RECORD_INVALID, Enrolment
+from .enrolment import (
+    ENROLLED_LATE,
+    GPU_NOT_ENROLLED,
+    GPU_NOT_SEEN,
+    NOT_ENROLLED,
+    RECORD_INVALID,
+    Enrolment,
+)
 from .figures import GpuWindows as _Windows
 from .figures import Rollup, Screen, countable, gpu_numbers, windows_of
 
@@ -116,6 +123,7 @@ KINDS = (
     RECORD_INVALID,
     ENROLLED_LATE,
     GPU_NOT_ENROLLED,
+    GPU_NOT_SEEN,
 )
 # Findings after which the ledger's figures cannot be trusted at all.
 INTEGRITY = frozenset(
