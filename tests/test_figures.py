@@ -598,3 +598,41 @@ def test_phases_travel_to_worker_rollups() -> None:
     )
     with pytest.raises(ValueError, match="same phases"):
         main.merge(Rollup(MAR_1, MAR_1 + 86400, 3))
+
+
+def test_a_window_cut_by_the_period_widens_the_bounds_and_keeps_the_figure() -> None:
+    """A summary does not say when in its window its seconds were: a period that cuts a
+    window gets the pro rata figure, but bounds that hold wherever they were."""
+    from gputally.collector.audit.figures import gpu_numbers
+    from gputally.v1 import telemetry_pb2 as pb
+
+    hour = pb.Summary(
+        window_start_unix_nano=int(MAR_1) * 10**9,
+        window_end_unix_nano=int(MAR_1 + 3600) * 10**9,
+    )
+    # busy 2,700 s of the hour (75%), SM activity 900 s, all measured
+    hour.gpus.add(
+        index=0,
+        uuid="GPU-a",
+        present_seconds=3600,
+        busy_seconds=2700,
+        sm_active_seconds=900,
+        sm_measured_seconds=3600,
+    )
+    for start, end, busy, sm in (
+        # the first half: of the 2,700 busy seconds at least 900 are in it, at most 1,800;
+        # of the 2,700 seconds without SM activity at least 900; so SM active 0 .. 900
+        (MAR_1, MAR_1 + 1800, (900 / 1800, 1.0), (0.0, 900 / 1800)),
+        # the last quarter (900 s): busy 0 .. 900, SM active 0 .. 900
+        (MAR_1 + 2700, MAR_1 + 3600, (0.0, 1.0), (0.0, 1.0)),
+        # the whole hour: exact, as before
+        (MAR_1, MAR_1 + 3600, (0.75, 0.75), (0.25, 0.25)),
+    ):
+        rollup = Rollup(start, end, 1)
+        rollup.add("n1", (MAR_1, MAR_1 + 3600.0), gpu_numbers("n1", hour))
+        period = rollup.period()
+        got = bounds(period.total.sums, period.capacity)
+        assert got["busy"].figure == pytest.approx(0.75)  # pro rata, whatever the cut
+        assert (got["busy"].lower, got["busy"].upper) == pytest.approx(busy)
+        assert (got["sm_active"].lower, got["sm_active"].upper) == pytest.approx(sm)
+        assert got["sm_active"].figure == pytest.approx(0.25)

@@ -671,6 +671,7 @@ def test_more_gpus_than_declared_is_never_a_green_pass(tmp_path: Path) -> None:
         page.index('<section id="verdicts">') : page.index('<section id="limitations">')
     ]
     assert 'class="supported"' not in verdicts  # no pass's green anywhere in the verdicts
+    assert "<td>Yes</td>" not in verdicts  # nor a plain Yes, with or without padding
     assert '<b class="caveat">Yes, but not a plain yes: 85.00%' in verdicts
     assert "16 GPUs reported where 12 were declared" in verdicts and "113.33%" in verdicts
 

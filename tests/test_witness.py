@@ -274,8 +274,12 @@ def test_the_collectors_client_proves_from_the_witness_size_and_keeps_the_cosign
     log_and_witness: tuple[Log, WitnessServer],
 ) -> None:
     log, witness = log_and_witness
+    now = lambda: witness.clock  # noqa: E731 - the witness's clock, as the client's
     client = Witnesses(
-        [Witness(WITNESS_NAME, public_bytes(witness.key), witness.url)], log.record, timeout=10
+        [Witness(WITNESS_NAME, public_bytes(witness.key), witness.url)],
+        log.record,
+        timeout=10,
+        clock=now,
     )
     log.grow(3)
     client.submit(log.ledger.last_note, log.ledger.consistency)
@@ -295,7 +299,9 @@ def test_the_collectors_client_proves_from_the_witness_size_and_keeps_the_cosign
     # without its cosignatures) learns the size from the 409 and proves from there
     fresh = Record(log.path)
     fresh_client = Witnesses(
-        [Witness(WITNESS_NAME, public_bytes(witness.key), witness.url)], Record(log.dir / "x.db")
+        [Witness(WITNESS_NAME, public_bytes(witness.key), witness.url)],
+        Record(log.dir / "x.db"),
+        clock=now,
     )
     log.grow(2)
     fresh_client.record = fresh
@@ -304,7 +310,9 @@ def test_the_collectors_client_proves_from_the_witness_size_and_keeps_the_cosign
 
     # a witness that cosigned MORE than the ledger signs has seen another history: loud
     rolled = Witnesses(
-        [Witness(WITNESS_NAME, public_bytes(witness.key), witness.url)], Record(log.dir / "y.db")
+        [Witness(WITNESS_NAME, public_bytes(witness.key), witness.url)],
+        Record(log.dir / "y.db"),
+        clock=now,
     )
     old_note = sign_note(
         checkpoint_text(ORIGIN, 11, merkle.root(log.record.leaves(0, 11))), ORIGIN, log.key
@@ -332,7 +340,11 @@ def test_a_witnesses_file_is_checked_line_by_line(tmp_path: Path) -> None:
 def _witnessed_ledger(tmp_path: Path) -> tuple[Log, WitnessServer, Witnesses]:
     log = Log(tmp_path)
     witness = WitnessServer(tmp_path, {ORIGIN: public_bytes(log.key)})
-    client = Witnesses([Witness(WITNESS_NAME, public_bytes(witness.key), witness.url)], log.record)
+    client = Witnesses(
+        [Witness(WITNESS_NAME, public_bytes(witness.key), witness.url)],
+        log.record,
+        clock=lambda: witness.clock,
+    )
     for n in (4, 4, 4):
         log.grow(n)
         client.submit(log.ledger.last_note, log.ledger.consistency)
@@ -454,7 +466,11 @@ def test_recording_delays_come_from_the_witnesses_and_else_from_the_collector(
 ) -> None:
     log = Log(tmp_path)
     witness = WitnessServer(tmp_path, {ORIGIN: public_bytes(log.key)}, clock=T0 + 1200 + 30)
-    client = Witnesses([Witness(WITNESS_NAME, public_bytes(witness.key), witness.url)], log.record)
+    client = Witnesses(
+        [Witness(WITNESS_NAME, public_bytes(witness.key), witness.url)],
+        log.record,
+        clock=lambda: witness.clock,
+    )
     # windows 0..3 end at T0+300..T0+1200; checkpointed (collector's word) at T0+1200+10,
     # witnessed at T0+1200+30
     log.grow(4, checkpoint_at=T0 + 1210)
@@ -702,7 +718,11 @@ def test_history_witnessed_before_its_windows_ended_is_an_integrity_finding(tmp_
     log = Log(tmp_path)
     # the windows end at T0+300 .. T0+1200; the witness cosigns at T0 (before any ended)
     witness = WitnessServer(tmp_path, {ORIGIN: public_bytes(log.key)}, clock=T0)
-    client = Witnesses([Witness(WITNESS_NAME, public_bytes(witness.key), witness.url)], log.record)
+    client = Witnesses(
+        [Witness(WITNESS_NAME, public_bytes(witness.key), witness.url)],
+        log.record,
+        clock=lambda: witness.clock,
+    )
     log.grow(4, checkpoint_at=T0 + 1260)
     client.submit(log.ledger.last_note, log.ledger.consistency)
     witness.stop()
@@ -909,3 +929,116 @@ def test_gpus_the_auditor_never_enrolled_make_no_plain_yes(tmp_path: Path) -> No
     assert report["verdict"] == "supported"  # 50% busy >= 40%, but over a GPU nobody enrolled
     assert "GPU windows of GPUs no enrolment record lists" in report["verdict_caveat"]
     assert "Yes, but not a plain yes" in (tmp_path / "out" / "report.html").read_text()
+
+
+class HostileWitness:
+    """A witness that misbehaves on purpose, with a real witness key (so that its lines can
+    verify): `mode` says how."""
+
+    def __init__(self, mode: str, redirect_to: str = ""):
+        import http.server
+        import threading
+
+        self.key = Ed25519PrivateKey.generate()
+        self.mode, self.redirect_to = mode, redirect_to
+        self.requests = 0
+        hostile = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                hostile.requests += 1
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                _, _, note = parse_add_checkpoint(body)
+                text, _ = split_note(note)
+                if hostile.mode == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", hostile.redirect_to + "/add-checkpoint")
+                    self.end_headers()
+                    return
+                if hostile.mode == "bad-size":
+                    self.send_response(409)
+                    self.send_header("Content-Type", SIZE_CONTENT_TYPE)
+                    self.end_headers()
+                    self.wfile.write(b"-5\n")
+                    return
+                when = int(time.time()) + (10 * 365 * 86400 if hostile.mode == "future" else 0)
+                line = cosign(text, "hostile.example/w", hostile.key, when).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(line)))
+                self.end_headers()
+                if hostile.mode == "trickle":
+                    for byte in line[:20]:  # a byte every 0.4 s: within each read's timeout
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.4)
+                else:
+                    self.wfile.write(line)
+
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_port}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def witness(self) -> Witness:
+        return Witness("hostile.example/w", public_bytes(self.key), self.url)
+
+    def stop(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+def test_a_witness_that_trickles_its_answer_holds_up_neither_the_others_nor_the_collector(
+    tmp_path: Path,
+) -> None:
+    log = Log(tmp_path)
+    honest = WitnessServer(tmp_path, {ORIGIN: public_bytes(log.key)})
+    slow = HostileWitness("trickle")
+    try:
+        client = Witnesses(
+            [slow.witness(), Witness(WITNESS_NAME, public_bytes(honest.key), honest.url)],
+            log.record,
+            timeout=3.0,  # the slow answer needs 8 s; the honest one a few milliseconds
+            clock=lambda: honest.clock,
+        )
+        log.grow(3)
+        began = time.monotonic()
+        client.submit(log.ledger.last_note, log.ledger.consistency, wait=0)
+        assert time.monotonic() - began < 0.5  # the collector's loop is not held up
+        deadline = time.monotonic() + 10
+        while client.status[WITNESS_NAME].size < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.status[WITNESS_NAME].size == 3  # the honest one, in its own time
+        # while the slow one is still answering, it is not asked again
+        log.grow(1)
+        assert client._busy == {"hostile.example/w"}
+        client.submit(log.ledger.last_note, log.ledger.consistency, wait=3)
+        assert client.status[WITNESS_NAME].size == 4
+        # the slow answer took longer than one timeout in all: given up, as a failure
+        deadline = time.monotonic() + 10
+        while client._busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.status["hostile.example/w"].size == 0
+        assert sum(client.status["hostile.example/w"].failures.values()) == 1
+    finally:
+        slow.stop()
+        honest.stop()
+
+
+@pytest.mark.parametrize("mode", ["future", "redirect", "bad-size"])
+def test_what_a_hostile_witness_answers_is_never_kept(tmp_path: Path, mode: str) -> None:
+    log = Log(tmp_path)
+    elsewhere = HostileWitness("plain")  # where a redirect points: it must never be asked
+    hostile = HostileWitness(mode, redirect_to=elsewhere.url)
+    try:
+        client = Witnesses([hostile.witness()], log.record, timeout=5)
+        log.grow(3)
+        client.submit(log.ledger.last_note, log.ledger.consistency)
+        assert log.record.cosignatures() == []
+        failures = client.status["hostile.example/w"].failures
+        assert failures == {"http": 1} if mode == "redirect" else {"protocol": 1}, failures
+        assert elsewhere.requests == 0
+    finally:
+        hostile.stop()
+        elsewhere.stop()

@@ -261,7 +261,7 @@ def _anchors(args: argparse.Namespace) -> Anchors:
     import urllib.request
 
     from ..record.ledger import read_collector_key
-    from ..record.witnessing import parse_witness_key
+    from ..record.witnessing import NoRedirect, parse_witness_key
     from .verify import AnchorError, Anchors
 
     keys: list[tuple[str, bytes]] = []
@@ -281,7 +281,9 @@ def _anchors(args: argparse.Namespace) -> Anchors:
             if "/checkpoint" not in urllib.parse.urlsplit(url).path:
                 origin, _ = read_collector_key(Path(args.keys))
                 url += "/checkpoint?" + urllib.parse.urlencode({"origin": origin})
-            with urllib.request.urlopen(url, timeout=30) as answer:
+            # no redirects: the checkpoint comes from the witness asked, or not at all
+            opener = urllib.request.build_opener(NoRedirect())
+            with opener.open(url, timeout=30) as answer:
                 against = answer.read(1 << 20).decode()
         except (urllib.error.URLError, OSError, UnicodeDecodeError, ValueError) as error:
             raise AnchorError(f"--against {url}: {getattr(error, 'reason', error)}") from None

@@ -56,6 +56,43 @@ def read(gpu: pb.GpuSummary) -> Numbers:
     )
 
 
+_I = {name: i for i, name in enumerate(SUMMARY_FIELDS)}
+# For each recorded measure: the seconds it certainly holds (its lower bound's numerator) and
+# those it may hold beside them (missing or unmeasured), as SUMMARY_FIELDS indexes:
+# accounting.bounds, measure by measure.
+_CERTAIN = (
+    ("allocated", (_I["allocated_seconds"],), (), (_I["allocated_missing_seconds"],)),
+    ("busy", (_I["busy_seconds"],), (), (_I["busy_missing_seconds"],)),
+    ("sm_active", (_I["sm_active_seconds"],), (), (_I["busy_unmeasured_seconds"],)),
+    (
+        "effective",
+        (_I["effective_seconds"],),
+        (_I["effective_estimated_seconds"],),
+        (_I["busy_unmeasured_seconds"],),
+    ),
+)
+_PRESENT = _I["present_seconds"]
+
+
+def _cut(values: Sequence[float], share: float, span: float) -> list[float]:
+    """How much a window cut by the period (`share` of its `span` GPU-seconds inside) widens
+    each measure's bounds beyond the pro rata share: (lower, upper) per recorded measure.
+
+    Pro rata puts `share` of every second inside, but a summary does not say when in its
+    window the seconds were: of m seconds certainly in the measure, at least
+    max(0, m - (1 - share) * span) are inside; of q seconds certainly not, at least
+    max(0, q - (1 - share) * span). The bounds take the worst, the figure stays pro rata."""
+    outside = (1.0 - share) * span
+    present = values[_PRESENT]
+    out: list[float] = []
+    for _, plus, minus, maybe in _CERTAIN:
+        certain = sum(values[i] for i in plus) - sum(values[i] for i in minus)
+        idle = present - sum(values[i] for i in plus) - sum(values[i] for i in maybe)
+        out.append(max(0.0, share * certain - max(0.0, certain - outside)))
+        out.append(max(0.0, share * idle - max(0.0, idle - outside)))
+    return out
+
+
 @dataclass(slots=True)
 class Sums:
     """GPU-seconds (and joules) added up over summaries, pro rata to the period.
@@ -66,6 +103,9 @@ class Sums:
     totals: list[float] = field(default_factory=lambda: [0.0] * len(SUMMARY_FIELDS))
     flagged_totals: list[float] = field(default_factory=lambda: [0.0] * len(FLAGGED_FIELDS))
     by_rule: dict[str, float] = field(default_factory=dict)
+    # GPU-seconds by which windows cut by the period widen each recorded measure's bounds:
+    # (lower, upper) per measure of _CERTAIN, see _cut
+    cut: list[float] = field(default_factory=lambda: [0.0] * (2 * len(_CERTAIN)))
 
     @property
     def values(self) -> dict[str, float]:
@@ -75,8 +115,12 @@ class Sums:
     def flagged(self) -> dict[str, float]:
         return dict(zip(FLAGGED_FIELDS, self.flagged_totals, strict=True))
 
-    def add(self, numbers: Numbers, share: float) -> None:
+    def add(self, numbers: Numbers, share: float, span: float = 0.0) -> None:
+        """Add `share` of a window's numbers; `span`, the window's GPU-seconds, when the
+        share is a window cut by the period (its bounds widen, see _cut)."""
         values, flagged, rules = numbers
+        if share < 1.0 and span > 0.0:
+            self.cut = [t + x for t, x in zip(self.cut, _cut(values, share, span), strict=True)]
         # map(add) and comprehensions over zip run several times faster than indexed += in
         # a loop, and a report does this for every GPU summary in the ledger. A whole window
         # (share 1, most of them) takes map(add), twice as fast again, with the same sums.
@@ -93,6 +137,8 @@ class Sums:
 
     def merge(self, other: Sums) -> None:
         self.add((other.totals, other.flagged_totals, list(other.by_rule.items())), 1.0)
+        if any(other.cut):
+            self.cut = [t + x for t, x in zip(self.cut, other.cut, strict=True)]
 
 
 def bounds(sums: Sums, capacity: float, *, without_padding: bool = False) -> dict[str, Bounds]:
@@ -100,7 +146,15 @@ def bounds(sums: Sums, capacity: float, *, without_padding: bool = False) -> dic
     values = sums.values
     if without_padding:  # flagged seconds count as no work; the denominator stays
         values = accounting.unpadded(values, sums.flagged)
-    return accounting.bounds(values, capacity)
+    out = accounting.bounds(values, capacity)
+    if capacity > 0 and any(sums.cut):
+        # windows cut by the period: their seconds may lie on either side of the cut
+        for k, (measure, *_) in enumerate(_CERTAIN):
+            b = out[measure]
+            lower = max(0.0, b.lower - sums.cut[2 * k] / capacity)
+            upper = min(1.0, b.upper + sums.cut[2 * k + 1] / capacity)
+            out[measure] = Bounds(b.figure, min(lower, b.figure), max(upper, b.figure))
+    return out
 
 
 @dataclass(slots=True)
@@ -276,7 +330,7 @@ class Rollup:
             sums = fine.get((key, node, model, tenant, job))
             if sums is None:
                 sums = fine[(key, node, model, tenant, job)] = Sums()
-            sums.add(numbers, share)
+            sums.add(numbers, share, w1 - w0)
             _, _, rules = numbers
             node_rules += rules
             for part_tenant, part_job, part in shares:
@@ -297,7 +351,9 @@ class Rollup:
             d0, d1 = max(self.start, number * DAY), min(self.end, (number + 1) * DAY)
             day_share = (min(w1, d1) - max(w0, d0)) / (w1 - w0)
             if day_share > 0:
-                _sums_of(self.node_day, (number, node)).add(node_numbers, day_share)
+                _sums_of(self.node_day, (number, node)).add(
+                    node_numbers, day_share, len(gpus) * (w1 - w0)
+                )
 
     def clear(self) -> None:
         """Back to nothing added (a verification that has to start again)."""

@@ -1107,7 +1107,7 @@ def verdicts_html(r: dict[str, Any]) -> str:
         cells = ""
         if claim is not None:
             word, cls = answer_of(v, caveat, short=True)
-            clean = _WORD[v["verdict_without_padding"]]
+            clean = _week_word(v["verdict_without_padding"], caveat)  # never a plain Yes
             cells = f'<td class="{cls}">{html.escape(word)}</td><td>{clean}</td>'
         mark = " &larr; claim" if m == r["measure"] else ""
         rows.append(

@@ -70,6 +70,7 @@ from ..record.merkle import Frontier, leaf_hash
 from ..record.store import Record
 from ..record.witnessing import (
     COSIGNATURE,
+    TIMESTAMP_SLACK,
     checkpoint_size,
     open_cosignature,
     split_note,
@@ -859,6 +860,17 @@ def _check_witnesses(
                 )
                 continue
             if timestamp is None:
+                continue
+            if anchors.now and timestamp > anchors.now + TIMESTAMP_SLACK:
+                problems.append(
+                    Problem(
+                        None,
+                        f"witness {witness}'s cosignature of size {size:,} is dated "
+                        f"{_utc(timestamp)}, in the future: its clock is wrong, and no time it "
+                        "signs can bound anything (nor pass --max-age)",
+                        WITNESS,
+                    )
+                )
                 continue
             if size > result.entries and source != "":
                 problems.append(

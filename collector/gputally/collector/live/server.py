@@ -632,7 +632,9 @@ async def _run(
     behind it). Meanwhile nodes idle for --evict-after are forgotten, so memory follows the
     live fleet."""
 
-    def witness() -> None:
+    def witness(wait: float) -> None:
+        """Send the newest checkpoint to the witnesses behind it, waiting at most `wait`:
+        never long, since a witness must not hold up signing or stopping."""
         if (
             witnesses is not None
             and ledger is not None
@@ -640,7 +642,7 @@ async def _run(
             and not ledger.broken
             and witnesses.behind(ledger.last_size)
         ):
-            witnesses.submit(ledger.last_note, ledger.consistency)
+            witnesses.submit(ledger.last_note, ledger.consistency, wait=wait)
 
     async def evictions() -> None:
         while True:
@@ -653,7 +655,7 @@ async def _run(
                 await asyncio.to_thread(ledger.checkpoint, time.time())
             except CheckpointError as error:
                 log.error("checkpoint refused", extra={"kv": {"error": str(error)}})
-            await asyncio.to_thread(witness)
+            witness(0.0)  # starts the requests on threads of their own, returns at once
             await asyncio.sleep(s.checkpoint_interval)
 
     signer = asyncio.ensure_future(checkpoints())
@@ -677,4 +679,5 @@ async def _run(
         if ledger is not None:
             with contextlib.suppress(CheckpointError):
                 ledger.checkpoint(time.time())  # cover everything recorded before the stop
-            await asyncio.to_thread(witness)
+            # one last round for the final checkpoint, bounded by one witness's timeout
+            await asyncio.to_thread(witness, s.witness_timeout)

@@ -30,7 +30,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +49,8 @@ COSIGNATURE_HEADER = "cosignature/v1\n"
 MAX_PROOF_LINES = 63  # tlog-witness: a client never sends more
 SIZE_CONTENT_TYPE = "text/x.tlog.size"  # a 409's body: the witness's latest size
 MAX_REQUEST_BYTES = 64 * 1024  # an add-checkpoint body: 63 hashes and a note fit many times
+# How far a cosignature's time may be from when it was asked for (clocks differ a little).
+TIMESTAMP_SLACK = 300
 
 
 # What Witnesses needs of the ledger: the consistency proof from one size to a larger one
@@ -218,6 +219,30 @@ def read_witnesses(path: Path) -> list[Witness]:
     return out
 
 
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed: the answer (3xx) is the witness's, and a failure."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def _read_by(answer: object, deadline: float) -> bytes:
+    """At most MAX_REQUEST_BYTES of an answer, read before `deadline` (monotonic): a witness
+    that trickles its answer byte by byte gets the time of one request, not of each byte."""
+    chunks: list[bytes] = []
+    got = 0
+    read = getattr(answer, "read1", None) or getattr(answer, "read")  # noqa: B009
+    while got < MAX_REQUEST_BYTES:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the witness took longer than --witness-timeout to answer")
+        chunk = read(min(4096, MAX_REQUEST_BYTES - got))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
 @dataclass(slots=True)
 class WitnessStatus:
     """What the collector knows of one witness, for its metrics."""
@@ -242,13 +267,21 @@ class Witnesses:
         *,
         timeout: float = 10.0,
         ca_file: str = "",
+        clock: Callable[[], float] = time.time,
     ):
         self.witnesses = list(witnesses)
         self.record = record
         self.timeout = timeout
+        self.clock = clock  # what a cosignature's time is checked against
         self.context = ssl.create_default_context(cafile=ca_file or None)
         self.status = {w.name: WitnessStatus() for w in self.witnesses}
         self._lock = threading.Lock()
+        self._busy: set[str] = set()  # witnesses with a request in flight
+        # no redirects: a witness's answer comes from the witness (urllib would turn the POST
+        # into a GET to wherever it points, and read that answer whole)
+        self._opener = urllib.request.build_opener(
+            NoRedirect(), urllib.request.HTTPSHandler(context=self.context)
+        )
         for size, name, _ in record.cosignatures():
             held = self.status.get(name)
             if held is not None and size > held.size:
@@ -259,23 +292,43 @@ class Witnesses:
         with self._lock:
             return any(held.size < size for held in self.status.values())
 
-    def submit(self, note: str, prove: ConsistencyProver) -> None:
-        """Ask every witness to cosign `note` (the collector's newest checkpoint)."""
+    def submit(self, note: str, prove: ConsistencyProver, wait: float | None = None) -> None:
+        """Ask every witness that is behind to cosign `note` (the collector's newest
+        checkpoint), each on a daemon thread of its own, and wait at most `wait` seconds for
+        them (None: until they are done, at most twice the timeout each; 0: not at all).
+
+        A witness whose previous request is still running is not asked again: a slow or
+        hostile witness delays only itself, never the checkpoints, the other witnesses, or
+        the collector's shutdown."""
         size = checkpoint_size(split_note(note)[0])
+        started: list[threading.Thread] = []
         with self._lock:
-            # only those behind: a witness that cosigned this size already is not asked again
-            behind = [w for w in self.witnesses if self.status[w.name].size < size]
-        if not behind:
-            return
-        with ThreadPoolExecutor(len(behind), thread_name_prefix="witness") as pool:
-            for witness in behind:
-                pool.submit(self._submit_logged, witness, note, prove)
+            for witness in self.witnesses:
+                # only those behind: a witness that cosigned this size already is not asked
+                if self.status[witness.name].size >= size or witness.name in self._busy:
+                    continue
+                self._busy.add(witness.name)
+                thread = threading.Thread(
+                    target=self._submit_logged,
+                    args=(witness, note, prove),
+                    name=f"witness {witness.name}",
+                    daemon=True,
+                )
+                started.append(thread)
+        for thread in started:
+            thread.start()
+        deadline = time.monotonic() + (2 * self.timeout + 1 if wait is None else wait)
+        for thread in started:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _submit_logged(self, witness: Witness, note: str, prove: ConsistencyProver) -> None:
         try:
             self._submit(witness, note, prove)
         except Exception as error:  # a witness's failure must never stop the collector
             self._failed(witness, "error", str(error))
+        finally:
+            with self._lock:
+                self._busy.discard(witness.name)
 
     def _failed(self, witness: Witness, reason: str, detail: str) -> None:
         with self._lock:
@@ -292,6 +345,7 @@ class Witnesses:
         text, _ = split_note(note)
         size = checkpoint_size(text)
         old = min(self.status[witness.name].size, size)
+        asked = self.clock()
         for attempt in range(2):
             try:
                 proof = prove(old, size)
@@ -300,14 +354,14 @@ class Witnesses:
                 return
             status, body, content_type = self._post(witness, add_checkpoint_body(old, proof, note))
             if status == 200:
-                self._keep(witness, text, size, body)
+                self._keep(witness, text, size, body, asked)
                 return
             if status == 409 and content_type.startswith(SIZE_CONTENT_TYPE) and attempt == 0:
-                try:
-                    theirs = int(body.decode().strip())
-                except ValueError:
-                    self._failed(witness, "protocol", "a 409 without a size")
+                said = body.decode(errors="replace").strip()
+                if not (said.isdigit() and str(int(said)) == said and int(said) < 1 << 63):
+                    self._failed(witness, "protocol", "a 409 without a size a tree can have")
                     return
+                theirs = int(said)
                 if theirs > size:
                     self._failed(
                         witness,
@@ -331,23 +385,26 @@ class Witnesses:
             method="POST",
             headers={"Content-Type": "text/plain", "User-Agent": f"gputally/{__version__}"},
         )
+        deadline = time.monotonic() + self.timeout
         try:
-            with urllib.request.urlopen(
-                request, timeout=self.timeout, context=self.context
-            ) as answer:
+            with self._opener.open(request, timeout=self.timeout) as answer:
                 return (
                     answer.status,
-                    answer.read(MAX_REQUEST_BYTES),
+                    _read_by(answer, deadline),
                     answer.headers.get("Content-Type", ""),
                 )
         except urllib.error.HTTPError as error:
-            return error.code, error.read(MAX_REQUEST_BYTES), error.headers.get("Content-Type", "")
+            content_type = error.headers.get("Content-Type", "") if error.headers else ""
+            return error.code, _read_by(error, deadline), content_type
         except (urllib.error.URLError, OSError, TimeoutError) as error:
             reason = getattr(error, "reason", error)
             return 0, str(reason).encode(), ""
 
-    def _keep(self, witness: Witness, text: str, size: int, body: bytes) -> None:
-        """Keep the lines of the answer that are this witness's valid cosignatures."""
+    def _keep(self, witness: Witness, text: str, size: int, body: bytes, asked: float) -> None:
+        """Keep the first line of the answer that is this witness's valid cosignature, made
+        while we asked (its time within TIMESTAMP_SLACK of the request): a time the witness
+        could not have signed at (far ahead, or before we asked) would mislead every
+        recording delay computed from it."""
         kept = 0
         for line in body.decode(errors="replace").splitlines():
             try:
@@ -357,6 +414,16 @@ class Witnesses:
                 continue
             if timestamp is None:
                 continue  # another key's line: ignored, as the spec says
+            if not asked - TIMESTAMP_SLACK <= timestamp <= self.clock() + TIMESTAMP_SLACK:
+                self._failed(
+                    witness,
+                    "protocol",
+                    f"a cosignature timestamped {timestamp}, not when it was asked for "
+                    f"({int(asked)}): the witness's clock is wrong",
+                )
+                continue
+            if kept:
+                continue  # one cosignature per checkpoint and witness is all it can say
             try:
                 self.record.add_cosignature(size, witness.name, line + "\n", timestamp)
             except RecordError as error:
