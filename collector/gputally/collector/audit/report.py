@@ -593,7 +593,8 @@ def limitations(r: dict[str, Any]) -> list[dict[str, str]]:
             "trust",
             "Signatures prove who reported, not that it is true.",
             "The centre runs the collector and holds its machines' keys: compare the energy "
-            f"({r['energy_kwh']:,.0f} kWh) with the electricity meter.",
+            f"({r['energy_kwh']:,.{0 if r['energy_kwh'] >= 10 else 1}f} kWh) with the "
+            "electricity meter.",
         )
     )
     return [item.as_dict() for item in out]
@@ -1215,7 +1216,7 @@ def evidence_html(r: dict[str, Any]) -> str:
     rows.append(
         (
             "Keys",
-            f"{ev['keys']:,} public keys ({machines:,} machines"
+            f"{ev['keys']:,} public keys ({machines:,} machine{'' if machines == 1 else 's'}"
             + (", 1 collector" if ev["collector_key"] else "")
             + ")",
             False,
