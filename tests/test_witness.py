@@ -43,6 +43,7 @@ from gputally.collector.record.ledger import (
     checkpoint_text,
     collector_key_text,
     sign_note,
+    split_note,
 )
 from gputally.collector.record.store import Record
 from gputally.collector.record.witnessing import (
@@ -56,7 +57,6 @@ from gputally.collector.record.witnessing import (
     parse_add_checkpoint,
     parse_witness_key,
     read_witnesses,
-    split_note,
     witness_key_text,
 )
 from gputally.collector.witness import WitnessService, WitnessState, make_app, read_logs
@@ -319,6 +319,24 @@ def test_the_collectors_client_proves_from_the_witness_size_and_keeps_the_cosign
     )
     rolled.submit(old_note, log.ledger.consistency)
     assert rolled.status[WITNESS_NAME].failures == {"conflict": 1}
+
+
+def test_a_crash_between_a_checkpoint_and_its_frontier_only_costs_a_full_read(
+    tmp_path: Path,
+) -> None:
+    """The frontier is written after the checkpoint: a kill -9 between the two leaves a
+    checkpoint without one, and the proof from it is made from every leaf instead, the same."""
+    log = Log(tmp_path)
+    log.grow(5)
+    log.grow(6)
+    log.grow(10)
+    every = log.record.leaves(0, 21)
+    kept = log.ledger.consistency(5, 21)
+    with sqlite3.connect(log.path) as connection:
+        connection.execute("DELETE FROM frontiers")
+    assert log.record.frontier_at(5) is None
+    assert log.ledger.consistency(5, 21) == kept == merkle.consistency_proof(every, 5)
+    assert log.ledger.consistency(11, 21) == merkle.consistency_proof(every, 11)
 
 
 def test_a_witnesses_file_is_checked_line_by_line(tmp_path: Path) -> None:

@@ -147,13 +147,12 @@ class WitnessService:
 
     def add(self, body: bytes) -> Answer:
         from .record import merkle
-        from .record.ledger import CheckpointError, open_note
+        from .record.ledger import CheckpointError, open_note, split_note
         from .record.witnessing import (
             SIZE_CONTENT_TYPE,
             RequestError,
             cosign,
             parse_add_checkpoint,
-            split_note,
         )
 
         try:

@@ -26,8 +26,6 @@ and every GPU they name, against these records (`Enrolment.check`).
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import json
 import re
 import sys
@@ -38,8 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gputally.cli.options import FAILED, TIMES, fail, parse_time
 from gputally.v1.accounting import card, uuid_problem
@@ -55,7 +52,15 @@ from gputally.v1.signing import (
 )
 
 from ..record.keys import read_public_keys
-from ..record.ledger import check_origin, key_id, parse_verifier_key, sign_note, verifier_key
+from ..record.ledger import (
+    CheckpointError,
+    NoSignatureError,
+    check_origin,
+    open_signed_text,
+    parse_verifier_key,
+    sign_note,
+    verifier_key,
+)
 
 HEADER = "gputally enrolment v1"
 SUFFIX = ".enrol"
@@ -261,40 +266,14 @@ def parse_record(text: str) -> EnrolmentRecord:
 
 
 def open_signed_note(note: str, name: str, public_key: bytes) -> str:
-    """The text of a C2SP signed note that `name`'s key signed; InvalidRecordError otherwise.
-
-    As strict as the ledger's checkpoints: the signatures follow the last blank line, lines
-    end in "\\n" only, base64 is canonical. Other signers' lines are allowed (the spec), but
-    must be well formed."""
-    text, sep, signatures = note.rpartition("\n\n")
-    if not sep or not text or not signatures.endswith("\n"):
-        raise InvalidRecordError(
-            "not a signed note: a text, a blank line, signature lines each ending in a newline"
-        )
-    text += "\n"
-    found = False
-    for line in signatures[:-1].split("\n"):
-        signer, space, encoded = line.removeprefix("\u2014 ").partition(" ")
-        if not line.startswith("\u2014 ") or not space or not signer or " " in encoded:
-            raise InvalidRecordError(f"not a signature line: {line[:60]!r}")
-        try:
-            blob = base64.b64decode(encoded, validate=True)
-        except binascii.Error:
-            raise InvalidRecordError(f"the signature of {signer[:40]} is not base64") from None
-        if base64.b64encode(blob).decode() != encoded or len(blob) < 5:
-            raise InvalidRecordError(f"the signature of {signer[:40]} is not canonical base64")
-        if signer != name or blob[:4] != key_id(name, public_key):
-            continue
-        if len(blob) != 68:
-            raise InvalidRecordError(f"the signature of {name} is not an Ed25519 signature")
-        try:
-            Ed25519PublicKey.from_public_bytes(public_key).verify(blob[4:], text.encode())
-        except (InvalidSignature, ValueError):
-            raise InvalidRecordError(f"the signature of {name} does not verify") from None
-        found = True
-    if not found:
-        raise InvalidRecordError(f"no signature by the enrolment key {name}")
-    return text
+    """The text of a signed note that the enrolment key `name` signed (ledger.open_signed_text,
+    the one home of the signed-note rules); InvalidRecordError otherwise."""
+    try:
+        return open_signed_text(note, name, public_key)
+    except NoSignatureError:
+        raise InvalidRecordError(f"no signature by the enrolment key {name}") from None
+    except CheckpointError as error:
+        raise InvalidRecordError(str(error)) from None
 
 
 def sign_record(record: EnrolmentRecord, name: str, key: Ed25519PrivateKey) -> str:

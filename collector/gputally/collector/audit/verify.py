@@ -62,18 +62,17 @@ from ..record.ledger import (
     LEGACY_KEY_FILE,
     CheckpointError,
     checkpoint_text,
-    key_id,
     open_note,
     read_collector_key,
+    split_note,
 )
 from ..record.merkle import Frontier, leaf_hash
 from ..record.store import Record
 from ..record.witnessing import (
-    COSIGNATURE,
     TIMESTAMP_SLACK,
     checkpoint_size,
+    claimed_time,
     open_cosignature,
-    split_note,
     witness_key_text,
 )
 from .enrolment import (
@@ -516,21 +515,6 @@ class _Claims:
         return self.times[i] if i < len(self.times) else None
 
 
-def _cosignature_time(line: str, name: str, key: bytes) -> int | None:
-    """The timestamp a cosignature line claims, if it names this witness key (checked after
-    the pass, against the recomputed roots; a line that does not verify fails the ledger)."""
-    prefix = f"\u2014 {name} "
-    if not line.startswith(prefix):
-        return None
-    try:
-        blob = base64.b64decode(line[len(prefix) :].strip(), validate=True)
-    except ValueError:
-        return None
-    if len(blob) != 76 or blob[:4] != key_id(name, key, COSIGNATURE):
-        return None
-    return int.from_bytes(blob[4:12], "big")
-
-
 def _verify(
     ledger: Path,
     keys_dir: Path,
@@ -584,7 +568,7 @@ def _verify(
             (size, float(t))
             for size, _, line in cosignatures
             for witness, key in anchors.witness_keys
-            if (t := _cosignature_time(line, witness, key)) is not None
+            if (t := claimed_time(line, witness, key)) is not None
         ]
     )
     created = record.checkpoint_times()
@@ -808,7 +792,7 @@ def _check_witnesses(
     against_newest = 0  # the newest cosignature on the --against checkpoint by a given witness
     for size, source, line in cosignatures:
         for witness, key in anchors.witness_keys:
-            claimed = _cosignature_time(line, witness, key)
+            claimed = claimed_time(line, witness, key)
             if claimed is None:
                 continue
             if source == "" and against is not None:

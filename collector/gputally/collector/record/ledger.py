@@ -89,20 +89,31 @@ def sign_note(text: str, name: str, key: Ed25519PrivateKey) -> str:
     return f"{text}\n\u2014 {name} {base64.b64encode(blob).decode()}\n"
 
 
-def open_note(note: str, name: str, public_key: bytes) -> tuple[str, int, bytes]:
-    """(origin, size, root) of a checkpoint note signed by `name`'s key; CheckpointError otherwise."""
-    # The signatures follow the LAST blank line (the signed-note spec): a text may hold blank
-    # lines of its own, signature lines never do.
+class NoSignatureError(CheckpointError):
+    """A signed note that carries no signature by the key asked for."""
+
+
+def split_note(note: str) -> tuple[str, list[str]]:
+    """(text, signature lines) of a signed note. The signatures follow the LAST blank line
+    (the signed-note spec): a text may hold blank lines of its own, signature lines never do."""
     text, sep, signatures = note.rpartition("\n\n")
     if not sep or not signatures.endswith("\n"):
         raise CheckpointError(
             "not a signed note: a text, a blank line, signature lines each ending in a newline"
         )
-    text += "\n"
+    return text + "\n", signatures[:-1].split("\n")
+
+
+def open_signed_text(note: str, name: str, public_key: bytes) -> str:
+    """The text of a C2SP signed note that `name`'s Ed25519 key signed (a checkpoint, an
+    enrolment record); NoSignatureError when it carries no signature by that key,
+    CheckpointError when one claims to be and does not verify. Other signers' lines are
+    left alone (cosignatures, other keys), as the spec says."""
+    text, lines = split_note(note)
     prefix = f"\u2014 {name} "
     # Strict parsing: lines end in "\n" only, and base64 must be canonical, so that no
     # changed byte can leave a note meaning the same.
-    for line in signatures[:-1].split("\n"):
+    for line in lines:
         if not line.startswith(prefix):
             continue
         encoded = line[len(prefix) :]
@@ -118,21 +129,26 @@ def open_note(note: str, name: str, public_key: bytes) -> tuple[str, int, bytes]
             Ed25519PublicKey.from_public_bytes(public_key).verify(blob[4:], text.encode())
         except (InvalidSignature, ValueError):
             raise CheckpointError(f"the signature of {name} does not verify") from None
-        lines = text.split("\n")
-        if len(lines) < 4:
-            raise CheckpointError("a checkpoint has an origin, a size and a root")
-        try:
-            root = base64.b64decode(lines[2], validate=True)
-        except ValueError:
-            raise CheckpointError("malformed checkpoint root") from None
-        if (
-            not lines[1].isdigit()
-            or str(int(lines[1])) != lines[1]
-            or base64.b64encode(root).decode() != lines[2]
-        ):
-            raise CheckpointError("malformed checkpoint size or root")
-        return lines[0], int(lines[1]), root
-    raise CheckpointError(f"no signature by {name} with this key")
+        return text
+    raise NoSignatureError(f"no signature by {name} with this key")
+
+
+def open_note(note: str, name: str, public_key: bytes) -> tuple[str, int, bytes]:
+    """(origin, size, root) of a checkpoint note signed by `name`'s key; CheckpointError otherwise."""
+    lines = open_signed_text(note, name, public_key).split("\n")
+    if len(lines) < 4:
+        raise CheckpointError("a checkpoint has an origin, a size and a root")
+    try:
+        root = base64.b64decode(lines[2], validate=True)
+    except ValueError:
+        raise CheckpointError("malformed checkpoint root") from None
+    if (
+        not lines[1].isdigit()
+        or str(int(lines[1])) != lines[1]
+        or base64.b64encode(root).decode() != lines[2]
+    ):
+        raise CheckpointError("malformed checkpoint size or root")
+    return lines[0], int(lines[1]), root
 
 
 def verifier_key(name: str, public_key: bytes, algorithm: bytes = ED25519) -> str:

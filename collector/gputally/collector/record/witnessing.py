@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from gputally.v1 import __version__
 from gputally.v1.signing import public_bytes
 
-from .ledger import CheckpointError, key_id, parse_verifier_key, verifier_key
+from .ledger import CheckpointError, key_id, parse_verifier_key, split_note, verifier_key
 from .store import Record, RecordError
 
 log = logging.getLogger("gputally.collector.witness")
@@ -95,10 +95,9 @@ def cosign(text: str, name: str, key: Ed25519PrivateKey, timestamp: int) -> str:
     return f"\u2014 {name} {base64.b64encode(blob).decode()}\n"
 
 
-def open_cosignature(line: str, text: str, name: str, public_key: bytes) -> int | None:
-    """The timestamp of `line` when it is a valid cosignature of `text` by this witness key;
-    None when the line is another key's (to be ignored, as the spec says); CheckpointError
-    when it claims this key (its name and key id) but does not verify."""
+def _claimed(line: str, name: str, public_key: bytes) -> tuple[bytes, str] | None:
+    """(signature blob, its base64) of a line that names this witness key (its name and key
+    id); None for another key's line."""
     line = line.rstrip("\n")
     prefix = f"\u2014 {name} "
     if not line.startswith(prefix):
@@ -110,6 +109,26 @@ def open_cosignature(line: str, text: str, name: str, public_key: bytes) -> int 
         return None
     if blob[:4] != key_id(name, public_key, COSIGNATURE):
         return None
+    return blob, encoded
+
+
+def claimed_time(line: str, name: str, public_key: bytes) -> int | None:
+    """The timestamp a line claims, if it is shaped as this witness key's cosignature; not
+    verified (open_cosignature does that)."""
+    claimed = _claimed(line, name, public_key)
+    if claimed is None or len(claimed[0]) != 4 + 8 + 64:
+        return None
+    return int(struct.unpack(">Q", claimed[0][4:12])[0])
+
+
+def open_cosignature(line: str, text: str, name: str, public_key: bytes) -> int | None:
+    """The timestamp of `line` when it is a valid cosignature of `text` by this witness key;
+    None when the line is another key's (to be ignored, as the spec says); CheckpointError
+    when it claims this key (its name and key id) but does not verify."""
+    claimed = _claimed(line, name, public_key)
+    if claimed is None:
+        return None
+    blob, encoded = claimed
     if len(blob) != 4 + 8 + 64 or base64.b64encode(blob).decode() != encoded:
         raise CheckpointError(f"the cosignature of {name} is malformed")
     (timestamp,) = struct.unpack(">Q", blob[4:12])
@@ -122,16 +141,6 @@ def open_cosignature(line: str, text: str, name: str, public_key: bytes) -> int 
     except InvalidSignature:
         raise CheckpointError(f"the cosignature of {name} does not verify") from None
     return int(timestamp)
-
-
-def split_note(note: str) -> tuple[str, list[str]]:
-    """(text, signature lines) of a signed note: the signatures follow the last blank line."""
-    text, sep, signatures = note.rpartition("\n\n")
-    if not sep or not signatures.endswith("\n"):
-        raise CheckpointError(
-            "not a signed note: a text, a blank line, signature lines each ending in a newline"
-        )
-    return text + "\n", signatures[:-1].split("\n")
 
 
 def checkpoint_size(text: str) -> int:
