@@ -49,11 +49,13 @@ def hello(
     instance: int = 1,
     key: Ed25519PrivateKey | None = None,
     model: str = H100,
+    report_interval_seconds: float = 0.0,
 ) -> pb.Hello:
     """A node's Hello with `gpus` GPUs, GPU-<node>-<index> each."""
     return pb.Hello(
         node=node,
         instance_id=instance,
+        report_interval_seconds=report_interval_seconds,
         protocol_revision=PROTOCOL_REVISION,
         public_key=public_bytes(key) if key is not None else b"",
         gpus=[pb.GpuIdentity(index=i, uuid=f"GPU-{node}-{i}", model=model) for i in range(gpus)],
@@ -186,6 +188,13 @@ class MockNode:
 
 def scenario(toml: str, name: str = "t") -> scenario_mod.Scenario:
     return scenario_mod.parse(tomllib.loads(toml), name=name)
+
+
+def tick(sampler: Sampler) -> pb.Report:
+    """One tick of a sampler that reports every tick (its default): the report."""
+    report = sampler.tick()
+    assert report is not None, "this sampler spans several ticks per report"
+    return report
 
 
 def mock_node(

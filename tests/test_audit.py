@@ -20,7 +20,7 @@ from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1.signing import public_bytes, sign_summary
 
 from . import factories
-from .factories import empty_ledger, gputally_command
+from .factories import empty_ledger, gputally_command, tick
 
 T0 = int(factories.T0)  # whole seconds: the windows below are built in nanoseconds
 
@@ -547,7 +547,7 @@ def test_summaries_sign_the_backend_they_were_measured_with() -> None:
     signed = []
     for _ in range(12):
         node.clock.advance(1.0)
-        report = node.sampler.tick()
+        report = tick(node.sampler)
         if report.HasField("summary"):
             signed.append(report.summary)
     node.close()

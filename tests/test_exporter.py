@@ -16,7 +16,7 @@ from gputally.agent.nvml import clock_event_names
 from gputally.v1 import telemetry_pb2 as pb
 
 from .conftest import free_port, require_binary
-from .factories import gputally_command, mock_node
+from .factories import gputally_command, mock_node, tick
 
 HELLO = pb.Hello(
     node="n1",
@@ -103,7 +103,7 @@ def test_the_exporter_counts_what_the_signed_summaries_count() -> None:
     summaries = []
     for _ in range(20):
         node.clock.advance(1.0)
-        report = node.sampler.tick()
+        report = tick(node.sampler)
         assert not any(g.HasField("energy_millijoules") for g in report.gpus)
         exporter.update(report)
         if report.HasField("summary"):
@@ -219,7 +219,7 @@ def test_health_attribution_xid_and_mig_families(tmp_path: Path) -> None:
     exporter = NodeExporter(sampler.hello(1, "mock"))
     for _ in range(3):
         clock.advance(1.0)
-        exporter.update(sampler.tick())
+        exporter.update(tick(sampler))
     text = generate_latest(make_registry(exporter)).decode()
     got = {
         (s.name, tuple(sorted(s.labels.items()))): s.value

@@ -40,7 +40,7 @@ from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1.signing import sign_stream
 
 from .conftest import Collector
-from .factories import T0, busy_sample, hello, mock_node, raw_stream, report
+from .factories import T0, busy_sample, hello, mock_node, raw_stream, report, tick
 
 NODE_TOML = """
 [cluster]
@@ -69,7 +69,7 @@ def corpus() -> tuple[pb.Hello, list[bytes], Ed25519PrivateKey]:
     reports = []
     for _ in range(90):
         node.clock.advance(1.0)
-        reports.append(node.sampler.tick())
+        reports.append(tick(node.sampler))
     node.close()
     first = node.sampler.hello(7, "mock")
     batches = [

@@ -22,7 +22,7 @@ from gputally.collector.live.validate import InvalidMessageError
 from gputally.kubelet.v1 import podresources_pb2 as pr
 from gputally.kubelet.v1 import podresources_pb2_grpc as pr_grpc
 
-from .factories import MockNode, hello, mock_node, scenario
+from .factories import MockNode, hello, mock_node, scenario, tick
 
 
 class FakeKubelet(pr_grpc.PodResourcesListerServicer):
@@ -259,7 +259,7 @@ def test_a_shared_mig_gpu_is_charged_to_its_owners_by_slices(
     signed, reports = [], []
     for _ in range(180):
         clock.advance(1.0)
-        report = sampler.tick()
+        report = tick(sampler)
         reports.append(report)
         if report.HasField("summary"):
             signed.append(report.summary)
@@ -365,3 +365,31 @@ def test_a_summary_whose_shares_do_not_add_up_to_the_gpu_is_refused() -> None:
     with pytest.raises(InvalidMessageError, match="its shares hold 50 s, the GPU 60 s"):
         state.ingest("n1", report)
     assert state.nodes["n1"].reports == {"accepted": 0, "duplicate": 0, "rejected": 1}
+
+
+def test_a_shared_mig_gpu_is_charged_alike_at_any_report_cadence(
+    tmp_path: Path, kubelet: Callable[[], tuple[FakeKubelet, Path]]
+) -> None:
+    """Reports of 10 ticks carry each MIG GPU's shares tick by tick (GpuSample.totals): the
+    live view charges the tenants what one report a tick gives it."""
+    start = 1_750_000_020.0
+    views = []
+    for every in (None, 10.0):
+        home = tmp_path / f"every-{every}"
+        home.mkdir()
+        node = mig_node(home, kubelet, start, name="mig-node", report_every=every)
+        sampler, clock = node.sampler, node.clock
+        state = ClusterState(expected_gpus=3, window=30.0, lag=0.0, clock=clock)
+        state.open_session(sampler.hello(1, "mock"))
+        for _ in range(60):
+            clock.advance(1.0)
+            outgoing = sampler.tick()
+            if outgoing is not None:
+                state.ingest("mig-node", outgoing, received=outgoing.time_unix_nano / 1e9)
+        views.append(state.view(now=start + 60 + (10.0 if every else 0.0)).by_tenant)
+    one, ten = views
+    assert set(ten) == set(one) == {"ml-team", "ops", "inference", "reserved"}
+    for tenant in one:
+        assert ten[tenant].gpus == pytest.approx(one[tenant].gpus)
+        assert ten[tenant].ratios == pytest.approx(one[tenant].ratios)
+        assert ten[tenant].coverage == pytest.approx(one[tenant].coverage)

@@ -13,7 +13,7 @@ from gputally.agent.sim.mock import ManualClock, MockNVML
 from gputally.agent.sim.physics import MODELS
 from gputally.v1 import telemetry_pb2 as pb
 
-from .factories import mock_node
+from .factories import mock_node, tick
 
 H100 = MODELS["NVIDIA H100 80GB HBM3"]
 
@@ -206,11 +206,11 @@ def test_sampler_numbers_reports_and_caps_uncovered_gaps() -> None:
     mock = mock_node(ONE_NODE, name="n1", interval=1.0)
     sampler, clock = mock.sampler, mock.clock
     clock.advance(1.0)
-    first = sampler.tick()
+    first = tick(sampler)
     clock.advance(1.0)
-    second = sampler.tick()
+    second = tick(sampler)
     clock.advance(30.0)  # the agent stalled: only 2 intervals are covered, the rest is unobserved
-    third = sampler.tick()
+    third = tick(sampler)
     assert [r.seq for r in (first, second, third)] == [1, 2, 3]
     assert [r.interval_seconds for r in (first, second, third)] == [1.0, 1.0, 2.0]
     assert third.time_unix_nano == int(clock() * 1e9)

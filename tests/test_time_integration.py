@@ -9,7 +9,7 @@ import pytest
 from gputally.agent.sim import scenario as scenario_mod
 from gputally.agent.sim.mock import ManualClock, MockNVML
 
-from .factories import mock_node, scenario
+from .factories import mock_node, scenario, tick
 
 # A square wave that does not line up with the 1-s ticks nor with 30-s scrapes:
 # full load for 2.9 s of every 7.25 s.
@@ -39,7 +39,7 @@ def agent_busy_seconds(toml: str, seconds: int) -> float:
     total = 0.0
     for _ in range(seconds):
         clock.advance(1.0)
-        report = sampler.tick()
+        report = tick(sampler)
         total += report.gpus[0].busy * report.interval_seconds
     return total
 
@@ -86,8 +86,8 @@ def test_a_stall_longer_than_the_driver_buffer_is_not_filled_in() -> None:
     node = mock_node(toml, name="n", interval=1.0)
     sampler, clock = node.sampler, node.clock
     clock.advance(1.0)
-    sampler.tick()
+    tick(sampler)
     clock.advance(60.0)  # the agent was stopped for a minute
-    report = sampler.tick()
+    report = tick(sampler)
     assert report.interval_seconds == 2.0  # only what can be vouched for is covered
     assert report.gpus[0].busy == pytest.approx(1.0)

@@ -101,14 +101,16 @@ class NodeAgent:
                     sender_task = asyncio.ensure_future(self.sender.run())
                     log.info("node back", extra={"kv": {"node": self.sampler.node}})
                     continue
-                if self.sample_in_thread:
-                    report = await asyncio.to_thread(self.sampler.tick)
-                else:
-                    report = self.sampler.tick()
-                self.sender.submit(report)
-                self.reports += 1
-                if self._on_report is not None:
-                    self._on_report(report)
+                outgoing = (
+                    await asyncio.to_thread(self.sampler.tick)
+                    if self.sample_in_thread
+                    else self.sampler.tick()
+                )
+                if outgoing is not None:
+                    self.sender.submit(outgoing)
+                    self.reports += 1
+                if self._on_report is not None and self.sampler.last_tick is not None:
+                    self._on_report(self.sampler.last_tick)  # every tick's readings
         finally:
             if sender_task is not None:
                 # Close the summary window in progress, so its seconds reach the record.

@@ -11,7 +11,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gputally.v1 import PROTOCOL_REVISION, __version__
+from gputally.v1 import PROTOCOL_REVISION, __version__, accounting
 from gputally.v1 import telemetry_pb2 as pb
 
 from .attribution import Attributor
@@ -29,7 +29,7 @@ from .readings import (
     GpuReading,
     NotAvailable,
 )
-from .summary import Summarizer
+from .summary import GpuTotals, Summarizer, account
 
 _STATUS = {GPU_OK: pb.GPU_STATUS_OK, GPU_LOST: pb.GPU_STATUS_LOST, GPU_ERROR: pb.GPU_STATUS_ERROR}
 
@@ -100,14 +100,55 @@ def identity_to_proto(info: GpuInfo) -> pb.GpuIdentity:
     return identity
 
 
+class _Batch:
+    """The ticks of one report that spans several: each GPU's latest sample, its totals tick
+    by tick, and every XID event."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.end_ns = 0
+        self.latest: dict[int, pb.GpuSample] = {}
+        self.totals: dict[int, GpuTotals] = {}
+        self.xids: dict[int, list[pb.XidEvent]] = {}
+
+    def add(self, tick: pb.Report, energy: dict[int, accounting.EnergyCounter]) -> None:
+        seconds = tick.interval_seconds
+        self.seconds += seconds
+        self.end_ns = tick.time_unix_nano
+        for sample in tick.gpus:
+            meter = energy.setdefault(sample.index, accounting.EnergyCounter())
+            joules = meter.joules(sample, seconds)
+            self.latest[sample.index] = sample
+            self.xids.setdefault(sample.index, []).extend(sample.xid_events)
+            totals = self.totals.setdefault(sample.index, GpuTotals())
+            if seconds > 0:
+                totals.add(account(sample, seconds, joules))
+
+    def report(self, seq: int) -> pb.Report:
+        report = pb.Report(seq=seq, time_unix_nano=self.end_ns, interval_seconds=self.seconds)
+        for index, latest in self.latest.items():
+            sample = report.gpus.add()
+            sample.CopyFrom(latest)
+            del sample.xid_events[:]
+            sample.xid_events.extend(self.xids[index])
+            self.totals[index].fill(sample.totals)
+        return report
+
+
 class Sampler:
     """Reads the node once per tick (the backend, then the attribution) and numbers the
     reports.
 
-    Each report covers the interval since the previous tick, capped at ``max_gap_factor``
+    Each tick covers the interval since the previous tick, capped at ``max_gap_factor``
     sampling intervals: NVML's utilization counters only look back about a second, so time
     the agent did not sample (a stall, a suspended process) is left uncovered, which the
     collector counts as unobserved rather than guessing idle or busy.
+
+    A report goes out every ``report_every`` seconds (default: every tick). When that spans
+    several ticks, the report carries each GPU's latest reading and its totals over every
+    tick (GpuSample.totals, by the summaries' own accounting), so that reporting every 10 s
+    at 100,000 GPUs loses no second of any measure. A report's ticks are contiguous: a gap
+    (a stall, resume()) ends the report in progress first.
     """
 
     def __init__(
@@ -122,9 +163,20 @@ class Sampler:
         summary_window: float = 300.0,
         padding: PaddingRules | None = None,
         signer: SummarySigner | None = None,
+        report_every: float | None = None,
     ):
         if interval <= 0:
             raise ValueError("the sampling interval must be positive")
+        report_every = interval if report_every is None else report_every
+        if report_every < interval:
+            raise ValueError(
+                "reports cannot come more often than samples (report_every < interval)"
+            )
+        self.report_every = report_every
+        self._batch: _Batch | None = None
+        self._batch_energy: dict[int, accounting.EnergyCounter] = {}
+        self._cut = False  # the next tick starts a new report (time was not covered)
+        self.last_tick: pb.Report | None = None  # the latest tick's readings, for the exporter
         self.summary_window = summary_window
         self.padding = PaddingDetector(padding or PaddingRules())
         self.summarizer: Summarizer | None = None
@@ -160,6 +212,12 @@ class Sampler:
     def resume(self) -> None:
         """Start covering time afresh after an outage: the outage stays unobserved."""
         self._last = self.clock()
+        self._cut = True
+
+    @property
+    def batching(self) -> bool:
+        """Whether a report spans several ticks (and so carries its GPUs' totals)."""
+        return self.report_every > self.interval * 1.5
 
     def hello(self, instance_id: int, backend_name: str) -> pb.Hello:
         return pb.Hello(
@@ -170,6 +228,7 @@ class Sampler:
             nvml_version=self.backend.nvml_version,
             instance_id=instance_id,
             sample_interval_seconds=self.interval,
+            report_interval_seconds=self.report_every,
             gpus=[identity_to_proto(info) for info in self.inventory],
             protocol_revision=PROTOCOL_REVISION,
             public_key=self.signer.public_key,
@@ -181,14 +240,16 @@ class Sampler:
         self.attributor.annotate(self.inventory, readings)
         return readings
 
-    def tick(self) -> pb.Report:
+    def tick(self) -> pb.Report | None:
+        """Sample once. The report due now, or None while the report in progress spans more
+        ticks (see the class)."""
         readings = self.read()
         now = self.clock()
         last = self._last if self._last is not None else now - self.interval
         covered = min(max(now - last, 0.0), self.max_gap)
+        gap = covered < now - last - 1e-6
         self._last = self.last_sample_at = now
-        self.seq += 1
-        report = pb.Report(seq=self.seq, time_unix_nano=int(now * 1e9), interval_seconds=covered)
+        report = pb.Report(time_unix_nano=int(now * 1e9), interval_seconds=covered)
         for info, reading in zip(self.inventory, readings, strict=True):
             sample = reading_to_proto(reading)
             value, estimated = effective(sample, info.model)
@@ -199,6 +260,32 @@ class Sampler:
             report.gpus.append(sample)
         if self.summarizer is not None:
             self._pending.extend(self.signer.sign(s) for s in self.summarizer.add(report))
+        self.last_tick = report
+        if not self.batching:
+            return self._numbered(report)
+        out = None
+        if self._batch is not None and (gap or self._cut):
+            out = self._flush()
+        self._cut = False
+        if self._batch is None:
+            self._batch = _Batch()
+        self._batch.add(report, self._batch_energy)
+        if out is None and self._batch.seconds >= self.report_every - self.interval / 2:
+            out = self._flush()
+        return out
+
+    def _flush(self) -> pb.Report:
+        assert self._batch is not None
+        batch, self._batch = self._batch, None
+        self.seq += 1
+        return self._with_summary(batch.report(self.seq))
+
+    def _numbered(self, report: pb.Report) -> pb.Report:
+        self.seq += 1
+        report.seq = self.seq
+        return self._with_summary(report)
+
+    def _with_summary(self, report: pb.Report) -> pb.Report:
         if self._pending:
             report.summary.CopyFrom(self._pending.popleft())
         return report
@@ -215,11 +302,13 @@ class Sampler:
         return reports
 
     def final_reports(self) -> list[pb.Report]:
-        """Reports carrying the summaries still open or waiting, for a clean shutdown.
-        They cover no time of their own (no GPU samples, zero interval)."""
+        """For a clean shutdown: the report in progress, then reports carrying the summaries
+        still open or waiting, which cover no time of their own (no GPU samples, zero
+        interval)."""
+        reports = [self._flush()] if self._batch is not None and self._batch.seconds > 0 else []
+        self._batch = None
         if self.summarizer is not None:
             self._pending.extend(self.signer.sign(s) for s in self.summarizer.flush())
-        reports = []
         while self._pending:
             self.seq += 1
             reports.append(

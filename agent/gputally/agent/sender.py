@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 from collections import deque
@@ -41,7 +42,20 @@ from gputally.v1 import telemetry_pb2_grpc as pb_grpc
 log = logging.getLogger("gputally.agent.sender")
 
 # gRPC channel options, named and explained once.
-CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+ChannelOptions = tuple[tuple[str, int | str], ...]
+CHANNEL_OPTIONS: ChannelOptions = (
+    # Collectors sharded behind one address (a DNS name with several addresses, a headless
+    # Service, or "ipv4:a:p,b:p"): each stream's channel takes them in a random order and
+    # streams to the first that answers, so agents spread over the shards, and one whose
+    # shard died moves to another when it reconnects (gRFC A62: pick_first, shuffled).
+    (
+        "grpc.service_config",
+        json.dumps({"loadBalancingConfig": [{"pick_first": {"shuffleAddressList": True}}]}),
+    ),
+    # Its own connection, not one shared with the process's other channels to the same target:
+    # a shared one would put every simulated node of `gputally simulate` on the shard that
+    # answered first (a real agent has one channel at a time anyway).
+    ("grpc.use_local_subchannel_pool", 1),
     # Ping the collector every 30 s on a quiet stream and give up after 10 s without an
     # answer, so that a dead collector or a dropped NAT entry is noticed in under a minute.
     ("grpc.keepalive_time_ms", 30_000),
@@ -93,7 +107,7 @@ class Sender:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         rng: random.Random | None = None,
-        channel_options: tuple[tuple[str, int], ...] = CHANNEL_OPTIONS,
+        channel_options: ChannelOptions = CHANNEL_OPTIONS,
         on_acked: Callable[[pb.Report], None] | None = None,
         prove: Callable[[bytes, pb.Hello], bytes] | None = None,
         tls: ClientFiles | None = None,
@@ -174,6 +188,14 @@ class Sender:
                     # a batch beyond the collector's limits (not a stream limit at the
                     # Hello): smaller ones from now on
                     self.max_batch = max(1, self.max_batch // 2)
+                log.warning(
+                    "stream to collector lost",
+                    extra={"kv": {"collector": self.target, "error": self.stats.last_error}},
+                )
+            except asyncio.InvalidStateError as error:
+                # grpc.aio's write on a stream the collector's death has just finished ("RPC
+                # already finished"): a lost stream like any other, to reconnect from.
+                self.stats.last_error = f"stream finished: {error}"
                 log.warning(
                     "stream to collector lost",
                     extra={"kv": {"collector": self.target, "error": self.stats.last_error}},

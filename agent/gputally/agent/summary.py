@@ -20,8 +20,37 @@ def _summary_zeros() -> dict[str, float]:
     return dict.fromkeys(accounting.SUMMARY_FIELDS, 0.0)
 
 
+@dataclass(frozen=True, slots=True)
+class Accounted:
+    """What one GPU sample adds up to over the seconds it covers (gputally.v1.accounting)."""
+
+    seconds: float
+    values: accounting.Totals
+    flagged: accounting.Totals | None  # its flagged part, when a padding rule flags it
+    rules: tuple[str, ...]  # the padding rules that flag it
+    attribution: pb.Attribution
+    owners: list[tuple[pb.Attribution, accounting.Totals]]  # a MIG GPU's split, else []
+
+
+def account(sample: pb.GpuSample, seconds: float, joules: float) -> Accounted:
+    values = accounting.contributions(sample, seconds, joules)
+    ok = sample.status == pb.GPU_STATUS_OK
+    rules = tuple(sample.padding) if ok else ()  # padding flags present seconds only
+    return Accounted(
+        seconds,
+        values,
+        accounting.flagged(values) if rules else None,
+        rules,
+        sample.attribution,
+        accounting.mig_shares(sample, seconds, values) if sample.mig_enabled else [],
+    )
+
+
 @dataclass(slots=True)
-class _Totals:
+class GpuTotals:
+    """One GPU's accounting added up over a span (a summary window, or a report's ticks):
+    what a GpuSummary holds."""
+
     values: dict[str, float] = field(default_factory=_summary_zeros)
     flagged: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(accounting.FLAGGED_FIELDS, 0.0)
@@ -30,6 +59,46 @@ class _Totals:
     attribution: pb.Attribution | None = None
     # MIG: owner (serialized attribution) -> (attribution, values); see accounting.mig_shares.
     shares: dict[bytes, tuple[pb.Attribution, dict[str, float]]] = field(default_factory=dict)
+
+    def add(self, tick: Accounted, share: float = 1.0) -> None:
+        """Add `share` of one sample's accounting (a sample straddling a window's end is
+        split pro rata between the windows)."""
+        _add(self.values, tick.values, share)
+        if tick.flagged is not None:
+            _add(self.flagged, tick.flagged, share)
+        for rule in tick.rules:
+            self.by_rule[rule] = self.by_rule.get(rule, 0.0) + tick.seconds * share
+        if tick.attribution.source:
+            self.attribution = tick.attribution
+        # MIG mode is fixed for an agent's life (changing it resets the GPU), so a GPU's
+        # shares cover either all of its seconds or none.
+        for owner, part in tick.owners:
+            key = owner.SerializeToString(deterministic=True)
+            held = self.shares.get(key)
+            if held is None:
+                held = self.shares[key] = (owner, _summary_zeros())
+            _add(held[1], part, share)
+
+    def fill(self, gpu: pb.GpuSummary) -> None:
+        """Write the totals into `gpu` (its identity fields are the caller's)."""
+        for key, value in self.values.items():
+            setattr(gpu, key, value)
+        for rule, seconds in sorted(self.by_rule.items()):
+            gpu.padding.add(rule=rule, seconds=seconds)
+        gpu.flagged.rule = accounting.ANY_RULE
+        for key, value in self.flagged.items():
+            setattr(gpu.flagged, key, value)
+        if self.attribution is not None:
+            gpu.attribution.CopyFrom(self.attribution)
+        # One owner only, and the GPU's own: `attribution` already says it all.
+        parts = list(self.shares.values())
+        if accounting.is_shared(parts, self.attribution or pb.Attribution()):
+            for owner, part in sorted(parts, key=lambda p: (p[0].tenant, p[0].job, p[0].source)):
+                held = gpu.shares.add()
+                if owner.source:
+                    held.attribution.CopyFrom(owner)
+                for key, value in part.items():
+                    setattr(held, key, value)
 
 
 class Summarizer:
@@ -47,11 +116,11 @@ class Summarizer:
             raise ValueError("the summary window must be positive")
         self.window = window
         self.inventory = {gpu.index: gpu for gpu in inventory}
-        self._open: dict[int, dict[int, _Totals]] = {}  # window number -> GPU -> totals
+        self._open: dict[int, dict[int, GpuTotals]] = {}  # window number -> GPU -> totals
         self._energy: dict[int, accounting.EnergyCounter] = {}
 
-    def _totals(self, number: int, index: int) -> _Totals:
-        return self._open.setdefault(number, {}).setdefault(index, _Totals())
+    def _totals(self, number: int, index: int) -> GpuTotals:
+        return self._open.setdefault(number, {}).setdefault(index, GpuTotals())
 
     def add(self, report: pb.Report) -> list[pb.Summary]:
         """Integrate one report; return the summaries of the windows it closed."""
@@ -63,33 +132,13 @@ class Summarizer:
             joules = meter.joules(sample, seconds)
             if seconds <= 0:
                 continue
-            values = accounting.contributions(sample, seconds, joules)
-            ok = sample.status == pb.GPU_STATUS_OK
-            rules = sample.padding if ok else ()  # padding flags present seconds only
-            flagged = accounting.flagged(values) if rules else None
-            owners = accounting.mig_shares(sample, seconds, values) if sample.mig_enabled else []
+            tick = account(sample, seconds, joules)
             first, last = math.floor(start / self.window), math.floor(end / self.window)
             for number in range(first, last + 1):
                 w0, w1 = number * self.window, (number + 1) * self.window
                 share = (min(end, w1) - max(start, w0)) / seconds
-                if share <= 0:
-                    continue
-                totals = self._totals(number, sample.index)
-                _add(totals.values, values, share)
-                if flagged is not None:
-                    _add(totals.flagged, flagged, share)
-                for rule in rules:
-                    totals.by_rule[rule] = totals.by_rule.get(rule, 0.0) + seconds * share
-                if sample.attribution.source:
-                    totals.attribution = sample.attribution
-                # MIG mode is fixed for an agent's life (changing it resets the GPU), so a
-                # GPU's shares cover either all of its seconds or none.
-                for owner, part in owners:
-                    key = owner.SerializeToString(deterministic=True)
-                    held = totals.shares.get(key)
-                    if held is None:
-                        held = totals.shares[key] = (owner, _summary_zeros())
-                    _add(held[1], part, share)
+                if share > 0:
+                    self._totals(number, sample.index).add(tick, share)
         closed = sorted(n for n in self._open if (n + 1) * self.window <= end + 1e-9)
         return [self._emit(n) for n in closed]
 
@@ -106,30 +155,10 @@ class Summarizer:
             driver_version=self.driver_version[:64],
         )
         for index, identity in sorted(self.inventory.items()):
-            totals = gpus.get(index, _Totals())
             gpu = summary.gpus.add(
                 index=index, uuid=identity.uuid, serial=identity.serial, model=identity.model
             )
-            for key, value in totals.values.items():
-                setattr(gpu, key, value)
-            for rule, seconds in sorted(totals.by_rule.items()):
-                gpu.padding.add(rule=rule, seconds=seconds)
-            gpu.flagged.rule = accounting.ANY_RULE
-            for key, value in totals.flagged.items():
-                setattr(gpu.flagged, key, value)
-            if totals.attribution is not None:
-                gpu.attribution.CopyFrom(totals.attribution)
-            # One owner only, and the GPU's own: `attribution` already says it all.
-            parts = list(totals.shares.values())
-            if accounting.is_shared(parts, totals.attribution or pb.Attribution()):
-                for owner, part in sorted(
-                    parts, key=lambda p: (p[0].tenant, p[0].job, p[0].source)
-                ):
-                    held = gpu.shares.add()
-                    if owner.source:
-                        held.attribution.CopyFrom(owner)
-                    for key, value in part.items():
-                        setattr(held, key, value)
+            gpus.get(index, GpuTotals()).fill(gpu)
         return summary
 
 

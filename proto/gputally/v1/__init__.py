@@ -23,4 +23,6 @@ __version__ = "0.1.0"
 # optional fields and messages; 0 means the field was never set, which no gputally agent does.
 # Revision 2 added the Challenge and Proof: a revision-1 agent cannot prove its key, so its
 # live reports count only on a collector without enrolled keys, marked unauthenticated.
-PROTOCOL_REVISION = 2
+# Revision 3 added GpuSample.totals and Hello.report_interval_seconds: an agent may report
+# less often than it samples without losing a second.
+PROTOCOL_REVISION = 3

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from gputally.v1 import telemetry_pb2 as pb
 
 # Every measure, in the order every metric, figure and table shows them: from a GPU held, to a
-# kernel running on it, to its SMs at work. Summaries carry all but memory_busy, which the
-# collector shows live only.
+# kernel running on it, to its SMs at work. Summaries carry memory_busy too, but only the
+# collector's live view shows it: no audited figure is made of it.
 MEASURES = ("allocated", "busy", "sm_active", "effective", "memory_busy")
 RECORDED_MEASURES = ("allocated", "busy", "sm_active", "effective")
 
@@ -43,10 +43,10 @@ ANY_RULE = "any"
 # The numbers a GpuSummary adds up, and a PaddingTotal, straight from the protocol.
 SUMMARY_FIELDS = tuple(f.name for f in pb.GpuSummary.DESCRIPTOR.fields if f.type == f.TYPE_DOUBLE)
 FLAGGED_FIELDS = tuple(f.name for f in pb.PaddingTotal.DESCRIPTOR.fields if f.type == f.TYPE_DOUBLE)
-# What a sample adds up to: a summary's numbers and the live-only memory_busy.
-FIELDS = (*SUMMARY_FIELDS, "memory_busy_seconds", "memory_busy_missing_seconds")
-# The flagged part of a sample's numbers (FLAGGED_FIELDS, and memory_busy for the live view).
-_FLAGGED_MEASURES = (*(name for name in FLAGGED_FIELDS if name != "seconds"), "memory_busy_seconds")
+# What a sample adds up to: a summary's numbers.
+FIELDS = SUMMARY_FIELDS
+# The flagged part of a sample's numbers (a PaddingTotal's, less its seconds).
+_FLAGGED_MEASURES = tuple(name for name in FLAGGED_FIELDS if name != "seconds")
 # Device-wide numbers that NVML gives only for the whole of a MIG GPU: split by slices.
 _BY_SLICES = (
     "present_seconds",
@@ -105,8 +105,8 @@ def contributions(sample: pb.GpuSample, seconds: float, joules: float = 0.0) -> 
 
 def flagged(values: Mapping[str, float]) -> Totals:
     """The flagged part of a flagged sample's (or of flagged samples') totals: its present
-    seconds as "seconds", and its measures, as a PaddingTotal holds them (plus memory_busy,
-    which only the live view uses). Padding flags only present seconds (§7)."""
+    seconds as "seconds", and its measures, as a PaddingTotal holds them. Padding flags only
+    present seconds (§7)."""
     out = {name: values[name] for name in _FLAGGED_MEASURES}
     out["seconds"] = values["present_seconds"]
     return out
@@ -253,13 +253,17 @@ _PARTS = (
     ("sm_active_seconds", "sm_measured_seconds"),
     ("effective_estimated_seconds", "effective_seconds"),
     ("busy_unmeasured_seconds", "present_seconds"),  # busy seconds, or present ones when
-)  # busy is not known: the cap of SM activity where it was not measured
+    # busy is not known: the cap of SM activity where it was not measured
+    ("memory_busy_seconds", "present_seconds"),
+    ("memory_busy_missing_seconds", "present_seconds"),
+)
 # Present seconds split between a measure known and its missing seconds (and between SM
 # activity measured and not): each pair together is within the present seconds.
 _DISJOINT = (
     ("busy_seconds", "busy_missing_seconds"),
     ("allocated_seconds", "allocated_missing_seconds"),
     ("sm_measured_seconds", "busy_unmeasured_seconds"),
+    ("memory_busy_seconds", "memory_busy_missing_seconds"),
 )
 _FLAGGED_PARTS = (
     ("allocated_seconds", "seconds"),
@@ -268,6 +272,7 @@ _FLAGGED_PARTS = (
     ("effective_seconds", "seconds"),
     ("effective_estimated_seconds", "effective_seconds"),
     ("busy_unmeasured_seconds", "seconds"),
+    ("memory_busy_seconds", "seconds"),
 )
 # Every number has its place: a GpuSummary field added without one fails here, at import.
 assert set(SUMMARY_FIELDS) == {
@@ -463,37 +468,55 @@ def summary_problem(summary: pb.Summary) -> str:
             return f"summary: GPU {gpu.index} ({uuid}) appears twice"
         indices.add(gpu.index)
         cards.add(key)
-        shares = gpu.shares
-        if not shares:  # the common case, without building the loop below
-            if not _part_ok(gpu, slack, tol, joules):
-                return f"summary GPU {gpu.index}: {_part_problem(gpu, length, slack, tol)}"
-            continue
-        for part, what in ((gpu, ""), *((s, f" share {k}") for k, s in enumerate(shares))):
-            if part.shares and part is not gpu:
-                return f"summary GPU {gpu.index}{what}: a share cannot have shares of its own"
-            if not _part_ok(part, slack, tol, joules):
-                return f"summary GPU {gpu.index}{what}: {_part_problem(part, length, slack, tol)}"
-        held = sum(s.present_seconds for s in shares)
-        if abs(held - gpu.present_seconds) > tol:
-            return f"summary GPU {gpu.index}: its shares hold {held:g} s, the GPU {gpu.present_seconds:g} s"
-        # A split moves seconds (and joules) between owners, never creates them. The shares
-        # may know more than the GPU (an instance's processes or SM activity, where the whole
-        # GPU's are missing), never more than the GPU's known and unknown seconds together.
-        columns = zip(*map(_summary_values, shares), strict=True)
-        total = dict(zip(SUMMARY_FIELDS, map(sum, columns), strict=True))
-        unmeasured = gpu.present_seconds - gpu.sm_measured_seconds
-        for name, limit in (
-            ("allocated_seconds", gpu.allocated_seconds + gpu.allocated_missing_seconds + tol),
-            ("busy_seconds", gpu.busy_seconds + gpu.busy_missing_seconds + tol),
-            ("sm_active_seconds", gpu.sm_active_seconds + unmeasured + tol),
-            (
-                "effective_seconds",
-                gpu.effective_seconds + gpu.busy_unmeasured_seconds + unmeasured + tol,
-            ),
-            ("energy_joules", gpu.energy_joules + 1.0),
-        ):
-            if total[name] > limit:
-                return f"summary GPU {gpu.index}: its shares' {name} add up to {total[name]:g}, more than the GPU's"
+        problem = _gpu_problem(gpu, length, slack, tol, joules)
+        if problem:
+            return f"summary GPU {gpu.index}{problem}"
+    return ""
+
+
+def totals_problem(totals: pb.GpuSummary, seconds: float) -> str:
+    """Why a report's totals of one GPU (GpuSample.totals) cannot be true over the report's
+    `seconds` ("" when they can): the rules of a summary's GPU, over that span."""
+    slack = seconds * 1.001 + 1e-6
+    tol = 1e-6 * seconds + 1e-6
+    problem = _gpu_problem(totals, seconds, slack, tol, max_joules(seconds))
+    return f"totals{problem}" if problem else ""
+
+
+def _gpu_problem(gpu: pb.GpuSummary, length: float, slack: float, tol: float, joules: float) -> str:
+    """What is impossible in one GPU's numbers over `length` seconds, with its MIG shares
+    ("" when nothing is), said after the GPU's name: ": ..." or " share k: ..."."""
+    shares = gpu.shares
+    if not shares:  # the common case, without building the loop below
+        if not _part_ok(gpu, slack, tol, joules):
+            return f": {_part_problem(gpu, length, slack, tol)}"
+        return ""
+    for part, what in ((gpu, ""), *((s, f" share {k}") for k, s in enumerate(shares))):
+        if part.shares and part is not gpu:
+            return f"{what}: a share cannot have shares of its own"
+        if not _part_ok(part, slack, tol, joules):
+            return f"{what}: {_part_problem(part, length, slack, tol)}"
+    held = sum(s.present_seconds for s in shares)
+    if abs(held - gpu.present_seconds) > tol:
+        return f": its shares hold {held:g} s, the GPU {gpu.present_seconds:g} s"
+    # A split moves seconds (and joules) between owners, never creates them. The shares
+    # may know more than the GPU (an instance's processes or SM activity, where the whole
+    # GPU's are missing), never more than the GPU's known and unknown seconds together.
+    columns = zip(*map(_summary_values, shares), strict=True)
+    total = dict(zip(SUMMARY_FIELDS, map(sum, columns), strict=True))
+    unmeasured = gpu.present_seconds - gpu.sm_measured_seconds
+    for name, limit in (
+        ("allocated_seconds", gpu.allocated_seconds + gpu.allocated_missing_seconds + tol),
+        ("busy_seconds", gpu.busy_seconds + gpu.busy_missing_seconds + tol),
+        ("sm_active_seconds", gpu.sm_active_seconds + unmeasured + tol),
+        (
+            "effective_seconds",
+            gpu.effective_seconds + gpu.busy_unmeasured_seconds + unmeasured + tol,
+        ),
+        ("energy_joules", gpu.energy_joules + 1.0),
+    ):
+        if total[name] > limit:
+            return f": its shares' {name} add up to {total[name]:g}, more than the GPU's"
     return ""
 
 

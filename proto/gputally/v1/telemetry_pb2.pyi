@@ -51,7 +51,7 @@ class Proof(_message.Message):
     def __init__(self, signature: _Optional[bytes] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("node", "agent_version", "backend", "driver_version", "nvml_version", "instance_id", "sample_interval_seconds", "gpus", "protocol_revision", "public_key")
+    __slots__ = ("node", "agent_version", "backend", "driver_version", "nvml_version", "instance_id", "sample_interval_seconds", "gpus", "protocol_revision", "public_key", "report_interval_seconds")
     NODE_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class Hello(_message.Message):
     GPUS_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_REVISION_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    REPORT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     node: str
     agent_version: str
     backend: str
@@ -72,7 +73,8 @@ class Hello(_message.Message):
     gpus: _containers.RepeatedCompositeFieldContainer[GpuIdentity]
     protocol_revision: int
     public_key: bytes
-    def __init__(self, node: _Optional[str] = ..., agent_version: _Optional[str] = ..., backend: _Optional[str] = ..., driver_version: _Optional[str] = ..., nvml_version: _Optional[str] = ..., instance_id: _Optional[int] = ..., sample_interval_seconds: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuIdentity, _Mapping]]] = ..., protocol_revision: _Optional[int] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+    report_interval_seconds: float
+    def __init__(self, node: _Optional[str] = ..., agent_version: _Optional[str] = ..., backend: _Optional[str] = ..., driver_version: _Optional[str] = ..., nvml_version: _Optional[str] = ..., instance_id: _Optional[int] = ..., sample_interval_seconds: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuIdentity, _Mapping]]] = ..., protocol_revision: _Optional[int] = ..., public_key: _Optional[bytes] = ..., report_interval_seconds: _Optional[float] = ...) -> None: ...
 
 class GpuIdentity(_message.Message):
     __slots__ = ("index", "uuid", "serial", "model", "pci_bus_id", "memory_total_bytes", "power_limit_watts")
@@ -141,7 +143,7 @@ class Summary(_message.Message):
     def __init__(self, window_start_unix_nano: _Optional[int] = ..., window_end_unix_nano: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[GpuSummary, _Mapping]]] = ..., node: _Optional[str] = ..., chain_seq: _Optional[int] = ..., prev_hash: _Optional[bytes] = ..., backend: _Optional[str] = ..., driver_version: _Optional[str] = ...) -> None: ...
 
 class GpuSummary(_message.Message):
-    __slots__ = ("index", "uuid", "serial", "model", "present_seconds", "allocated_seconds", "busy_seconds", "sm_active_seconds", "sm_measured_seconds", "effective_seconds", "effective_estimated_seconds", "busy_unmeasured_seconds", "energy_joules", "padding", "flagged", "attribution", "lost_seconds", "busy_missing_seconds", "allocated_missing_seconds", "shares")
+    __slots__ = ("index", "uuid", "serial", "model", "present_seconds", "allocated_seconds", "busy_seconds", "sm_active_seconds", "sm_measured_seconds", "effective_seconds", "effective_estimated_seconds", "busy_unmeasured_seconds", "energy_joules", "padding", "flagged", "attribution", "lost_seconds", "busy_missing_seconds", "allocated_missing_seconds", "shares", "memory_busy_seconds", "memory_busy_missing_seconds")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     SERIAL_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +164,8 @@ class GpuSummary(_message.Message):
     BUSY_MISSING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_MISSING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUSY_MISSING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     index: int
     uuid: str
     serial: str
@@ -182,10 +186,12 @@ class GpuSummary(_message.Message):
     busy_missing_seconds: float
     allocated_missing_seconds: float
     shares: _containers.RepeatedCompositeFieldContainer[GpuSummary]
-    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., serial: _Optional[str] = ..., model: _Optional[str] = ..., present_seconds: _Optional[float] = ..., allocated_seconds: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., sm_active_seconds: _Optional[float] = ..., sm_measured_seconds: _Optional[float] = ..., effective_seconds: _Optional[float] = ..., effective_estimated_seconds: _Optional[float] = ..., busy_unmeasured_seconds: _Optional[float] = ..., energy_joules: _Optional[float] = ..., padding: _Optional[_Iterable[_Union[PaddingTotal, _Mapping]]] = ..., flagged: _Optional[_Union[PaddingTotal, _Mapping]] = ..., attribution: _Optional[_Union[Attribution, _Mapping]] = ..., lost_seconds: _Optional[float] = ..., busy_missing_seconds: _Optional[float] = ..., allocated_missing_seconds: _Optional[float] = ..., shares: _Optional[_Iterable[_Union[GpuSummary, _Mapping]]] = ...) -> None: ...
+    memory_busy_seconds: float
+    memory_busy_missing_seconds: float
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., serial: _Optional[str] = ..., model: _Optional[str] = ..., present_seconds: _Optional[float] = ..., allocated_seconds: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., sm_active_seconds: _Optional[float] = ..., sm_measured_seconds: _Optional[float] = ..., effective_seconds: _Optional[float] = ..., effective_estimated_seconds: _Optional[float] = ..., busy_unmeasured_seconds: _Optional[float] = ..., energy_joules: _Optional[float] = ..., padding: _Optional[_Iterable[_Union[PaddingTotal, _Mapping]]] = ..., flagged: _Optional[_Union[PaddingTotal, _Mapping]] = ..., attribution: _Optional[_Union[Attribution, _Mapping]] = ..., lost_seconds: _Optional[float] = ..., busy_missing_seconds: _Optional[float] = ..., allocated_missing_seconds: _Optional[float] = ..., shares: _Optional[_Iterable[_Union[GpuSummary, _Mapping]]] = ..., memory_busy_seconds: _Optional[float] = ..., memory_busy_missing_seconds: _Optional[float] = ...) -> None: ...
 
 class PaddingTotal(_message.Message):
-    __slots__ = ("rule", "seconds", "allocated_seconds", "busy_seconds", "sm_active_seconds", "effective_seconds", "effective_estimated_seconds", "busy_unmeasured_seconds")
+    __slots__ = ("rule", "seconds", "allocated_seconds", "busy_seconds", "sm_active_seconds", "effective_seconds", "effective_estimated_seconds", "busy_unmeasured_seconds", "memory_busy_seconds")
     RULE_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +200,7 @@ class PaddingTotal(_message.Message):
     EFFECTIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EFFECTIVE_ESTIMATED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BUSY_UNMEASURED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     rule: str
     seconds: float
     allocated_seconds: float
@@ -202,10 +209,11 @@ class PaddingTotal(_message.Message):
     effective_seconds: float
     effective_estimated_seconds: float
     busy_unmeasured_seconds: float
-    def __init__(self, rule: _Optional[str] = ..., seconds: _Optional[float] = ..., allocated_seconds: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., sm_active_seconds: _Optional[float] = ..., effective_seconds: _Optional[float] = ..., effective_estimated_seconds: _Optional[float] = ..., busy_unmeasured_seconds: _Optional[float] = ...) -> None: ...
+    memory_busy_seconds: float
+    def __init__(self, rule: _Optional[str] = ..., seconds: _Optional[float] = ..., allocated_seconds: _Optional[float] = ..., busy_seconds: _Optional[float] = ..., sm_active_seconds: _Optional[float] = ..., effective_seconds: _Optional[float] = ..., effective_estimated_seconds: _Optional[float] = ..., busy_unmeasured_seconds: _Optional[float] = ..., memory_busy_seconds: _Optional[float] = ...) -> None: ...
 
 class GpuSample(_message.Message):
-    __slots__ = ("index", "status", "busy", "memory_busy", "memory_used_bytes", "power_watts", "power_limit_watts", "energy_millijoules", "sm_clock_mhz", "temperature_celsius", "process_count", "process_memory_bytes", "clock_event_reasons", "sm_active", "sm_occupancy", "tensor_active", "dram_active", "error", "processes", "xid_events", "ecc_corrected_volatile", "ecc_uncorrected_volatile", "remapped_rows_correctable", "remapped_rows_uncorrectable", "remap_pending", "remap_failure", "pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second", "nvlink_tx_bytes", "nvlink_rx_bytes", "memory_clock_mhz", "memory_temperature_celsius", "attribution", "mig_enabled", "mig", "padding", "effective", "effective_estimated", "mig_slices")
+    __slots__ = ("index", "status", "busy", "memory_busy", "memory_used_bytes", "power_watts", "power_limit_watts", "energy_millijoules", "sm_clock_mhz", "temperature_celsius", "process_count", "process_memory_bytes", "clock_event_reasons", "sm_active", "sm_occupancy", "tensor_active", "dram_active", "error", "processes", "xid_events", "ecc_corrected_volatile", "ecc_uncorrected_volatile", "remapped_rows_correctable", "remapped_rows_uncorrectable", "remap_pending", "remap_failure", "pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second", "nvlink_tx_bytes", "nvlink_rx_bytes", "memory_clock_mhz", "memory_temperature_celsius", "attribution", "mig_enabled", "mig", "padding", "effective", "effective_estimated", "mig_slices", "totals")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     BUSY_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +253,7 @@ class GpuSample(_message.Message):
     EFFECTIVE_FIELD_NUMBER: _ClassVar[int]
     EFFECTIVE_ESTIMATED_FIELD_NUMBER: _ClassVar[int]
     MIG_SLICES_FIELD_NUMBER: _ClassVar[int]
+    TOTALS_FIELD_NUMBER: _ClassVar[int]
     index: int
     status: GpuStatus
     busy: float
@@ -284,7 +293,8 @@ class GpuSample(_message.Message):
     effective: float
     effective_estimated: bool
     mig_slices: int
-    def __init__(self, index: _Optional[int] = ..., status: _Optional[_Union[GpuStatus, str]] = ..., busy: _Optional[float] = ..., memory_busy: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., power_watts: _Optional[float] = ..., power_limit_watts: _Optional[float] = ..., energy_millijoules: _Optional[int] = ..., sm_clock_mhz: _Optional[int] = ..., temperature_celsius: _Optional[int] = ..., process_count: _Optional[int] = ..., process_memory_bytes: _Optional[int] = ..., clock_event_reasons: _Optional[int] = ..., sm_active: _Optional[float] = ..., sm_occupancy: _Optional[float] = ..., tensor_active: _Optional[float] = ..., dram_active: _Optional[float] = ..., error: _Optional[str] = ..., processes: _Optional[_Iterable[_Union[ProcessSample, _Mapping]]] = ..., xid_events: _Optional[_Iterable[_Union[XidEvent, _Mapping]]] = ..., ecc_corrected_volatile: _Optional[int] = ..., ecc_uncorrected_volatile: _Optional[int] = ..., remapped_rows_correctable: _Optional[int] = ..., remapped_rows_uncorrectable: _Optional[int] = ..., remap_pending: _Optional[bool] = ..., remap_failure: _Optional[bool] = ..., pcie_tx_bytes_per_second: _Optional[float] = ..., pcie_rx_bytes_per_second: _Optional[float] = ..., nvlink_tx_bytes: _Optional[int] = ..., nvlink_rx_bytes: _Optional[int] = ..., memory_clock_mhz: _Optional[int] = ..., memory_temperature_celsius: _Optional[int] = ..., attribution: _Optional[_Union[Attribution, _Mapping]] = ..., mig_enabled: _Optional[bool] = ..., mig: _Optional[_Iterable[_Union[MigSample, _Mapping]]] = ..., padding: _Optional[_Iterable[str]] = ..., effective: _Optional[float] = ..., effective_estimated: _Optional[bool] = ..., mig_slices: _Optional[int] = ...) -> None: ...
+    totals: GpuSummary
+    def __init__(self, index: _Optional[int] = ..., status: _Optional[_Union[GpuStatus, str]] = ..., busy: _Optional[float] = ..., memory_busy: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., power_watts: _Optional[float] = ..., power_limit_watts: _Optional[float] = ..., energy_millijoules: _Optional[int] = ..., sm_clock_mhz: _Optional[int] = ..., temperature_celsius: _Optional[int] = ..., process_count: _Optional[int] = ..., process_memory_bytes: _Optional[int] = ..., clock_event_reasons: _Optional[int] = ..., sm_active: _Optional[float] = ..., sm_occupancy: _Optional[float] = ..., tensor_active: _Optional[float] = ..., dram_active: _Optional[float] = ..., error: _Optional[str] = ..., processes: _Optional[_Iterable[_Union[ProcessSample, _Mapping]]] = ..., xid_events: _Optional[_Iterable[_Union[XidEvent, _Mapping]]] = ..., ecc_corrected_volatile: _Optional[int] = ..., ecc_uncorrected_volatile: _Optional[int] = ..., remapped_rows_correctable: _Optional[int] = ..., remapped_rows_uncorrectable: _Optional[int] = ..., remap_pending: _Optional[bool] = ..., remap_failure: _Optional[bool] = ..., pcie_tx_bytes_per_second: _Optional[float] = ..., pcie_rx_bytes_per_second: _Optional[float] = ..., nvlink_tx_bytes: _Optional[int] = ..., nvlink_rx_bytes: _Optional[int] = ..., memory_clock_mhz: _Optional[int] = ..., memory_temperature_celsius: _Optional[int] = ..., attribution: _Optional[_Union[Attribution, _Mapping]] = ..., mig_enabled: _Optional[bool] = ..., mig: _Optional[_Iterable[_Union[MigSample, _Mapping]]] = ..., padding: _Optional[_Iterable[str]] = ..., effective: _Optional[float] = ..., effective_estimated: _Optional[bool] = ..., mig_slices: _Optional[int] = ..., totals: _Optional[_Union[GpuSummary, _Mapping]] = ...) -> None: ...
 
 class ProcessSample(_message.Message):
     __slots__ = ("pid", "memory_bytes", "sm_util", "memory_util", "user", "command", "cgroup", "container_id", "gpu_instance_id")

@@ -15,10 +15,12 @@ from ..cli import (
     UsageError,
     add_collector_option,
     add_duration_option,
+    add_report_option,
     add_scenario_option,
     add_summary_options,
     client_tls,
     padding_rules,
+    report_every,
 )
 
 # --fast samples every 5 minutes and summarises per hour unless told otherwise: one-second
@@ -83,6 +85,7 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         metavar="SECONDS",
         help=f"sampling interval (default: 1; with --fast: {FAST_INTERVAL_S:g})",
     )
+    add_report_option(simulate)
     add_summary_options(simulate, window_default=f"300; with --fast: {FAST_SUMMARY_WINDOW_S:g}")
     simulate.set_defaults(handler=run_simulate)
 
@@ -141,6 +144,11 @@ def run_simulate(args: argparse.Namespace) -> int:
         sc = load_scenario(args.scenario)
         padding = padding_rules(args)
         tls = client_tls(args)
+        every = report_every(
+            args,
+            args.interval or (FAST_INTERVAL_S if args.fast else 1.0),
+            args.summary_window or (FAST_SUMMARY_WINDOW_S if args.fast else 300.0),
+        )
     except (ScenarioError, UsageError) as error:
         return fail("simulate", str(error))
     if args.fast:
@@ -156,6 +164,7 @@ def run_simulate(args: argparse.Namespace) -> int:
                 args.collector,
                 duration=args.duration,
                 interval=args.interval or 1.0,
+                report_every=every,
                 summary_window=args.summary_window or 300.0,
                 padding=padding,
                 state_dir=Path(args.state_dir) if args.state_dir else None,

@@ -63,6 +63,7 @@ def build_fleet(
     collector: str,
     *,
     interval: float = 1.0,
+    report_every: float | None = None,
     clock: Callable[[], float] = time.time,
     start: float | None = None,
     summary_window: float = 300.0,
@@ -85,6 +86,7 @@ def build_fleet(
             attributor=Attributor(processes=mock.processes, monotonic=clock),
             node=name,
             interval=interval,
+            report_every=report_every,
             clock=clock,
             summary_window=summary_window,
             padding=padding,
@@ -115,6 +117,7 @@ async def run_fleet(
     *,
     duration: float | None = None,
     interval: float = 1.0,
+    report_every: float | None = None,
     stop: asyncio.Event | None = None,
     summary_window: float = 300.0,
     padding: PaddingRules | None = None,
@@ -125,6 +128,7 @@ async def run_fleet(
         scenario,
         collector,
         interval=interval,
+        report_every=report_every,
         summary_window=summary_window,
         padding=padding,
         state_dir=state_dir,
@@ -145,6 +149,7 @@ async def run_fleet_virtual(
     seconds: float,
     start: float,
     interval: float = 1.0,
+    report_every: float | None = None,
     summary_window: float = 300.0,
     padding: PaddingRules | None = None,
     flush_every: int = 100,
@@ -163,6 +168,7 @@ async def run_fleet_virtual(
         scenario,
         collector,
         interval=interval,
+        report_every=report_every,
         clock=clock,
         start=start,
         summary_window=summary_window,
@@ -183,8 +189,10 @@ async def run_fleet_virtual(
                     continue
                 if number not in tasks:
                     tasks[number] = asyncio.ensure_future(agent.sender.run())
-                agent.sender.submit(agent.sampler.tick())
-                agent.reports += 1
+                report = agent.sampler.tick()
+                if report is not None:
+                    agent.sender.submit(report)
+                    agent.reports += 1
             if tick % flush_every == 0:
                 await asyncio.gather(*(agents[n].sender.drain(60.0) for n in tasks))
                 if progress is not None and tick % (flush_every * 20) == 0:
