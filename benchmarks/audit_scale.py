@@ -6,9 +6,12 @@ summary per node per hour, 2.7 million entries. Then times the two auditor comma
 person runs them (`audit verify --receipt`, then `audit report --receipt`, which rechecks
 every hash, chain and checkpoint but not the signatures the verify just checked), and prints
 each with its rate next to the bare Ed25519 verification rate of this machine, measured in
-the same run. --full-report also times a report that checks every signature itself.
+the same run. --full-report also times a report that checks every signature itself. --ledger-url copies
+the ledger, row for row, into a PostgreSQL database (a schema of its own, dropped at the end)
+and times the same commands on it, beside the SQLite figures.
 
     .venv/bin/python benchmarks/audit_scale.py [--gpus 10000] [--days 90] [--out DIR] [--full-report]
+        [--ledger-url postgresql://USER@HOST/DB]
 
 Target (issue 5): verify and report together under 10 minutes on a 2-core machine.
 """
@@ -16,12 +19,15 @@ Target (issue 5): verify and report together under 10 minutes on a 2-core machin
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -116,6 +122,52 @@ def generate(out: Path, gpus: int, days: int, per_node: int = 8) -> tuple[Path, 
     return db, keys, entries
 
 
+# The record's tables with their columns, in the order both engines declare them.
+TABLES = {
+    "summaries": "id, node, instance, seq, window_start_ns, window_end_ns, received, body, leaf",
+    "checkpoints": "id, size, root, note, created",
+    "inventory": "since, expected",
+    "cosignatures": "id, size, witness, line, timestamp",
+    "frontiers": "size, last_id, peaks",
+    "meta": "key, value",
+    "gpu_windows": "uuid, node, start_ns, end_ns, covered, joules",
+}
+
+
+def copy_to_postgres(db: Path, url: str, schema: str) -> str:
+    """The SQLite ledger's rows, as they are, into a new schema of the PostgreSQL database at
+    `url` (COPY, the bulk load PostgreSQL has); the URL of the copy."""
+    import psycopg
+
+    from gputally.collector.record.postgres import PostgresRecord
+
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    joiner = "&" if "?" in url else "?"
+    copy = f"{url}{joiner}options={quote(f'-csearch_path={schema}')}"
+    PostgresRecord(copy).close()  # the tables
+    source = sqlite3.connect(db)
+    with psycopg.connect(copy) as target, target.cursor() as cursor:
+        for table, columns in TABLES.items():
+            with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as rows:
+                for row in source.execute(f"SELECT {columns} FROM {table}"):
+                    rows.write_row(row)
+        for table in ("checkpoints", "cosignatures"):  # identities go on after the copied ids
+            cursor.execute(
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), max(id)) FROM {table}"
+            )
+        cursor.execute("ANALYZE")
+    source.close()
+    return copy
+
+
+def drop_schema(url: str, schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
 def timed(command: list[str]) -> tuple[float, str]:
     began = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -139,9 +191,15 @@ def main() -> int:
         action="store_true",
         help="also time `audit report` without the receipt, as a self-standing report runs",
     )
+    parser.add_argument(
+        "--ledger-url",
+        metavar="URL",
+        help="also copy the ledger into this PostgreSQL database and time the commands on it",
+    )
     args = parser.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="gputally-bench-"))
     out.mkdir(parents=True, exist_ok=True)
+    schema = f"bench_audit_{os.getpid()}"
     try:
         rate = bare_verify_rate()
         print(f"bare Ed25519 verify on this machine (one core): {rate:,.0f}/s")
@@ -153,50 +211,83 @@ def main() -> int:
             f"generated {entries:,} signed summaries ({args.gpus:,} GPUs x {args.days} days, hourly) "
             f"in {generation:.0f} s; ledger {size:,.0f} MiB"
         )
-        receipt = out / "receipt.json"
-        verify_s, verify_out = timed(
-            [
-                *gputally(),
-                "audit",
-                "verify",
-                f"--ledger={db}",
-                f"--keys={keys}",
-                f"--receipt={receipt}",
-            ]
-        )
-        print(
-            f"audit verify: {verify_s:.1f} s, {entries / verify_s:,.0f} entries/s "
-            f"= {entries / verify_s / rate:.2f}x the one-core bare verify rate"
-        )
-        print("  " + verify_out.strip().replace("\n", "\n  "))
-        end = time.strftime("%Y-%m-%d", time.gmtime(START + args.days * 86400))
-        report = [
-            *gputally(),
-            "audit",
-            "report",
-            f"--ledger={db}",
-            f"--keys={keys}",
-            "--from=2025-03-01",
-            f"--to={end}",
-            f"--expected-gpus={args.gpus}",
-            "--claim=0.85",
-            f"--out={out / 'report'}",
-        ]
-        report_s, report_out = timed([*report, f"--receipt={receipt}"])
-        print(
-            f"audit report --receipt: {report_s:.1f} s (every hash, chain and checkpoint again; "
-            "the signatures by the receipt of the verify above)"
-        )
-        print("  " + report_out.strip().splitlines()[0])
-        total = verify_s + report_s
-        print(f"verify + report: {total:.0f} s = {total / 600:.2f} of the 10-minute target")
-        if args.full_report:
-            full_s, _ = timed(report)
-            print(f"audit report without a receipt (checks every signature itself): {full_s:.1f} s")
+        ledgers = [("sqlite", str(db))]
+        if args.ledger_url:
+            began = time.perf_counter()
+            ledgers.append(("postgresql", copy_to_postgres(db, args.ledger_url, schema)))
+            print(f"copied into PostgreSQL in {time.perf_counter() - began:.0f} s")
+        totals = {}
+        for engine, ledger in ledgers:
+            totals[engine] = audit(engine, ledger, keys, out, entries, rate, args)
+        if len(totals) == 2:
+            sqlite_s, postgres_s = totals["sqlite"], totals["postgresql"]
+            print(
+                f"verify + report: SQLite {sqlite_s:.0f} s, PostgreSQL {postgres_s:.0f} s "
+                f"({postgres_s / sqlite_s:.2f}x)"
+            )
     finally:
+        if args.ledger_url:
+            drop_schema(args.ledger_url, schema)
         if not args.out:
             shutil.rmtree(out, ignore_errors=True)
     return 0
+
+
+def audit(
+    engine: str,
+    ledger: str,
+    keys: Path,
+    out: Path,
+    entries: int,
+    rate: float,
+    args: argparse.Namespace,
+) -> float:
+    """Time `audit verify --receipt`, then `audit report --receipt` (and without, with
+    --full-report) on one ledger; the seconds of the two."""
+    receipt = out / f"receipt-{engine}.json"
+    verify_s, verify_out = timed(
+        [
+            *gputally(),
+            "audit",
+            "verify",
+            f"--ledger={ledger}",
+            f"--keys={keys}",
+            f"--receipt={receipt}",
+        ]
+    )
+    print(
+        f"[{engine}] audit verify: {verify_s:.1f} s, {entries / verify_s:,.0f} entries/s "
+        f"= {entries / verify_s / rate:.2f}x the one-core bare verify rate"
+    )
+    print("  " + verify_out.strip().replace("\n", "\n  "))
+    end = time.strftime("%Y-%m-%d", time.gmtime(START + args.days * 86400))
+    report = [
+        *gputally(),
+        "audit",
+        "report",
+        f"--ledger={ledger}",
+        f"--keys={keys}",
+        "--from=2025-03-01",
+        f"--to={end}",
+        f"--expected-gpus={args.gpus}",
+        "--claim=0.85",
+        f"--out={out / f'report-{engine}'}",
+    ]
+    report_s, report_out = timed([*report, f"--receipt={receipt}"])
+    print(
+        f"[{engine}] audit report --receipt: {report_s:.1f} s (every hash, chain and checkpoint "
+        "again; the signatures by the receipt of the verify above)"
+    )
+    print("  " + report_out.strip().splitlines()[0])
+    total = verify_s + report_s
+    print(f"[{engine}] verify + report: {total:.0f} s = {total / 600:.2f} of the 10-minute target")
+    if args.full_report:
+        full_s, _ = timed(report)
+        print(
+            f"[{engine}] audit report without a receipt (checks every signature itself): "
+            f"{full_s:.1f} s"
+        )
+    return total
 
 
 if __name__ == "__main__":

@@ -1,15 +1,23 @@
-"""Shared test fixtures: an in-process collector on loopback, and the CI rule for binaries."""
+"""Shared test fixtures: an in-process collector on loopback, a PostgreSQL server of the
+session's own, and the CI rule for binaries."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import os
+import pwd
 import shutil
+import signal
 import socket
+import subprocess
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,6 +62,116 @@ def require_binary(name: str, package: str = "prometheus") -> str:
     if IN_CI:
         pytest.fail(f"{message}; CI must have it, see .ci/run")
     pytest.skip(message)
+
+
+def postgres_binary(name: str) -> str:
+    """Path of one of PostgreSQL's server programs (initdb, postgres): Debian keeps them off
+    PATH, under their major version (15 in bookworm; the newest installed wins). Missing: a
+    failure in CI, a skip elsewhere."""
+    installed = sorted(
+        Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
+        key=lambda path: int(path.parts[-3]) if path.parts[-3].isdigit() else 0,
+    )
+    return str(installed[-1]) if installed else require_binary(name, "postgresql")
+
+
+class PostgresServer:
+    """A real PostgreSQL server of its own in a temporary directory, listening only on
+    127.0.0.1 (and a Unix socket in that directory), password authentication over TCP.
+
+    PostgreSQL refuses to run as root, and tests run as root here and in CI: then it runs as
+    the `postgres` user (which `apt-get install postgresql` creates), owning its directory."""
+
+    USER, PASSWORD = "gputally", "gputally-test-password"
+
+    def __init__(self) -> None:
+        initdb, postgres = postgres_binary("initdb"), postgres_binary("postgres")
+        self.dir = Path(tempfile.mkdtemp(prefix="gputally-pg-"))
+        as_user: dict[str, Any] = {}
+        if os.geteuid() == 0:
+            try:
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                message = "PostgreSQL will not run as root and there is no `postgres` user"
+                if IN_CI:
+                    pytest.fail(f"{message}; CI must have one, see .ci/run")
+                pytest.skip(message)
+            os.chown(self.dir, owner.pw_uid, owner.pw_gid)
+            as_user = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+        password = self.dir / "password"
+        password.write_text(self.PASSWORD + "\n")
+        if as_user:
+            os.chown(password, as_user["user"], as_user["group"])
+        subprocess.run(
+            [initdb, f"--pgdata={self.dir / 'data'}", f"--username={self.USER}",
+             f"--pwfile={password}", "--auth-host=scram-sha-256", "--auth-local=trust",
+             "--encoding=UTF8", "--locale=C", "--no-sync"],
+            check=True, capture_output=True, timeout=120, cwd=self.dir, **as_user,
+        )  # fmt: skip
+        self.port = free_port()
+        self.log = (self.dir / "server.log").open("wb")
+        self.process = subprocess.Popen(
+            [postgres, "-D", str(self.dir / "data"), "-c", "listen_addresses=127.0.0.1",
+             "-c", f"port={self.port}", "-c", f"unix_socket_directories={self.dir}",
+             "-c", "max_connections=60", "-c", "shared_buffers=32MB"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir, **as_user,
+        )  # fmt: skip
+        self._databases = itertools.count(1)
+        self._wait_ready(30.0)
+
+    def url(self, database: str = "postgres", password: str | None = None) -> str:
+        secret = self.PASSWORD if password is None else password
+        return f"postgresql://{self.USER}:{secret}@127.0.0.1:{self.port}/{database}"
+
+    def _wait_ready(self, timeout: float) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg.connect(self.url(), connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(
+                        "PostgreSQL did not start: " + (self.dir / "server.log").read_text()[-2000:]
+                    ) from None
+                time.sleep(0.1)
+
+    def create_database(self) -> str:
+        """A fresh, empty database; its URL."""
+        import psycopg
+
+        name = f"ledger_{next(self._databases)}"
+        with psycopg.connect(self.url(), autocommit=True) as admin:
+            admin.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # "fast" shutdown: no waiting for clients
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole session (starting one takes a few seconds)."""
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The URL of a fresh database of the session's server, for one test."""
+    return postgres_server.create_database()
 
 
 def free_port() -> int:

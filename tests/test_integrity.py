@@ -39,7 +39,7 @@ from gputally.collector.record.ledger import (
     collector_key_text,
     parse_verifier_key,
 )
-from gputally.collector.record.store import Record
+from gputally.collector.record.store import Record, SqliteRecord
 from gputally.v1 import accounting
 from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1 import telemetry_pb2_grpc as pb_grpc
@@ -425,6 +425,7 @@ def test_a_ledger_rolled_back_to_an_older_copy_is_refused_at_start(tmp_path: Pat
     db = tmp_path / "ledger.db"
     backup = tmp_path / "backup.db"
     copy = sqlite3.connect(backup)
+    assert isinstance(record, SqliteRecord)
     record._db.backup(copy)  # an old, consistent copy of 20 entries
     copy.close()
     key = load_or_create_private_key(tmp_path / "collector.key")

@@ -14,6 +14,7 @@ FAILED = 1  # the command ran and its answer is "no": a ledger that does not ver
 USAGE = 2  # bad input: an option, a file, a configuration; nothing was changed
 PADDING_DECIDES = 3  # a claim's verdict turns on flagged padding: never a pass (query, report)
 LEDGER = 4  # the collector refuses its ledger: running would fork or forget the log (collector)
+UNAVAILABLE = 5  # the ledger's database server cannot be reached or refused us: try again later
 INTERRUPTED = 130
 
 

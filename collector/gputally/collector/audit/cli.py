@@ -46,7 +46,11 @@ def _add_ledger_options(
     """What every auditor's command reads: the ledger and the public keys, and what the ledger
     is checked against (witnesses, a kept checkpoint), nothing else."""
     parser.add_argument(
-        "--ledger", required=True, metavar="PATH", help="the collector's record (its --db file)"
+        "--ledger",
+        required=True,
+        metavar="PATH|URL",
+        help="the collector's record: its --db file, or its PostgreSQL URL (read in one "
+        "read-only transaction)",
     )
     parser.add_argument(
         "--keys",
@@ -401,14 +405,16 @@ def _verified(
     try:
         receipt = _load_receipt(args)
         verification = verify_ledger(
-            Path(args.ledger),
+            args.ledger,
             Path(args.keys),
             progress=lambda n: print(f"  {n:,} entries checked", file=sys.stderr, flush=True),
             rollup=rollup,
             receipt=receipt,
             anchors=_anchors(args),
         )
-    except (RecordError, KeyFileError, ReceiptError, AnchorError) as error:
+    except RecordError as error:
+        return fail(command, str(error), error.exit_code)
+    except (KeyFileError, ReceiptError, AnchorError) as error:
         return fail(command, str(error))
     _say_receipt(verification, receipt, args)
     _say_anchors(verification, args)
@@ -436,7 +442,7 @@ def _failed_at(verification: Verification) -> str:
 def run_audit_verify(args: argparse.Namespace) -> int:
     from gputally.v1.signing import KeyFileError
 
-    from ..record.store import RecordError
+    from ..record.store import RecordError, display
     from .verify import AnchorError, Receipt, verify_ledger
 
     def progress(entries: int) -> None:
@@ -444,9 +450,11 @@ def run_audit_verify(args: argparse.Namespace) -> int:
 
     try:
         result = verify_ledger(
-            Path(args.ledger), Path(args.keys), progress=progress, anchors=_anchors(args)
+            args.ledger, Path(args.keys), progress=progress, anchors=_anchors(args)
         )
-    except (RecordError, KeyFileError, AnchorError) as error:
+    except RecordError as error:
+        return fail("audit verify", str(error), error.exit_code)
+    except (KeyFileError, AnchorError) as error:
         return fail("audit verify", str(error))
     if not args.json:
         _say_anchors(result, args)
@@ -462,7 +470,7 @@ def run_audit_verify(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
-                    "ledger": args.ledger,
+                    "ledger": display(args.ledger),
                     "verified": result.ok,
                     "entries": result.entries,
                     "nodes": len(result.nodes),
@@ -481,7 +489,8 @@ def run_audit_verify(args: argparse.Namespace) -> int:
         )
         return 0 if result.ok else FAILED
     print(
-        f"ledger {args.ledger}: {result.entries:,} entries from {len(result.nodes)} nodes, {result.checkpoints} checkpoints"
+        f"ledger {display(args.ledger)}: {result.entries:,} entries from {len(result.nodes)} "
+        f"nodes, {result.checkpoints} checkpoints"
     )
     if not result.ok:
         kinds = result.by_kind()
@@ -515,6 +524,7 @@ def run_audit_verify(args: argparse.Namespace) -> int:
 
 
 def run_audit_report(args: argparse.Namespace) -> int:
+    from ..record.store import is_url
     from . import report as report_module
     from .figures import Rollup, padding_figures, simulated_lines
 
@@ -552,7 +562,7 @@ def run_audit_report(args: argparse.Namespace) -> int:
             args.claim,
             verification,
             receipt.verified_at if receipt is not None and verification.trusted else "",
-            ledger=Path(args.ledger),
+            ledger=None if is_url(args.ledger) else Path(args.ledger),
             keys=Path(args.keys),
             # the command line as typed; none when main() was called with other arguments
             # than the process's (in-process), rather than a wrong one
@@ -593,7 +603,7 @@ def run_audit_prove(args: argparse.Namespace) -> int:
         return fail("audit prove", f"--checkpoint {args.checkpoint}: {error}")
     try:
         answer = prove(
-            Path(args.ledger),
+            args.ledger,
             Path(args.keys),
             entry=args.entry,
             since=args.since,
@@ -602,20 +612,25 @@ def run_audit_prove(args: argparse.Namespace) -> int:
         )
     except ProofRefusedError as error:
         return fail("audit prove", str(error), FAILED)
-    except (RecordError, KeyFileError, ProofRequestError) as error:
+    except RecordError as error:
+        return fail("audit prove", str(error), error.exit_code)
+    except (KeyFileError, ProofRequestError) as error:
         return fail("audit prove", str(error))
     print(json.dumps(answer, indent=2))
     return 0
 
 
 def run_audit_census(args: argparse.Namespace) -> int:
-    from ..record.store import Record
+    from ..record.store import Record, RecordError
     from . import census as census_module
 
     verified = _verified(args, "audit census")
     if isinstance(verified, int):
         return verified
-    record = Record(args.ledger, readonly=True)
+    try:
+        record = Record(args.ledger, readonly=True)
+    except RecordError as error:
+        return fail("audit census", str(error), error.exit_code)
     try:
         span = record.span() or (0, 0)
         now = time.time()
@@ -625,6 +640,8 @@ def run_audit_census(args: argparse.Namespace) -> int:
         except ValueError as error:
             return fail("audit census", str(error))
         result = census_module.census(census_module.take(record, start, end))
+    except RecordError as error:
+        return fail("audit census", str(error), error.exit_code)
     finally:
         record.close()
     print(json.dumps(result, indent=2) if args.json else census_module.render(result))

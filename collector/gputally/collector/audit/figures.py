@@ -640,8 +640,10 @@ def as_dict(
 
     def breakdown(groups: dict[str, Group], held: bool) -> list[dict[str, Any]]:
         rows = []
+        # ties by name: the same figures give the same table, in whatever order the log
+        # holds them (shards interleave nodes differently)
         for name, group in sorted(
-            groups.items(), key=lambda kv: -kv[1].sums.values["present_seconds"]
+            groups.items(), key=lambda kv: (-kv[1].sums.values["present_seconds"], kv[0])
         )[:top]:
             b = figures.group_bounds(group, held=held)
             rows.append(

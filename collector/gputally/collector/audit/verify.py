@@ -471,7 +471,7 @@ class AnchorError(ValueError):
 
 
 def verify_ledger(
-    ledger: Path,
+    ledger: str | Path,
     keys_dir: Path,
     *,
     progress: Callable[[int], None] | None = None,
@@ -480,8 +480,10 @@ def verify_ledger(
     receipt: Receipt | None = None,
     anchors: Anchors = Anchors(),
 ) -> Verification:
-    """Verify the ledger; with `rollup`, also add up every verified entry's figures into it,
-    in the same pass (a report needs both, and reading the ledger once is what keeps it fast).
+    """Verify the ledger (a SQLite file, or a PostgreSQL URL: the same checks, trusting the
+    database no more than the file); with `rollup`, also add up every verified entry's figures
+    into it, in the same pass (a report needs both, and reading the ledger once is what keeps
+    it fast).
     With `receipt`, the signatures it vouches for are not checked again, if it holds for this
     ledger and these keys; when the ledger turns out not to be the one it was made from, the
     whole verification is run again without trusting it, and the mismatch is a finding (a
@@ -516,7 +518,7 @@ class _Claims:
 
 
 def _verify(
-    ledger: Path,
+    ledger: str | Path,
     keys_dir: Path,
     progress: Callable[[int], None] | None,
     workers: int | None,
@@ -1095,7 +1097,7 @@ class ProofRefusedError(ProofRequestError):
 
 
 def prove(
-    ledger: Path,
+    ledger: str | Path,
     keys_dir: Path,
     *,
     entry: int | None = None,

@@ -11,8 +11,10 @@ Acknowledged means durable: the agent drops a summary only when `recorded_chain_
 Welcome and every Ack) reaches it, and that number is read from what the record holds, never
 from a report's sequence number, which any stream could send. A summary is refused when one of
 its GPUs already has a recorded window that it overlaps, from this node or another (a card
-counted twice); when the ledger is damaged, none is recorded and none acknowledged, and the
-agents keep them spooled until it is repaired.
+counted twice), checked in the transaction that stores it (so across the shards of a shared
+ledger too); when the ledger is damaged, none is recorded and none acknowledged, and the
+agents keep them spooled until it is repaired (or, for a shared ledger's server that was out
+of reach, until the collector is restarted).
 
 Without enrolled keys nothing can be verified, so nothing is recorded.
 """
@@ -26,12 +28,12 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from gputally.v1 import telemetry_pb2 as pb
-from gputally.v1.accounting import card, next_window
+from gputally.v1.accounting import card
 from gputally.v1.signing import chain_hash, verify_summary
 
 from ..record.keys import KeyStore
 from ..record.ledger import Ledger
-from ..record.store import Record, RecordError
+from ..record.store import CardWindow, OverlapError, Record, RecordError, RecordUnavailableError
 from .validate import InvalidMessageError, TimeLimits, check_summary
 
 log = logging.getLogger("gputally.collector.intake")
@@ -160,7 +162,6 @@ class SummaryIntake:
             if self.stopped:
                 chain.unrecorded += 1
                 raise IntakeStoppedError(self.stopped)
-            windows = self._windows(node, chain, summary)
             stored = self.record.append(
                 node,
                 instance,
@@ -169,13 +170,31 @@ class SummaryIntake:
                 summary.window_end_unix_nano,
                 received,
                 signed.SerializeToString(),  # the signed bytes, as the agent sent them
-                windows,
+                self._windows(summary),
             )
+        except OverlapError as overlap:
+            chain.overlaps += 1
+            gpu = summary.gpus[overlap.index]
+            start, held = summary.window_start_unix_nano, overlap.held
+            whose = (
+                "this node"
+                if overlap.holder == node
+                else f"node {overlap.holder} (a duplicate identity)"
+            )
+            raise InvalidMessageError(
+                f"summary {summary.chain_seq}: GPU {gpu.uuid}'s window from {start / 1e9:.0f} "
+                f"overlaps one {whose} recorded up to {held[1] / 1e9:.0f}: refused, so that "
+                "no second of a GPU counts twice"
+            ) from None
         except RecordError as error:
             chain.unrecorded += 1
+            # Stopped for good, even when the server was only out of reach (its summaries may
+            # or may not have been committed): recording a node's next summary would tell its
+            # agent this one is recorded too. After a restart the agents send them again, in
+            # order, and the record says which it holds.
             self.failure = str(error)
-            if self.ledger is not None:
-                self.ledger.fail(str(error))
+            if self.ledger is not None and not isinstance(error, RecordUnavailableError):
+                self.ledger.fail(str(error))  # damage: no checkpoint either
             raise IntakeStoppedError(str(error)) from None
         if not stored:
             return
@@ -192,35 +211,16 @@ class SummaryIntake:
         chain.seq = summary.chain_seq
         chain.hash = chain_hash(signed.body)
 
-    def _windows(
-        self, node: str, chain: Chain, summary: pb.Summary
-    ) -> list[tuple[str, int, int, float, float]]:
-        """Each card's latest window once the summary is counted (for the record's index);
-        InvalidMessageError when a card's window would count a second twice (the same window
-        sent again under a new chain number, or two nodes claiming one card): see
-        accounting.next_window."""
-        assert self.record is not None
-        if not summary.gpus:
-            return []
+    @staticmethod
+    def _windows(summary: pb.Summary) -> list[CardWindow]:
+        """Each card's window in the summary, which the record checks against the card's
+        latest recorded one (accounting.next_window) as it stores the summary: the same window
+        sent again under a new chain number, or two nodes claiming one card, is refused."""
         start, end = summary.window_start_unix_nano, summary.window_end_unix_nano
-        keys = [card(gpu.uuid) for gpu in summary.gpus]
-        latest = self.record.latest_windows(keys)
-        out = []
-        for key, gpu in zip(keys, summary.gpus, strict=True):
-            holder, held = latest.get(key, (node, None))
-            covered = gpu.present_seconds + gpu.lost_seconds
-            window = next_window(held, start, end, covered, gpu.energy_joules)
-            if window is None:
-                assert held is not None
-                chain.overlaps += 1
-                whose = "this node" if holder == node else f"node {holder} (a duplicate identity)"
-                raise InvalidMessageError(
-                    f"summary {summary.chain_seq}: GPU {gpu.uuid}'s window from {start / 1e9:.0f} "
-                    f"overlaps one {whose} recorded up to {held[1] / 1e9:.0f}: refused, so that "
-                    "no second of a GPU counts twice"
-                )
-            out.append((key, *window))
-        return out
+        return [
+            (card(gpu.uuid), start, end, gpu.present_seconds + gpu.lost_seconds, gpu.energy_joules)
+            for gpu in summary.gpus
+        ]
 
     def _load(self, node: str, chain: Chain) -> None:
         assert self.record is not None

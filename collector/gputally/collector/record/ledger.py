@@ -13,6 +13,12 @@ tlog-checkpoint signed note naming the origin, the number of entries and the roo
 It never signs a checkpoint inconsistent with one it signed before: at start it recomputes the
 tree over the stored entries and checks every earlier checkpoint's root; if one differs, the
 record was altered, and it refuses to sign anything until a person looks.
+
+On a shared record (PostgreSQL, several collectors appending as shards of one cluster) one
+shard at a time signs (Record.signer), under the key and origin they all hold; every other
+one follows the log: it checks each checkpoint the signer stores against its own tree of the
+entries, so that the shard that takes the role when the signer dies goes on from a tree it
+has checked, and signs only checkpoints that extend every one stored before.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import base64
 import hashlib
 import json
 import logging
+import socket
 import threading
 import time
 from pathlib import Path
@@ -35,7 +42,7 @@ from gputally.v1.accounting import Window, card, next_window
 from gputally.v1.signing import KeyFileError, decode_public_key, public_bytes, write_file
 
 from .merkle import Frontier, consistency_proof, consistency_proof_extending, leaf_hash
-from .store import Record, RecordError
+from .store import Record, RecordError, RecordUnavailableError, SigningLostError
 
 log = logging.getLogger("gputally.collector.ledger")
 
@@ -226,7 +233,9 @@ def publish_collector_key(ledger: Ledger, keys: Path, fallback: Path) -> None:
         return
 
 
-STATE_KEY = "checkpoint_state"  # meta: where this ledger's checkpoint state file was written
+# meta: where this ledger's checkpoint state file was written; on a shared ledger, one mark
+# per shard (its host and file), since each shard remembers its own
+STATE_KEY = "checkpoint_state"
 
 
 class LedgerStartError(RuntimeError):
@@ -321,7 +330,14 @@ class Ledger:
 
     Damage it can run beside (an entry altered, a checkpoint in the record that its entries
     do not give, a write that failed) sets `broken`: no checkpoint is signed and no summary
-    acknowledged until a person looks."""
+    acknowledged until a person looks. A database that cannot be reached for a while (a
+    shared record's server) is no damage: checkpoints wait for it.
+
+    On a shared record, `signing` says whether this collector signs now (taken or lost at
+    each `checkpoint`). Whoever signs, the frontier is the tree at the newest checkpoint
+    stored (the anchor), and only the signer grows it past that, to sign: a shard that read
+    entries beyond it and then lost the role starts again from it, since the next signer's
+    checkpoint may cover fewer entries than it read."""
 
     def __init__(
         self,
@@ -343,23 +359,33 @@ class Ledger:
         self.latest = latest
         self.frontier = Frontier()
         self._last_id = 0
+        self._last_leaf = b""  # the leaf hash of entry _last_id, as rehashed ("": not known)
         self._lock = threading.Lock()
         self.broken = ""  # why signing and recording are refused, when they are
         self.history: Remembered | None = None  # what check_history has still to rehash
         self.history_checked = 0  # entries check_history has rehashed so far
+        self.signing = not record.shared  # whether this collector signs the checkpoints now
+        self._state_key = (
+            f"{STATE_KEY} {socket.gethostname()} {latest.absolute()}"
+            if record.shared and latest is not None
+            else STATE_KEY
+        )
         self._pin_origin()
         checkpoints = record.checkpoints()
-        self.last_size = checkpoints[-1][1] if checkpoints else 0
-        self.last_note = checkpoints[-1][3] if checkpoints else ""  # the newest one signed
+        if record.shared and checkpoints:
+            self._same_key(checkpoints[-1][3])
+        self.last_size = checkpoints[-1][1] if checkpoints else 0  # the newest one stored
+        self._newest_note = checkpoints[-1][3] if checkpoints else ""
         remembered = read_latest(latest) if latest is not None else None
         self.state = remembered  # what the checkpoint state file holds now
-        if latest is not None and remembered is None and record.meta(STATE_KEY) is not None:
+        mark = record.meta(self._state_key)
+        if latest is not None and remembered is None and mark is not None:
+            clear = record.command(f"DELETE FROM meta WHERE key = '{self._state_key}'")
             raise LedgerStartError(
                 f"{latest}: missing, but this ledger's latest checkpoint was remembered in "
-                f"{record.meta(STATE_KEY)}: restore that file (without it a rolled-back or "
-                "cut-short ledger cannot be told from a whole one); if it is truly lost and the "
-                f'ledger is complete, clear the mark: sqlite3 {record.path} "DELETE FROM meta '
-                f"WHERE key = '{STATE_KEY}'\""
+                f"{mark}: restore that file (without it a rolled-back or cut-short ledger "
+                "cannot be told from a whole one); if it is truly lost and the ledger is "
+                f"complete, clear the mark: {clear}"
             )
         if remembered is not None:
             self._open_remembered(remembered)
@@ -379,14 +405,18 @@ class Ledger:
                 )
             self._last_id = remembered.last_id
             self.history = remembered
+        # the newest checkpoint known: the one stored last, or the one remembered
+        self._anchor = self._here()
+        anchor = max(self.last_size, remembered.size if remembered is not None else 0)
         done = self._rehash(
             checkpoints,
             remembered.size if remembered and incremental else 0,
             remembered.size if remembered and not incremental else None,
+            anchor,
         )
         if remembered is not None and remembered.size and not incremental:
             self._check_root(remembered, done)
-        if remembered is not None and remembered.size:
+        if remembered is not None and remembered.size and not record.shared:
             self._restore_checkpoint(remembered, checkpoints)
         elif checkpoints and latest is not None and not self.broken:
             # first start with a state file: remember the record's latest checkpoint
@@ -394,6 +424,10 @@ class Ledger:
             if size == self.frontier.size:
                 self.state = _remember(origin, self.frontier, self._last_id, note)
                 self._write_state(self.state)
+        # checkpoints stored from now on are checked as they come (_follow)
+        self._seen = checkpoints[-1][0] if checkpoints else None
+        if record.shared:
+            self._reset()  # a follower's tree stops at the newest checkpoint
         if self.broken:
             log.error(
                 "ledger damaged: no checkpoint is signed and no summary acknowledged",
@@ -407,16 +441,28 @@ class Ledger:
         if pinned is None:
             checkpoints = self.record.checkpoints()
             # a ledger from before the pin: its checkpoints name its origin
-            pinned = checkpoints[-1][3].split("\n", 1)[0] if checkpoints else self.origin
-            self.record.set_meta("origin", pinned)
+            first = checkpoints[-1][3].split("\n", 1)[0] if checkpoints else self.origin
+            self.record.set_meta("origin", first)
+            pinned = self.record.meta("origin")  # another shard's, if it was first
         if pinned != self.origin:
             raise LedgerStartError(
-                f"{self.record.path}: this ledger's origin is {pinned!r}, not --origin "
+                f"{self.record.where}: this ledger's origin is {pinned!r}, not --origin "
                 f"{self.origin!r}; an origin cannot change (start a new ledger for a new log)"
             )
 
+    def _same_key(self, note: str) -> None:
+        """Every shard of a shared ledger signs with the log's one key: a shard given another
+        would sign checkpoints no auditor can verify with the key they hold."""
+        try:
+            open_note(note, self.name, public_bytes(self.key))
+        except CheckpointError as error:
+            raise LedgerStartError(
+                f"{self.record.where}: the ledger's newest checkpoint is not signed by this "
+                f"collector's key ({error}): every shard holds the same --collector-key"
+            ) from None
+
     def _where(self) -> str:
-        return f"{self.record.path} (checkpoint state {self.latest})"
+        return f"{self.record.where} (checkpoint state {self.latest})"
 
     def _open_remembered(self, remembered: Remembered) -> None:
         """The remembered checkpoint must be ours, and the record must still reach it."""
@@ -461,12 +507,19 @@ class Ledger:
         )
 
     def _rehash(
-        self, checkpoints: list[tuple[int, int, bytes, str]], above: int, need: int | None
+        self,
+        checkpoints: list[tuple[int, int, bytes, str]],
+        above: int,
+        need: int | None,
+        anchor: int,
     ) -> dict[int, bytes]:
         """Rehash the entries after the frontier's, checking every stored checkpoint of a size
-        above `above` on the way; (size -> root) at the checkpointed sizes and at `need`."""
+        above `above` on the way, and keeping the tree at `anchor` entries as the anchor;
+        (size -> root) at the checkpointed sizes and at `need`."""
         wanted = {size: root for _, size, root, _ in checkpoints if size > above}
         roots: dict[int, bytes] = {}
+        if self.frontier.size == anchor:
+            self._anchor = self._here()
         # a ledger from before the GPU window index: fill it on the way (card -> node, window)
         index: dict[str, tuple[str, Window]] | None = {} if not self.record.indexed() else None
         for row_id, _, body, leaf in self.record.entries(self._last_id or None):
@@ -474,7 +527,9 @@ class Ledger:
             if computed != leaf and not self.broken:
                 self.broken = f"entry {row_id}'s bytes no longer give its leaf hash: it was altered"
             self.frontier.append(computed)
-            self._last_id = row_id
+            self._last_id, self._last_leaf = row_id, computed
+            if self.frontier.size == anchor:
+                self._anchor = self._here()
             root = wanted.pop(self.frontier.size, None)
             if root is not None:
                 roots[self.frontier.size] = self.frontier.root()
@@ -526,7 +581,7 @@ class Ledger:
                 remembered.size, remembered.root, remembered.note, time.time()
             )
             self.last_size = max(self.last_size, remembered.size)
-            self.last_note = remembered.note
+            self._newest_note = remembered.note
 
     def check_history(self, stop: threading.Event | None = None) -> bool:
         """Rehash the entries the start took on trust (those under the remembered checkpoint),
@@ -535,11 +590,14 @@ class Ledger:
         history = self.history
         if history is None:
             return True
-        reader = Record(self.record.path, readonly=True)
-        frontier = Frontier()
-        wanted = {size: root for _, size, root, _ in reader.checkpoints() if size <= history.size}
-        wanted[history.size] = history.root
         try:
+            reader = self.record.reader()
+        except RecordError as error:
+            return self._history_unchecked(error)
+        frontier = Frontier()
+        try:
+            wanted = {s: root for _, s, root, _ in reader.checkpoints() if s <= history.size}
+            wanted[history.size] = history.root
             for row_id, _, body, leaf in reader.entries():
                 if row_id > history.last_id or (stop is not None and stop.is_set()):
                     break
@@ -556,8 +614,7 @@ class Ledger:
                     self.fail(f"the entries no longer give the root signed at size {frontier.size}")
                     return False
         except RecordError as error:
-            self.fail(str(error))
-            return False
+            return self._history_unchecked(error)
         finally:
             reader.close()
         if stop is not None and stop.is_set():
@@ -572,13 +629,22 @@ class Ledger:
         log.info("ledger history rehashed", extra={"kv": {"entries": frontier.size}})
         return True
 
+    def _history_unchecked(self, error: RecordError) -> bool:
+        """The history check stopped on `error`: damage stops intake; a database out of
+        reach only leaves the history unchecked (said, and checked at the next start)."""
+        if isinstance(error, RecordUnavailableError):
+            log.error("ledger history not rehashed", extra={"kv": {"error": str(error)}})
+        else:
+            self.fail(str(error))
+        return False
+
     def _write_state(self, state: Remembered) -> None:
         """Write the checkpoint state file; the first time, the ledger notes that it has one,
         so that a start that finds it gone is refused instead of starting without it."""
         assert self.latest is not None
         write_latest(self.latest, state)
-        if self.record.meta(STATE_KEY) is None:
-            self.record.set_meta(STATE_KEY, str(self.latest))
+        if self.record.meta(self._state_key) is None:
+            self.record.set_meta(self._state_key, str(self.latest))
 
     def acknowledge(self, last_id: int) -> None:
         """Entries up to `last_id` are about to be acknowledged: remember that outside the
@@ -606,50 +672,141 @@ class Ledger:
                 extra={"kv": {"why": why}},
             )
 
+    @property
+    def last_note(self) -> str:
+        """The newest checkpoint, for the witnesses: "" on a shard that does not sign now
+        (the signer gives them each checkpoint, once)."""
+        return self._newest_note if self.signing else ""
+
+    def _here(self) -> tuple[Frontier, int, bytes]:
+        return self.frontier.copy(), self._last_id, self._last_leaf
+
+    def _reset(self) -> None:
+        """Back to the tree at the newest checkpoint known."""
+        frontier, self._last_id, self._last_leaf = self._anchor
+        self.frontier = frontier.copy()
+
+    def _extend(self, size: int | None = None) -> None:
+        """Add the entries after the frontier's last to it (up to `size` entries in all),
+        rehashing their bytes."""
+        if size is not None and self.frontier.size >= size:
+            return
+        # ids are gap-free: the entry after the one before ours is ours, unless it is gone
+        if self._last_leaf and self.record.leaves(self._last_id - 1, 1) != [self._last_leaf]:
+            self.fail(
+                f"entry {self._last_id}, which the log's tree covers, is gone from the ledger "
+                "or was replaced: it was rolled back or rewritten"
+            )
+            return
+        for row_id, _, body, leaf in self.record.entries(self._last_id or None):
+            computed = leaf_hash(body)
+            if computed != leaf:
+                self.fail(f"entry {row_id}'s bytes no longer give its leaf hash")
+            self.frontier.append(computed)
+            self._last_id, self._last_leaf = row_id, computed
+            if self.frontier.size == size:
+                return
+
+    def _keep(self, note: str) -> None:
+        """Remember the checkpoint `note` of the tree at the frontier outside the ledger
+        (synced), with what was acknowledged; OSError when it cannot be written."""
+        if self.latest is None:
+            return
+        state = _remember(self.origin, self.frontier, self._last_id, note)
+        if self.state is not None:
+            state = state._replace(acknowledged=max(state.acknowledged, self.state.acknowledged))
+        self._write_state(state)
+        self.state = state
+
+    def _follow(self) -> None:
+        """Check each checkpoint stored since the last one seen (another shard's, on a shared
+        ledger) against the tree of the entries, and take it as the anchor: its note must be
+        this log's, signed by its key, and give the root of the first `size` entries. The
+        newest is remembered outside the ledger, as if signed here: a shard that never signs
+        still refuses, at its next start, a ledger rolled back below what it saw (and starts
+        from that checkpoint's frontier, not from the first entry)."""
+        checked = ""  # the newest checkpoint checked here, at the frontier
+        for row_id, size, root, note in self.record.checkpoints(self._seen):
+            self._seen = row_id
+            if size < self.frontier.size:
+                self._reset()
+            if size < self.frontier.size:
+                self.fail(
+                    f"a checkpoint of {size:,} entries was stored after one of "
+                    f"{self.frontier.size:,}: signed out of turn"
+                )
+                return
+            try:
+                signed = open_note(note, self.name, public_bytes(self.key))
+            except CheckpointError as error:
+                self.fail(f"the checkpoint stored for size {size} is not this log's ({error})")
+                return
+            self._extend(size)
+            if self.broken:
+                return
+            if self.frontier.size < size:
+                self.fail(f"a checkpoint signs {size:,} entries, the record holds fewer")
+                return
+            if signed != (self.origin, size, root) or self.frontier.root() != root:
+                self.fail(f"the entries no longer give the root signed at size {size}")
+                return
+            self._anchor = self._here()
+            self.last_size, self._newest_note = size, note
+            checked = note
+        if checked and (self.state is None or self.state.size < self.frontier.size):
+            try:
+                self._keep(checked)
+            except OSError as error:
+                self.fail(f"{self.latest}: cannot remember the checkpoint ({error.strerror})")
+
     def checkpoint(self, now: float) -> bool:
         """Sign a checkpoint if the log grew, remember it outside the ledger (synced), then
-        store it. Never signs an inconsistent one."""
+        store it. Never signs an inconsistent one. On a shared ledger, first take (or keep)
+        the signing role, and check the checkpoints other shards stored; a shard that does
+        not sign only checks them (and returns False)."""
         with self._lock:
+            signing = self.record.signer()
+            if self.signing and not signing:
+                log.warning("no longer signing the ledger's checkpoints: another shard may")
+                self._reset()
+            self.signing = signing
             try:
-                for row_id, _, body, leaf in self.record.entries(self._last_id or None):
-                    computed = leaf_hash(body)
-                    if computed != leaf:
-                        self.fail(f"entry {row_id}'s bytes no longer give its leaf hash")
-                    self.frontier.append(computed)
-                    self._last_id = row_id
+                self._follow()
+                if signing and not self.broken:
+                    self._extend()
+            except RecordUnavailableError as error:
+                raise CheckpointError(str(error)) from None
             except RecordError as error:
                 self.fail(str(error))
             if self.broken:
                 raise CheckpointError(self.broken)
-            if self.frontier.size <= self.last_size:
+            if not signing or self.frontier.size <= self.last_size:
                 return False
             root = self.frontier.root()
             note = sign_note(
                 checkpoint_text(self.origin, self.frontier.size, root), self.name, self.key
             )
-            if self.latest is not None:
-                try:
-                    state = _remember(self.origin, self.frontier, self._last_id, note)
-                    state = state._replace(
-                        acknowledged=max(state.acknowledged, self.state.acknowledged)
-                        if self.state is not None
-                        else state.acknowledged
-                    )
-                    self._write_state(state)
-                    self.state = state
-                except OSError as error:
-                    # not remembered, so not given: an unremembered checkpoint is a fork waiting
-                    raise CheckpointError(
-                        f"{self.latest}: cannot remember the checkpoint ({error.strerror})"
-                    ) from None
+            try:
+                self._keep(note)
+            except OSError as error:
+                # not remembered, so not given: an unremembered checkpoint is a fork waiting
+                raise CheckpointError(
+                    f"{self.latest}: cannot remember the checkpoint ({error.strerror})"
+                ) from None
             try:
                 self.record.add_checkpoint(self.frontier.size, root, note, now)
                 self.record.add_frontier(self.frontier.size, self._last_id, self.frontier.peaks())
+            except SigningLostError as error:
+                # remembered but (perhaps) not stored: the next signer's checkpoints cover at
+                # least its entries, and _follow checks them (or it, if it was stored)
+                self.signing = False
+                self._reset()
+                raise CheckpointError(str(error)) from None
             except RecordError as error:
                 self.fail(str(error))
                 raise CheckpointError(str(error)) from None
-            self.last_size = self.frontier.size
-            self.last_note = note
+            self.last_size, self._newest_note = self.frontier.size, note
+            self._anchor = self._here()
             self.record.sync()
             return True
 

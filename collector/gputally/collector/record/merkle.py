@@ -218,6 +218,11 @@ class Frontier:
         """The perfect subtrees' hashes, largest first: with the size, all a frontier is."""
         return [node for _, node in self._peaks]
 
+    def copy(self) -> Frontier:
+        frontier = Frontier()
+        frontier.size, frontier._peaks = self.size, list(self._peaks)
+        return frontier
+
     @classmethod
     def resume(cls, size: int, peaks: list[bytes]) -> Frontier:
         """The frontier of a tree of `size` leaves whose perfect subtrees are `peaks`
