@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import re
@@ -905,3 +906,41 @@ def test_a_chain_number_beyond_the_records_integers_is_refused() -> None:
     s.chain_seq = 2**64 - 1
     with pytest.raises(InvalidMessageError, match=r"chain_seq must be in \[1, 2\^63 - 1\]"):
         check_summary(s, {0: "GPU-n1-0"}, T0 + 60, TimeLimits(horizon=math.inf, skew=math.inf))
+
+
+def test_agents_behind_one_address_spread_over_the_shards_and_move_when_one_dies(
+    collector_factory: Callable[..., Collector],
+) -> None:
+    """Collectors sharded behind one address (here a gRPC target of two addresses; a DNS name
+    or a headless Service resolves the same way): each agent streams to a shard taken at
+    random, and an agent whose shard dies reconnects to another."""
+    shards = collector_factory(), collector_factory()
+    target = "ipv4:" + ",".join(shard.target for shard in shards)
+    nodes = [f"n{k:02d}" for k in range(24)]
+
+    async def run() -> None:
+        senders = [
+            Sender(target, functools.partial(hello, node, 1), backoff_initial=0.05, backoff_max=0.2)
+            for node in nodes
+        ]
+        tasks = [asyncio.ensure_future(sender.run()) for sender in senders]
+        try:
+            for sender in senders:
+                sender.submit(report(1, T0 + 1, busy_sample(0, 0.5)))
+            assert all(await asyncio.gather(*(s.drain(20.0) for s in senders)))
+            first, second = (set(shard.state.nodes) for shard in shards)
+            # 24 agents all on one shard by chance: 2 in 2^24
+            assert first and second and not first & second and first | second == set(nodes)
+            shards[0].stop()
+            for sender in senders:
+                sender.submit(report(2, T0 + 2, busy_sample(0, 0.5)))
+            assert all(await asyncio.gather(*(s.drain(30.0) for s in senders)))
+            assert {n: node.last_seq for n, node in shards[1].state.nodes.items()} == dict.fromkeys(
+                nodes, 2
+            )
+        finally:
+            for sender in senders:
+                sender.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(run())

@@ -6,6 +6,7 @@ import pytest
 
 from gputally.collector.live.state import ClusterState
 from gputally.collector.live.validate import InvalidMessageError
+from gputally.v1 import PROTOCOL_REVISION
 from gputally.v1 import telemetry_pb2 as pb
 
 from .factories import T0, busy_sample, gpu_sample, hello, report
@@ -349,7 +350,7 @@ def test_node_info_shows_what_each_hello_says_cut_to_a_bounded_length() -> None:
         "backend": "mock",
         "agent_version": "0.1.0",
         "driver_version": "x" * 64,
-        "protocol_revision": "2",
+        "protocol_revision": str(PROTOCOL_REVISION),
         "authenticated": "none",
     }
     again = hello("n1", 1, instance=2)

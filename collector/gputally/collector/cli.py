@@ -20,6 +20,7 @@ from gputally.cli.options import (
     LEDGER,
     PADDING_DECIDES,
     TIMES,
+    UNAVAILABLE,
     address,
     count,
     fail,
@@ -91,6 +92,15 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
         help="a node with no report for this long is not reporting (default: %(default)s)",
     )
     parser.add_argument(
+        "--metrics-refresh",
+        type=non_negative,
+        default=5.0,
+        metavar="SECONDS",
+        help="while /metrics is scraped, render it this often and serve that render: a scrape "
+        "then costs a copy, not a render (a quarter of a second at 10,000 GPUs); 0 renders at "
+        "every scrape (default: %(default)s)",
+    )
+    parser.add_argument(
         "--grace",
         type=non_negative,
         default=5.0,
@@ -100,9 +110,12 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db",
         default="gputally.db",
-        metavar="PATH",
-        help="the durable record of every summary (SQLite, WAL), read by `gputally query`; "
-        "empty to keep none (default: %(default)s)",
+        metavar="PATH|URL",
+        help="the durable record of every summary, read by `gputally query`: a SQLite file "
+        "(WAL), or a PostgreSQL database that the collector's shards share, "
+        "postgresql://USER@HOST/DB (then give --collector-key and --checkpoint-state; keep the "
+        "password in PGPASSFILE rather than in the URL); empty to keep none "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--keys",
@@ -120,7 +133,8 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
         "--collector-key",
         default="",
         metavar="PATH",
-        help="the collector's Ed25519 key that signs checkpoints, created on first use (default: <db>.key)",
+        help="the collector's Ed25519 key that signs checkpoints, created on first use; every "
+        "shard of a PostgreSQL --db holds the same one (default: <db>.key; required with a URL)",
     )
     parser.add_argument(
         "--origin",
@@ -135,7 +149,8 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="where the latest signed checkpoint is remembered, outside the ledger, so that a "
         "ledger rolled back, cut short or replaced is refused at start; keep it with the "
-        "collector's key, off the ledger's disk if you can (default: <db>.checkpoint)",
+        "collector's key, off the ledger's disk if you can; each shard of a PostgreSQL --db "
+        "has its own (default: <db>.checkpoint; required with a URL)",
     )
     parser.add_argument(
         "--startup-check",
@@ -333,7 +348,7 @@ def register(sub: Any) -> dict[str, argparse.ArgumentParser]:
         epilog=f"Exit status {LEDGER} when the ledger is refused at start (missing, shorter than or "
         "inconsistent with the latest checkpoint remembered in --checkpoint-state, or another "
         "--origin): restore it, never start a new one under the same key. Status 2 for bad "
-        "options or unreadable files.",
+        f"options or unreadable files; {UNAVAILABLE} when a PostgreSQL --db cannot be reached.",
     )
     _add_collector_options(collector)
     collector.set_defaults(handler=run_collector)
@@ -361,8 +376,8 @@ def _register_query(sub: Any) -> argparse.ArgumentParser:
     query.add_argument(
         "--db",
         default="gputally.db",
-        metavar="PATH",
-        help="the collector's record (default: %(default)s)",
+        metavar="PATH|URL",
+        help="the collector's record: its --db file or PostgreSQL URL (default: %(default)s)",
     )
     add_period_options(query, required=False)
     add_claim_options(query)
@@ -440,9 +455,10 @@ def run_collector(args: argparse.Namespace) -> int:
         asyncio.run(main())
     except LedgerStartError as error:
         return fail("collector", str(error), LEDGER)
+    except RecordError as error:
+        return fail("collector", str(error), error.exit_code)
     except (
         OSError,
-        RecordError,
         KeyFileError,
         TlsError,
         WebConfigError,
@@ -479,7 +495,7 @@ def run_query(args: argparse.Namespace) -> int:
     try:
         record = Record(args.db, readonly=True)
     except RecordError as error:
-        return fail("query", str(error))
+        return fail("query", str(error), error.exit_code)
     try:
         span = record.span()
         now = time.time()
@@ -489,7 +505,7 @@ def run_query(args: argparse.Namespace) -> int:
         except ValueError as error:
             return fail("query", str(error))
         if start is None or end is None:
-            return fail("query", f"{args.db} holds no summary yet; give --from and --to")
+            return fail("query", f"{record.where} holds no summary yet; give --from and --to")
         if end <= start:
             return fail("query", "--to must be after --from")
         expected = args.expected_gpus or record.inventory_at(start)
@@ -505,9 +521,11 @@ def run_query(args: argparse.Namespace) -> int:
         except DecodeError:
             return fail(
                 "query",
-                f"{args.db} holds an entry that is not a summary: the record is damaged; "
+                f"{record.where} holds an entry that is not a summary: the record is damaged; "
                 "`gputally audit verify` names it",
             )
+    except RecordError as error:  # a damaged page, a server gone in the middle
+        return fail("query", str(error), error.exit_code)
     finally:
         record.close()
     answer = as_dict(figures, args.measure, args.claim)

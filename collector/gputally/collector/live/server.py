@@ -35,7 +35,7 @@ from gputally.v1.signing import (
 
 from ..record.keys import KeyStore
 from ..record.ledger import CheckpointError, Ledger, LedgerStartError, publish_collector_key
-from ..record.store import Record
+from ..record.store import Record, beside, display, missing
 from ..record.witnessing import WitnessConfigError, Witnesses, read_witnesses
 from .metrics import HEALTH_PATHS, make_app, make_registry
 from .state import ClusterState, IdentityConflictError, NotEnrolledError, UnauthenticatedError
@@ -478,6 +478,7 @@ class Settings:
     tls_client_ca: str = ""
     insecure: bool = False
     web_config_file: str = ""
+    metrics_refresh: float = 0.0
     max_message_bytes: int = _LIMITS.max_message_bytes
     max_batch_reports: int = _LIMITS.max_batch_reports
     max_gpus: int = _LIMITS.max_gpus
@@ -507,7 +508,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     OSError (naming the option) when a listener cannot be opened; nothing is left running."""
     s = settings
     latest = Path(s.checkpoint_state or f"{s.db}.checkpoint")
-    if s.db and s.keys and latest.exists() and not Path(s.db).exists():
+    if s.db and s.keys and latest.exists() and missing(s.db):
         raise LedgerStartError(
             f"{s.db}: no ledger, but {latest} remembers a signed checkpoint of it: restore the "
             "ledger (a new one would fork the log under the same key)"
@@ -523,11 +524,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> None:
     keys = KeyStore(s.keys, trust_on_first_use=s.trust_on_first_use) if s.keys else None
     if record is not None and keys is None:
-        log.warning("no --keys: summaries cannot be verified, so none is recorded in %s", s.db)
+        log.warning(
+            "no --keys: summaries cannot be verified, so none is recorded in %s", display(s.db)
+        )
     ledger = None
     if record is not None and keys is not None:
-        key_path = Path(s.collector_key or f"{s.db}.key")
-        latest = Path(s.checkpoint_state or f"{s.db}.checkpoint")
+        key_path = Path(s.collector_key or beside(s.db, ".key", "--collector-key"))
+        latest = Path(s.checkpoint_state or beside(s.db, ".checkpoint", "--checkpoint-state"))
         ledger = Ledger(
             record,
             load_or_create_private_key(key_path),
@@ -569,9 +572,12 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
         return ""
 
     registry = make_registry(
-        state, witnesses, (lambda: ledger.last_size) if ledger is not None else None
+        state,
+        witnesses,
+        (lambda: ledger.last_size) if ledger is not None else None,
+        (lambda: ledger.signing) if ledger is not None else None,
     )
-    app = make_app(registry, ready=ready)
+    app = make_app(registry, ready=ready, refresh=s.metrics_refresh)
     try:
         # health checks need no password (probes have none), but get TLS like the rest
         http, _ = serve_http(

@@ -24,14 +24,14 @@ A report is checked first (live.validate), and a summary it carries goes to the 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import operator
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from gputally.v1 import accounting
 from gputally.v1 import telemetry_pb2 as pb
@@ -86,10 +86,38 @@ _WINDOW_FIELDS = (
     "memory_busy_seconds",
     "memory_busy_missing_seconds",
 )
-# Read out of a sample's accounting in one C call each: ingest does it for every GPU sample.
+# A live-window vector: _WINDOW_FIELDS, then the same of the flagged part (see Series).
+_VECTOR = 2 * len(_WINDOW_FIELDS)
+_NO_FLAGS = (0.0,) * len(_WINDOW_FIELDS)
+# Read out of a GPU's accounting in one C call each: ingest does it for every GPU sample.
 _window_rates = operator.itemgetter(*_WINDOW_FIELDS)
+_totals_values = operator.attrgetter(*accounting.FIELDS)
+_flagged_values = operator.attrgetter(*accounting.FLAGGED_FIELDS)
+_flagged_values_of = operator.itemgetter(*accounting.FLAGGED_FIELDS)
 _COUNTED_NAMES = tuple(name for name, _ in accounting.COUNTED)
 _counted = operator.itemgetter(*(field for _, field in accounting.COUNTED))
+# A flagged part (a PaddingTotal's fields) as the live window and the counters read it: its
+# "seconds" are the flagged present seconds; a field it does not have is 0.
+_FLAGGED_AT = {name: i for i, name in enumerate(accounting.FLAGGED_FIELDS)}
+_FLAGGED_WINDOW = tuple(
+    _FLAGGED_AT.get("seconds" if name == "present_seconds" else name, -1) for name in _WINDOW_FIELDS
+)
+_FLAGGED_COUNTED = tuple(
+    _FLAGGED_AT["seconds" if name == "present_seconds" else name] for _, name in accounting.COUNTED
+)
+# The longest report cadence the live window follows: an agent that says it reports hourly
+# must not stretch every node's live figure over three hours (its own seconds count late).
+MAX_CADENCE_S = 60.0
+
+
+class _Accounted(NamedTuple):
+    """One GPU sample's numbers over its report's interval (ClusterState._accounted)."""
+
+    values: accounting.Totals
+    flagged: tuple[float, ...] | None  # its flagged part, in FLAGGED_FIELDS order
+    by_rule: dict[str, float]  # padding rule -> seconds it flagged
+    parts: list[tuple[str, accounting.Totals]] | None  # a MIG GPU shared out, by tenant
+    joules: float  # what counts of its energy
 
 
 class NotEnrolledError(ValueError):
@@ -104,12 +132,56 @@ class UnauthenticatedError(ValueError):
     """A stream that did not prove the key it must speak with (gRPC UNAUTHENTICATED)."""
 
 
-@dataclass(slots=True)
-class Sample:
-    end: float  # collector clock, seconds
-    seconds: float
-    rates: tuple[float, ...]  # _WINDOW_FIELDS per second covered (a MIG share: its part)
-    padded: bool  # a padding rule flags it
+class Series:
+    """One population's GPU-seconds in the live window (a node's GPUs of one model, or of one
+    tenant), as entries of (start, end, vector): one entry per report, spread evenly over the
+    span its samples were placed on, on the collector's clock. A vector holds _WINDOW_FIELDS
+    and then the same fields of the flagged part.
+
+    The entries' running total is kept as they come and go, so that a figure over the window
+    costs only the few entries at its edges, not every sample in it: at 10,000 GPUs a scrape
+    used to add up 300,000 samples. The live window's resolution is the report's span: a
+    report of 10 s is 10 s spread evenly."""
+
+    __slots__ = ("_dropped", "entries", "total")
+
+    def __init__(self) -> None:
+        self.entries: deque[tuple[float, float, list[float]]] = deque()
+        self.total = [0.0] * _VECTOR
+        self._dropped = 0
+
+    def add(self, start: float, end: float, vector: list[float]) -> None:
+        self.entries.append((start, end, vector))
+        self.total = list(map(operator.add, self.total, vector))
+
+    def trim(self, horizon: float) -> None:
+        """Forget the entries that ended before `horizon`."""
+        entries = self.entries
+        while entries and entries[0][1] < horizon:
+            self.total = list(map(operator.sub, self.total, entries.popleft()[2]))
+            self._dropped += 1
+        # Adding and taking away leaves rounding behind: add the total up afresh now and then
+        # (amortised, it costs as much again as the adding).
+        if self._dropped > 2 * len(entries) + 16:
+            self._dropped = 0
+            self.total = [0.0] * _VECTOR
+            for _, _, vector in entries:
+                self.total = list(map(operator.add, self.total, vector))
+
+    def over(self, start: float, end: float) -> list[float]:
+        """The GPU-seconds in (start, end]: the total less the parts of the entries outside."""
+        out = self.total
+        for first, last, vector in self.entries:
+            if first >= start:
+                break
+            outside = (min(last, start) - first) / (last - first)
+            out = [o - v * outside for o, v in zip(out, vector, strict=True)]
+        for first, last, vector in reversed(self.entries):
+            if last <= end:
+                break
+            outside = (last - max(first, end)) / (last - first)
+            out = [o - v * outside for o, v in zip(out, vector, strict=True)]
+        return out
 
 
 @dataclass(slots=True)
@@ -121,15 +193,13 @@ class GpuState:
     serial: str = ""
     key: str = ""  # accounting.card of the UUID: how the card is known across nodes
     status: int = pb.GPU_STATUS_UNSPECIFIED
-    samples: deque[Sample] = field(default_factory=deque)
     last_end: float = -math.inf  # collector-clock end of the newest sample
     energy: accounting.EnergyCounter = field(default_factory=accounting.EnergyCounter)
     power_watts: float | None = None
     tenant: str = accounting.UNATTRIBUTED  # whom the whole GPU is charged to now
     padding: tuple[str, ...] = ()
-    # A MIG GPU shared by several owners: each tenant's part of it now, and its samples.
+    # A MIG GPU shared by several owners: each tenant's part of it now.
     held: dict[str, float] = field(default_factory=dict)
-    shares: dict[str, deque[Sample]] = field(default_factory=dict)
 
 
 def _zero_counts() -> dict[str, float]:
@@ -193,6 +263,12 @@ class NodeState:
     last_step: float = -math.inf  # collector clock: when the latest one was
     first_received: float = 0.0  # collector clock: its first report with samples
     counted: float = 0.0  # seconds of its reports counted so far
+    # Seconds between its reports when each spans several ticks, as its Hello says; 0 when
+    # every tick is a report (the configured window and lag are made for that).
+    cadence: float = 0.0
+    # Its GPU-seconds in the live window, by model and by tenant (see Series).
+    by_model: dict[str, Series] = field(default_factory=dict)
+    by_tenant: dict[str, Series] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +318,9 @@ class NodeView:
 class ClusterView:
     time: float
     window_seconds: float
+    window_end: (
+        float  # collector clock: the live window is (window_end - window_seconds, window_end]
+    )
     expected: int
     declared: bool
     seen: int
@@ -263,36 +342,14 @@ class ClusterView:
     refusals: dict[str, int]  # gRPC status name -> streams ended with it
 
 
-def _weighted(rates: list[tuple[float, ...]], weights: list[float]) -> list[float]:
-    """Σ rate x weight, field by field (_WINDOW_FIELDS)."""
-    if not rates:
-        return [0.0] * len(_WINDOW_FIELDS)
-    return [sum(map(operator.mul, column, weights)) for column in zip(*rates, strict=True)]
-
-
-def window_figures(
-    series: Iterable[Iterable[Sample]], denominator: float, start: float, end: float
-) -> WindowFigures:
-    """Figures over (start, end] of the samples of `series` (one series per GPU or MIG share),
+def window_figures(vector: Sequence[float], denominator: float, seconds: float) -> WindowFigures:
+    """Figures of one population over the live window from its GPU-seconds (a Series vector),
     over `denominator` GPUs."""
-    overlaps: list[float] = []
-    rates: list[tuple[float, ...]] = []
-    padded: list[int] = []  # positions in overlaps/rates of flagged samples
-    for samples in series:
-        for sample in samples:
-            overlap = min(sample.end, end) - max(sample.end - sample.seconds, start)
-            if overlap > 0:
-                if sample.padded:
-                    padded.append(len(rates))
-                overlaps.append(overlap)
-                rates.append(sample.rates)
-    # Column by column (zip, map and sum run in C): every scrape adds up every sample.
-    totals = _weighted(rates, overlaps)
-    flagged = _weighted([rates[i] for i in padded], [overlaps[i] for i in padded])
-    capacity = denominator * (end - start)
-    values = dict(zip(_WINDOW_FIELDS, totals, strict=True))
+    n = len(_WINDOW_FIELDS)
+    capacity = denominator * seconds
+    values = dict(zip(_WINDOW_FIELDS, vector[:n], strict=True))
     figures = accounting.bounds(values, capacity, MEASURES)
-    part = accounting.flagged(dict(zip(_WINDOW_FIELDS, flagged, strict=True)))
+    part = accounting.flagged(dict(zip(_WINDOW_FIELDS, vector[n:], strict=True)))
     clean = accounting.bounds(accounting.unpadded(values, part), capacity, MEASURES)
     return WindowFigures(
         gpus=denominator,
@@ -303,6 +360,26 @@ def window_figures(
         upper={m: b.upper for m, b in figures.items()},
         without_padding={m: b.figure for m, b in clean.items()},
     )
+
+
+_Rows = tuple[list[tuple[float, ...]], list[float]]
+
+
+def _weighted(rows: list[tuple[float, ...]], weights: list[float], width: int) -> list[float]:
+    """Σ row x weight, column by column (most reports weigh all their GPUs alike)."""
+    if not rows:
+        return [0.0] * width
+    first = weights[0]
+    if all(w == first for w in weights):
+        return [sum(column) * first for column in zip(*rows, strict=True)]
+    return [sum(map(operator.mul, column, weights)) for column in zip(*rows, strict=True)]
+
+
+def _sum(vectors: Iterable[Sequence[float]]) -> list[float]:
+    out = [0.0] * _VECTOR
+    for vector in vectors:
+        out = list(map(operator.add, out, vector))
+    return out
 
 
 class ClusterState:
@@ -353,6 +430,7 @@ class ClusterState:
         self.refusals: dict[str, int] = {}  # gRPC status name -> streams ended with it
         self.folded: dict[str, int] = {}
         self._models: set[str] = set()  # models shown by name (at most sizes.max_models)
+        self._cadence = 0.0  # the slowest report cadence the live window follows (_spans)
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -424,6 +502,9 @@ class ClusterState:
             node.agent_version = hello.agent_version[:MAX_INFO]
             node.driver_version = hello.driver_version[:MAX_INFO]
             node.protocol_revision = hello.protocol_revision
+            spans = hello.report_interval_seconds > hello.sample_interval_seconds
+            node.cadence = min(hello.report_interval_seconds, MAX_CADENCE_S) if spans else 0.0
+            self._cadence = max(self._cadence, node.cadence)
             for identity in hello.gpus:
                 gpu = node.gpus.get(identity.index)
                 if gpu is None or gpu.uuid != identity.uuid:
@@ -443,9 +524,7 @@ class ClusterState:
             self.refusals[status] = self.refusals.get(status, 0) + 1
 
     def _is_up(self, node: NodeState, now: float) -> bool:
-        return node.session != 0 or (
-            node.last_received > 0 and now - node.last_received <= self.stale_after
-        )
+        return node.session != 0 or self._fresh(node, now)
 
     def _fold(self, label: str) -> None:
         self.folded[label] = self.folded.get(label, 0) + 1
@@ -501,9 +580,7 @@ class ClusterState:
                 ]
                 if not held:
                     continue  # that node no longer announces it
-                if other.session != 0 or (
-                    other.last_received > 0 and now - other.last_received <= self.stale_after
-                ):
+                if self._is_up(other, now):
                     self.identity_conflicts += 1
                     raise IdentityConflictError(
                         f"hello from {hello.node}: GPU {value} (its {what}) is held by node "
@@ -638,7 +715,8 @@ class ClusterState:
         for a card that moved, what its old node counted), to the counters and the live
         window."""
         agent_time = report.time_unix_nano / 1e9
-        node.clipped_seconds += report.interval_seconds - covered
+        interval = report.interval_seconds
+        node.clipped_seconds += interval - covered
         node.counted += covered
         if not node.first_received:
             node.first_received = received
@@ -647,44 +725,149 @@ class ClusterState:
         end = agent_time + node.offset
         node.last_received = received
         added = Counters()
+        span = 0.0  # the longest any of its GPUs' samples is placed over
+        # Rows of numbers per GPU, added up column by column after (zip and sum run in C).
+        counted: _Rows = ([], [])  # (accounting.COUNTED values, what counts of them)
+        flagged_counted: _Rows = ([], [])
+        by_model: dict[str, _Rows] = {}  # (window vectors, their weight)
+        by_tenant: dict[str, _Rows] = {}
         for proto in report.gpus:
             gpu = node.gpus[proto.index]
             gpu.status = proto.status
             ok = proto.status == pb.GPU_STATUS_OK
             # padding flags present seconds only; a rule this collector does not know is shown
             # as "(other)" (its name is the agent's to choose: unbounded otherwise)
-            padding = tuple(self._rule(r) for r in proto.padding) if ok else ()
+            rules = proto.padding
+            gpu.padding = tuple(map(self._rule, rules)) if ok and rules else ()
+            gpu.power_watts = proto.power_watts if proto.HasField("power_watts") else None
+            gpu.tenant = accounting.owner(proto.attribution)[0]
             dt = self._card_seconds(node, gpu, end, covered)
-            refused = gpu.energy.implausible
-            joules = gpu.energy.joules(proto, dt)
-            node.energy_refused += gpu.energy.implausible - refused
-            per_second = accounting.contributions(proto, 1.0)
             # The stream offset only shrinks (a faster delivery than any before), which moves
             # this report's end earlier than the previous one's placement: clip its start so
             # that two samples never cover the same second in the live window. The counters
             # below keep the agent's own interval (clipped as above), which is exact.
             placed = min(dt, max(end - gpu.last_end, 0.0))
             gpu.last_end = max(gpu.last_end, end)
-            gpu.samples.append(Sample(end, placed, _window_rates(per_second), bool(padding)))
-            gpu.power_watts = proto.power_watts if proto.HasField("power_watts") else None
-            gpu.padding = padding
-            self._charge(gpu, proto, per_second, end, placed)
+            span = max(span, placed)
+            got = self._accounted(node, gpu, proto, interval, dt)
+            scale = dt / interval  # of the report's numbers, what counts
+            values, flagged = got.values, got.flagged
+            counted[0].append(_counted(values))
+            counted[1].append(scale)
+            flags = _NO_FLAGS
+            if flagged is not None:
+                flagged_counted[0].append(tuple(flagged[at] for at in _FLAGGED_COUNTED))
+                flagged_counted[1].append(scale)
+                flags = tuple(flagged[at] if at >= 0 else 0.0 for at in _FLAGGED_WINDOW)
+            for rule, seconds in got.by_rule.items():
+                added.padding[rule] = added.padding.get(rule, 0.0) + seconds * scale
+            added.energy_joules += got.joules
+            # The live window: this report's GPU-seconds, placed over `placed` seconds.
+            weight = placed / interval
+            vector = (*_window_rates(values), *flags)
+            rows = by_model.get(gpu.model) or by_model.setdefault(gpu.model, ([], []))
+            rows[0].append(vector)
+            rows[1].append(weight)
+            gpu.held = {}
+            if got.parts is None:
+                if gpu.tenant != accounting.UNATTRIBUTED:
+                    rows = by_tenant.get(gpu.tenant) or by_tenant.setdefault(gpu.tenant, ([], []))
+                    rows[0].append(vector)
+                    rows[1].append(weight)
+            else:
+                for tenant, part in got.parts:
+                    share = part["present_seconds"] / interval  # its slices
+                    gpu.held[tenant] = gpu.held.get(tenant, 0.0) + share
+                    rows = by_tenant.get(tenant) or by_tenant.setdefault(tenant, ([], []))
+                    rows[0].append((*_window_rates(part), *_NO_FLAGS))
+                    rows[1].append(weight)
             for event in proto.xid_events:
                 code = event.code
                 if code not in node.xids and len(node.xids) >= self.sizes.max_xid_codes:
                     code = OTHER_XID
                     self._fold("xid")
                 node.xids[code] = node.xids.get(code, 0) + 1
-            for name, value in zip(_COUNTED_NAMES, _counted(per_second), strict=True):
-                added.seconds[name] += value * dt
-                if padding:
-                    added.flagged[name] += value * dt
-            for rule in padding:
-                added.padding[rule] = added.padding.get(rule, 0.0) + dt
-            added.energy_joules += joules
-            self._trim(gpu, received)
+        added.seconds = dict(
+            zip(_COUNTED_NAMES, _weighted(*counted, len(_COUNTED_NAMES)), strict=True)
+        )
+        if flagged_counted[0]:
+            added.flagged = dict(
+                zip(_COUNTED_NAMES, _weighted(*flagged_counted, len(_COUNTED_NAMES)), strict=True)
+            )
+        if end - span < end:  # a span too short for the clock's resolution holds nothing
+            for model, (vectors, weights) in by_model.items():
+                node.by_model.setdefault(model, Series()).add(
+                    end - span, end, _weighted(vectors, weights, _VECTOR)
+                )
+            for tenant, (vectors, weights) in by_tenant.items():
+                node.by_tenant.setdefault(tenant, Series()).add(
+                    end - span, end, _weighted(vectors, weights, _VECTOR)
+                )
+        window, lag = self._spans()
+        self._trim(node, received - lag - window - 1.0)
         node.counters.add(added)
         self.counters.add(added)
+
+    def _accounted(
+        self, node: NodeState, gpu: GpuState, proto: pb.GpuSample, interval: float, dt: float
+    ) -> _Accounted:
+        """What one GPU's sample adds up to over the report's interval: the agent's totals
+        tick by tick when the report spans several ticks, else this one reading over the
+        whole interval (gputally.v1.accounting either way, as the summaries add up)."""
+        limit = proto.power_limit_watts if proto.HasField("power_limit_watts") else None
+        refused = gpu.energy.implausible
+        joules = gpu.energy.joules(proto, dt)  # kept up to date either way
+        ok = proto.status == pb.GPU_STATUS_OK
+        if proto.HasField("totals"):
+            totals = proto.totals
+            values = dict(zip(accounting.FIELDS, _totals_values(totals), strict=True))
+            flagged = _flagged_values(totals.flagged) if totals.flagged.seconds > 0 else None
+            by_rule: dict[str, float] = {}
+            for padding in totals.padding:
+                rule = self._rule(padding.rule)
+                by_rule[rule] = by_rule.get(rule, 0.0) + padding.seconds
+            parts = None
+            if totals.shares:
+                parts = self._tenant_parts(
+                    (s.attribution, dict(zip(accounting.FIELDS, _totals_values(s), strict=True)))
+                    for s in totals.shares
+                )
+            # The agent's joules tick by tick, not the counter's step over the whole report
+            # (which a driver reload inside it would cut short).
+            gpu.energy.implausible = refused
+            joules = totals.energy_joules * dt / interval
+            if joules > accounting.max_joules(dt, limit):  # beyond this board's power limit
+                gpu.energy.implausible += 1
+                joules = 0.0
+        else:
+            values = accounting.contributions(proto, interval)
+            flagged = None
+            by_rule = {}
+            if gpu.padding:
+                flagged = _flagged_values_of(accounting.flagged(values))
+                by_rule = dict.fromkeys(gpu.padding, values["present_seconds"])
+            parts = None
+            if proto.mig_enabled and ok:
+                shares = accounting.mig_shares(proto, interval, values)
+                if accounting.is_shared(shares, proto.attribution):
+                    parts = self._tenant_parts(shares)
+        node.energy_refused += gpu.energy.implausible - refused
+        return _Accounted(values, flagged, by_rule, parts, joules)
+
+    @staticmethod
+    def _tenant_parts(
+        shares: Iterable[tuple[pb.Attribution, accounting.Totals]],
+    ) -> list[tuple[str, accounting.Totals]]:
+        """A MIG GPU's shares by tenant (accounting.mig_shares, as the summaries split it);
+        the unattributed part is in no tenant, as a whole unattributed GPU is."""
+        out: dict[str, accounting.Totals] = {}
+        for owner, part in shares:
+            tenant = accounting.owner(owner)[0]
+            if tenant == accounting.UNATTRIBUTED:
+                continue
+            held = out.get(tenant)
+            out[tenant] = part if held is None else {k: v + part[k] for k, v in held.items()}
+        return list(out.items())
 
     def _rule(self, rule: str) -> str:
         if rule in accounting.PADDING_RULES:
@@ -692,161 +875,146 @@ class ClusterState:
         self._fold("rule")
         return OTHER
 
-    def _charge(
-        self,
-        gpu: GpuState,
-        proto: pb.GpuSample,
-        per_second: dict[str, float],
-        end: float,
-        placed: float,
-    ) -> None:
-        """Whom the GPU's sample is charged to: the GPU's tenant, or, for a MIG GPU shared out,
-        each owner's tenant its part (accounting.mig_shares, as the summaries split it)."""
-        gpu.tenant = accounting.owner(proto.attribution)[0]
-        gpu.held = {}
-        if not (proto.mig_enabled and proto.status == pb.GPU_STATUS_OK):
-            return
-        parts = accounting.mig_shares(proto, 1.0, per_second)
-        if not accounting.is_shared(parts, proto.attribution):
-            return
-        by_tenant: dict[str, list[float]] = {}
-        for owner, part in parts:
-            tenant = accounting.owner(owner)[0]
-            if tenant == accounting.UNATTRIBUTED:
-                continue  # in no tenant, as a whole unattributed GPU is
-            rates = [part[f] for f in _WINDOW_FIELDS]
-            held = by_tenant.get(tenant)
-            by_tenant[tenant] = (
-                rates if held is None else [a + b for a, b in zip(held, rates, strict=True)]
-            )
-        for tenant, rates in by_tenant.items():
-            gpu.held[tenant] = rates[0]  # its present seconds per second: its slices
-            gpu.shares.setdefault(tenant, deque()).append(Sample(end, placed, tuple(rates), False))
+    def _spans(self) -> tuple[float, float]:
+        """The live window and its lag, as configured, widened to follow the slowest report
+        cadence of the nodes that opened streams (up to MAX_CADENCE_S): with reports every
+        10 s, the newest 10 s are not all in yet, and a window of a few reports would jump."""
+        cadence = self._cadence
+        if not cadence:
+            return self.window, self.lag
+        return max(self.window, 3.0 * cadence), self.lag + cadence
 
-    def _trim(self, gpu: GpuState, now: float) -> None:
-        horizon = now - self.lag - self.window - 1.0
-        while gpu.samples and gpu.samples[0].end < horizon:
-            gpu.samples.popleft()
-        if not gpu.shares:  # every report trims every GPU: keep the common case bare
-            return
-        for samples in gpu.shares.values():
-            while samples and samples[0].end < horizon:
-                samples.popleft()
-        for tenant in [t for t, samples in gpu.shares.items() if not samples]:
-            del gpu.shares[tenant]
+    def _trim(self, node: NodeState, horizon: float) -> None:
+        for series in (node.by_model, node.by_tenant):
+            for key in list(series):
+                series[key].trim(horizon)
+                if not series[key].entries:
+                    del series[key]
 
     # -- views -----------------------------------------------------------------------------
 
     def view(self, now: float | None = None) -> ClusterView:
-        """The live figures. Only a copy of the state is taken under the lock (milliseconds);
-        the figures are worked out from it after, so that a scrape never holds up ingest,
-        which waits on the same lock on the event loop (a 4,000-GPU view takes a second)."""
+        """The live figures, worked out under the lock: each population's window costs the
+        few entries at its edges (Series), so a 10,000-GPU view holds up ingest, which waits
+        on the same lock, for milliseconds, and /metrics renders it once per refresh."""
         now = self.clock() if now is None else now
         with self._lock:
-            nodes = [_copy_node(n) for n in self.nodes.values()]
-            chains = {n.name: copy.copy(self.intake.chains.get(n.name) or Chain()) for n in nodes}
-            totals = _Totals(
-                counters=self.counters.copy(),
-                sessions=self._sessions,
-                identity_conflicts=self.identity_conflicts,
-                intake_stopped=self.intake.stopped,
-                evicted=self.evicted,
-                folded=dict(self.folded),
-                refusals=dict(self.refusals),
-            )
-        return self._view(now, nodes, chains, totals)
+            return self._view(now)
 
-    def _view(
-        self,
-        now: float,
-        copies: list[NodeState],
-        chains: dict[str, Chain],
-        totals: _Totals,
-    ) -> ClusterView:
-        end = now - self.lag
-        start = end - self.window
-        all_gpus: list[GpuState] = []
+    def _fresh(self, node: NodeState, now: float) -> bool:
+        """Whether the node reported lately: within stale_after, or two of its reports."""
+        return node.last_received > 0 and now - node.last_received <= max(
+            self.stale_after, 2.0 * node.cadence
+        )
+
+    def _view(self, now: float) -> ClusterView:
+        self._cadence = max(
+            (n.cadence for n in self.nodes.values() if n.session != 0), default=self._cadence
+        )
+        window, lag = self._spans()
+        end = now - lag
+        start = end - window
+        horizon = end - window - 1.0
         nodes: list[NodeView] = []
-        models: dict[str, list[GpuState]] = {}
-        tenants: dict[str, list[tuple[Iterable[Sample], float]]] = {}
+        seen = 0
+        models: dict[str, int] = {}
+        model_seconds: dict[str, list[float]] = {}
+        tenants: dict[str, float] = {}  # tenant -> GPUs it holds now (MIG shares by slices)
+        tenant_seconds: dict[str, list[float]] = {}
         padding_gpus: dict[str, int] = {}
-        for node in sorted(copies, key=lambda n: n.name):
-            fresh = node.last_received > 0 and now - node.last_received <= self.stale_after
+        for node in sorted(self.nodes.values(), key=lambda n: n.name):
+            fresh = self._fresh(node, now)
             gpus = list(node.gpus.values())
+            seen += len(gpus)
             reporting = [g for g in gpus if fresh and g.status == pb.GPU_STATUS_OK]
-            all_gpus.extend(gpus)
             for gpu in gpus:
-                models.setdefault(gpu.model, []).append(gpu)
+                models[gpu.model] = models.get(gpu.model, 0) + 1
             for gpu in reporting:
                 for tenant, fraction in gpu.held.items():
-                    tenants.setdefault(tenant, []).append((gpu.shares[tenant], fraction))
+                    tenants[tenant] = tenants.get(tenant, 0.0) + fraction
                 if not gpu.held and gpu.tenant != accounting.UNATTRIBUTED:
-                    tenants.setdefault(gpu.tenant, []).append((gpu.samples, 1.0))
+                    tenants[gpu.tenant] = tenants.get(gpu.tenant, 0.0) + 1.0
                 for rule in gpu.padding:
                     padding_gpus[rule] = padding_gpus.get(rule, 0) + 1
-            nodes.append(self._node_view(node, chains[node.name], fresh, reporting, start, end))
-        seen = len(all_gpus)
+            self._trim(node, horizon)
+            own = [0.0] * _VECTOR
+            for model, series in node.by_model.items():
+                vector = series.over(start, end)
+                own = list(map(operator.add, own, vector))
+                held = model_seconds.get(model)
+                model_seconds[model] = (
+                    vector if held is None else list(map(operator.add, held, vector))
+                )
+            for tenant, series in node.by_tenant.items():
+                vector = series.over(start, end)
+                held = tenant_seconds.get(tenant)
+                tenant_seconds[tenant] = (
+                    vector if held is None else list(map(operator.add, held, vector))
+                )
+            nodes.append(self._node_view(node, fresh, reporting, own, window))
         # the denominator: the declared inventory, or the GPUs seen when they are more (an
         # understated inventory must not inflate a figure: the record's rule too)
         expected = max(self.expected_gpus or 0, seen)
+        cluster = _sum(model_seconds.values())
         return ClusterView(
             time=now,
-            window_seconds=self.window,
+            window_seconds=window,
+            window_end=end,
             expected=expected,
             declared=self.expected_gpus is not None,
             seen=seen,
             reporting=sum(n.reporting for n in nodes),
-            sessions=totals.sessions,
-            window=window_figures([g.samples for g in all_gpus], expected, start, end),
-            counters=totals.counters,
+            sessions=self._sessions,
+            window=window_figures(cluster, expected, window),
+            counters=self.counters.copy(),
             power_watts=sum(n.power_watts for n in nodes),
             nodes=nodes,
-            models={m: len(g) for m, g in models.items()},
+            models=models,
             by_model={
-                m: window_figures([x.samples for x in g], len(g), start, end)
-                for m, g in models.items()
+                m: window_figures(model_seconds.get(m, [0.0] * _VECTOR), n, window)
+                for m, n in models.items()
             },
             by_tenant={
-                t: window_figures([s for s, _ in g], sum(f for _, f in g), start, end)
-                for t, g in _top_tenants(tenants).items()
+                t: window_figures(
+                    _sum(tenant_seconds[x] for x in group if x in tenant_seconds), gpus, window
+                )
+                for t, (group, gpus) in _top_tenants(tenants).items()
             },
             padding_gpus=padding_gpus,
-            identity_conflicts=totals.identity_conflicts,
-            intake_stopped=totals.intake_stopped,
+            identity_conflicts=self.identity_conflicts,
+            intake_stopped=self.intake.stopped,
             # connected, or reporting lately: a forged node that sent and left counts too
             unauthenticated=sum(
                 1
-                for n in copies
-                if n.authenticated != AUTH_ENROLLED
-                and (n.session != 0 or now - n.last_received <= self.stale_after)
+                for n in self.nodes.values()
+                if n.authenticated != AUTH_ENROLLED and (n.session != 0 or self._fresh(n, now))
             ),
-            evicted=totals.evicted,
-            folded=totals.folded,
-            refusals=totals.refusals,
+            evicted=self.evicted,
+            folded=dict(self.folded),
+            refusals=dict(self.refusals),
         )
 
     def _node_view(
         self,
         node: NodeState,
-        chain: Chain,
         fresh: bool,
         reporting: list[GpuState],
-        start: float,
-        end: float,
+        seconds: list[float],
+        window: float,
     ) -> NodeView:
-        gpus = list(node.gpus.values())
+        chain = self.intake.chains.get(node.name) or Chain()
         return NodeView(
             name=node.name,
             up=fresh and node.session != 0,
             connected=node.session != 0,
-            gpus=len(gpus),
+            gpus=len(node.gpus),
             reporting=len(reporting),
             backend=node.backend,
             agent_version=node.agent_version,
             driver_version=node.driver_version,
             protocol_revision=node.protocol_revision,
             last_received=node.last_received,
-            window=window_figures([g.samples for g in gpus], len(gpus), start, end),
+            window=window_figures(seconds, len(node.gpus), window),
             counters=node.counters.copy(),
             reports=dict(node.reports),
             missed_reports=node.missed_reports,
@@ -865,45 +1033,12 @@ class ClusterState:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class _Totals:
-    """The cluster-wide numbers a view copies under the lock."""
-
-    counters: Counters
-    sessions: int
-    identity_conflicts: int
-    intake_stopped: str
-    evicted: int
-    folded: dict[str, int]
-    refusals: dict[str, int]
-
-
-def _copy_gpu(gpu: GpuState) -> GpuState:
-    # Samples are never changed once appended: copying the deques is enough.
-    twin = copy.copy(gpu)
-    twin.samples = deque(gpu.samples)
-    twin.held = dict(gpu.held)
-    twin.shares = {tenant: deque(samples) for tenant, samples in gpu.shares.items()}
-    return twin
-
-
-def _copy_node(node: NodeState) -> NodeState:
-    twin = copy.copy(node)
-    twin.gpus = {index: _copy_gpu(gpu) for index, gpu in node.gpus.items()}
-    twin.counters = node.counters.copy()
-    twin.reports = dict(node.reports)
-    twin.xids = dict(node.xids)
-    return twin
-
-
-def _top_tenants(
-    tenants: dict[str, list[tuple[Iterable[Sample], float]]],
-) -> dict[str, list[tuple[Iterable[Sample], float]]]:
+def _top_tenants(tenants: dict[str, float]) -> dict[str, tuple[list[str], float]]:
     """The MAX_TENANTS tenants holding the most GPUs, and the rest together as "(other)":
-    bounded series, whatever the attribution says."""
-    ranked = sorted(tenants.items(), key=lambda kv: (-sum(f for _, f in kv[1]), kv[0]))
-    shown = dict(ranked[:MAX_TENANTS])
-    rest = [g for _, gs in ranked[MAX_TENANTS:] for g in gs]
+    bounded series, whatever the attribution says. Each: (the tenants in it, their GPUs)."""
+    ranked = sorted(tenants.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = {tenant: ([tenant], gpus) for tenant, gpus in ranked[:MAX_TENANTS]}
+    rest = ranked[MAX_TENANTS:]
     if rest:
-        shown[OTHER_TENANTS] = rest
+        shown[OTHER_TENANTS] = ([t for t, _ in rest], sum(g for _, g in rest))
     return shown

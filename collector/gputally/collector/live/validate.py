@@ -4,7 +4,9 @@ or returns, and never changes anything."""
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
 
@@ -15,6 +17,7 @@ from gputally.v1.accounting import (
     PADDING_RULES,
     card,
     summary_problem,
+    totals_problem,
     uuid_problem,
 )
 
@@ -91,6 +94,12 @@ _FRACTIONS = (
     "dram_active",
     "effective",
 )
+# Read in one C call each (an absent optional field reads 0.0, which is in range): the fast
+# check of every sample, before the slow one that names what is wrong.
+_fractions = operator.attrgetter(*_FRACTIONS)
+_process_fractions = operator.attrgetter("sm_util", "memory_util")
+_mig_fraction = operator.attrgetter("sm_active")
+_attribution_texts = operator.attrgetter("source", "tenant", "job")
 
 
 def _too_long(text: str, limit: int) -> bool:
@@ -126,6 +135,12 @@ def check_hello(hello: pb.Hello, sizes: Limits = Limits()) -> None:
             f"hello from {hello.node}: protocol_revision is not set; this collector speaks "
             f"gputally.v1 revision {PROTOCOL_REVISION} and accepts any revision from 1"
         )
+    for name in ("sample_interval_seconds", "report_interval_seconds"):
+        value = getattr(hello, name)
+        if not (math.isfinite(value) and 0.0 <= value <= MAX_INTERVAL_S):
+            raise InvalidMessageError(
+                f"hello from {hello.node}: {name} must be in [0, {MAX_INTERVAL_S:g}], got {value!r}"
+            )
     indices = [gpu.index for gpu in hello.gpus]
     if len(set(indices)) != len(indices):
         raise InvalidMessageError(f"hello from {hello.node}: GPU indices repeat: {sorted(indices)}")
@@ -182,10 +197,14 @@ def check_report(
             raise InvalidMessageError(f"GPU index {sample.index} appears twice")
         seen.add(sample.index)
         _check_sample(sample, sizes)
+        if sample.HasField("totals"):
+            _check_totals(sample, report.interval_seconds, sizes)
 
 
 def _check_attribution(where: str, attribution: pb.Attribution, sizes: Limits) -> None:
     # Kept by the collector (whom a GPU is charged to) and shown as labels: bounded.
+    if sum(map(len, _attribution_texts(attribution))) * 4 <= sizes.max_string:
+        return  # the common case: short whatever the characters
     for name in ("source", "tenant", "job"):
         if _too_long(getattr(attribution, name), sizes.max_string):
             raise LimitError(
@@ -193,7 +212,34 @@ def _check_attribution(where: str, attribution: pb.Attribution, sizes: Limits) -
             )
 
 
+def _sample_ok(sample: pb.GpuSample, sizes: Limits) -> bool:
+    """The common case of _check_sample, at C speed where it can be: every list within
+    bounds, every fraction in [0, 1], a plausible power, short attributions, known rules."""
+    processes, mig = sample.processes, sample.mig
+    if max(len(processes), len(sample.xid_events), len(mig), len(sample.padding)) > sizes.max_items:
+        return False
+    values = _fractions(sample)
+    if processes:
+        values = (*values, *itertools.chain.from_iterable(map(_process_fractions, processes)))
+    if mig:
+        values = (*values, *map(_mig_fraction, mig))
+    # a finite sum rules out NaN and infinities, which min() and max() would pass over
+    if not (math.isfinite(sum(values)) and min(values) >= 0.0 and max(values) <= 1.0):
+        return False
+    if not 0.0 <= sample.power_watts < 1e5:  # absent: 0.0
+        return False
+    padding = sample.padding
+    if padding and any(rule not in PADDING_RULES for rule in padding):
+        return False
+    texts = sum(map(len, _attribution_texts(sample.attribution)))
+    if mig:
+        texts += sum(sum(map(len, _attribution_texts(i.attribution))) for i in mig)
+    return texts * 4 <= sizes.max_string
+
+
 def _check_sample(sample: pb.GpuSample, sizes: Limits = Limits()) -> None:
+    if _sample_ok(sample, sizes):
+        return
     where = f"GPU {sample.index}"
     for name in ("processes", "xid_events", "mig", "padding"):
         if len(getattr(sample, name)) > sizes.max_items:
@@ -234,6 +280,27 @@ def _check_sample(sample: pb.GpuSample, sizes: Limits = Limits()) -> None:
         raise InvalidMessageError(
             f"GPU {sample.index}: power_watts out of range: {sample.power_watts!r}"
         )
+
+
+def _check_totals(sample: pb.GpuSample, seconds: float, sizes: Limits) -> None:
+    """A GPU's totals over a report that spans several ticks: bounded, and physically
+    possible over the report's interval (the rules of a summary's GPU)."""
+    totals = sample.totals
+    where = f"GPU {sample.index}"
+    for name in ("padding", "shares"):
+        if len(getattr(totals, name)) > sizes.max_items:
+            raise LimitError(f"{where}: totals with more {name} than --max-items {sizes.max_items}")
+    for part in (totals, *totals.shares):
+        if part.HasField("attribution"):
+            _check_attribution(where, part.attribution, sizes)
+    for padding in totals.padding:
+        if padding.rule not in PADDING_RULES and _too_long(padding.rule, MAX_IDENTITY):
+            raise InvalidMessageError(
+                f"{where}: a padding rule name of more than {MAX_IDENTITY} characters"
+            )
+    problem = totals_problem(totals, seconds)
+    if problem:
+        raise InvalidMessageError(f"{where}: {problem}")
 
 
 def check_summary(
