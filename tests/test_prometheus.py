@@ -60,54 +60,68 @@ def eventually(base: str, promql: str, seconds: float = 20.0) -> float | None:
     return None
 
 
+def start_prometheus(
+    tmp_path: Path,
+    jobs: Sequence[tuple[str, Sequence[str]]],
+    rules: Sequence[Path] = (),
+    scrape_interval: str = "1s",
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A Prometheus on loopback scraping each job's targets (host:port) every
+    `scrape_interval`, evaluating rules every second, with its data in tmp_path: the process
+    and the HTTP API's base URL, once it is ready (bounded wait)."""
+    binary = require_binary("prometheus")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        f"global:\n  scrape_interval: {scrape_interval}\n  evaluation_interval: 1s\n"
+        + "".join(
+            f"rule_files:\n  - '{r}'\n" if i == 0 else f"  - '{r}'\n" for i, r in enumerate(rules)
+        )
+        + "scrape_configs:\n"
+        + "".join(
+            f"  - job_name: {job}\n    static_configs:\n      - targets: {list(targets)}\n"
+            for job, targets in jobs
+        )
+    )
+    port = free_port()
+    log = (tmp_path / "prometheus.log").open("wb")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.enable-lifecycle",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/-/ready", timeout=1) as response:
+                if response.status == 200:
+                    return process, base
+        except OSError:
+            time.sleep(0.2)
+    process.terminate()
+    process.wait(20)
+    raise AssertionError(
+        "prometheus did not become ready:\n" + (tmp_path / "prometheus.log").read_text()
+    )
+
+
 @pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[Callable[..., str]]:
     """Start Prometheus scraping the collector (and optionally an agent) every second, with
     optional rule files; yields a starter that returns the HTTP API's base URL."""
-    binary = require_binary("prometheus")
     processes: list[subprocess.Popen[bytes]] = []
 
     def start(target: str, agent: str | None = None, rules: Sequence[Path] = ()) -> str:
-        config = tmp_path / "prometheus.yml"
-        jobs = [("gputally-collector", target)] + ([("gputally-agent", agent)] if agent else [])
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            + "".join(
-                f"rule_files:\n  - '{r}'\n" if i == 0 else f"  - '{r}'\n"
-                for i, r in enumerate(rules)
-            )
-            + "scrape_configs:\n"
-            + "".join(
-                f"  - job_name: {job}\n    static_configs:\n      - targets: ['{address}']\n"
-                for job, address in jobs
-            )
-        )
-        port = free_port()
-        log = (tmp_path / "prometheus.log").open("wb")
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--web.enable-lifecycle",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        jobs = [("gputally-collector", [target])] + ([("gputally-agent", [agent])] if agent else [])
+        process, base = start_prometheus(tmp_path, jobs, rules)
         processes.append(process)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{base}/-/ready", timeout=1) as response:
-                    if response.status == 200:
-                        return base
-            except OSError:
-                time.sleep(0.2)
-        raise AssertionError(
-            "prometheus did not become ready:\n" + (tmp_path / "prometheus.log").read_text()
-        )
+        return base
 
     yield start
     for process in processes:
@@ -306,13 +320,13 @@ def test_every_recording_rule_alert_and_dashboard_query_against_a_live_cluster(
 
         # -- the Grafana dashboard: every panel's queries, as Grafana would send them ----------
         board = json.loads((ROOT / "deploy" / "grafana" / "gputally-cluster.json").read_text())
-        variables = {"instance": ".*", "node": ".*", "measure": "busy"}
+        variables = {"job": ".*", "node": ".*", "measure": "busy"}
         for variable in board["templating"]["list"]:
             if variable["type"] == "query":  # label_values(metric, label)
                 metric, label = re.fullmatch(
                     r"label_values\((.+), (\w+)\)", variable["definition"]
                 ).groups()  # type: ignore[union-attr]
-                metric = metric.replace("$instance", ".*")
+                metric = metric.replace("$job", ".*")
                 values = api(base, f"label/{label}/values", **{"match[]": metric})
                 assert values, variable["name"]
         # queries allowed to be empty, and why: no XID event happens in this scenario; this
