@@ -1,0 +1,99 @@
+"""benchmarks/ingest_scale.py at a tiny size: it runs against the collector it measures and
+the bare baseline, its JSON holds every figure, and the figures agree with each other and
+with the collector's own counters. Its timings are not judged here (they are the
+benchmark's to print, on a machine of its own)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ingest_scale.py"
+
+
+def number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@pytest.mark.slow
+def test_the_scale_benchmark_runs_small_and_its_figures_agree() -> None:
+    ran = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--streams=6",
+            "--duration=6",
+            "--summary-window=4",  # small templates, and summaries within the run
+            "--scrape-every=2",
+            "--collector-arg=--window=4",  # a live window the warm-up fills
+            "--collector-arg=--lag=1",
+            "--collector-arg=--stale-after=5",  # within the window and lag, as at full size
+            "--saturate=2",
+            "--saturate-warmup=0.5",
+            "--saturate-streams=2",
+            "--saturate-inflight=2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    result = json.loads(ran.stdout)
+
+    config = result["configuration"]
+    assert config["streams"] == 6 and config["gpus"] == 48 and config["workers"] == 1
+    assert config["warmup_s"] >= config["collector_window_s"] + config["truth_lag_s"]
+    templates = result["templates"]
+    assert len(templates["shapes"]) == 8  # the built-in scenarios: 7 mixed nodes, 1 MIG node
+    assert templates["report_bytes"]["min"] > 0
+    assert number(templates["restamp_us"]["per_report_us"])
+
+    steady = result["steady"]
+    assert steady["failed_streams"] == 0 and steady["streams_failed_to_open"] == 0, steady
+    assert steady["rejected"] == 0 and steady["sent"] > 0
+    # every tick is accounted for: acknowledged, rejected, never acknowledged or skipped
+    assert steady["offered"] == (
+        steady["acked"] + steady["rejected"] + steady["unacked"] + steady["skipped_ticks"]
+    )
+    assert steady["acked_gpu_samples_per_s"] == pytest.approx(
+        steady["acked_reports_per_s"] * 8, rel=1e-6
+    )
+    # the collector counted exactly what the streams sent, warm-up included
+    assert steady["collector_accepted_reports"] == steady["reports_sent_not_rejected"]
+    assert steady["collector_clipped_seconds"] == pytest.approx(steady["clipped_seconds"], abs=1e-3)
+    for measure, counter in steady["counters"].items():
+        assert counter["collector"] is not None, measure
+        assert abs(counter["relative_error"]) < 1e-6, (measure, counter)
+    # the summaries were sent and accepted (no record: nothing to record them in)
+    assert steady["summaries_sent"] > 0
+    assert steady["collector_chain_breaks"] == 0
+    # the live figures, as a render of their age may show them, match the truth
+    assert steady["metrics"]["scrapes"] >= 2 and steady["metrics"]["failed"] == 0
+    for measure in ("busy", "effective", "coverage"):
+        figures = steady["live_vs_truth"][measure]
+        assert number(figures["truth_mean"]) and figures["truth_mean"] > 0, measure
+        assert abs(figures["worst_allowing_age"]) < 0.05, (measure, figures)
+    for name in ("ack_latency_ms", "generator_late_ms"):
+        d = steady[name]
+        assert d["p50"] <= d["p99"] <= d["max"], name
+    assert steady["lag_s"]["p50"] >= 0.9 * config["report_every_s"]
+    assert {"collector", "generators", "machine", "others"} <= set(steady["cpu_percent"])
+    rss = steady["rss_mib"]
+    assert rss["start"] <= rss["max"] and number(rss["slope_mib_per_min"])
+
+    saturation = result["saturation"]
+    for name in ("baseline", "collector"):
+        x = saturation[name]
+        assert x["failed_streams"] == 0, (name, x["errors"])
+        assert x["acked"] > 0 and x["rejected"] == 0, name
+        assert number(x["ack_latency_ms"]["p50"])
+    assert number(saturation["ratio"]) and saturation["ratio"] > 0
+
+    assert {row["target"] for row in result["targets"]} >= {"every report acknowledged"}
+    assert result["collector_exit"] == 0
