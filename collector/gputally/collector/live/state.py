@@ -105,6 +105,8 @@ _FLAGGED_WINDOW = tuple(
 _FLAGGED_COUNTED = tuple(
     _FLAGGED_AT["seconds" if name == "present_seconds" else name] for _, name in accounting.COUNTED
 )
+# Nodes a view works out per taking of the lock (see ClusterState.view).
+VIEW_CHUNK = 64
 # The longest report cadence the live window follows: an agent that says it reports hourly
 # must not stretch every node's live figure over three hours (its own seconds count late).
 MAX_CADENCE_S = 60.0
@@ -894,12 +896,12 @@ class ClusterState:
     # -- views -----------------------------------------------------------------------------
 
     def view(self, now: float | None = None) -> ClusterView:
-        """The live figures, worked out under the lock: each population's window costs the
-        few entries at its edges (Series), so a 10,000-GPU view holds up ingest, which waits
-        on the same lock, for milliseconds, and /metrics renders it once per refresh."""
+        """The live figures. Each population's window costs the few entries at its edges
+        (Series), and the lock is taken VIEW_CHUNK nodes at a time: ingest, which waits on
+        the same lock on the event loop, is held up for a few milliseconds at a time, never
+        for the whole view (a 10,000-GPU view takes a tenth of a second)."""
         now = self.clock() if now is None else now
-        with self._lock:
-            return self._view(now)
+        return self._view(now)
 
     def _fresh(self, node: NodeState, now: float) -> bool:
         """Whether the node reported lately: within stale_after, or two of its reports."""
@@ -908,10 +910,13 @@ class ClusterState:
         )
 
     def _view(self, now: float) -> ClusterView:
-        self._cadence = max(
-            (n.cadence for n in self.nodes.values() if n.session != 0), default=self._cadence
-        )
-        window, lag = self._spans()
+        with self._lock:
+            self._cadence = max(
+                (n.cadence for n in self.nodes.values() if n.session != 0),
+                default=self._cadence,
+            )
+            window, lag = self._spans()
+            every = sorted(self.nodes.values(), key=lambda n: n.name)
         end = now - lag
         start = end - window
         horizon = end - window - 1.0
@@ -922,77 +927,82 @@ class ClusterState:
         tenants: dict[str, float] = {}  # tenant -> GPUs it holds now (MIG shares by slices)
         tenant_seconds: dict[str, list[float]] = {}
         padding_gpus: dict[str, int] = {}
-        for node in sorted(self.nodes.values(), key=lambda n: n.name):
-            fresh = self._fresh(node, now)
-            gpus = list(node.gpus.values())
-            seen += len(gpus)
-            reporting = [g for g in gpus if fresh and g.status == pb.GPU_STATUS_OK]
-            for gpu in gpus:
-                models[gpu.model] = models.get(gpu.model, 0) + 1
-            for gpu in reporting:
-                for tenant, fraction in gpu.held.items():
-                    tenants[tenant] = tenants.get(tenant, 0.0) + fraction
-                if not gpu.held and gpu.tenant != accounting.UNATTRIBUTED:
-                    tenants[gpu.tenant] = tenants.get(gpu.tenant, 0.0) + 1.0
-                for rule in gpu.padding:
-                    padding_gpus[rule] = padding_gpus.get(rule, 0) + 1
-            self._trim(node, horizon)
-            own = [0.0] * _VECTOR
-            for model, series in node.by_model.items():
-                vector = series.over(start, end)
-                own = list(map(operator.add, own, vector))
-                held = model_seconds.get(model)
-                model_seconds[model] = (
-                    vector if held is None else list(map(operator.add, held, vector))
-                )
-            for tenant, series in node.by_tenant.items():
-                vector = series.over(start, end)
-                held = tenant_seconds.get(tenant)
-                tenant_seconds[tenant] = (
-                    vector if held is None else list(map(operator.add, held, vector))
-                )
-            nodes.append(self._node_view(node, fresh, reporting, own, window))
-        # the denominator: the declared inventory, or the GPUs seen when they are more (an
-        # understated inventory must not inflate a figure: the record's rule too)
-        expected = max(self.expected_gpus or 0, seen)
-        cluster = _sum(model_seconds.values())
-        return ClusterView(
-            time=now,
-            window_seconds=window,
-            window_end=end,
-            expected=expected,
-            declared=self.expected_gpus is not None,
-            seen=seen,
-            reporting=sum(n.reporting for n in nodes),
-            sessions=self._sessions,
-            window=window_figures(cluster, expected, window),
-            counters=self.counters.copy(),
-            power_watts=sum(n.power_watts for n in nodes),
-            nodes=nodes,
-            models=models,
-            by_model={
-                m: window_figures(model_seconds.get(m, [0.0] * _VECTOR), n, window)
-                for m, n in models.items()
-            },
-            by_tenant={
-                t: window_figures(
-                    _sum(tenant_seconds[x] for x in group if x in tenant_seconds), gpus, window
-                )
-                for t, (group, gpus) in _top_tenants(tenants).items()
-            },
-            padding_gpus=padding_gpus,
-            identity_conflicts=self.identity_conflicts,
-            intake_stopped=self.intake.stopped,
-            # connected, or reporting lately: a forged node that sent and left counts too
-            unauthenticated=sum(
-                1
-                for n in self.nodes.values()
-                if n.authenticated != AUTH_ENROLLED and (n.session != 0 or self._fresh(n, now))
-            ),
-            evicted=self.evicted,
-            folded=dict(self.folded),
-            refusals=dict(self.refusals),
-        )
+        for first in range(0, len(every), VIEW_CHUNK):
+            with self._lock:
+                for node in every[first : first + VIEW_CHUNK]:
+                    if self.nodes.get(node.name) is not node:
+                        continue  # evicted meanwhile
+                    fresh = self._fresh(node, now)
+                    gpus = list(node.gpus.values())
+                    seen += len(gpus)
+                    reporting = [g for g in gpus if fresh and g.status == pb.GPU_STATUS_OK]
+                    for gpu in gpus:
+                        models[gpu.model] = models.get(gpu.model, 0) + 1
+                    for gpu in reporting:
+                        for tenant, fraction in gpu.held.items():
+                            tenants[tenant] = tenants.get(tenant, 0.0) + fraction
+                        if not gpu.held and gpu.tenant != accounting.UNATTRIBUTED:
+                            tenants[gpu.tenant] = tenants.get(gpu.tenant, 0.0) + 1.0
+                        for rule in gpu.padding:
+                            padding_gpus[rule] = padding_gpus.get(rule, 0) + 1
+                    self._trim(node, horizon)
+                    own = [0.0] * _VECTOR
+                    for model, series in node.by_model.items():
+                        vector = series.over(start, end)
+                        own = list(map(operator.add, own, vector))
+                        held = model_seconds.get(model)
+                        model_seconds[model] = (
+                            vector if held is None else list(map(operator.add, held, vector))
+                        )
+                    for tenant, series in node.by_tenant.items():
+                        vector = series.over(start, end)
+                        held = tenant_seconds.get(tenant)
+                        tenant_seconds[tenant] = (
+                            vector if held is None else list(map(operator.add, held, vector))
+                        )
+                    nodes.append(self._node_view(node, fresh, reporting, own, window))
+        with self._lock:
+            # the denominator: the declared inventory, or the GPUs seen when they are more (an
+            # understated inventory must not inflate a figure: the record's rule too)
+            expected = max(self.expected_gpus or 0, seen)
+            cluster = _sum(model_seconds.values())
+            return ClusterView(
+                time=now,
+                window_seconds=window,
+                window_end=end,
+                expected=expected,
+                declared=self.expected_gpus is not None,
+                seen=seen,
+                reporting=sum(n.reporting for n in nodes),
+                sessions=self._sessions,
+                window=window_figures(cluster, expected, window),
+                counters=self.counters.copy(),
+                power_watts=sum(n.power_watts for n in nodes),
+                nodes=nodes,
+                models=models,
+                by_model={
+                    m: window_figures(model_seconds.get(m, [0.0] * _VECTOR), n, window)
+                    for m, n in models.items()
+                },
+                by_tenant={
+                    t: window_figures(
+                        _sum(tenant_seconds[x] for x in group if x in tenant_seconds), gpus, window
+                    )
+                    for t, (group, gpus) in _top_tenants(tenants).items()
+                },
+                padding_gpus=padding_gpus,
+                identity_conflicts=self.identity_conflicts,
+                intake_stopped=self.intake.stopped,
+                # connected, or reporting lately: a forged node that sent and left counts too
+                unauthenticated=sum(
+                    1
+                    for n in self.nodes.values()
+                    if n.authenticated != AUTH_ENROLLED and (n.session != 0 or self._fresh(n, now))
+                ),
+                evicted=self.evicted,
+                folded=dict(self.folded),
+                refusals=dict(self.refusals),
+            )
 
     def _node_view(
         self,
