@@ -392,3 +392,13 @@ def test_a_tenant_whose_seconds_left_the_window_while_its_gpus_are_fresh_reads_z
     view = state.view(now=T0 + 10)
     assert view.by_tenant["ml"].gpus == 1.0
     assert view.by_tenant["ml"].ratios["busy"] == 0.0 and view.by_tenant["ml"].coverage == 0.0
+
+
+def test_node_metrics_none_serves_the_cluster_figures_only() -> None:
+    state = ClusterState(expected_gpus=1, clock=lambda: T0)
+    state.open_session(hello(gpus=1))
+    state.ingest("n1", report(1, T0 + 1, busy_sample(0, 1.0)), received=T0 + 1)
+    full = generate_latest(make_registry(state)).decode()
+    bare = generate_latest(make_registry(state, node_series=False)).decode()
+    assert "gputally_node_up{" in full and "gputally_node_" not in bare
+    assert busy_line(bare.encode()) == busy_line(full.encode())

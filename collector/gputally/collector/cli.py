@@ -101,6 +101,14 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
         "every scrape (default: %(default)s)",
     )
     parser.add_argument(
+        "--node-metrics",
+        choices=("all", "none"),
+        default="all",
+        help="each node's own series on /metrics (about 32 a node), or none: the cluster's "
+        "figures only, for clusters of 100,000 GPUs whose agents' own /metrics are scraped for "
+        "per-node detail; the node alerts and dashboard panels need them (default: %(default)s)",
+    )
+    parser.add_argument(
         "--grace",
         type=non_negative,
         default=5.0,

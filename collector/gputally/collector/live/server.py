@@ -479,6 +479,7 @@ class Settings:
     insecure: bool = False
     web_config_file: str = ""
     metrics_refresh: float = 0.0
+    node_metrics: str = "all"
     max_message_bytes: int = _LIMITS.max_message_bytes
     max_batch_reports: int = _LIMITS.max_batch_reports
     max_gpus: int = _LIMITS.max_gpus
@@ -576,6 +577,7 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
         witnesses,
         (lambda: ledger.last_size) if ledger is not None else None,
         (lambda: ledger.signing) if ledger is not None else None,
+        node_series=s.node_metrics == "all",
     )
     app = make_app(registry, ready=ready, refresh=s.metrics_refresh)
     try:
