@@ -218,6 +218,11 @@ def test_report_every_must_be_at_least_the_interval() -> None:
         (lambda t: setattr(t, "sm_active_seconds", math.nan), "finite"),
         (lambda t: setattr(t.flagged, "seconds", 12.0), "padding"),
         (lambda t: setattr(t, "energy_joules", 1e9), "energy_joules"),
+        # each within the 10 s, together 20 s of padding in 10 s
+        (
+            lambda t: [t.padding.add(rule="burn_tool", seconds=10.0) for _ in range(2)],
+            "padding rule is named twice",
+        ),
     ],
 )
 def test_impossible_totals_are_refused_and_count_nothing(change: Any, problem: str) -> None:
@@ -402,3 +407,14 @@ def test_node_metrics_none_serves_the_cluster_figures_only() -> None:
     bare = generate_latest(make_registry(state, node_series=False)).decode()
     assert "gputally_node_up{" in full and "gputally_node_" not in bare
     assert busy_line(bare.encode()) == busy_line(full.encode())
+
+
+def test_a_summary_naming_a_padding_rule_twice_is_impossible() -> None:
+    """Each entry within the window's seconds, but together twice them: the record's rule
+    (accounting.summary_problem) refuses it, as the totals' does."""
+    summary = pb.Summary(node="n1", window_start_unix_nano=0, window_end_unix_nano=300 * 10**9)
+    gpu = summary.gpus.add(index=0, uuid="GPU-0", present_seconds=300.0, busy_seconds=300.0)
+    assert accounting.summary_problem(summary) == ""
+    for _ in range(2):
+        gpu.padding.add(rule="burn_tool", seconds=300.0)
+    assert accounting.summary_problem(summary) == "summary GPU 0: a padding rule is named twice"

@@ -97,7 +97,7 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
         default=5.0,
         metavar="SECONDS",
         help="while /metrics is scraped, render it this often and serve that render: a scrape "
-        "then costs a copy, not a render (a quarter of a second at 10,000 GPUs); 0 renders at "
+        "then costs a copy, not a render (about half a second at 10,000 GPUs); 0 renders at "
         "every scrape (default: %(default)s)",
     )
     parser.add_argument(

@@ -340,6 +340,8 @@ def _part_ok(part: pb.GpuSummary, slack: float, tol: float, joules: float) -> bo
     ):
         return False
     padding = part.padding
+    if padding and len({total.rule for total in padding}) != len(padding):
+        return False  # each rule within the seconds, but added up beyond them
     for total in (part.flagged, *padding) if padding else (part.flagged,):
         flagged = _flagged_values(total)
         if not math.isfinite(sum(flagged)) or min(flagged) < 0.0:
@@ -376,6 +378,9 @@ def _part_problem(part: pb.GpuSummary, length: float, slack: float, tol: float) 
     for a, b in _DISJOINT:
         if getattr(part, a) + getattr(part, b) > part.present_seconds + tol:
             return f"{a} and {b} add up to more than present_seconds ({part.present_seconds:g})"
+    rules = [total.rule for total in part.padding]
+    if len(set(rules)) != len(rules):
+        return "a padding rule is named twice"
     for total in (part.flagged, *part.padding):
         what = f"padding {total.rule or '(flagged)'}"
         for name in FLAGGED_FIELDS:

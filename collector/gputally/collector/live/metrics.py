@@ -527,8 +527,9 @@ IDLE_AFTER_S = 120.0
 class Exposition:
     """The /metrics text, rendered by prometheus-client once per `refresh` seconds on a
     thread of its own and served as bytes (gzipped once, when asked for), so that a scrape
-    costs a copy, not a render: at 10,000 GPUs a render is ~40,000 series, a quarter of a
-    second of one core. A scrape gets figures at most `refresh` seconds old; counters stay
+    costs a copy, not a render: at 10,000 GPUs a render is ~40,000 series, about half a
+    second of one core (benchmarks/ingest_scale.py prints it). A scrape gets figures at most
+    `refresh` seconds old (or 4 renders' time, see `every`); counters stay
     exact (Prometheus computes rates from their values, whenever they were read).
 
     The renderer runs while scrapes come; after IDLE_AFTER_S without one it stops, and the

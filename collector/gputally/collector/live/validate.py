@@ -293,8 +293,8 @@ def _check_totals(sample: pb.GpuSample, seconds: float, sizes: Limits) -> None:
     for part in (totals, *totals.shares):
         if part.HasField("attribution"):
             _check_attribution(where, part.attribution, sizes)
-    for padding in totals.padding:
-        if padding.rule not in PADDING_RULES and _too_long(padding.rule, MAX_IDENTITY):
+    for rule in (padding.rule for padding in totals.padding):
+        if rule not in PADDING_RULES and _too_long(rule, MAX_IDENTITY):
             raise InvalidMessageError(
                 f"{where}: a padding rule name of more than {MAX_IDENTITY} characters"
             )
