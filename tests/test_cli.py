@@ -359,3 +359,52 @@ def test_a_listener_that_cannot_be_opened_names_its_option() -> None:
     assert result.stderr.strip() == (
         f"gputally collector: --metrics-listen 127.0.0.1:{port}: Address already in use"
     )
+
+
+def test_a_second_collector_on_the_same_grpc_port_is_refused() -> None:
+    """grpc shares a port between processes that both ask for SO_REUSEPORT (its default): a
+    second collector started by mistake would silently take half the agents' streams."""
+    import socket
+
+    with socket.socket() as taken:  # what another collector (or grpc server) holds
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(
+            *("collector", "--db=", "--metrics-listen=127.0.0.1:0"),
+            f"--grpc-listen=127.0.0.1:{port}",
+        )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"gputally collector: --grpc-listen 127.0.0.1:{port}: cannot listen there"
+    ), result.stderr
+
+
+def test_a_second_collector_on_the_same_ledger_file_is_refused(tmp_path: Path) -> None:
+    import os
+
+    from gputally.collector.record.store import Record, RecordInUseError
+
+    db = tmp_path / "ledger.db"
+    first = Record(db)  # the collector that writes it
+    try:
+        result = run(
+            *("collector", f"--db={db}", f"--keys={tmp_path / 'keys'}"),
+            *("--grpc-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0"),
+        )
+        assert result.returncode == 5 and "Traceback" not in result.stderr, result
+        assert result.stderr.strip() == (
+            f"gputally collector: {db}: another collector is writing this ledger (process "
+            f"{os.getpid()} holds {db}.lock); an SQLite ledger has one collector: several "
+            "collectors share a PostgreSQL --db"
+        )
+        with pytest.raises(RecordInUseError):
+            Record(db)
+        assert first.append("node-0", 1, 1, 0, 60 * 10**9, 1.0, b"summary")
+        reader = first.reader()  # the auditor's reads take no lock
+        assert reader.count() == 1
+        reader.close()
+    finally:
+        first.close()
+    Record(db).close()  # released with the writer: the next collector opens it

@@ -297,14 +297,17 @@ def test_the_collectors_client_proves_from_the_witness_size_and_keeps_the_cosign
 
     # a client that forgot what the witness cosigned (a fresh collector on a copy of the ledger
     # without its cosignatures) learns the size from the 409 and proves from there
-    fresh = Record(log.path)
     fresh_client = Witnesses(
         [Witness(WITNESS_NAME, public_bytes(witness.key), witness.url)],
         Record(log.dir / "x.db"),
         clock=now,
     )
     log.grow(2)
-    fresh_client.record = fresh
+    copy = log.dir / "copy.db"  # one collector writes a ledger file: the fresh one a copy
+    source, target = sqlite3.connect(log.path), sqlite3.connect(copy)
+    source.backup(target)
+    source.close(), target.close()
+    fresh_client.record = Record(copy)
     fresh_client.submit(log.ledger.last_note, log.ledger.consistency)
     assert fresh_client.status[WITNESS_NAME].size == 29
 

@@ -60,6 +60,9 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # Ping agents every 60 s ourselves, so a vanished node's session is closed within ~80 s.
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
+    # One collector per port: grpc would share a port between two processes by default
+    # (SO_REUSEPORT), so a second collector started by mistake took half the streams silently.
+    ("grpc.so_reuseport", 0),
 )
 # Reports validated and applied between two yields to the event loop: one batch of a
 # thousand reports must not hold up every other stream (and the scrapes' lock) until done.

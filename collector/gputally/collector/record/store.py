@@ -16,10 +16,13 @@ neither more than the other (a database is storage; the entries and the keys are
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from gputally.cli.options import UNAVAILABLE, USAGE
@@ -109,6 +112,11 @@ class RecordUnavailableError(RecordError):
     changed, and trying again later may work."""
 
     exit_code = UNAVAILABLE
+
+
+class RecordInUseError(RecordUnavailableError):
+    """Another collector is writing this SQLite ledger: two would each sequence and sign a log
+    of their own in one file. Nothing was opened or changed."""
 
 
 class SigningLostError(RecordError):
@@ -365,13 +373,20 @@ def _integer(value: object) -> int:
 
 class SqliteRecord(Record):
     """The record in one SQLite file, the embedded default: one collector appends to it
-    (SQLite serialises writers, but a second collector on one file would sign a second log)."""
+    (SQLite serialises writers, but a second collector on one file would sign a second log).
+    A writer holds an exclusive lock on `<file>.lock` while open, so that a second collector
+    started on the same file (a copy of a unit, a typo in a port) is refused at once rather
+    than found by the audit. Readers (audit, query) take no lock. The lock guards against
+    mistakes, not the centre: a forked log is what checkpoints and witnesses catch."""
 
     def __init__(self, path: str | Path, *, readonly: bool = False):
         self.path = Path(path)
         self.where = str(self.path)
+        self._lockfile: TextIO | None = None
         if readonly and not self.path.exists():
             raise RecordError(f"{self.path}: no such record (the collector's --db file)")
+        if not readonly:
+            self._lockfile = self._take_lock()
         try:
             if readonly:
                 self._db = sqlite3.connect(
@@ -384,15 +399,48 @@ class SqliteRecord(Record):
                 self._db.executescript(SCHEMA)
             self._db.execute("SELECT count(*) FROM summaries").fetchone()
         except sqlite3.Error as error:
+            self._release()
             raise RecordError(f"{self.path}: not a gputally record: {error}") from None
         self._lock = threading.Lock()
         self.last_id = 0
+
+    def _take_lock(self) -> TextIO:
+        """The writer's lock: flock on a file beside the ledger (not on the ledger itself,
+        whose POSIX locks are SQLite's own; flock is released when the process dies, so a
+        crash leaves nothing to clean up). The file holds the holder's process id, for the
+        message a second writer gets."""
+        lock = Path(f"{self.path}.lock")
+        try:
+            handle = open(lock, "a+")  # noqa: SIM115 - held open for the record's lifetime
+        except OSError as error:
+            raise RecordError(f"{lock}: cannot open the ledger's lock file: {error}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise RecordInUseError(
+                f"{self.path}: another collector is writing this ledger (process {holder} "
+                f"holds {lock}); an SQLite ledger has one collector: several collectors share "
+                "a PostgreSQL --db"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        return handle
+
+    def _release(self) -> None:
+        if self._lockfile is not None:
+            self._lockfile.close()
+            self._lockfile = None
 
     def _damaged(self, error: sqlite3.Error) -> RecordError:
         return RecordError(f"{self.path}: the record cannot be read or written: {error}")
 
     def close(self) -> None:
         self._db.close()
+        self._release()
 
     def reader(self) -> Record:
         return SqliteRecord(self.path, readonly=True)
