@@ -306,7 +306,8 @@ def test_the_collectors_client_proves_from_the_witness_size_and_keeps_the_cosign
     copy = log.dir / "copy.db"  # one collector writes a ledger file: the fresh one a copy
     source, target = sqlite3.connect(log.path), sqlite3.connect(copy)
     source.backup(target)
-    source.close(), target.close()
+    source.close()
+    target.close()
     fresh_client.record = Record(copy)
     fresh_client.submit(log.ledger.last_note, log.ledger.consistency)
     assert fresh_client.status[WITNESS_NAME].size == 29
