@@ -15,6 +15,8 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,7 @@ def test_promtool_checks_the_rules() -> None:
     checked = run(promtool, "check", "rules", RULES / "recording.yml", RULES / "alerts.yml")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "SUCCESS: 21 rules found" in checked.stdout  # recording
-    assert "SUCCESS: 21 rules found" in checked.stdout  # alerts
+    assert "SUCCESS: 23 rules found" in checked.stdout  # alerts
 
 
 @pytest.mark.parametrize("tests", ["recording_test.yml", "alerts_test.yml"])
@@ -237,6 +239,367 @@ def test_the_daemons_accept_the_configuration_the_manifests_give_them(
     else:
         assert 'db = "/var/lib/gputally/gputally.db"' in printed
         assert 'keys = "/etc/gputally/keys"' in printed
+
+
+# -- Kubernetes: sharded collectors -----------------------------------------------------------
+
+SHARDS = K8S / "shards"
+SECRETS = SHARDS / "secrets.example.yaml"  # a template of placeholders, never applied by -k
+PLACEHOLDER = "REPLACE-ME"
+Objects = dict[tuple[str, str], dict[str, Any]]
+
+
+def _key(document: dict[str, Any]) -> tuple[str, str]:
+    return document["kind"], document["metadata"]["name"]
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any], where: str) -> None:
+    """A strategic merge patch made of maps only (lists merge by their own rules there)."""
+    for name, value in patch.items():
+        assert not isinstance(value, list), f"{where}: {name}: a list patch, not read here"
+        if isinstance(value, dict) and isinstance(target.get(name), dict):
+            _merge(target[name], value, f"{where}.{name}")
+        else:
+            target[name] = value
+
+
+def _kustomize(
+    directory: Path, objects: Objects | None = None, components: tuple[str, ...] = ()
+) -> Objects:
+    """What `kubectl kustomize` builds of a directory, for the part of kustomize these manifests
+    use (resources, components, map patches and deletions, images); a kustomization that uses
+    more is refused, not misread. `components`: as if listed in its kustomization.yaml.
+    Checked against kustomize itself where kubectl is installed (the last test below)."""
+    kustomization = documents(directory / "kustomization.yaml")[0]
+    assert set(kustomization) <= {
+        "apiVersion",
+        "kind",
+        "resources",
+        "components",
+        "patches",
+        "images",
+    }, sorted(kustomization)
+    out: Objects = {} if objects is None else objects
+    for entry in kustomization.get("resources", []):
+        path = directory / entry
+        built = _kustomize(path) if path.is_dir() else {_key(d): d for d in documents(path)}
+        assert not set(built) & set(out), f"{entry}: {sorted(set(built) & set(out))} again"
+        out.update(built)
+    for entry in [*kustomization.get("components", []), *components]:
+        assert documents(directory / entry / "kustomization.yaml")[0]["kind"] == "Component"
+        _kustomize(directory / entry, out)
+    for patch in kustomization.get("patches", []):
+        assert set(patch) <= {"path", "patch"}, patch  # no target selectors
+        text = patch["patch"] if "patch" in patch else (directory / patch["path"]).read_text()
+        body = yaml.safe_load(text)
+        assert _key(body) in out, f"{directory.name}: a patch of {_key(body)}, which is not there"
+        if body.get("$patch") == "delete":
+            del out[_key(body)]
+        else:
+            _merge(out[_key(body)], body, str(_key(body)))
+    for image in kustomization.get("images", []):
+        for document in out.values():
+            pod = document.get("spec", {}).get("template", {}).get("spec", {})
+            for container in [*pod.get("containers", []), *pod.get("initContainers", [])]:
+                if container["image"].partition(":")[0] == image["name"]:
+                    container["image"] = f"{image['newName']}:{image['newTag']}"
+    return out
+
+
+def _sharded() -> Objects:
+    """The base with the shards component enabled (`components: [shards]`)."""
+    return _kustomize(K8S, components=("shards",))
+
+
+def _collector_options() -> set[str]:
+    gputally = Path(sys.executable).parent / "gputally"
+    helped = run(gputally, "collector", "--help")
+    assert helped.returncode == 0, helped.stderr
+    usage = helped.stdout.split("\n\n", 1)[0]  # every option, once: [--name VALUE]
+    return set(re.findall(r"\[--([a-z][a-z-]*)[\] ]", usage))
+
+
+def _pod_matches(selector: dict[str, str], workload: dict[str, Any]) -> bool:
+    labels: dict[str, str] = workload["spec"]["template"]["metadata"]["labels"]
+    return selector.items() <= labels.items()
+
+
+def test_the_shard_manifests_parse_and_the_component_lists_files_that_exist() -> None:
+    kustomization = documents(SHARDS / "kustomization.yaml")[0]
+    assert kustomization["kind"] == "Component"
+    listed = {*kustomization["resources"]}
+    listed |= {p["path"] for p in kustomization["patches"] if "path" in p}
+    for name in listed:
+        assert (SHARDS / name).is_file(), name
+    for patch in kustomization["patches"]:
+        if "patch" in patch:
+            assert yaml.safe_load(patch["patch"])["$patch"] == "delete"
+    files = sorted(p.name for p in SHARDS.iterdir())
+    # every file is the component, a file it lists, or the Secrets' template
+    assert set(files) == {"kustomization.yaml", SECRETS.name, *listed}, files
+    for name in files:
+        for document in documents(SHARDS / name):
+            if name != "kustomization.yaml":
+                assert document["apiVersion"] and document["kind"], name
+                assert document["metadata"]["namespace"] == "gputally", name
+    # the base names the component, to be enabled by uncommenting two lines
+    base = (K8S / "kustomization.yaml").read_text()
+    assert "# components:\n#   - shards\n" in base
+    assert "components" not in documents(K8S / "kustomization.yaml")[0]  # not by default
+
+
+def test_the_shard_manifests_pass_the_kubernetes_schemas(tmp_path: Path) -> None:
+    validate = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent))
+    assert validate, "kubernetes-validate comes with the dev extra"
+    built = tmp_path / "sharded.yaml"
+    built.write_text(yaml.safe_dump_all(list(_sharded().values())))
+    checked = run(validate, "--strict", "-k", KUBERNETES_VERSION, built, SECRETS)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.count("INFO") >= len(_sharded()) + 2, checked.stdout
+
+
+def test_the_sharded_collectors_hold_together() -> None:
+    objects = _sharded()
+    base = _manifests()
+    shards = objects[("StatefulSet", "gputally-collector")]
+    pod = shards["spec"]["template"]["spec"]
+    collector = next(c for c in pod["containers"] if c["name"] == "collector")
+    labels = shards["spec"]["template"]["metadata"]["labels"]
+    # the single collector is gone: its Deployment, SQLite ledger's claim, config, Service
+    for gone in (
+        ("Deployment", "gputally-collector"),
+        ("PersistentVolumeClaim", "gputally-ledger"),
+        ("ConfigMap", "gputally-collector"),
+        ("Service", "gputally-collector"),
+    ):
+        assert gone in base and gone not in objects, gone
+    assert not any(kind == "Secret" for kind, _ in objects)  # the operator's, never applied
+    assert shards["spec"]["replicas"] == 2
+    assert shards["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # the headless Service: one address per shard, the StatefulSet's service, and the only
+    # Service that selects the shards (so that each one is scraped once)
+    selecting = [
+        o
+        for (kind, _), o in objects.items()
+        if kind == "Service" and _pod_matches(o["spec"]["selector"], shards)
+    ]
+    assert len(selecting) == 1
+    service = selecting[0]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"].get("publishNotReadyAddresses", False) is False
+    assert shards["spec"]["serviceName"] == service["metadata"]["name"]
+    ports = {p["name"]: p for p in collector["ports"]}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= set(ports)
+    # monitoring.yaml's ServiceMonitor scrapes that Service's endpoints (one per shard) as the
+    # job the rules add up
+    monitoring = {d["kind"]: d for d in documents(K8S / "monitoring.yaml")}
+    monitor = monitoring["ServiceMonitor"]["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert {e["port"] for e in monitor["endpoints"]} <= {
+        p["name"] for p in service["spec"]["ports"]
+    }
+    jobs = {r["replacement"] for e in monitor["endpoints"] for r in e["relabelings"]}
+    scrape = documents(DEPLOY / "prometheus" / "prometheus.yml")[0]["scrape_configs"]
+    assert jobs == {"gputally-collector"} == {scrape[0]["job_name"]}
+    # only agents reach the shards' gRPC port: the base's NetworkPolicy applies to them
+    policy = objects[("NetworkPolicy", "gputally-collector")]
+    assert _pod_matches(policy["spec"]["podSelector"]["matchLabels"], shards)
+    # never two shards on one node; drains take one at a time
+    affinity = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert any(
+        t["topologyKey"] == "kubernetes.io/hostname"
+        and _pod_matches(t["labelSelector"]["matchLabels"], shards)
+        for t in affinity
+    )
+    budgets = [o for (kind, _), o in objects.items() if kind == "PodDisruptionBudget"]
+    assert len(budgets) == 1 and _pod_matches(budgets[0]["spec"]["selector"]["matchLabels"], shards)
+    assert 0 < budgets[0]["spec"]["maxUnavailable"] < shards["spec"]["replicas"]
+    # ready when it records (/readyz), alive when it answers (/healthz), on its metrics port
+    assert collector["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert collector["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert ports["metrics"]["containerPort"] == 9470 and ports["grpc"]["containerPort"] == 9471
+    # least privilege, every container; each says what it needs
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] in {name for kind, name in objects if kind == "ServiceAccount"}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    for container in [*pod["initContainers"], *pod["containers"]]:
+        context = container["securityContext"]
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert context["readOnlyRootFilesystem"] is True
+        assert context["allowPrivilegeEscalation"] is False
+        assert not context.get("privileged", False)
+        assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+        assert "memory" in container["resources"]["limits"]
+        volumes = {v["name"] for v in pod["volumes"]}
+        volumes |= {t["metadata"]["name"] for t in shards["spec"]["volumeClaimTemplates"]}
+        assert {m["name"] for m in container["volumeMounts"]} <= volumes, container["name"]
+    # the volumes name ConfigMaps of the build, and Secrets of the template or the TLS one
+    secrets = {_key(d)[1]: d["stringData"] for d in documents(SECRETS)}
+    for volume in pod["volumes"]:
+        if "configMap" in volume:
+            assert ("ConfigMap", volume["configMap"]["name"]) in objects, volume
+        if "secret" in volume:
+            name = volume["secret"]["secretName"]
+            if name == "gputally-collector-tls":  # made by cert-manager or `gputally ca`
+                continue
+            assert name in secrets, volume
+            assert {i["key"] for i in volume["secret"]["items"]} <= set(secrets[name])
+
+
+def _mount(container: dict[str, Any], path: str) -> dict[str, Any]:
+    """The volume mount of `container` that holds `path`."""
+    mounts: list[dict[str, Any]] = container["volumeMounts"]
+    (mount,) = [m for m in mounts if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    return mount
+
+
+def test_each_shard_keeps_its_state_and_shares_the_key_and_ledger(tmp_path: Path) -> None:
+    objects = _sharded()
+    shards = objects[("StatefulSet", "gputally-collector")]
+    pod = shards["spec"]["template"]["spec"]
+    collector = next(c for c in pod["containers"] if c["name"] == "collector")
+    (copy,) = pod["initContainers"]
+    text = objects[("ConfigMap", "gputally-collector-shard")]["data"]["collector.toml"]
+    options = _collector_options()
+    settings = tomllib.loads(text)
+    assert set(settings) <= options, set(settings) - options
+    assert collector["args"][0] == "collector"
+    flags = {a[2:] for a in collector["args"] if a.startswith("--")}
+    assert flags <= options and "db" not in flags and "db" not in settings
+    # the ledger: a URL in the environment, from the Secret, as is its password
+    env = {e["name"]: e for e in collector["env"]}
+    assert set(env) == {"GPUTALLY_COLLECTOR_DB", "PGPASSWORD"}
+    for variable in env.values():
+        assert set(variable) == {"name", "valueFrom"}, variable  # never a literal value
+    secrets = {_key(d)[1]: d["stringData"] for d in documents(SECRETS)}
+    values: dict[str, str] = {}
+    for name, variable in env.items():
+        ref = variable["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "gputally-ledger-db" and ref["key"] in secrets[ref["name"]]
+        assert not ref.get("optional", False)  # no Secret, no shard (never a default ledger)
+        values[name] = secrets[ref["name"]][ref["key"]]
+    for name in env:
+        if name.startswith("GPUTALLY_COLLECTOR_"):
+            assert name.removeprefix("GPUTALLY_COLLECTOR_").lower().replace("_", "-") in options
+    # per pod: the checkpoint state on the shard's own claim
+    claims = {t["metadata"]["name"] for t in shards["spec"]["volumeClaimTemplates"]}
+    assert _mount(collector, settings["checkpoint-state"])["name"] in claims
+    # shared: the checkpoint key, copied from the Secret into memory, mode 0600 (the collector
+    # refuses a key others can read), where the configuration says it is
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    key = _mount(collector, settings["collector-key"])
+    assert volumes[key["name"]]["emptyDir"]["medium"] == "Memory"
+    install, flag, mode, source, target = copy["command"]
+    assert (install, flag, mode, target) == ("install", "-m", "0600", settings["collector-key"])
+    assert _mount(copy, target)["name"] == key["name"]
+    secret = volumes[_mount(copy, source)["name"]]["secret"]
+    assert secret["secretName"] == "gputally-collector-key"
+    assert [i["path"] for i in secret["items"]] == [Path(source).name]
+    assert secret["secretName"] not in {
+        v["secret"]["secretName"]
+        for v in volumes.values()
+        if "secret" in v and v["name"] in {m["name"] for m in collector["volumeMounts"]}
+    }  # the collector itself gets the copy, not the Secret
+    # the enrolled keys and the TLS certificate, as the single collector gets them
+    assert volumes[_mount(collector, settings["keys"] + "/x")["name"]]["configMap"] == {
+        "name": "gputally-agent-keys"
+    }
+    assert volumes[_mount(collector, settings["tls-cert"])["name"]]["secret"]["secretName"] == (
+        "gputally-collector-tls"
+    )
+    # every shard the whole cluster's inventory (the base's), never its share
+    base = tomllib.loads(
+        _manifests()[("ConfigMap", "gputally-collector")]["data"]["collector.toml"]
+    )
+    assert settings["expected-gpus"] == base["expected-gpus"]
+    # and the collector takes it all as meant: the URL from the environment, nothing else
+    (tmp_path / "collector.toml").write_text(text)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("GPUTALLY_", "PG"))}
+    args = [a.replace("/etc/gputally/", f"{tmp_path}/") for a in collector["args"]]
+    gputally = Path(sys.executable).parent / "gputally"
+    values["PGPASSWORD"] = "password-of-this-test"  # not the template's: its URL has REPLACE-ME
+    checked = run(gputally, *args, "--print-config", env={**clean, **values})
+    assert checked.returncode == 0, checked.stderr
+    printed = tomllib.loads(checked.stdout)
+    assert printed["db"] == values["GPUTALLY_COLLECTOR_DB"]
+    assert printed["checkpoint-state"] == settings["checkpoint-state"]
+    assert printed["collector-key"] == settings["collector-key"]
+    assert values["PGPASSWORD"] not in checked.stdout
+
+
+def test_the_agents_dial_every_shard(tmp_path: Path) -> None:
+    objects = _sharded()
+    base = _manifests()
+    service = objects[("Service", "gputally-collector-shards")]
+    grpc = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    namespace = service["metadata"]["namespace"]
+    text = objects[("ConfigMap", "gputally-agent")]["data"]["agent.toml"]
+    settings = tomllib.loads(text)
+    assert settings["collector"] == f"dns:///{service['metadata']['name']}.{namespace}.svc:{grpc}"
+    # the rest as in the base, which the DaemonSet (unchanged) reads
+    before = tomllib.loads(base[("ConfigMap", "gputally-agent")]["data"]["agent.toml"])
+    assert {**settings, "collector": before["collector"]} == before
+    assert objects[("DaemonSet", "gputally-agent")] == base[("DaemonSet", "gputally-agent")]
+    # the agent takes the address as it is
+    (tmp_path / "agent.toml").write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUTALLY_")}
+    gputally = Path(sys.executable).parent / "gputally"
+    checked = run(gputally, "agent", "--config", tmp_path / "agent.toml", "--print-config", env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert tomllib.loads(checked.stdout)["collector"] == settings["collector"]
+
+
+def test_the_shards_secrets_are_a_template_of_placeholders() -> None:
+    secrets = documents(SECRETS)
+    assert {_key(d) for d in secrets} == {
+        ("Secret", "gputally-ledger-db"),
+        ("Secret", "gputally-collector-key"),
+    }
+    for secret in secrets:
+        assert "data" not in secret  # nothing base64-encoded to hide a value in
+        assert secret["stringData"], _key(secret)
+        for name, value in secret["stringData"].items():
+            assert PLACEHOLDER in value, (_key(secret), name)
+    ledger = next(d["stringData"] for d in secrets if _key(d)[1] == "gputally-ledger-db")
+    assert ledger["password"] == PLACEHOLDER
+    url = urllib.parse.urlsplit(ledger["url"])
+    assert url.scheme == "postgresql" and url.password is None
+    assert "password" not in urllib.parse.parse_qs(url.query)
+    assert PLACEHOLDER in (url.hostname or "").upper()
+    # nothing of the template reaches the cluster through kustomize
+    for path in [*K8S.glob("kustomization.yaml"), *K8S.glob("*/kustomization.yaml")]:
+        kustomization = documents(path)[0]
+        listed = [*kustomization.get("resources", []), *kustomization.get("patches", [])]
+        assert SECRETS.name not in json.dumps(listed), path
+
+
+def test_kustomize_builds_the_sharded_collectors_as_these_tests_read_them(tmp_path: Path) -> None:
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl is not installed (the tests above read the manifests without it)")
+    # the component enabled in the base, as README.md says ...
+    base = tmp_path / "kubernetes"
+    shutil.copytree(K8S, base)
+    text = (base / "kustomization.yaml").read_text()
+    (base / "kustomization.yaml").write_text(
+        text.replace("# components:\n#   - shards\n", "components:\n  - shards\n")
+    )
+    # ... and from an overlay of one's own, beside the checkout
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": [os.path.relpath(K8S, overlay)],
+                "components": [os.path.relpath(SHARDS, overlay)],
+            }
+        )
+    )
+    for directory in (base, overlay):
+        built = run(kubectl, "kustomize", directory)
+        assert built.returncode == 0, built.stderr
+        objects = {_key(d): d for d in yaml.safe_load_all(built.stdout) if d}
+        assert objects == _sharded(), directory.name
 
 
 # -- systemd ----------------------------------------------------------------------------------
