@@ -4,6 +4,7 @@ every second gives."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 from typing import Any
@@ -407,6 +408,23 @@ def test_node_metrics_none_serves_the_cluster_figures_only() -> None:
     bare = generate_latest(make_registry(state, node_series=False)).decode()
     assert "gputally_node_up{" in full and "gputally_node_" not in bare
     assert busy_line(bare.encode()) == busy_line(full.encode())
+
+
+def test_a_view_without_nodes_has_the_same_cluster_figures() -> None:
+    """view(nodes=False) (--node-metrics none) skips the per-node figures only: the mixed
+    node (burn tool flagged, a lost GPU, a driver reload), training with a tenant, at 10 s."""
+    pod = "3f2c1a9e-0b7d-4c55-9a3e-2f6c9d6a1c00"
+    sampler, sent, _ = run(MIXED.replace('"training"', f'"training"\npod = "{pod}"'), 10.0)
+    state = ingest(sampler, sent)
+    end = sent[-1].time_unix_nano / 1e9
+    full, bare = state.view(now=end), state.view(now=end, nodes=False)
+    assert bare.nodes == [] and len(full.nodes) == 1
+    # GPU 3 was lost at 20 s and stays off the bus: 3 of 4 report
+    assert full.reporting == full.nodes[0].reporting == bare.reporting == 3
+    assert full.power_watts == full.nodes[0].power_watts == bare.power_watts > 0
+    assert dataclasses.replace(full, nodes=[]) == bare
+    assert bare.padding_gpus == {"burn_tool": 1} and len(bare.by_tenant) == 1
+    assert next(iter(bare.by_tenant.values())).ratios["busy"] > 0
 
 
 def test_a_summary_naming_a_padding_rule_twice_is_impossible() -> None:

@@ -206,7 +206,7 @@ class ClusterCollector(Collector):
         self.nodes = nodes
 
     def collect(self) -> Iterator[Any]:
-        view = self.state.view()
+        view = self.state.view(nodes=self.nodes)
         yield InfoMetricFamily(
             "gputally_collector_build",
             "Collector build information.",

@@ -895,13 +895,17 @@ class ClusterState:
 
     # -- views -----------------------------------------------------------------------------
 
-    def view(self, now: float | None = None) -> ClusterView:
+    def view(self, now: float | None = None, *, nodes: bool = True) -> ClusterView:
         """The live figures. Each population's window costs the few entries at its edges
         (Series), and the lock is taken VIEW_CHUNK nodes at a time: ingest, which waits on
         the same lock on the event loop, is held up for a few milliseconds at a time, never
-        for the whole view (a 10,000-GPU view takes a tenth of a second)."""
+        for the whole view (a 10,000-GPU view takes a tenth of a second).
+
+        Without `nodes`, no NodeView is made (ClusterView.nodes is empty) and no node's own
+        window figures are worked out: the cluster's figures only, for --node-metrics none,
+        where those were most of a 12,500-node view's cost."""
         now = self.clock() if now is None else now
-        return self._view(now)
+        return self._view(now, nodes)
 
     def _fresh(self, node: NodeState, now: float) -> bool:
         """Whether the node reported lately: within stale_after, or two of its reports."""
@@ -909,7 +913,7 @@ class ClusterState:
             self.stale_after, 2.0 * node.cadence
         )
 
-    def _view(self, now: float) -> ClusterView:
+    def _view(self, now: float, with_nodes: bool) -> ClusterView:
         with self._lock:
             self._cadence = max(
                 (n.cadence for n in self.nodes.values() if n.session != 0),
@@ -921,7 +925,8 @@ class ClusterState:
         start = end - window
         horizon = end - window - 1.0
         nodes: list[NodeView] = []
-        seen = 0
+        seen = reporting_gpus = 0
+        power = 0.0
         models: dict[str, int] = {}
         model_seconds: dict[str, list[float]] = {}
         tenants: dict[str, float] = {}  # tenant -> GPUs it holds now (MIG shares by slices)
@@ -945,11 +950,14 @@ class ClusterState:
                             tenants[gpu.tenant] = tenants.get(gpu.tenant, 0.0) + 1.0
                         for rule in gpu.padding:
                             padding_gpus[rule] = padding_gpus.get(rule, 0) + 1
+                    reporting_gpus += len(reporting)
+                    power += sum(g.power_watts or 0.0 for g in reporting)
                     self._trim(node, horizon)
                     own = [0.0] * _VECTOR
                     for model, series in node.by_model.items():
                         vector = series.over(start, end)
-                        own = list(map(operator.add, own, vector))
+                        if with_nodes:
+                            own = list(map(operator.add, own, vector))
                         held = model_seconds.get(model)
                         model_seconds[model] = (
                             vector if held is None else list(map(operator.add, held, vector))
@@ -960,7 +968,8 @@ class ClusterState:
                         tenant_seconds[tenant] = (
                             vector if held is None else list(map(operator.add, held, vector))
                         )
-                    nodes.append(self._node_view(node, fresh, reporting, own, window))
+                    if with_nodes:
+                        nodes.append(self._node_view(node, fresh, reporting, own, window))
         with self._lock:
             # the denominator: the declared inventory, or the GPUs seen when they are more (an
             # understated inventory must not inflate a figure: the record's rule too)
@@ -973,11 +982,11 @@ class ClusterState:
                 expected=expected,
                 declared=self.expected_gpus is not None,
                 seen=seen,
-                reporting=sum(n.reporting for n in nodes),
+                reporting=reporting_gpus,
                 sessions=self._sessions,
                 window=window_figures(cluster, expected, window),
                 counters=self.counters.copy(),
-                power_watts=sum(n.power_watts for n in nodes),
+                power_watts=power,
                 nodes=nodes,
                 models=models,
                 by_model={
