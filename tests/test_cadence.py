@@ -218,6 +218,8 @@ def test_report_every_must_be_at_least_the_interval() -> None:
         (lambda t: setattr(t, "present_seconds", 10.5), "within the window"),
         (lambda t: setattr(t, "sm_active_seconds", math.nan), "finite"),
         (lambda t: setattr(t.flagged, "seconds", 12.0), "padding"),
+        # flagged busy seconds in no flagged second: not the plain GPU it looks like
+        (lambda t: setattr(t.flagged, "busy_seconds", 3.0), "busy_seconds"),
         (lambda t: setattr(t, "energy_joules", 1e9), "energy_joules"),
         # each within the 10 s, together 20 s of padding in 10 s
         (
@@ -226,17 +228,36 @@ def test_report_every_must_be_at_least_the_interval() -> None:
         ),
     ],
 )
-def test_impossible_totals_are_refused_and_count_nothing(change: Any, problem: str) -> None:
-    state = ClusterState(expected_gpus=1, clock=lambda: T0)
-    state.open_session(hello(gpus=1, report_interval_seconds=10.0))
-    sample = busy_sample(0, 0.5)
-    sample.totals.present_seconds = 10.0
-    sample.totals.busy_seconds = 5.0
-    change(sample.totals)
+@pytest.mark.parametrize("gpus", [1, 3])
+def test_impossible_totals_are_refused_and_count_nothing(
+    change: Any, problem: str, gpus: int
+) -> None:
+    """One GPU's totals impossible, alone or beside plain ones (checked column by column)."""
+    state = ClusterState(expected_gpus=gpus, clock=lambda: T0)
+    state.open_session(hello(gpus=gpus, report_interval_seconds=10.0))
+    samples = [busy_sample(i, 0.5) for i in range(gpus)]
+    for sample in samples:
+        sample.totals.present_seconds = 10.0
+        sample.totals.busy_seconds = 5.0
+    change(samples[-1].totals)
     with pytest.raises(InvalidMessageError, match=problem):
-        state.ingest("n1", report(1, T0 + 10, sample, interval=10.0), received=T0 + 10)
+        state.ingest("n1", report(1, T0 + 10, *samples, interval=10.0), received=T0 + 10)
     assert state.counters.seconds["observed"] == 0.0
     assert state.nodes["n1"].reports["rejected"] == 1
+
+
+def test_totals_with_a_long_attribution_are_beyond_the_limit() -> None:
+    state = ClusterState(expected_gpus=2, clock=lambda: T0)
+    state.open_session(hello(gpus=2, report_interval_seconds=10.0))
+    samples = [busy_sample(i, 0.5) for i in range(2)]
+    for sample in samples:
+        sample.totals.present_seconds = 10.0
+    samples[1].totals.attribution.tenant = "t" * (state.sizes.max_string + 1)
+    with pytest.raises(LimitError, match="attribution tenant is longer than --max-string"):
+        state.ingest("n1", report(1, T0 + 10, *samples, interval=10.0), received=T0 + 10)
+    samples[1].totals.attribution.tenant = "t" * (state.sizes.max_string // 4)
+    accepted = state.ingest("n1", report(1, T0 + 10, *samples, interval=10.0), received=T0 + 10)
+    assert accepted == "accepted"
 
 
 def test_totals_with_too_many_shares_are_beyond_the_limit() -> None:

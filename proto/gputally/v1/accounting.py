@@ -424,6 +424,21 @@ def _summary_ok(gpus: Sequence[pb.GpuSummary], slack: float, tol: float, joules:
         or any(map(any, map(_has_more, gpus)))
     ):
         return False
+    return _columns_ok(gpus, slack, tol, joules)
+
+
+def totals_ok(totals: Sequence[pb.GpuSummary], seconds: float) -> bool:
+    """The common case of totals_problem for every GPU of one report at once (the report's
+    GpuSample.totals over its `seconds`): plain totals (no MIG shares, no per-rule padding,
+    nothing flagged), every rule holding, column by column at C speed. False sends them
+    through totals_problem one by one, which also names what is wrong."""
+    if not totals or any(map(any, map(_has_more, totals))):
+        return not totals
+    return _columns_ok(totals, seconds * 1.001 + 1e-6, 1e-6 * seconds + 1e-6, max_joules(seconds))
+
+
+def _columns_ok(gpus: Sequence[pb.GpuSummary], slack: float, tol: float, joules: float) -> bool:
+    """The rules of _part_ok for GPUs without shares or per-rule padding, column by column."""
     flagged = list(map(_flagged_values, map(_flagged_total, gpus)))
     rows = list(map(_summary_values, gpus))
     if not (

@@ -96,6 +96,9 @@ _flagged_values = operator.attrgetter(*accounting.FLAGGED_FIELDS)
 _flagged_values_of = operator.itemgetter(*accounting.FLAGGED_FIELDS)
 _COUNTED_NAMES = tuple(name for name, _ in accounting.COUNTED)
 _counted = operator.itemgetter(*(field for _, field in accounting.COUNTED))
+# The same, read from a GpuSummary (a sample's totals) in one C call each.
+_counted_of = operator.attrgetter(*(field for _, field in accounting.COUNTED))
+_window_rates_of = operator.attrgetter(*_WINDOW_FIELDS)
 # A flagged part (a PaddingTotal's fields) as the live window and the counters read it: its
 # "seconds" are the flagged present seconds; a field it does not have is 0.
 _FLAGGED_AT = {name: i for i, name in enumerate(accounting.FLAGGED_FIELDS)}
@@ -115,7 +118,8 @@ MAX_CADENCE_S = 60.0
 class _Accounted(NamedTuple):
     """One GPU sample's numbers over its report's interval (ClusterState._accounted)."""
 
-    values: accounting.Totals
+    counted: tuple[float, ...]  # its accounting.COUNTED fields, in that order
+    rates: tuple[float, ...]  # its _WINDOW_FIELDS
     flagged: tuple[float, ...] | None  # its flagged part, in FLAGGED_FIELDS order
     by_rule: dict[str, float]  # padding rule -> seconds it flagged
     parts: list[tuple[str, accounting.Totals]] | None  # a MIG GPU shared out, by tenant
@@ -753,8 +757,8 @@ class ClusterState:
             span = max(span, placed)
             got = self._accounted(node, gpu, proto, interval, dt)
             scale = dt / interval  # of the report's numbers, what counts
-            values, flagged = got.values, got.flagged
-            counted[0].append(_counted(values))
+            flagged = got.flagged
+            counted[0].append(got.counted)
             counted[1].append(scale)
             flags = _NO_FLAGS
             if flagged is not None:
@@ -766,7 +770,7 @@ class ClusterState:
             added.energy_joules += got.joules
             # The live window: this report's GPU-seconds, placed over `placed` seconds.
             weight = placed / interval
-            vector = (*_window_rates(values), *flags)
+            vector = (*got.rates, *flags)
             rows = by_model.get(gpu.model) or by_model.setdefault(gpu.model, ([], []))
             rows[0].append(vector)
             rows[1].append(weight)
@@ -822,7 +826,7 @@ class ClusterState:
         ok = proto.status == pb.GPU_STATUS_OK
         if proto.HasField("totals"):
             totals = proto.totals
-            values = dict(zip(accounting.FIELDS, _totals_values(totals), strict=True))
+            counted, rates = _counted_of(totals), _window_rates_of(totals)
             flagged = _flagged_values(totals.flagged) if totals.flagged.seconds > 0 else None
             by_rule: dict[str, float] = {}
             for padding in totals.padding:
@@ -843,6 +847,7 @@ class ClusterState:
                 joules = 0.0
         else:
             values = accounting.contributions(proto, interval)
+            counted, rates = _counted(values), _window_rates(values)
             flagged = None
             by_rule = {}
             if gpu.padding:
@@ -854,7 +859,7 @@ class ClusterState:
                 if accounting.is_shared(shares, proto.attribution):
                     parts = self._tenant_parts(shares)
         node.energy_refused += gpu.energy.implausible - refused
-        return _Accounted(values, flagged, by_rule, parts, joules)
+        return _Accounted(counted, rates, flagged, by_rule, parts, joules)
 
     @staticmethod
     def _tenant_parts(
