@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,7 +39,7 @@ from gputally.collector.record.keys import KeyStore
 from gputally.collector.record.postgres import SIGNER_LOCK
 from gputally.v1.signing import load_or_create_private_key, public_bytes
 
-from .conftest import free_port
+from .conftest import PostgresServer, free_port
 from .factories import gputally_command
 
 pytestmark = pytest.mark.slow
@@ -304,3 +305,81 @@ def test_two_shards_on_one_postgresql_ledger_audit_as_one_collector(
     assert shared["report"] == single["report"]
     # and the figures are the scenario's: half the GPUs allocated, 0.45 busy
     assert shared["report"]["measures"]["allocated"]["figure"] == pytest.approx(0.5, abs=1e-9)
+
+
+def ready(shard: Shard) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{shard.metrics}/readyz", timeout=5):
+            return True
+    except urllib.error.HTTPError as error:
+        assert error.code == 503
+        return False
+
+
+def test_a_ledger_out_of_reach_stops_recording_and_it_resumes_with_nothing_lost(
+    tmp_path: Path, postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """The ledger's database refuses connections and drops the collector's (a restart, a
+    network cut) before the nodes' summaries of one window come in: the first append fails
+    (committed or not, unknown), recording stops (/readyz 503), and the collector tries the
+    server every few seconds. When it answers again, the streams of the nodes whose
+    summaries went unrecorded are ended (UNAVAILABLE); their agents reconnect and send them
+    again, in order, and the record says which it holds. No restart, no summary lost or
+    counted twice, no chain broken, checkpoints signed again."""
+    start = math.floor(time.time() / 3600) * 3600 - 2 * 3600
+    database = postgres_url.rsplit("/", 1)[1]
+    (tmp_path / "one").mkdir()
+    enrol(tmp_path / "fleet", tmp_path / "keys")
+    one = Shard(postgres_url, tmp_path / "one", "one", keys=tmp_path / "keys")
+    outage: list[float] = []
+    connects: list[int] = []
+
+    def admin(statement: str) -> int:
+        with psycopg.connect(postgres_server.url(), autocommit=True) as db:
+            cursor = db.execute(statement)
+            return len(cursor.fetchall()) if cursor.description else 0
+
+    def restore() -> None:  # once recording has stopped, the database lets them in again
+        outage.append(wait_for(lambda: not ready(one), 30))
+        time.sleep(1.0)
+        admin(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
+        outage.append(wait_for(lambda: ready(one), 30))
+
+    restoring = threading.Thread(target=restore)
+
+    async def cut(*_: object) -> None:  # before tick 40's summaries (every 10 ticks)
+        admin(f"ALTER DATABASE {database} ALLOW_CONNECTIONS false")
+        dropped = admin(
+            "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
+            f" WHERE datname = '{database}' AND application_name = 'gputally'"
+        )
+        assert dropped >= 1  # the record's connection, and the signing role's
+        restoring.start()
+
+    async def count_streams(agents: list[NodeAgent], _: object) -> None:
+        connects.extend(a.sender.stats.connects for a in agents)
+
+    def unrecorded() -> float:
+        metrics = scrape(f"http://127.0.0.1:{one.metrics}/metrics")["gputally_node_summaries_total"]
+        return sum(v for labels, v in metrics.items() if dict(labels)["result"] == "unrecorded")
+
+    try:
+        with shards(one):
+            target = f"127.0.0.1:{one.grpc}"
+            events: dict[int, Event] = {38: cut, 60: count_streams}
+            asyncio.run(drive([target] * 4, tmp_path / "fleet", start, events))
+            restoring.join(60)
+            wait_for(lambda: (lambda n: n[0] == n[1])(sizes(postgres_url)), 20)  # all signed
+            wait_for(lambda: unrecorded() >= 1, 15)  # (/metrics is a render of a few s ago)
+            one.stop()
+    finally:
+        admin(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
+    assert one.process.returncode == 0 and len(outage) == 2, outage
+    log = (tmp_path / "one" / "one.log").read_text()
+    assert "the ledger answers again: recording resumes" in log, log[-3000:]
+    # the nodes whose summaries went unrecorded streamed again
+    assert sum(connects) > 4 and all(c >= 1 for c in connects), connects
+    assert sizes(postgres_url) == (48, 48)  # 4 nodes x 12 windows, each once
+    verified = audit(postgres_url, tmp_path / "keys", tmp_path / "report", start)["verify"]
+    assert (verified["verified"], verified["entries"], verified["nodes"]) == (True, 48, 4)
+    assert verified["findings"] == {}  # no chain broken, nothing twice

@@ -52,6 +52,10 @@ class Chain:
     breaks: int = 0  # recorded summaries that did not continue the chain
     overlaps: int = 0  # summaries refused: a GPU's window overlapped one already recorded
     unrecorded: int = 0  # summaries not recorded (nor acknowledged): the intake was stopped
+    # A summary of it went unrecorded (or what the record holds of it could not be read)
+    # while the record's server was out of reach: when it is back, the node's stream is ended
+    # so that its agent sends what it holds again, in order (SummaryIntake.resume).
+    resend: bool = False
 
 
 class IntakeStoppedError(RuntimeError):
@@ -77,6 +81,9 @@ class SummaryIntake:
         self.limits = limits or TimeLimits()
         self.chains: dict[str, Chain] = {}
         self.failure = ""  # why the record could not be written, once it could not
+        # The failure is the record's server out of reach (a PostgreSQL ledger), not damage:
+        # recording resumes when it answers again (resume).
+        self.retryable = False
 
     @property
     def stopped(self) -> str:
@@ -101,9 +108,43 @@ class SummaryIntake:
         stream since the collector started) has a chain of its own, read back from the
         record if it holds that key's summaries."""
         chain = self.chain(node)
+        chain.resend = False  # a new stream: its agent sends everything it holds again
         if self.keys is not None and chain.key != public_key:
             chain.key = public_key
             chain.seq, chain.hash, chain.loaded = 0, b"", False
+
+    @property
+    def waiting(self) -> bool:
+        """Stopped only because the record's server was out of reach."""
+        return bool(self.failure) and self.retryable
+
+    def reachable(self) -> bool:
+        """Whether the record's server answers (a statement, on a new connection when the
+        old one is gone). Blocks: not on the event loop."""
+        if self.record is None:
+            return False
+        try:
+            self.record.count()
+        except RecordError:
+            return False
+        return True
+
+    def resume(self) -> bool:
+        """After the record's server was out of reach and answers again (reachable): resume
+        recording. The chains of the nodes whose summaries went unrecorded are read back from
+        the record (an append that failed may have been committed or not), and their streams
+        are ended (ClusterState.must_resend), so that their agents send again, in order, what
+        the record lacks. Whether it resumed."""
+        if not self.waiting:
+            return False
+        for chain in self.chains.values():
+            if chain.resend:
+                chain.seq, chain.hash, chain.loaded = 0, b"", False
+        log.warning(
+            "the ledger answers again: recording resumes", extra={"kv": {"was": self.failure}}
+        )
+        self.failure, self.retryable = "", False
+        return True
 
     def acknowledge(self) -> None:
         """Everything recorded is about to be acknowledged: the ledger remembers, outside
@@ -117,7 +158,11 @@ class SummaryIntake:
         if not self.recording:
             return 0
         chain = self.chain(node)
-        self._load(node, chain)
+        try:
+            self._load(node, chain)
+        except RecordError as error:  # out of reach: nothing more is known to be recorded
+            chain.resend = True
+            self._failed(error)
         return chain.seq
 
     def open(
@@ -161,6 +206,7 @@ class SummaryIntake:
                 return
             if self.stopped:
                 chain.unrecorded += 1
+                chain.resend = True
                 raise IntakeStoppedError(self.stopped)
             stored = self.record.append(
                 node,
@@ -188,13 +234,13 @@ class SummaryIntake:
             ) from None
         except RecordError as error:
             chain.unrecorded += 1
-            # Stopped for good, even when the server was only out of reach (its summaries may
-            # or may not have been committed): recording a node's next summary would tell its
-            # agent this one is recorded too. After a restart the agents send them again, in
-            # order, and the record says which it holds.
-            self.failure = str(error)
-            if self.ledger is not None and not isinstance(error, RecordUnavailableError):
-                self.ledger.fail(str(error))  # damage: no checkpoint either
+            chain.resend = True
+            # Stopped, even when only this append failed (it may or may not have been
+            # committed): recording the node's next summary would tell its agent this one is
+            # recorded too. Damage stops it for good; a server out of reach until it answers
+            # again (resume), when these nodes' agents are made to send them again, in order,
+            # and the record says which it holds. After a restart, the same.
+            self._failed(error)
             raise IntakeStoppedError(str(error)) from None
         if not stored:
             return
@@ -211,6 +257,15 @@ class SummaryIntake:
         chain.seq = summary.chain_seq
         chain.hash = chain_hash(signed.body)
 
+    def _failed(self, error: RecordError) -> None:
+        if not self.failure:
+            self.failure = str(error)
+            self.retryable = isinstance(error, RecordUnavailableError)
+        elif not isinstance(error, RecordUnavailableError):
+            self.failure, self.retryable = str(error), False  # damage outweighs an outage
+        if self.ledger is not None and not isinstance(error, RecordUnavailableError):
+            self.ledger.fail(str(error))  # damage: no checkpoint either
+
     @staticmethod
     def _windows(summary: pb.Summary) -> list[CardWindow]:
         """Each card's window in the summary, which the record checks against the card's
@@ -225,9 +280,10 @@ class SummaryIntake:
     def _load(self, node: str, chain: Chain) -> None:
         assert self.record is not None
         if not chain.loaded:
-            # After a collector restart, the chain goes on from what the record holds.
-            chain.loaded = True
+            # After a collector restart, the chain goes on from what the record holds
+            # (loaded once read: a read that failed is tried again).
             newest = self.record.recent(node, 1)
+            chain.loaded = True
             if newest and not chain.seq:
                 latest = pb.SignedSummary.FromString(newest[0])
                 key = self.keys.key(node) if self.keys is not None else None

@@ -70,6 +70,8 @@ SLICE = 32
 # A stream whose last REJECTED_BATCHES batches were rejected whole is ended: it sends nothing
 # that counts, and each of its batches costs the collector a core for milliseconds.
 REJECTED_BATCHES = 3
+# How often a ledger whose server went out of reach is tried again (SummaryIntake.resume).
+RECORD_RETRY_S = 5.0
 # The span over which a peer's refused streams are counted (Limits.max_refusals_per_peer).
 REFUSAL_WINDOW_S = 10.0
 
@@ -136,6 +138,22 @@ class IngestService(pb_grpc.IngestServicer):
         self.by_peer: dict[str, int] = {}
         # peer -> (start of its refusal window, streams refused in it)
         self.refusals: dict[str, tuple[float, int]] = {}
+        # node -> the task of the stream speaking for it, so that it can be ended from outside
+        # (end_for_resend); the tasks so ended, for their handlers to say why
+        self.handlers: dict[str, asyncio.Task[Any]] = {}
+        self.ending: set[asyncio.Task[Any]] = set()
+
+    def end_for_resend(self) -> int:
+        """End the streams of the nodes whose summaries went unrecorded while the ledger was
+        out of reach, now that it answers (ClusterState.must_resend): each with UNAVAILABLE,
+        so that its agent reconnects and sends them again, in order. How many were ended."""
+        ended = 0
+        for node, task in list(self.handlers.items()):
+            if task not in self.ending and self.state.must_resend(node):
+                self.ending.add(task)
+                task.cancel()
+                ended += 1
+        return ended
 
     async def Stream(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         peer = peer_host(context.peer())
@@ -184,9 +202,24 @@ class IngestService(pb_grpc.IngestServicer):
                 "agent connected",
                 extra={"kv": {"node": node, "gpus": len(hello.gpus), "peer": context.peer()}},
             )
+            task = asyncio.current_task()
+            assert task is not None
+            self.handlers[node] = task
             try:
                 await self._session(context, hello, session, resume, recorded)
+            except asyncio.CancelledError:
+                if task not in self.ending:
+                    raise
+                self.ending.discard(task)
+                task.uncancel()
+                raise _Refused(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the ledger answers again after an outage: reconnect, and send the "
+                    "summaries it has not recorded again, in order",
+                ) from None
             finally:
+                if self.handlers.get(node) is task:
+                    del self.handlers[node]
                 self.state.close_session(node, session)
                 log.info("agent disconnected", extra={"kv": {"node": node}})
         except _Refused as refusal:
@@ -592,7 +625,7 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
         raise OSError(f"--metrics-listen {s.metrics_listen}: {error.strerror or error}") from None
     try:
         try:
-            server, grpc_port, _ = await start(
+            server, grpc_port, service = await start(
                 state,
                 s.grpc_listen,
                 Tls(s.tls_cert, s.tls_key, s.tls_client_ca),
@@ -618,7 +651,7 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
             log.warning(
                 "no --expected-gpus: ratios use the GPUs seen as the denominator, so GPUs that never report cannot lower them"
             )
-        await _run(s, state, ledger, server, stop, witnesses)
+        await _run(s, state, ledger, server, stop, witnesses, service)
     finally:
         http.shutdown()
         http.server_close()
@@ -637,6 +670,7 @@ async def _run(
     server: grpc.aio.Server,
     stop: asyncio.Event,
     witnesses: Witnesses | None = None,
+    service: IngestService | None = None,
 ) -> None:
     """Sign checkpoints until `stop`; then let the streams finish and cover what they sent.
     Each new checkpoint goes to the witnesses (and, at start, the newest one, to any witness
@@ -660,6 +694,17 @@ async def _run(
             await asyncio.sleep(min(60.0, s.evict_after))
             state.evict()
 
+    async def reconnections() -> None:
+        """While recording waits for the ledger's server (a PostgreSQL --db out of reach),
+        try it every RECORD_RETRY_S; /readyz says why it waits meanwhile."""
+        while True:
+            await asyncio.sleep(RECORD_RETRY_S)
+            if state.intake.waiting and await asyncio.to_thread(state.resume_recording):
+                ended = service.end_for_resend() if service is not None else 0
+                log.warning(
+                    "streams ended for their agents to resend", extra={"kv": {"streams": ended}}
+                )
+
     async def checkpoints() -> None:
         while ledger is not None:
             try:
@@ -671,6 +716,7 @@ async def _run(
 
     signer = asyncio.ensure_future(checkpoints())
     evictor = asyncio.ensure_future(evictions())
+    reconnector = asyncio.ensure_future(reconnections())
     # The entries under the remembered checkpoint, rehashed while the collector runs.
     stopping = threading.Event()
     history = (
@@ -684,6 +730,7 @@ async def _run(
         stopping.set()
         signer.cancel()
         evictor.cancel()
+        reconnector.cancel()
         if history is not None:
             await history
         await server.stop(s.grace)
