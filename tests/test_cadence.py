@@ -169,7 +169,31 @@ def test_the_live_window_follows_the_report_cadence() -> None:
     # An agent that says it reports hourly stretches nothing beyond MAX_CADENCE_S (60 s).
     hourly = ClusterState(window=30.0, lag=3.0)
     hourly.open_session(hello(gpus=1, report_interval_seconds=3600.0))
-    assert hourly._spans() == (180.0, 63.0)
+    assert hourly.view().window_seconds == 180.0 and hourly._spans() == (180.0, 63.0)
+
+
+def test_one_agent_claiming_a_slow_cadence_does_not_slow_every_nodes_live_figure() -> None:
+    """The window follows the cadence of 99% of the connected GPUs: 200 nodes report every
+    second, one says every 60 s. Its seconds still count, late; nobody else's figure waits."""
+    state = ClusterState(expected_gpus=201, window=30.0, lag=3.0, clock=lambda: T0)
+    for n in range(200):
+        state.open_session(hello(f"n{n}", gpus=1))
+    state.open_session(hello("slow", gpus=1, report_interval_seconds=60.0))
+    for k in range(1, 41):
+        for n in range(200):
+            state.ingest(f"n{n}", report(k, T0 + k, busy_sample(0, 1.0)), received=T0 + k)
+    view = state.view(now=T0 + 40)
+    assert (view.window_seconds, view.window_end) == (30.0, T0 + 37)
+    assert view.window.ratios["busy"] == pytest.approx(200 / 201)
+    # three slow GPUs of 203 are more than 1% of them: the window follows them
+    state.open_session(hello("slow2", gpus=1, report_interval_seconds=60.0))
+    state.open_session(hello("slow3", gpus=1, report_interval_seconds=60.0))
+    assert state.view(now=T0 + 40).window_seconds == 180.0
+    # a small cluster: one node of two is more than 1%, its cadence is followed
+    small = ClusterState(window=30.0, lag=3.0)
+    small.open_session(hello("a", gpus=1))
+    small.open_session(hello("b", gpus=1, report_interval_seconds=20.0))
+    assert small.view().window_seconds == 60.0
 
 
 def test_the_agents_exporter_still_sees_every_tick() -> None:

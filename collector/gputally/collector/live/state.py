@@ -113,6 +113,12 @@ VIEW_CHUNK = 64
 # The longest report cadence the live window follows: an agent that says it reports hourly
 # must not stretch every node's live figure over three hours (its own seconds count late).
 MAX_CADENCE_S = 60.0
+# The live window follows the cadence under which this share of the connected GPUs report:
+# one agent (or a few) claiming a slow cadence cannot widen every node's live figure and
+# delay it by a minute; their own newest seconds count late instead (their coverage reads
+# low while they are in the lag). In a small cluster, where one node is more than the rest,
+# the window follows it.
+CADENCE_SHARE = 0.99
 
 
 class _Accounted(NamedTuple):
@@ -436,7 +442,10 @@ class ClusterState:
         self.refusals: dict[str, int] = {}  # gRPC status name -> streams ended with it
         self.folded: dict[str, int] = {}
         self._models: set[str] = set()  # models shown by name (at most sizes.max_models)
-        self._cadence = 0.0  # the slowest report cadence the live window follows (_spans)
+        self._cadence = 0.0  # the report cadence the live window follows (_spans, _followed)
+        # The slowest cadence connected: entries are kept that long (trimming by the window
+        # followed would lose what a wider one needs when the cadences change).
+        self._slowest = 0.0
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -510,7 +519,7 @@ class ClusterState:
             node.protocol_revision = hello.protocol_revision
             spans = hello.report_interval_seconds > hello.sample_interval_seconds
             node.cadence = min(hello.report_interval_seconds, MAX_CADENCE_S) if spans else 0.0
-            self._cadence = max(self._cadence, node.cadence)
+            self._slowest = max(self._slowest, node.cadence)
             for identity in hello.gpus:
                 gpu = node.gpus.get(identity.index)
                 if gpu is None or gpu.uuid != identity.uuid:
@@ -606,6 +615,21 @@ class ClusterState:
         with self._lock:
             node = self.nodes.get(name)
             return node is not None and node.session == session
+
+    def resume_recording(self) -> bool:
+        """Recording resumes if it waits for the record's server and that answers again
+        (SummaryIntake.resume); whether it did. The probe blocks: call it off the loop."""
+        if not self.intake.waiting or not self.intake.reachable():
+            return False
+        with self._lock:
+            return self.intake.resume()
+
+    def must_resend(self, name: str) -> bool:
+        """Whether the node's stream must end for its agent to send its summaries again: some
+        went unrecorded while the record's server was out of reach, which answers again."""
+        with self._lock:
+            chain = self.intake.chains.get(name)
+            return chain is not None and chain.resend and not self.intake.waiting
 
     def close_session(self, name: str, session: int) -> None:
         with self._lock:
@@ -809,7 +833,7 @@ class ClusterState:
                 node.by_tenant.setdefault(tenant, Series()).add(
                     end - span, end, _weighted(vectors, weights, _VECTOR)
                 )
-        window, lag = self._spans()
+        window, lag = self._spans(self._slowest)
         self._trim(node, received - lag - window - 1.0)
         node.counters.add(added)
         self.counters.add(added)
@@ -882,11 +906,12 @@ class ClusterState:
         self._fold("rule")
         return OTHER
 
-    def _spans(self) -> tuple[float, float]:
-        """The live window and its lag, as configured, widened to follow the slowest report
-        cadence of the nodes that opened streams (up to MAX_CADENCE_S): with reports every
-        10 s, the newest 10 s are not all in yet, and a window of a few reports would jump."""
-        cadence = self._cadence
+    def _spans(self, cadence: float | None = None) -> tuple[float, float]:
+        """The live window and its lag, as configured, widened to follow the report cadence
+        of the connected nodes (_followed, up to MAX_CADENCE_S; `cadence` when given): with
+        reports every 10 s, the newest 10 s are not all in yet, and a window of a few reports
+        would jump."""
+        cadence = self._cadence if cadence is None else cadence
         if not cadence:
             return self.window, self.lag
         return max(self.window, 3.0 * cadence), self.lag + cadence
@@ -920,15 +945,16 @@ class ClusterState:
 
     def _view(self, now: float, with_nodes: bool) -> ClusterView:
         with self._lock:
-            self._cadence = max(
-                (n.cadence for n in self.nodes.values() if n.session != 0),
-                default=self._cadence,
-            )
+            connected = [(n.cadence, len(n.gpus)) for n in self.nodes.values() if n.session != 0]
+            if connected:
+                self._cadence = _followed(connected)
+                self._slowest = max(cadence for cadence, _ in connected)
             window, lag = self._spans()
+            kept, kept_lag = self._spans(self._slowest)  # what ingest keeps (_integrate)
             every = sorted(self.nodes.values(), key=lambda n: n.name)
         end = now - lag
         start = end - window
-        horizon = end - window - 1.0
+        horizon = now - kept_lag - kept - 1.0
         nodes: list[NodeView] = []
         seen = reporting_gpus = 0
         power = 0.0
@@ -1055,6 +1081,19 @@ class ClusterState:
             clock_offset=-node.offset if math.isfinite(node.offset) else 0.0,
             clock_steps=node.clock_steps,
         )
+
+
+def _followed(nodes: list[tuple[float, int]]) -> float:
+    """The cadence the live window follows, of the connected nodes' (cadence, GPUs): the
+    slowest once the slowest nodes holding at most 1 - CADENCE_SHARE of the GPUs are left
+    out."""
+    nodes.sort(reverse=True)
+    spare = (1.0 - CADENCE_SHARE) * sum(gpus for _, gpus in nodes)
+    for cadence, gpus in nodes:
+        spare -= gpus
+        if spare < 0:
+            return cadence
+    return nodes[-1][0]
 
 
 def _top_tenants(tenants: dict[str, float]) -> dict[str, tuple[list[str], float]]:
