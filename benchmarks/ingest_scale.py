@@ -94,6 +94,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import gzip
 import inspect
 import json
 import math
@@ -109,6 +110,7 @@ import tempfile
 import threading
 import time
 import tomllib
+import urllib.request
 import uuid
 from array import array
 from collections import Counter, defaultdict, deque
@@ -143,7 +145,6 @@ from streams_under_flood import (  # benchmarks/ is not a package: found by sys.
     log,
     ms,
     percentile,
-    scrape,
     slope,
     stream_call,
 )
@@ -1167,10 +1168,23 @@ def py_spy_top(path: Path, top: int = 12) -> list[dict[str, Any]]:
     )
 
 
+def scrape(url: str) -> tuple[float, bytes, int]:
+    """One scrape as Prometheus makes it (it asks for gzip): the seconds from the request to
+    the last byte, the exposition, and the bytes on the wire."""
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+    began = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        raw: bytes = answer.read()
+        zipped = answer.headers.get("Content-Encoding") == "gzip"
+    seconds = time.perf_counter() - began
+    return seconds, gzip.decompress(raw) if zipped else raw, len(raw)
+
+
 def metrics(url: str, collector_log: Path) -> tuple[float, bytes]:
     """One scrape, which must succeed: Failed with the collector's log otherwise."""
     try:
-        return scrape(url)
+        seconds, body, _ = scrape(url)
+        return seconds, body
     except OSError as error:
         raise Failed(
             f"/metrics answered {error}; the collector's log ends with:\n"
@@ -1193,7 +1207,7 @@ def scrapes(
             return
         wall = time.time()
         try:
-            seconds, body = scrape(url)
+            seconds, body, wire = scrape(url)
         except OSError as error:
             out.append({"wall": wall, "error": str(error)})
         else:
@@ -1202,6 +1216,7 @@ def scrapes(
                     "wall": wall,
                     "seconds": seconds,
                     "bytes": len(body),
+                    "wire_bytes": wire,
                     "lines": body.count(b"\n"),
                     "metrics": read_metrics(body),
                 }
@@ -1825,6 +1840,9 @@ def steady_figures(
             "refresh_s": final.get("refresh"),
             "lines_max": max((s["lines"] for s in scraped if "lines" in s), default=None),
             "bytes_max": max((s["bytes"] for s in scraped if "bytes" in s), default=None),
+            "wire_bytes_max": max(
+                (s["wire_bytes"] for s in scraped if "wire_bytes" in s), default=None
+            ),
         },
         "live_vs_truth": errors_by,
         "scrapes": comparisons,
@@ -2036,7 +2054,8 @@ def table(r: dict[str, Any]) -> str:
             f"  /metrics every {c['scrape_every_s']:g} s: {m['scrapes']} scrapes "
             f"({m['failed']} failed), response p50 {num(m['response_ms_p50'], ',.0f')} ms, max "
             f"{num(m['response_ms_max'], ',.0f')} ms; {num(m['lines_max'])} lines, "
-            f"{num((m['bytes_max'] or 0) / 1024, ',.0f')} KiB"
+            f"{num((m['bytes_max'] or 0) / 1024, ',.0f')} KiB "
+            f"({num((m['wire_bytes_max'] or 0) / 1024, ',.0f')} KiB gzipped, as Prometheus asks)"
             + (
                 f"; served from a render made every {m['refresh_s']:g} s, which took p50 "
                 f"{num(m['render_ms_p50'], ',.0f')} ms, max {num(m['render_ms_max'], ',.0f')} ms"
