@@ -1004,6 +1004,7 @@ def read_metrics(body: bytes) -> dict[str, Any]:
         "energy_refused": 0.0,
         "clipped_seconds": 0.0,
     }
+    cluster: dict[str, float] = {}
     for line in body.decode().splitlines():
         if not line.startswith("gputally_"):
             continue
@@ -1034,6 +1035,8 @@ def read_metrics(body: bytes) -> dict[str, Any]:
                 out["accepted"] += value
             elif labels.get("result") == "rejected":
                 out["rejected"] += value
+        elif name == "gputally_collector_reports_total":  # every node's, even without nodes'
+            cluster[labels.get("result", "?")] = value
         elif name == "gputally_streams_refused_total":
             out["refused"][labels.get("status", "?")] = value
         elif name == "gputally_node_summaries_total":
@@ -1046,6 +1049,8 @@ def read_metrics(body: bytes) -> dict[str, Any]:
         ):
             key = name.removeprefix("gputally_node_").removesuffix("_total")
             out[key] += value
+    if cluster:  # a collector that counts them for the cluster (--node-metrics none too)
+        out["accepted"], out["rejected"] = cluster.get("accepted", 0), cluster.get("rejected", 0)
     return out
 
 

@@ -453,6 +453,13 @@ def test_node_metrics_none_serves_the_cluster_figures_only() -> None:
     bare = generate_latest(make_registry(state, node_series=False)).decode()
     assert "gputally_node_up{" in full and "gputally_node_" not in bare
     assert busy_line(bare.encode()) == busy_line(full.encode())
+    # the reports are still counted, for the cluster: accepted, duplicate and rejected
+    state.ingest("n1", report(1, T0 + 1, busy_sample(0, 1.0)), received=T0 + 1)
+    with pytest.raises(InvalidMessageError):
+        state.ingest("n1", report(2, T0 + 2, busy_sample(5, 1.0)), received=T0 + 2)
+    bare = generate_latest(make_registry(state, node_series=False)).decode()
+    for result, count in (("accepted", 1), ("duplicate", 1), ("rejected", 1)):
+        assert f'gputally_collector_reports_total{{result="{result}"}} {count:.1f}' in bare
 
 
 def test_a_view_without_nodes_has_the_same_cluster_figures() -> None:

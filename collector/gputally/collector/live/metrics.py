@@ -250,6 +250,15 @@ class ClusterCollector(Collector):
         for status, count in sorted(view.refusals.items()):
             refused.add_metric([status], count)
         yield refused
+        reports = CounterMetricFamily(
+            "gputally_collector_reports",
+            "Reports of every node by result (accepted, duplicate: a sequence number seen, "
+            "rejected: refused with a reason in the Ack), evicted nodes' included.",
+            labels=["result"],
+        )
+        for result, count in sorted(view.reports.items()):
+            reports.add_metric([result], count)
+        yield reports
         yield CounterMetricFamily(
             "gputally_nodes_evicted",
             "Nodes forgotten after --evict-after without a stream or report.",

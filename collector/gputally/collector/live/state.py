@@ -352,6 +352,7 @@ class ClusterView:
     evicted: int  # nodes forgotten after --evict-after without a stream
     folded: dict[str, int]  # label -> values shown as "(other)" (occurrences)
     refusals: dict[str, int]  # gRPC status name -> streams ended with it
+    reports: dict[str, int]  # result -> reports of every node (ClusterState.reports)
 
 
 def window_figures(vector: Sequence[float], denominator: float, seconds: float) -> WindowFigures:
@@ -440,6 +441,9 @@ class ClusterState:
         self.identity_conflicts = 0
         self.evicted = 0
         self.refusals: dict[str, int] = {}  # gRPC status name -> streams ended with it
+        # every node's reports, by result, evicted nodes' included (with --node-metrics none
+        # the only count of them)
+        self.reports = {"accepted": 0, "duplicate": 0, "rejected": 0}
         self.folded: dict[str, int] = {}
         self._models: set[str] = set()  # models shown by name (at most sizes.max_models)
         self._cadence = 0.0  # the report cadence the live window follows (_spans, _followed)
@@ -665,17 +669,20 @@ class ClusterState:
                         )
                 if duplicate:
                     node.reports["duplicate"] += 1
+                    self.reports["duplicate"] += 1
                     return "duplicate"
                 # A live part refused here leaves its summary recorded: that one was judged
                 # on its own, and is evidence whatever the report's clock says.
                 covered = self._covered(node, report, received) if report.gpus else 0.0
             except InvalidMessageError:
                 node.reports["rejected"] += 1
+                self.reports["rejected"] += 1
                 raise
             if node.last_seq and report.seq > node.last_seq + 1:
                 node.missed_reports += report.seq - node.last_seq - 1
             node.last_seq = report.seq
             node.reports["accepted"] += 1
+            self.reports["accepted"] += 1
             if report.gpus:  # a summary-only report covers no time of its own
                 self._integrate(node, report, received, covered)
             return "accepted"
@@ -1042,6 +1049,7 @@ class ClusterState:
                 evicted=self.evicted,
                 folded=dict(self.folded),
                 refusals=dict(self.refusals),
+                reports=dict(self.reports),
             )
 
     def _node_view(
