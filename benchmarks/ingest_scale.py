@@ -94,7 +94,6 @@ import argparse
 import asyncio
 import bisect
 import contextlib
-import gzip
 import inspect
 import json
 import math
@@ -110,7 +109,6 @@ import tempfile
 import threading
 import time
 import tomllib
-import urllib.request
 import uuid
 from array import array
 from collections import Counter, defaultdict, deque
@@ -145,6 +143,7 @@ from streams_under_flood import (  # benchmarks/ is not a package: found by sys.
     log,
     ms,
     percentile,
+    scrape_wire,
     slope,
     stream_call,
 )
@@ -1173,22 +1172,10 @@ def py_spy_top(path: Path, top: int = 12) -> list[dict[str, Any]]:
     )
 
 
-def scrape(url: str) -> tuple[float, bytes, int]:
-    """One scrape as Prometheus makes it (it asks for gzip): the seconds from the request to
-    the last byte, the exposition, and the bytes on the wire."""
-    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
-    began = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=60) as answer:
-        raw: bytes = answer.read()
-        zipped = answer.headers.get("Content-Encoding") == "gzip"
-    seconds = time.perf_counter() - began
-    return seconds, gzip.decompress(raw) if zipped else raw, len(raw)
-
-
 def metrics(url: str, collector_log: Path) -> tuple[float, bytes]:
     """One scrape, which must succeed: Failed with the collector's log otherwise."""
     try:
-        seconds, body, _ = scrape(url)
+        seconds, body, _ = scrape_wire(url)
         return seconds, body
     except OSError as error:
         raise Failed(
@@ -1212,7 +1199,7 @@ def scrapes(
             return
         wall = time.time()
         try:
-            seconds, body, wire = scrape(url)
+            seconds, body, wire = scrape_wire(url)
         except OSError as error:
             out.append({"wall": wall, "error": str(error)})
         else:

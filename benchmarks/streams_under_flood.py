@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gzip
 import json
 import math
 import multiprocessing
@@ -654,10 +655,20 @@ def read_metrics(text: str) -> dict[str, Any]:
 
 def scrape(url: str) -> tuple[float, bytes]:
     """Seconds from the request to the last byte of the answer, and the answer."""
+    seconds, body, _ = scrape_wire(url)
+    return seconds, body
+
+
+def scrape_wire(url: str) -> tuple[float, bytes, int]:
+    """One scrape as Prometheus makes it (it asks for gzip): the seconds from the request to
+    the last byte, the exposition, and the bytes on the wire."""
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
     began = time.perf_counter()
-    with urllib.request.urlopen(url, timeout=60) as answer:
-        body: bytes = answer.read()
-    return time.perf_counter() - began, body
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        raw: bytes = answer.read()
+        zipped = answer.headers.get("Content-Encoding") == "gzip"
+    seconds = time.perf_counter() - began
+    return seconds, gzip.decompress(raw) if zipped else raw, len(raw)
 
 
 def scrapes(url: str, start: float, end: float, every: float, out: list[float]) -> None:

@@ -97,3 +97,22 @@ def test_the_scale_benchmark_runs_small_and_its_figures_agree() -> None:
 
     assert {row["target"] for row in result["targets"]} >= {"every report acknowledged"}
     assert result["collector_exit"] == 0
+
+
+def test_the_live_path_benchmark_runs_small_on_the_agents_reports() -> None:
+    """benchmarks/live_path.py: 8 node shapes, 40 s sampled, a report every 10 s: 4 reports
+    of 8 GPUs each per shape; then a view and a render both ways (timings not judged)."""
+    ran = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "live_path.py"), "--report-every=10", "--ticks=40",
+         "--copies=1", "--repeat=1", "--view-nodes=4"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stdout.splitlines()
+    assert lines[0] == "ingest: 32 reports of 8 nodes (every 10 s, 8.0 GPUs each), best of 1"
+    labels = [line.strip().split("  ")[0] for line in lines[1:]]
+    assert labels == [
+        "ClusterState.ingest", "parse only (baseline)", "ratio ingest / parse",
+        "view and render of 4 nodes x 8 GPUs, best of 1",
+        "view", "view without nodes", "render", "render without nodes",
+    ]  # fmt: skip

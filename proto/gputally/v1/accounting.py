@@ -424,21 +424,6 @@ def _summary_ok(gpus: Sequence[pb.GpuSummary], slack: float, tol: float, joules:
         or any(map(any, map(_has_more, gpus)))
     ):
         return False
-    return _columns_ok(gpus, slack, tol, joules)
-
-
-def totals_ok(totals: Sequence[pb.GpuSummary], seconds: float) -> bool:
-    """The common case of totals_problem for every GPU of one report at once (the report's
-    GpuSample.totals over its `seconds`): plain totals (no MIG shares, no per-rule padding,
-    nothing flagged), every rule holding, column by column at C speed. False sends them
-    through totals_problem one by one, which also names what is wrong."""
-    if not totals or any(map(any, map(_has_more, totals))):
-        return not totals
-    return _columns_ok(totals, seconds * 1.001 + 1e-6, 1e-6 * seconds + 1e-6, max_joules(seconds))
-
-
-def _columns_ok(gpus: Sequence[pb.GpuSummary], slack: float, tol: float, joules: float) -> bool:
-    """The rules of _part_ok for GPUs without shares or per-rule padding, column by column."""
     flagged = list(map(_flagged_values, map(_flagged_total, gpus)))
     rows = list(map(_summary_values, gpus))
     if not (
@@ -463,6 +448,12 @@ def _columns_ok(gpus: Sequence[pb.GpuSummary], slack: float, tol: float, joules:
     )
 
 
+def _margins(length: float) -> tuple[float, float, float]:
+    """(slack, tol, joules) of the rules over `length` seconds: the span a GPU's seconds may
+    fill (clocks tick a little apart), the rounding each sum may carry, the most a GPU draws."""
+    return length * 1.001 + 1e-6, 1e-6 * length + 1e-6, max_joules(length)
+
+
 def summary_problem(summary: pb.Summary) -> str:
     """Why a summary cannot be true whoever signed it ("" when it can): a window of impossible
     length, a GPU twice or without a usable UUID, numbers out of their place (above), energy
@@ -471,9 +462,7 @@ def summary_problem(summary: pb.Summary) -> str:
     length = (summary.window_end_unix_nano - summary.window_start_unix_nano) / 1e9
     if not 0 < length <= MAX_SUMMARY_WINDOW_S:
         return f"summary window must be in (0, {MAX_SUMMARY_WINDOW_S:g}] s, got {length:g} s"
-    slack = length * 1.001 + 1e-6
-    tol = 1e-6 * length + 1e-6
-    joules = max_joules(length)
+    slack, tol, joules = _margins(length)
     if _summary_ok(summary.gpus, slack, tol, joules):
         return ""
     indices: set[int] = set()
@@ -497,9 +486,7 @@ def summary_problem(summary: pb.Summary) -> str:
 def totals_problem(totals: pb.GpuSummary, seconds: float) -> str:
     """Why a report's totals of one GPU (GpuSample.totals) cannot be true over the report's
     `seconds` ("" when they can): the rules of a summary's GPU, over that span."""
-    slack = seconds * 1.001 + 1e-6
-    tol = 1e-6 * seconds + 1e-6
-    problem = _gpu_problem(totals, seconds, slack, tol, max_joules(seconds))
+    problem = _gpu_problem(totals, seconds, *_margins(seconds))
     return f"totals{problem}" if problem else ""
 
 

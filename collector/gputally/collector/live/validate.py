@@ -17,7 +17,6 @@ from gputally.v1.accounting import (
     PADDING_RULES,
     card,
     summary_problem,
-    totals_ok,
     totals_problem,
     uuid_problem,
 )
@@ -191,7 +190,6 @@ def check_report(
     end = report.time_unix_nano
     limits.check("the report's interval", end - round(report.interval_seconds * 1e9), end, now)
     seen: set[int] = set()
-    with_totals: list[pb.GpuSample] = []
     for sample in report.gpus:
         if sample.index not in gpus:
             raise InvalidMessageError(f"GPU index {sample.index} was not in this node's hello")
@@ -200,21 +198,6 @@ def check_report(
         seen.add(sample.index)
         _check_sample(sample, sizes)
         if sample.HasField("totals"):
-            with_totals.append(sample)
-    if with_totals:
-        # The plain GPUs' totals (no MIG shares, no padding) at once, column by column
-        # (accounting.totals_ok); the others, or all when that fails, one by one, which also
-        # names what is wrong.
-        plain: list[pb.GpuSample] = []
-        rest: list[pb.GpuSample] = []
-        for sample in with_totals:
-            t = sample.totals
-            (rest if t.flagged.seconds or t.padding else plain).append(sample)
-        totals = [sample.totals for sample in plain]
-        texts = max((sum(map(len, _attribution_texts(t.attribution))) for t in totals), default=0)
-        if texts * 4 > sizes.max_string or not totals_ok(totals, report.interval_seconds):
-            rest = with_totals
-        for sample in rest:
             _check_totals(sample, report.interval_seconds, sizes)
 
 
