@@ -189,6 +189,16 @@ def test_one_agent_claiming_a_slow_cadence_does_not_slow_every_nodes_live_figure
     state.open_session(hello("slow2", gpus=1, report_interval_seconds=60.0))
     state.open_session(hello("slow3", gpus=1, report_interval_seconds=60.0))
     assert state.view(now=T0 + 40).window_seconds == 180.0
+    # one slow agent claiming 64 GPUs (4% of them by its Hello) counts as the median node's
+    # one GPU: 0.5% of 201, not followed
+    liar = ClusterState(expected_gpus=264, window=30.0, lag=3.0, clock=lambda: T0)
+    for n in range(200):
+        liar.open_session(hello(f"n{n}", gpus=1))
+    liar.open_session(hello("slow", gpus=64, report_interval_seconds=60.0))
+    assert liar.view(now=T0 + 40).window_seconds == 30.0
+    liar.open_session(hello("slow2", gpus=64, report_interval_seconds=60.0))
+    liar.open_session(hello("slow3", gpus=64, report_interval_seconds=60.0))
+    assert liar.view(now=T0 + 40).window_seconds == 180.0  # 3 of 203 nodes: followed
     # a small cluster: one node of two is more than 1%, its cadence is followed
     small = ClusterState(window=30.0, lag=3.0)
     small.open_session(hello("a", gpus=1))

@@ -1094,14 +1094,18 @@ class ClusterState:
 def _followed(nodes: list[tuple[float, int]]) -> float:
     """The cadence the live window follows, of the connected nodes' (cadence, GPUs): the
     slowest once the slowest nodes holding at most 1 - CADENCE_SHARE of the GPUs are left
-    out."""
-    nodes.sort(reverse=True)
-    spare = (1.0 - CADENCE_SHARE) * sum(gpus for _, gpus in nodes)
-    for cadence, gpus in nodes:
+    out. A node counts for no more GPUs than the median node does: its GPUs are what its
+    Hello claims (up to --max-gpus), so one agent claiming 64 GPUs among nodes of 8 would
+    otherwise hold more than 1% of a 6,000-GPU cluster alone, and slow everyone's figure."""
+    counts = sorted(gpus for _, gpus in nodes)
+    typical = counts[(len(counts) - 1) // 2]  # the lower median: more than half honest holds it
+    weighed = sorted(((cadence, min(gpus, typical)) for cadence, gpus in nodes), reverse=True)
+    spare = (1.0 - CADENCE_SHARE) * sum(gpus for _, gpus in weighed)
+    for cadence, gpus in weighed:
         spare -= gpus
         if spare < 0:
             return cadence
-    return nodes[-1][0]
+    return weighed[-1][0]
 
 
 def _top_tenants(tenants: dict[str, float]) -> dict[str, tuple[list[str], float]]:
