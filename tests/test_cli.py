@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +325,11 @@ def test_query_errors_are_explained(tmp_path: Path, args: list[str], message: st
             "no such directory",
         ),
         (
+            ["collector", "--share-port", "--db", "{tmp}/shard.db", "--grpc-listen=127.0.0.1:0"],
+            "--share-port: collectors sharing a port are shards of one cluster: give them one "
+            "postgresql:// --db",
+        ),
+        (
             [
                 *("audit", "report", "--ledger", "{tmp}/empty.db", "--keys", "{tmp}"),
                 *("--from", "0", "--to", "2e9", "--expected-gpus", "1", "--out", "{tmp}/r"),
@@ -378,6 +385,84 @@ def test_a_second_collector_on_the_same_grpc_port_is_refused() -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr, result
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"gputally collector: --grpc-listen 127.0.0.1:{port}: cannot listen")
+
+
+def _reporting(metrics_port: int) -> float:
+    """A collector's gputally_cluster_gpus{state="reporting"}; -1 when it does not answer."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            body = r.read().decode()
+    except OSError:
+        return -1.0
+    for line in body.splitlines():
+        if line.startswith('gputally_cluster_gpus{state="reporting"}'):
+            return float(line.split()[-1])
+    return -1.0
+
+
+def test_shards_share_one_port_and_a_killed_shards_agents_move_to_the_other(
+    tmp_path: Path,
+) -> None:
+    """--share-port: two collectors on one gRPC port (shards of one machine), the kernel
+    spreading the agents' connections over them; one killed, its agents reconnect to the same
+    address and land on the other. A collector without --share-port is still refused there."""
+    import signal
+
+    from .conftest import free_port
+
+    port, metrics = free_port(), [free_port(), free_port()]
+    running: list[subprocess.Popen[bytes]] = []
+
+    def collector(metrics_port: int) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [*gputally_command(), "collector", "--share-port", "--db=", "--expected-gpus=32",
+             f"--grpc-listen=127.0.0.1:{port}", f"--metrics-listen=127.0.0.1:{metrics_port}",
+             "--stale-after=5"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        running.append(process)
+        for _ in range(300):  # bounded: 30 s
+            if _reporting(metrics_port) >= 0:
+                return process
+            assert process.poll() is None, "the shard exited"
+            time.sleep(0.1)
+        raise AssertionError("the shard did not answer within 30 s")
+
+    def wait_for(what: Callable[[], bool], seconds: float) -> bool:
+        for _ in range(int(seconds / 0.2)):  # bounded
+            if what():
+                return True
+            time.sleep(0.2)
+        return False
+
+    try:
+        first = collector(metrics[0])
+        collector(metrics[1])
+        alone = run(
+            *("collector", "--db=", "--metrics-listen=127.0.0.1:0"),
+            f"--grpc-listen=127.0.0.1:{port}",
+        )
+        assert alone.returncode == 2 and "cannot listen" in alone.stderr, alone
+        fleet = subprocess.Popen(
+            [*gputally_command(), "simulate", f"--collector=127.0.0.1:{port}", "--state-dir=",
+             "--duration=120"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        running.append(fleet)
+        # the default scenario's 4 nodes of 8 GPUs, each node on one shard or the other
+        assert wait_for(lambda: sum(_reporting(m) for m in metrics) == 32, 40), [
+            _reporting(m) for m in metrics
+        ]
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        assert wait_for(lambda: _reporting(metrics[1]) == 32, 60), _reporting(metrics[1])
+    finally:
+        for process in running:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
 
 
 def test_a_second_collector_on_the_same_ledger_file_is_refused(tmp_path: Path) -> None:

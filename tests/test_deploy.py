@@ -618,12 +618,40 @@ def test_the_daemons_accept_the_configuration_files_of_the_units(daemon: str) ->
     assert 'log-format = "json"' in checked.stdout.splitlines()
 
 
+def test_the_shard_unit_runs_shards_that_share_the_port_on_one_postgresql_ledger() -> None:
+    """Each instance of gputally-collector-shard@.service: the shared TOML, plus its own
+    /metrics port and checkpoint state (the instance name), exactly as its ExecStart says."""
+    unit = (DEPLOY / "systemd" / "gputally-collector-shard@.service").read_text()
+    (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    words = exec_start.removeprefix("ExecStart=").split()
+    assert words[:4] == ["/usr/local/bin/gputally", "collector", "--config",
+                         "/etc/gputally/collector-shard.toml"]  # fmt: skip
+    args = [w.replace("%i", "9480") for w in words[4:]]
+    config = DEPLOY / "systemd" / "collector-shard.toml"
+    gputally = Path(sys.executable).parent / "gputally"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUTALLY_")}
+    checked = run(gputally, "collector", "--config", config, *args, "--print-config", env=env)
+    assert checked.returncode == 0, checked.stderr
+    printed = checked.stdout.splitlines()
+    for line in (
+        "share-port = true",
+        'metrics-listen = "0.0.0.0:9480"',
+        'checkpoint-state = "/var/lib/gputally/shard-9480.checkpoint"',
+    ):
+        assert line in printed, line
+    (db,) = [line for line in printed if line.startswith("db = ")]
+    assert db.startswith('db = "postgresql://') and ":change-me@" not in db  # no password
+    env_file = (DEPLOY / "systemd" / "collector-shard.env.example").read_text()
+    assert "PGPASSWORD=change-me" in env_file.splitlines()  # a placeholder, said so
+
+
 def test_the_systemd_units_verify(tmp_path: Path) -> None:
     analyze = require_binary("systemd-analyze", package="systemd")
     gputally = Path(sys.executable).parent / "gputally"
     units = sorted((DEPLOY / "systemd").glob("*.service"))
     assert [u.name for u in units] == [
         "gputally-agent.service",
+        "gputally-collector-shard@.service",
         "gputally-collector.service",
         "gputally-witness.service",
     ]

@@ -57,6 +57,14 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
         "--insecure), e.g. 0.0.0.0:9471 (default: %(default)s)",
     )
     parser.add_argument(
+        "--share-port",
+        action="store_true",
+        help="let other collectors of this user listen on the same --grpc-listen port, the "
+        "kernel spreading the agents' connections over them (SO_REUSEPORT): shards of one "
+        "cluster on one machine, on one postgresql:// --db or without a record (default: a "
+        "second collector on the port is refused)",
+    )
+    parser.add_argument(
         "--metrics-listen",
         type=address,
         default="0.0.0.0:9470",
@@ -197,6 +205,14 @@ def _add_collector_options(parser: argparse.ArgumentParser) -> None:
     )
     _add_security_options(parser)
     _add_limit_options(parser)
+    parser.add_argument(
+        "--record-retry",
+        type=positive,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often a ledger whose server is out of reach (a postgresql:// --db) is tried "
+        "again; recording waits meanwhile and /readyz says why (default: %(default)s)",
+    )
     parser.add_argument(
         "--checkpoint-interval",
         type=positive,
@@ -446,9 +462,16 @@ def run_collector(args: argparse.Namespace) -> int:
 
     from .live.server import Settings, serve
     from .record.ledger import LedgerStartError
-    from .record.store import RecordError
+    from .record.store import RecordError, is_url
     from .record.witnessing import WitnessConfigError
 
+    if args.share_port and args.db and not is_url(args.db):
+        # each shard would sign a log of its own in its own file, every node's chain split
+        return fail(
+            "collector",
+            "--share-port: collectors sharing a port are shards of one cluster: give them one "
+            "postgresql:// --db (a SQLite ledger has one writer), or no record",
+        )
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
 
     async def main() -> None:

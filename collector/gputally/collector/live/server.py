@@ -60,18 +60,17 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # Ping agents every 60 s ourselves, so a vanished node's session is closed within ~80 s.
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
-    # One collector per port: grpc would share a port between two processes by default
-    # (SO_REUSEPORT), so a second collector started by mistake took half the streams silently.
-    ("grpc.so_reuseport", 0),
 )
+# One collector per port unless --share-port: grpc shares a port between processes by default
+# (SO_REUSEPORT), so a second collector started by mistake took half the streams silently.
+SHARED_PORT = ("grpc.so_reuseport", 1)
+OWN_PORT = ("grpc.so_reuseport", 0)
 # Reports validated and applied between two yields to the event loop: one batch of a
 # thousand reports must not hold up every other stream (and the scrapes' lock) until done.
 SLICE = 32
 # A stream whose last REJECTED_BATCHES batches were rejected whole is ended: it sends nothing
 # that counts, and each of its batches costs the collector a core for milliseconds.
 REJECTED_BATCHES = 3
-# How often a ledger whose server went out of reach is tried again (SummaryIntake.resume).
-RECORD_RETRY_S = 5.0
 # The span over which a peer's refused streams are counted (Limits.max_refusals_per_peer).
 REFUSAL_WINDOW_S = 10.0
 
@@ -442,11 +441,17 @@ class Tls:
 
 
 async def start(
-    state: ClusterState, listen: Address | str, tls: Tls = Tls(), *, insecure: bool = False
+    state: ClusterState,
+    listen: Address | str,
+    tls: Tls = Tls(),
+    *,
+    insecure: bool = False,
+    share_port: bool = False,
 ) -> tuple[grpc.aio.Server, int, IngestService]:
     """Start the ingest server; returns it, the port bound (useful with port 0) and the
     service. Plaintext only on a loopback address, unless `insecure`: on any other, tenants
-    sharing the network could read and forge the stream. TlsError for unusable files,
+    sharing the network could read and forge the stream. `share_port`: other processes of
+    this user may bind the port too (shards on one machine). TlsError for unusable files,
     OSError when it cannot listen."""
     address = listen if isinstance(listen, Address) else options_address(str(listen))
     if not tls.cert and not insecure and not is_loopback(address.host):
@@ -460,6 +465,7 @@ async def start(
     server = grpc.aio.server(
         options=(
             *SERVER_OPTIONS,
+            SHARED_PORT if share_port else OWN_PORT,
             ("grpc.max_receive_message_length", sizes.max_message_bytes),
             # streams on one connection: an agent needs one; more than one peer may open are
             # refused before they reach the collector's code
@@ -533,6 +539,8 @@ class Settings:
     witnesses: str = ""
     witness_ca: str = ""
     witness_timeout: float = 10.0
+    share_port: bool = False
+    record_retry: float = 5.0
 
     @property
     def limits(self) -> Limits:
@@ -630,6 +638,7 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
                 s.grpc_listen,
                 Tls(s.tls_cert, s.tls_key, s.tls_client_ca),
                 insecure=s.insecure,
+                share_port=s.share_port,
             )
         except OSError as error:
             raise OSError(f"--grpc-listen {s.grpc_listen}: {error}") from None
@@ -696,9 +705,9 @@ async def _run(
 
     async def reconnections() -> None:
         """While recording waits for the ledger's server (a PostgreSQL --db out of reach),
-        try it every RECORD_RETRY_S; /readyz says why it waits meanwhile."""
+        try it every --record-retry; /readyz says why it waits meanwhile."""
         while True:
-            await asyncio.sleep(RECORD_RETRY_S)
+            await asyncio.sleep(s.record_retry)
             if state.intake.waiting and await asyncio.to_thread(state.resume_recording):
                 ended = service.end_for_resend() if service is not None else 0
                 log.warning(
