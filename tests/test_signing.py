@@ -9,6 +9,7 @@ import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -283,6 +284,54 @@ def test_an_unreadable_chain_state_is_a_clear_error(tmp_path: Path, content: str
     )
     with pytest.raises(ChainStateError, match=r"unreadable chain state.*move it away"):
         SummarySigner(key, "n1", tmp_path)
+
+
+def test_an_append_committed_but_reported_failed_is_neither_lost_nor_recorded_twice(
+    tmp_path: Path,
+) -> None:
+    """The ledger's server commits an append and the connection drops before it says so: the
+    collector cannot tell, so it acknowledges nothing and stops recording. When the server
+    answers again, the node's chain is read back: the summary is in it, the agent is told so
+    (recorded_chain_seq) and a copy it sends anyway counts as resent; the chain goes on
+    unbroken, one entry each."""
+    from gputally.collector.record.store import RecordUnavailableError, SqliteRecord
+
+    class DropsTheReply(SqliteRecord):
+        drop = 0  # appends still to report failed after committing them
+
+        def append(self, *args: Any, **kwargs: Any) -> bool:
+            stored = super().append(*args, **kwargs)
+            if self.drop:
+                self.drop -= 1
+                raise RecordUnavailableError("the connection to the ledger's server was lost")
+            return stored
+
+    key = Ed25519PrivateKey.generate()
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    KeyStore(keys_dir).enroll("n1", public_bytes(key))
+    record = DropsTheReply(tmp_path / "r.db")
+    state = ClusterState(record=record, keys=KeyStore(keys_dir))
+    signer = SummarySigner(key, "n1")
+    state.open_session(hello("n1", key), proven=True)
+    first, second = signer.sign(summary(T0)), signer.sign(summary(T0 + 60))
+    assert state.ingest("n1", carrying(1, first), received=T0) == "accepted"
+    record.drop = 1
+    assert state.ingest("n1", carrying(2, second), received=T0) == "accepted"  # live only
+    assert record.count() == 2  # committed, though the collector was told otherwise
+    assert state.intake.recorded_seq("n1") == 1  # so not acknowledged: the agent keeps it
+    assert state.intake.waiting and not state.must_resend("n1")
+    assert state.resume_recording() and state.must_resend("n1")
+    # the agent's new stream: the Welcome reads the chain back from the record
+    state.open_session(hello("n1", key), proven=True)
+    assert state.intake.recorded_seq("n1") == 2  # the agent drops its copy
+    assert state.ingest("n1", carrying(3, second), received=T0) == "accepted"  # sent anyway
+    third = signer.sign(summary(T0 + 120))
+    assert state.ingest("n1", carrying(4, third), received=T0) == "accepted"
+    chain = state.intake.chain("n1")
+    assert record.count() == 3 and state.intake.recorded_seq("n1") == 3
+    assert (chain.recorded, chain.resent, chain.breaks, chain.unrecorded) == (2, 1, 0, 1)
+    assert not state.intake.stopped
 
 
 def test_after_a_key_rotation_the_collector_records_the_new_chain_without_a_break(

@@ -14,7 +14,7 @@ its GPUs already has a recorded window that it overlaps, from this node or anoth
 counted twice), checked in the transaction that stores it (so across the shards of a shared
 ledger too); when the ledger is damaged, none is recorded and none acknowledged, and the
 agents keep them spooled until it is repaired (or, for a shared ledger's server that was out
-of reach, until the collector is restarted).
+of reach, until it answers again: then their agents are made to send them again, resume).
 
 Without enrolled keys nothing can be verified, so nothing is recorded.
 """
