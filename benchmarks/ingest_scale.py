@@ -983,7 +983,7 @@ class Meter:
 
 _NODE_COUNTERS = "reports|summaries|chain_breaks|energy_refused|clipped_seconds"
 _SERIES = re.compile(
-    rf"^(gputally_(?:cluster|streams_refused|metrics|node_(?:{_NODE_COUNTERS}))\w*)"
+    rf"^(gputally_(?:cluster|collector_reports|streams_refused|metrics|node_(?:{_NODE_COUNTERS}))\w*)"
     r"(?:\{(.*)\})? (\S+)$"
 )
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -1172,45 +1172,75 @@ def py_spy_top(path: Path, top: int = 12) -> list[dict[str, Any]]:
     )
 
 
-def metrics(url: str, collector_log: Path) -> tuple[float, bytes]:
-    """One scrape, which must succeed: Failed with the collector's log otherwise."""
-    try:
-        seconds, body, _ = scrape_wire(url)
-        return seconds, body
-    except OSError as error:
-        raise Failed(
-            f"/metrics answered {error}; the collector's log ends with:\n"
-            f"{collector_log.read_text(errors='replace')[-3000:]}"
-        ) from None
+def metrics(urls: Sequence[str], logs: Sequence[Path]) -> tuple[float, dict[str, Any]]:
+    """One scrape of every shard, which must succeed (Failed with the shard's log otherwise):
+    the slowest answer's seconds, and the cluster's series (merged)."""
+    slowest, parts = 0.0, []
+    for url, collector_log in zip(urls, logs, strict=True):
+        try:
+            seconds, body, _ = scrape_wire(url)
+        except OSError as error:
+            raise Failed(
+                f"{url} answered {error}; the collector's log ends with:\n"
+                f"{collector_log.read_text(errors='replace')[-3000:]}"
+            ) from None
+        slowest = max(slowest, seconds)
+        parts.append(read_metrics(body))
+    return slowest, merged(parts)
+
+
+def merged(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The cluster's series from its shards' (read_metrics each), as the recording rules add
+    them up: counters summed; the ratios summed too, which is exact here because every shard
+    divides by the same whole-cluster --expected-gpus x the same window; the expected GPUs,
+    the window and the render's figures the largest of any shard."""
+    if len(parts) == 1:
+        return parts[0]
+    out: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, dict):
+                into = out.setdefault(key, {})
+                for label, v in value.items():
+                    if key == "gpus" and label == "expected":
+                        into[label] = max(into.get(label, 0.0), v)
+                    else:
+                        into[label] = into.get(label, 0.0) + v
+            elif key in ("window", "refresh", "render"):
+                out[key] = max(out.get(key, 0.0), value)
+            else:
+                out[key] = out.get(key, 0) + value
+    return out
 
 
 def scrapes(
-    url: str,
+    urls: Sequence[str],
     start: float,
     end: float,
     every: float,
     out: list[dict[str, Any]],
     stop: threading.Event,
 ) -> None:
-    """/metrics as Prometheus scrapes it, at start, start + every, ... (monotonic) before end."""
+    """/metrics as Prometheus scrapes it, at start, start + every, ... (monotonic) before end:
+    every shard, one after the other (the slowest answer, the sizes and series added up)."""
     at = start
     while at < end and not stop.is_set():
         if stop.wait(max(0.0, at - time.monotonic())):
             return
         wall = time.time()
         try:
-            seconds, body, wire = scrape_wire(url)
+            answers = [scrape_wire(url) for url in urls]
         except OSError as error:
             out.append({"wall": wall, "error": str(error)})
         else:
             out.append(
                 {
                     "wall": wall,
-                    "seconds": seconds,
-                    "bytes": len(body),
-                    "wire_bytes": wire,
-                    "lines": body.count(b"\n"),
-                    "metrics": read_metrics(body),
+                    "seconds": max(seconds for seconds, _, _ in answers),
+                    "bytes": sum(len(body) for _, body, _ in answers),
+                    "wire_bytes": sum(wire for _, _, wire in answers),
+                    "lines": sum(body.count(b"\n") for _, body, _ in answers),
+                    "metrics": merged([read_metrics(body) for _, body, _ in answers]),
                 }
             )
         at += every
@@ -1251,16 +1281,18 @@ def run(args: argparse.Namespace, tmp: Path, processes: list[Any]) -> dict[str, 
         1, min(os.cpu_count() or 1, math.ceil(max(steady_n, 1) / STREAMS_PER_WORKER))
     )
 
-    # -- the collector
-    grpc_port, metrics_port, base_port = free_port(), free_port(), free_port()
+    # -- the collector: one, or --shards on one port (--share-port), the kernel spreading the
+    # streams' connections over them
+    grpc_port, base_port = free_port(), free_port()
+    metrics_ports = [free_port() for _ in range(args.shards)]
     target = f"127.0.0.1:{grpc_port}"
-    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    metrics_urls = [f"http://127.0.0.1:{port}/metrics" for port in metrics_ports]
     total_streams = steady_n + sat_n
     command = [
         *gputally(),
         "collector",
         f"--grpc-listen={target}",
-        f"--metrics-listen=127.0.0.1:{metrics_port}",
+        *(["--share-port"] if args.shards > 1 else []),
         f"--expected-gpus={expected}",
         f"--max-streams-per-peer={total_streams + 16}",
         f"--max-streams={max(20_000, total_streams + 16)}",
@@ -1274,22 +1306,30 @@ def run(args: argparse.Namespace, tmp: Path, processes: list[Any]) -> dict[str, 
         command += [f"--db={db}", f"--keys={tmp / 'keys'}", "--trust-on-first-use"]
     command += args.collector_arg
     environment = {k: v for k, v in os.environ.items() if not k.startswith("GPUTALLY_")}
-    collector_log = tmp / "collector.log"
-    with collector_log.open("wb") as sink:
-        collector = subprocess.Popen(
-            command, stdout=sink, stderr=subprocess.STDOUT, env=environment
-        )
-    processes.append(collector)
+    collector_logs = [tmp / f"collector-{k}.log" for k in range(args.shards)]
+    collectors = []
+    for port, collector_log in zip(metrics_ports, collector_logs, strict=True):
+        with collector_log.open("wb") as sink:
+            collectors.append(
+                subprocess.Popen(
+                    [*command, f"--metrics-listen=127.0.0.1:{port}"],
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    env=environment,
+                )
+            )
+        processes.append(collectors[-1])
 
     def watch() -> None:
-        if collector.poll() is not None:
-            raise Failed(
-                f"the collector exited ({collector.returncode}): "
-                f"{collector_log.read_text(errors='replace')[-2000:]}"
-            )
+        for collector, collector_log in zip(collectors, collector_logs, strict=True):
+            if collector.poll() is not None:
+                raise Failed(
+                    f"the collector exited ({collector.returncode}): "
+                    f"{collector_log.read_text(errors='replace')[-2000:]}"
+                )
 
     deadline = time.monotonic() + 60
-    for port in (grpc_port, metrics_port):
+    for port in (grpc_port, *metrics_ports):
         while True:
             watch()
             try:
@@ -1299,8 +1339,12 @@ def run(args: argparse.Namespace, tmp: Path, processes: list[Any]) -> dict[str, 
                 if time.monotonic() > deadline:
                     raise Failed("the collector did not listen within 60 s") from None
                 time.sleep(0.1)
-    proc = psutil.Process(collector.pid)
-    rss_idle = proc.memory_info().rss / MiB
+    procs_ = [psutil.Process(c.pid) for c in collectors]
+
+    def collector_rss() -> float:
+        return sum(p.memory_info().rss for p in procs_) / MiB
+
+    rss_idle = collector_rss()
 
     # -- the generators (and the baseline)
     ctx = multiprocessing.get_context("spawn")
@@ -1325,7 +1369,7 @@ def run(args: argparse.Namespace, tmp: Path, processes: list[Any]) -> dict[str, 
     expect_all([*workers, *([baseline] if baseline else [])], "ready", 120.0, watch)
     me = psutil.Process()
     procs: dict[str, Callable[[], float]] = {
-        "collector": lambda: cpu_seconds(proc),
+        "collector": lambda: sum(cpu_seconds(p) for p in procs_),
         "generators": lambda: sum(w.cpu() for w in workers),
         "harness": lambda: cpu_seconds(me),
     }
@@ -1356,7 +1400,7 @@ def run(args: argparse.Namespace, tmp: Path, processes: list[Any]) -> dict[str, 
         opened = expect_all(workers, "opened", 120 + steady_n * 0.05, watch)
         open_failed = [f for o in opened for f in o["failed"]]
         connect_s = max(o["seconds"] for o in opened)
-        rss_open = proc.memory_info().rss / MiB
+        rss_open = collector_rss()
         go = time.monotonic() + 1.0
         t0 = go + args.warmup
         end = t0 + args.duration
@@ -1385,7 +1429,7 @@ def run(args: argparse.Namespace, tmp: Path, processes: list[Any]) -> dict[str, 
         stop_scraping = threading.Event()
         scraper = threading.Thread(
             target=scrapes,
-            args=(metrics_url, t0, end, args.scrape_every, scraped, stop_scraping),
+            args=(metrics_urls, t0, end, args.scrape_every, scraped, stop_scraping),
             daemon=True,
         )
         if args.scrape_every:
@@ -1400,9 +1444,9 @@ def run(args: argparse.Namespace, tmp: Path, processes: list[Any]) -> dict[str, 
                 if not marks and now >= t0:
                     marks.append(meter.read())
                     if profile_path is not None:
-                        profiler = start_profiler(collector.pid, profile_path, args, processes)
+                        profiler = start_profiler(collectors[0].pid, profile_path, args, processes)
                 if now >= next_rss and now >= t0:
-                    rss.append((now - t0, proc.memory_info().rss / MiB))
+                    rss.append((now - t0, collector_rss()))
                     next_rss += sample_every
                 if now >= end:
                     marks.append(meter.read())
@@ -1411,7 +1455,7 @@ def run(args: argparse.Namespace, tmp: Path, processes: list[Any]) -> dict[str, 
                 for worker in workers:
                     worker.check()
                 time.sleep(max(0.01, min(next_rss, end, now + 0.5) - time.monotonic()))
-            rss_end = proc.memory_info().rss / MiB
+            rss_end = collector_rss()
             generators_rss = sum(w.ps.memory_info().rss for w in workers) / MiB
             results = expect_all(workers, "result", args.ack_timeout + 60 + steady_n * 0.01, watch)
         finally:
@@ -1430,10 +1474,9 @@ def run(args: argparse.Namespace, tmp: Path, processes: list[Any]) -> dict[str, 
             None,
         )
         if refresh is None:
-            refresh = read_metrics(metrics(metrics_url, collector_log)[1]).get("refresh", 0.0)
+            refresh = metrics(metrics_urls, collector_logs)[1].get("refresh", 0.0)
         time.sleep(min(float(refresh), 60.0) + 0.5 if refresh else 0.0)
-        final_s, final_body = metrics(metrics_url, collector_log)
-        final = read_metrics(final_body)
+        final_s, final = metrics(metrics_urls, collector_logs)
         # The truth at every scrape's start, and as the oldest render it may serve saw it (a
         # refresh and a render's time earlier: a render's view is taken when it begins),
         # over the collector's window (as /metrics gives its length).
@@ -1517,12 +1560,14 @@ def run(args: argparse.Namespace, tmp: Path, processes: list[Any]) -> dict[str, 
         worker.conn.send(("exit", {}))
     if baseline is not None:
         baseline.conn.send("stop")
-    collector.terminate()
-    try:
-        collector.wait(30)
-    except subprocess.TimeoutExpired:
-        collector.kill()
-        collector.wait()
+    for collector in collectors:
+        collector.terminate()
+    for collector in collectors:
+        try:
+            collector.wait(30)
+        except subprocess.TimeoutExpired:
+            collector.kill()
+            collector.wait()
     for c in [*workers, *([baseline] if baseline else [])]:
         c.process.join(10)
     result.update(
@@ -1541,6 +1586,7 @@ def run(args: argparse.Namespace, tmp: Path, processes: list[Any]) -> dict[str, 
                 "cpu_cores": os.cpu_count(),
                 "load_average_at_start": args.load_at_start,
                 "collector_command": [Path(command[0]).name, *command[1:]],
+                "shards": args.shards,
                 "collector_window_s": settings["window"],
                 "collector_lag_s": settings["lag"],
                 "truth_lag_s": args.truth_lag,
@@ -1576,7 +1622,7 @@ def run(args: argparse.Namespace, tmp: Path, processes: list[Any]) -> dict[str, 
             },
             "steady": steady,
             "saturation": saturation,
-            "collector_exit": collector.returncode,
+            "collector_exit": max(c.returncode for c in collectors),
             "wall_s": round(time.monotonic() - wall, 1),
         }
     )
@@ -1985,8 +2031,14 @@ def table(r: dict[str, Any]) -> str:
     lines = [
         f"ingest at scale: {c['streams']:,} streams (nodes) of "
         f"{'/'.join(map(str, c['gpus_per_node']))} GPUs = {c['gpus']:,} GPUs, one report every "
-        f"{c['report_every_s']:g} s each (sampled every {c['interval_s']:g} s), to one "
-        f"`gputally collector` ({'recording' if c['record'] else 'no record'}; live window "
+        f"{c['report_every_s']:g} s each (sampled every {c['interval_s']:g} s), to "
+        + (
+            f"{c['shards']} `gputally collector` shards on one port (CPU, RSS and /metrics "
+            "added up) "
+            if c.get("shards", 1) > 1
+            else "one `gputally collector` "
+        )
+        + f"({'recording' if c['record'] else 'no record'}; live window "
         f"{c['collector_window_s']:g} s ending {c['truth_lag_s']:g} s back, from --lag "
         f"{c['collector_lag_s']:g})",
         f"load from {c['workers']} generator process(es); {c['cpu_cores']} CPU cores, load "
@@ -2251,6 +2303,14 @@ def main() -> int:
         "the agent's; 0: no summaries, templates over 300 s)",
     )
     add(
+        "--shards",
+        type=count,
+        default=1,
+        help="collector processes on the one gRPC port (--share-port), the kernel spreading the "
+        "streams over them; CPU and RSS are their sums, /metrics their series added up as the "
+        "recording rules add shards up; not with --db (default: %(default)s)",
+    )
+    add(
         "--db",
         nargs="?",
         const="",
@@ -2348,6 +2408,9 @@ def main() -> int:
         args.summary_window = 0.0
     if any(a.split("=")[0] in ("--db", "--keys") for a in args.collector_arg):
         parser.error("give --db to this harness, not through --collector-arg")
+    if args.shards > 1 and args.db is not None:
+        # each shard would enrol keys on first use into one directory, and SQLite has one writer
+        parser.error("--shards runs the collectors without a record: leave out --db")
     if args.saturate_batch > 1024:
         parser.error("--saturate-batch is at most 1024 (the collector's --max-batch-reports)")
     total = (args.streams if args.duration else 0) + (args.saturate_streams if args.saturate else 0)

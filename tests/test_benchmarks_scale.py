@@ -21,11 +21,14 @@ def number(value: Any) -> bool:
 
 
 @pytest.mark.slow
-def test_the_scale_benchmark_runs_small_and_its_figures_agree() -> None:
+@pytest.mark.parametrize("shards", [1, 2])
+def test_the_scale_benchmark_runs_small_and_its_figures_agree(shards: int) -> None:
+    """One collector, and two shards on one port whose figures it adds up."""
     ran = subprocess.run(
         [
             sys.executable,
             str(SCRIPT),
+            f"--shards={shards}",
             "--streams=6",
             "--duration=6",
             "--summary-window=4",  # small templates, and summaries within the run
@@ -48,6 +51,7 @@ def test_the_scale_benchmark_runs_small_and_its_figures_agree() -> None:
 
     config = result["configuration"]
     assert config["streams"] == 6 and config["gpus"] == 48 and config["workers"] == 1
+    assert config["shards"] == shards
     assert config["warmup_s"] >= config["collector_window_s"] + config["truth_lag_s"]
     templates = result["templates"]
     assert len(templates["shapes"]) == 8  # the built-in scenarios: 7 mixed nodes, 1 MIG node
@@ -97,6 +101,39 @@ def test_the_scale_benchmark_runs_small_and_its_figures_agree() -> None:
 
     assert {row["target"] for row in result["targets"]} >= {"every report acknowledged"}
     assert result["collector_exit"] == 0
+
+
+def test_the_benchmark_reads_the_cluster_counters_and_adds_the_shards_up() -> None:
+    """read_metrics takes the cluster's report counts (the only ones under --node-metrics
+    none), and merged adds shards up as the recording rules do."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import ingest_scale
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    a = ingest_scale.read_metrics(
+        b'gputally_collector_reports_total{result="accepted"} 7.0\n'
+        b'gputally_collector_reports_total{result="rejected"} 1.0\n'
+        b'gputally_cluster_gpu_seconds_total{measure="busy"} 30.0\n'
+        b'gputally_cluster_utilization_ratio{measure="busy"} 0.25\n'
+        b'gputally_cluster_gpus{state="expected"} 16.0\n'
+        b'gputally_cluster_gpus{state="reporting"} 8.0\n'
+        b"gputally_cluster_window_seconds 30.0\n"
+    )
+    assert (a["accepted"], a["rejected"], a["seconds"], a["window"]) == (7, 1, {"busy": 30.0}, 30)
+    b = ingest_scale.read_metrics(
+        b'gputally_collector_reports_total{result="accepted"} 5.0\n'
+        b'gputally_cluster_gpu_seconds_total{measure="busy"} 12.0\n'
+        b'gputally_cluster_utilization_ratio{measure="busy"} 0.5\n'
+        b'gputally_cluster_gpus{state="expected"} 16.0\n'
+        b'gputally_cluster_gpus{state="reporting"} 8.0\n'
+        b"gputally_cluster_window_seconds 30.0\n"
+    )
+    both = ingest_scale.merged([a, b])
+    assert (both["accepted"], both["rejected"], both["seconds"]) == (12, 1, {"busy": 42.0})
+    assert both["ratio"] == {"busy": 0.75} and both["window"] == 30.0
+    assert both["gpus"] == {"expected": 16.0, "reporting": 16.0}
+    assert ingest_scale.merged([a]) == a
 
 
 def test_the_live_path_benchmark_runs_small_on_the_agents_reports() -> None:
