@@ -106,9 +106,11 @@ def test_the_scale_benchmark_runs_small_and_its_figures_agree(shards: int) -> No
 def test_the_benchmark_reads_the_cluster_counters_and_adds_the_shards_up() -> None:
     """read_metrics takes the cluster's report counts (the only ones under --node-metrics
     none), and merged adds shards up as the recording rules do."""
-    sys.path.insert(0, str(SCRIPT.parent))
+    import importlib
+
+    sys.path.insert(0, str(SCRIPT.parent))  # benchmarks/ is not a package
     try:
-        import ingest_scale
+        ingest_scale = importlib.import_module("ingest_scale")
     finally:
         sys.path.remove(str(SCRIPT.parent))
     a = ingest_scale.read_metrics(

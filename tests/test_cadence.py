@@ -7,10 +7,14 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import math
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from gputally.agent.sampler import Sampler
 from gputally.collector.live.metrics import Exposition, make_app, make_registry
@@ -440,6 +444,35 @@ def test_the_renderer_thread_renders_while_scraped_and_stops() -> None:
     exposition.stop()
     thread.join(5.0)
     assert not thread.is_alive()
+
+
+def test_scrapes_during_a_render_get_the_previous_one_without_waiting() -> None:
+    """A render that takes a while (a large cluster): only the first scrape renders; every
+    later one, even while the next render is under way, is served the latest finished render
+    and renders nothing itself."""
+    import threading
+
+    rendered_by: list[str] = []
+
+    class Slow(Collector):
+        def collect(self) -> Iterator[Any]:
+            rendered_by.append(threading.current_thread().name)
+            time.sleep(0.15)  # a render's time
+            yield GaugeMetricFamily("slow", "a slow series", value=len(rendered_by))
+
+    registry = CollectorRegistry()
+    registry.register(Slow())
+    exposition = Exposition(registry, refresh=0.2)
+    try:
+        exposition.get(False)  # the first scrape renders; the renderer starts
+        for _ in range(20):  # bounded: 20 scrapes, 2 s
+            time.sleep(0.1)
+            assert exposition.get(False).startswith(b"# HELP slow")
+        assert rendered_by[0] == threading.current_thread().name
+        assert len(rendered_by) >= 4
+        assert set(rendered_by[1:]) == {"gputally-metrics-render"}, rendered_by
+    finally:
+        exposition.stop()
 
 
 def test_a_tenant_whose_seconds_left_the_window_while_its_gpus_are_fresh_reads_zero() -> None:

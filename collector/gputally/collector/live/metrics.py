@@ -538,8 +538,9 @@ class Exposition:
     thread of its own and served as bytes (gzipped once, when asked for), so that a scrape
     costs a copy, not a render: at 10,000 GPUs a render is ~40,000 series, about half a
     second of one core (benchmarks/ingest_scale.py prints it). A scrape gets figures at most
-    `refresh` seconds old (or 4 renders' time, see `every`); counters stay
-    exact (Prometheus computes rates from their values, whenever they were read).
+    `refresh` seconds old (or 4 renders' time, see `every`) plus a render's time, and never
+    waits for a render but the first; counters stay exact (Prometheus computes rates from
+    their values, whenever they were read).
 
     The renderer runs while scrapes come; after IDLE_AFTER_S without one it stops, and the
     next scrape renders afresh. `refresh` 0 renders at every scrape."""
@@ -560,7 +561,14 @@ class Exposition:
         self._stop = threading.Event()
 
     def _fresh(self, gzipped: bool) -> bool:
-        return time.monotonic() - self._rendered_at <= self.every and (
+        """Whether the latest render may be served. While the renderer runs, a render begun
+        within `every` and the time a render takes (plus half of it, and a second, for one
+        slowed down by ingest): the next one is under way, and a scrape that rendered it (or
+        waited for it) would take a render's time, seconds at 100,000 GPUs."""
+        limit = self.every
+        if self._thread is not None and self._thread.is_alive():
+            limit += 1.5 * self.render_seconds + 1.0
+        return time.monotonic() - self._rendered_at <= limit and (
             not gzipped or self._gzipped is not None
         )
 
@@ -605,7 +613,8 @@ class Exposition:
 
     def _run(self) -> None:
         idle = max(IDLE_AFTER_S, 4 * self.refresh)
-        while not self._stop.wait(self.every):
+        # one render begun every `every` seconds (not `every` after the previous one ended)
+        while not self._stop.wait(max(0.0, self._rendered_at + self.every - time.monotonic())):
             with self._lock:
                 if time.monotonic() - self._scraped_at > idle:
                     return
