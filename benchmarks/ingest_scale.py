@@ -33,7 +33,9 @@ samples every --report-every seconds instead (reports without totals; said in th
 Each stream is one node (its own TCP connection, Ed25519 key, node name and GPU UUIDs and
 serials) replaying its shape's templates in order, from an offset of its own. Each report is
 re-stamped as it is sent, by mutating the template's fields and serializing: seq, time_unix_nano
-= the send time, the GPUs' energy counters (advanced by the template's own deltas, so that no
+= its tick's wall time (steady state; an agent stamps a report at its tick, so a write that is
+late does not move it: one more than a second late would look like the agent's clock stepping
+back, which the collector follows), the GPUs' energy counters (advanced by the template's own deltas, so that no
 counter ever runs backwards), and, on the first report after each --summary-window closes, a
 Summary (the template window's numbers, with this stream's node, UUIDs, window times and chain,
 signed with its key; a stream's first, partial window and a window in which it skipped a tick
@@ -56,7 +58,9 @@ is skipped and counted). Measured over --duration only (ticks scheduled in it):
   collector RSS      start, max, end and slope (MiB/min) over the measured span;
   /metrics           scraped every --scrape-every seconds: response time (request to the last
                      byte), size (lines, bytes), and the collector's own render time when it
-                     serves a render made every --metrics-refresh seconds;
+                     serves a render made every --metrics-refresh seconds (scraped from the
+                     warm-up's end, unmeasured, as a Prometheus scraping all along would have:
+                     a collector's first scrape renders, the later ones are served a render);
   live vs truth      at each scrape, the collector's gputally_cluster_utilization_ratio (busy,
                      effective, ...) and gputally_cluster_coverage_ratio against the truth: the
                      same figure (gputally.v1.accounting.contributions, or the reports' per-GPU
@@ -580,7 +584,7 @@ class Stream:
                     await asyncio.sleep(delay)
                 measured = at >= t0
                 began = time.monotonic()
-                end_ns = time.time_ns()
+                end_ns = time.time_ns() - round((began - at) * 1e9)  # the tick's wall time
                 data, template, seconds = self.build(end_ns, None, True)
                 await self.call.write(agent_message((data,)))
                 waiting = True
@@ -1433,6 +1437,9 @@ def run(args: argparse.Namespace, tmp: Path, processes: list[Any]) -> dict[str, 
             daemon=True,
         )
         if args.scrape_every:
+            # the first scrape starts the collector's renderer: before the measured span
+            time.sleep(max(0.0, t0 - min(args.scrape_every, 30.0) - time.monotonic()))
+            metrics(metrics_urls, collector_logs)
             scraper.start()
         rss: list[tuple[float, float]] = []
         sample_every = args.sample_every or max(0.5, min(5.0, args.duration / 20))
@@ -2113,7 +2120,7 @@ def table(r: dict[str, Any]) -> str:
                 or "none"
             )
             + f", {s['collector_chain_breaks']} chain breaks",
-            f"  report seconds clipped as overlapping (send-time jitter): {s['clipped_seconds']:.3f} "
+            f"  report seconds clipped as overlapping (clock jitter): {s['clipped_seconds']:.3f} "
             f"here, {s['collector_clipped_seconds']:.3f} by the collector; energy readings it "
             f"refused: {s['collector_energy_refused']:,}",
             "",
