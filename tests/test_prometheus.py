@@ -312,7 +312,7 @@ def test_every_recording_rule_alert_and_dashboard_query_against_a_live_cluster(
         # -- alerts: every rule evaluates without error; none fires on a healthy cluster -------
         groups = api(base, "rules")["groups"]
         rules = [rule for group in groups for rule in group["rules"]]
-        assert len(rules) == len(records) + 23
+        assert len(rules) == len(records) + 24
         for rule in rules:
             assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
         assert [r["name"] for r in rules if r.get("state") == "firing"] == []

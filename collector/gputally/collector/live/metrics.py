@@ -539,8 +539,8 @@ class Exposition:
     costs a copy, not a render: at 10,000 GPUs a render is ~40,000 series, about half a
     second of one core (benchmarks/ingest_scale.py prints it). A scrape gets figures at most
     `refresh` seconds old (or 4 renders' time, see `every`) plus a render's time, and never
-    waits for a render but the first; counters stay exact (Prometheus computes rates from
-    their values, whenever they were read).
+    waits for a render but the first (and the first asking for gzip); counters stay exact
+    (Prometheus computes rates from their values, whenever they were read).
 
     The renderer runs while scrapes come; after IDLE_AFTER_S without one it stops, and the
     next scrape renders afresh. `refresh` 0 renders at every scrape."""
@@ -561,16 +561,15 @@ class Exposition:
         self._stop = threading.Event()
 
     def _fresh(self, gzipped: bool) -> bool:
-        """Whether the latest render may be served. While the renderer runs, a render begun
-        within `every` and the time a render takes (plus half of it, and a second, for one
-        slowed down by ingest): the next one is under way, and a scrape that rendered it (or
-        waited for it) would take a render's time, seconds at 100,000 GPUs."""
-        limit = self.every
+        """Whether the latest render may be served: while the renderer runs, any (the next
+        one is under way, and a scrape that rendered it or waited for it would take a
+        render's time: seconds at 100,000 GPUs on a busy machine, beyond Prometheus' scrape
+        timeout; the figures say when their window ended); else one begun within `every`."""
+        if not self._body or (gzipped and self._gzipped is None):
+            return False
         if self._thread is not None and self._thread.is_alive():
-            limit += 1.5 * self.render_seconds + 1.0
-        return time.monotonic() - self._rendered_at <= limit and (
-            not gzipped or self._gzipped is not None
-        )
+            return True
+        return time.monotonic() - self._rendered_at <= self.every
 
     def _render(self) -> None:
         """Render (under _rendering): scrapes meanwhile get the previous render at once."""
