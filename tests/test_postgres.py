@@ -422,3 +422,56 @@ def test_a_dropped_connection_is_unavailability_not_damage_and_the_next_call_rec
     with pytest.raises(OverlapError):  # the window index survived the reconnection
         record.append("n2", 1, 1, 15, 25, 0.0, b"three", [("gpu", 15, 25, 10.0, 1.0)])
     record.close()
+
+
+def test_the_password_comes_from_pgpassword_as_the_deployments_give_it(
+    tmp_path: Path, postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """deploy/kubernetes/shards and gputally-collector-shard@.service give the URL without a
+    password (GPUTALLY_COLLECTOR_DB, or the TOML's db) and the password in PGPASSWORD: the
+    collector records with it, the auditor's commands read with it, and a wrong one is the
+    one-line refusal of an unreachable ledger."""
+    import os
+    import urllib.request
+
+    bare = postgres_url.replace(f":{PostgresServer.PASSWORD}@", "@")
+    assert PostgresServer.PASSWORD not in bare
+    keys = key_directory(tmp_path / "keys")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUTALLY_", "PG"))}
+    env |= {"GPUTALLY_COLLECTOR_DB": bare, "PGPASSWORD": PostgresServer.PASSWORD}
+    metrics = free_port()
+    collector = subprocess.Popen(
+        [*gputally_command(), "collector", f"--keys={keys}",
+         f"--collector-key={tmp_path / 'collector.key'}",
+         f"--checkpoint-state={tmp_path / 'shard.checkpoint'}", "--expected-gpus=8",
+         f"--grpc-listen=127.0.0.1:{free_port()}", f"--metrics-listen=127.0.0.1:{metrics}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(300):  # bounded: 30 s
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/readyz", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert collector.poll() is None, collector.communicate()[1]
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the collector was not ready within 30 s")
+    finally:
+        collector.terminate()
+        _, stderr = collector.communicate(timeout=30)
+    assert collector.returncode == 0, stderr
+    assert PostgresServer.PASSWORD not in stderr
+    with psycopg.connect(postgres_url) as connection:  # it made the ledger's tables there
+        (tables,) = connection.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
+        ).fetchone() or (0,)
+    assert tables > 0
+    command = [*gputally_command(), "query", f"--db={bare}", "--from=0", "--to=600", "--json"]
+    read = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert read.returncode == 0, read.stderr
+    assert json.loads(read.stdout)["expected_gpus"] == 8  # the inventory the collector declared
+    env["PGPASSWORD"] = "wrong"
+    wrong = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    one_line(wrong, UNAVAILABLE, "password authentication failed")
