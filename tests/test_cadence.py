@@ -475,6 +475,35 @@ def test_scrapes_during_a_render_get_the_previous_one_without_waiting() -> None:
         exposition.stop()
 
 
+def test_a_scrape_after_the_renderer_stopped_gets_a_fresh_render(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The renderer stops when nobody scrapes; the next scrape restarts it, and must not be
+    served the render left from before, however soon the new renderer runs."""
+    from gputally.collector.live import metrics
+
+    monkeypatch.setattr(metrics, "IDLE_AFTER_S", 0.1)
+    value = [1.0]
+
+    class Reading(Collector):
+        def collect(self) -> Iterator[Any]:
+            yield GaugeMetricFamily("reading", "a value", value=value[0])
+
+    registry = CollectorRegistry()
+    registry.register(Reading())
+    exposition = Exposition(registry, refresh=0.02)
+    try:
+        assert b"reading 1.0" in exposition.get(False)
+        thread = exposition._thread
+        assert thread is not None
+        thread.join(5.0)  # idle: it stops by itself
+        assert not thread.is_alive()
+        value[0] = 2.0
+        assert b"reading 2.0" in exposition.get(False)
+    finally:
+        exposition.stop()
+
+
 def test_a_tenant_whose_seconds_left_the_window_while_its_gpus_are_fresh_reads_zero() -> None:
     state = ClusterState(expected_gpus=1, window=2.0, lag=0.0, stale_after=15.0)
     state.open_session(hello(gpus=1))

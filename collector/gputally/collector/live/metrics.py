@@ -241,24 +241,20 @@ class ClusterCollector(Collector):
             "agent that proves no key): anyone who can reach the port could have sent them.",
             value=view.unauthenticated,
         )
-        refused = CounterMetricFamily(
+        yield _counts(
             "gputally_streams_refused",
             "Agent streams ended with an error status, by gRPC status (UNAUTHENTICATED: a failed "
             "proof of possession; RESOURCE_EXHAUSTED: a limit; PERMISSION_DENIED: a key not enrolled).",
-            labels=["status"],
+            "status",
+            view.refusals,
         )
-        for status, count in sorted(view.refusals.items()):
-            refused.add_metric([status], count)
-        yield refused
-        reports = CounterMetricFamily(
+        yield _counts(
             "gputally_collector_reports",
             "Reports of every node by result (accepted, duplicate: a sequence number seen, "
             "rejected: refused with a reason in the Ack), evicted nodes' included.",
-            labels=["result"],
+            "result",
+            view.reports,
         )
-        for result, count in sorted(view.reports.items()):
-            reports.add_metric([result], count)
-        yield reports
         yield CounterMetricFamily(
             "gputally_nodes_evicted",
             "Nodes forgotten after --evict-after without a stream or report.",
@@ -533,6 +529,14 @@ HEALTH_PATHS = ("/healthz", "/readyz")
 IDLE_AFTER_S = 120.0
 
 
+def _counts(name: str, text: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:
+    """A counter family with one series per key of `counts`, in the keys' order."""
+    family = CounterMetricFamily(name, text, labels=[label])
+    for key, count in sorted(counts.items()):
+        family.add_metric([key], count)
+    return family
+
+
 class Exposition:
     """The /metrics text, rendered by prometheus-client once per `refresh` seconds on a
     thread of its own and served as bytes (gzipped once, when asked for), so that a scrape
@@ -588,7 +592,7 @@ class Exposition:
         with self._lock:
             self._scraped_at = time.monotonic()
             self._want_gzip = self._want_gzip or gzipped
-            fresh = self._fresh(gzipped)
+            fresh, renders = self._fresh(gzipped), self.renders
             if self.refresh > 0 and (self._thread is None or not self._thread.is_alive()):
                 self._thread = threading.Thread(
                     target=self._run, name="gputally-metrics-render", daemon=True
@@ -596,7 +600,9 @@ class Exposition:
                 self._thread.start()
         if not fresh:  # the first scrape, one after the renderer stopped, or refresh 0
             with self._rendering:
-                if not self._fresh(gzipped):  # unless a render just finished
+                # unless a render finished while this scrape waited for the lock (not merely
+                # a renderer started: the body may be one left from before it stopped)
+                if self.renders == renders or (gzipped and self._gzipped is None):
                     self._render()
         with self._lock:
             if gzipped and self._gzipped is not None:
