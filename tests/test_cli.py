@@ -405,9 +405,10 @@ def _reporting(metrics_port: int) -> float:
 def test_shards_share_one_port_and_a_killed_shards_agents_move_to_the_other(
     tmp_path: Path,
 ) -> None:
-    """--share-port: two collectors on one gRPC port (shards of one machine), the kernel
-    spreading the agents' connections over them; one killed, its agents reconnect to the same
-    address and land on the other. A collector without --share-port is still refused there."""
+    """--share-port: two collectors on one gRPC port (shards of one machine). The agents
+    connect while only the first listens, the second binds the port beside it, the first is
+    killed: its agents reconnect to the same address and land on the second. A collector
+    without --share-port is still refused there."""
     import signal
 
     from .conftest import free_port
@@ -439,22 +440,21 @@ def test_shards_share_one_port_and_a_killed_shards_agents_move_to_the_other(
 
     try:
         first = collector(metrics[0])
-        collector(metrics[1])
-        alone = run(
-            *("collector", "--db=", "--metrics-listen=127.0.0.1:0"),
-            f"--grpc-listen=127.0.0.1:{port}",
-        )
-        assert alone.returncode == 2 and "cannot listen" in alone.stderr, alone
         fleet = subprocess.Popen(
             [*gputally_command(), "simulate", f"--collector=127.0.0.1:{port}", "--state-dir=",
              "--duration=120"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         running.append(fleet)
-        # the default scenario's 4 nodes of 8 GPUs, each node on one shard or the other
-        assert wait_for(lambda: sum(_reporting(m) for m in metrics) == 32, 40), [
-            _reporting(m) for m in metrics
-        ]
+        # the default scenario's 4 nodes of 8 GPUs, all on the only shard listening
+        assert wait_for(lambda: _reporting(metrics[0]) == 32, 40), _reporting(metrics[0])
+        collector(metrics[1])  # binds the port beside the first
+        assert _reporting(metrics[1]) == 0
+        alone = run(
+            *("collector", "--db=", "--metrics-listen=127.0.0.1:0"),
+            f"--grpc-listen=127.0.0.1:{port}",
+        )
+        assert alone.returncode == 2 and "cannot listen" in alone.stderr, alone
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         assert wait_for(lambda: _reporting(metrics[1]) == 32, 60), _reporting(metrics[1])
