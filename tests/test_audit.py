@@ -287,6 +287,22 @@ def test_the_checkpoint_key_is_published_even_when_the_key_directory_is_read_onl
     assert (state / COLLECTOR_KEY_FILE).read_text() == text
     assert "copy the checkpoint key into it for auditors" in caplog.text
 
+    # another ledger's key published there (a second collector's, or before a rotation) is
+    # replaced, and the log says which key it was: its checkpoints need it to be checked
+    caplog.clear()
+    (keys / COLLECTOR_KEY_FILE).write_text("gputally/other+01234567+AQ==\n")
+    with caplog.at_level("WARNING", logger="gputally.collector"):
+        publish_collector_key(ledger, keys, state)
+    assert (keys / COLLECTOR_KEY_FILE).read_text() == text
+    assert [r.getMessage() for r in caplog.records] == [
+        "replacing a published checkpoint key that names another key"
+    ]
+    assert caplog.records[0].kv["was"] == "gputally/other+01234567+AQ=="  # type: ignore[attr-defined]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gputally.collector"):
+        publish_collector_key(ledger, keys, state)  # its own key again: nothing to say
+    assert not caplog.records
+
 
 def rotated(tmp_path: Path, *, late_old_key: bool) -> tuple[Path, Path]:
     """Node n1 signs two summaries with its first key, is reinstalled (a new key, enrolled

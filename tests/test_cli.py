@@ -383,8 +383,42 @@ def test_a_second_collector_on_the_same_grpc_port_is_refused() -> None:
             f"--grpc-listen=127.0.0.1:{port}",
         )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"gputally collector: --grpc-listen 127.0.0.1:{port}: cannot listen")
+    assert result.stderr.strip() == (
+        f"gputally collector: --grpc-listen 127.0.0.1:{port}: Address already in use"
+    )
+
+
+@pytest.mark.parametrize("option", ["--grpc-listen", "--metrics-listen"])
+def test_a_collector_that_cannot_listen_leaves_no_ledger_key_or_published_key(
+    tmp_path: Path, option: str
+) -> None:
+    """A second collector started by mistake beside a running one (a ledger of its own, the
+    same key directory) used to make its ledger and key, then replace the running one's
+    published collector.vkey with its own before the port refused it: auditors reading the
+    key directory got a key no checkpoint is signed with."""
+    import socket
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    published = "gputally/running+01234567+AQ0RtCOrz5seU9pX+1SYrcP1XPUfiKywPqkJR3RLrcg5\n"
+    (keys / "collector.vkey").write_text(published)  # the running collector's
+    with socket.socket() as taken:  # the port the running collector holds
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        listen = {"--grpc-listen": "127.0.0.1:0", "--metrics-listen": "127.0.0.1:0"}
+        listen[option] = f"127.0.0.1:{port}"
+        result = run(
+            *("collector", f"--db={tmp_path / 'second.db'}", f"--keys={keys}"),
+            *(f"{name}={at}" for name, at in listen.items()),
+        )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result
+    assert result.stderr.strip() == (
+        f"gputally collector: {option} 127.0.0.1:{port}: Address already in use"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys"]
+    assert sorted(p.name for p in keys.iterdir()) == ["collector.vkey"]
+    assert (keys / "collector.vkey").read_text() == published
 
 
 def _reporting(metrics_port: int) -> float:
@@ -454,7 +488,7 @@ def test_shards_share_one_port_and_a_killed_shards_agents_move_to_the_other(
             *("collector", "--db=", "--metrics-listen=127.0.0.1:0"),
             f"--grpc-listen=127.0.0.1:{port}",
         )
-        assert alone.returncode == 2 and "cannot listen" in alone.stderr, alone
+        assert alone.returncode == 2 and "Address already in use" in alone.stderr, alone
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         assert wait_for(lambda: _reporting(metrics[1]) == 32, 60), _reporting(metrics[1])

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -552,6 +553,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     ledger whose checkpoints are signed every checkpoint_interval and once more at the end.
     OSError (naming the option) when a listener cannot be opened; nothing is left running."""
     s = settings
+    # Before anything is made: a collector that cannot listen (another one holds the port)
+    # must leave no ledger, key or published collector.vkey behind (that one would replace the
+    # running collector's for its auditors).
+    _can_listen(s.metrics_listen, "--metrics-listen", shared=False)
+    _can_listen(s.grpc_listen, "--grpc-listen", shared=s.share_port)
     latest = Path(s.checkpoint_state or f"{s.db}.checkpoint")
     if s.db and s.keys and latest.exists() and missing(s.db):
         raise LedgerStartError(
@@ -566,6 +572,26 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             record.close()
 
 
+def _can_listen(at: Address, option: str, shared: bool) -> None:
+    """OSError naming `option` when `at` cannot be bound now, as the collector's listeners
+    bind it (SO_REUSEADDR; SO_REUSEPORT only for --share-port). It leaves a race with another
+    process binding meanwhile, which the listeners themselves then refuse."""
+    if at.port == 0:
+        return
+    try:
+        found = socket.getaddrinfo(
+            at.bind_host, at.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, where in found:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if shared:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                probe.bind(where)
+    except OSError as error:
+        raise OSError(f"{option} {at}: {error.strerror or error}") from None
+
+
 async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> None:
     keys = KeyStore(s.keys, trust_on_first_use=s.trust_on_first_use) if s.keys else None
     if record is not None and keys is None:
@@ -573,6 +599,7 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
             "no --keys: summaries cannot be verified, so none is recorded in %s", display(s.db)
         )
     ledger = None
+    key_dir: Path | None = None  # the private key's directory: collector.vkey's fallback
     if record is not None and keys is not None:
         key_path = Path(s.collector_key or beside(s.db, ".key", "--collector-key"))
         latest = Path(s.checkpoint_state or beside(s.db, ".checkpoint", "--checkpoint-state"))
@@ -583,7 +610,7 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
             latest,
             full_check=s.startup_check == "full",
         )
-        publish_collector_key(ledger, Path(s.keys), key_path.parent)
+        key_dir = key_path.parent
     witnesses = None
     if s.witnesses:
         if ledger is None:
@@ -642,6 +669,8 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
             )
         except OSError as error:
             raise OSError(f"--grpc-listen {s.grpc_listen}: {error}") from None
+        if ledger is not None and key_dir is not None:  # only by a collector that is up
+            publish_collector_key(ledger, Path(s.keys), key_dir)
         grpc_at = Address(s.grpc_listen.bind_host, grpc_port)
         metrics_at = Address(s.metrics_listen.bind_host, http.server_port)
         scheme = "https" if s.web_config_file and _web_tls(s.web_config_file) else "http"

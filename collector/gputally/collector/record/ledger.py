@@ -217,7 +217,15 @@ def publish_collector_key(ledger: Ledger, keys: Path, fallback: Path) -> None:
     for directory in (keys, fallback):
         path = directory / COLLECTOR_KEY_FILE
         try:
-            if not path.exists() or path.read_text() != text:
+            held = path.read_text() if path.exists() else None
+            if held != text:
+                if held is not None and directory == keys:
+                    # another ledger's (or a rotated) key: whoever checks the older
+                    # checkpoints needs it, and should hold it out of band already
+                    log.warning(
+                        "replacing a published checkpoint key that names another key",
+                        extra={"kv": {"path": str(path), "was": held.strip()}},
+                    )
                 path.write_text(text)
         except OSError as error:
             log.info(
