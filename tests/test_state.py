@@ -371,3 +371,50 @@ def test_an_understated_inventory_inflates_no_live_figure() -> None:
     view = state.view()
     assert view.expected == 2 and view.declared
     assert view.window.ratios["busy"] == pytest.approx(0.5)
+
+
+def test_the_view_follows_every_change_of_a_nodes_gpus_between_views() -> None:
+    """A view keeps what each node's GPUs say now (reporting, power, tenants, padding, models)
+    until the node reports again or its GPUs change: each of those changes shows at the next
+    view, however many views came before."""
+    now = [T0]
+    state = ClusterState(expected_gpus=4, window=5.0, lag=1.0, stale_after=5.0, clock=lambda: now[0])
+    state.open_session(hello("n1", 2))
+
+    def sample(index: int, tenant: str, status: int = pb.GPU_STATUS_OK) -> pb.GpuSample:
+        out = gpu(index, 0.5, 0.4)
+        out.status = status
+        out.power_watts = 100.0 + index
+        out.attribution.source, out.attribution.tenant = "kubernetes", tenant
+        return out
+
+    now[0] = T0 + 1
+    state.ingest("n1", report(1, now[0], sample(0, "a"), sample(1, "a")), received=now[0])
+    view = state.view()
+    assert (view.seen, view.reporting, view.power_watts) == (2, 2, 201.0)
+    assert {t: f.gpus for t, f in view.by_tenant.items()} == {"a": 2.0}
+    # the node's next report: one GPU lost, the other another tenant's and flagged
+    flagged = sample(1, "b")
+    flagged.padding.append("burn_tool")
+    now[0] = T0 + 2
+    lost = sample(0, "a", pb.GPU_STATUS_LOST)
+    state.ingest("n1", report(2, now[0], lost, flagged), received=now[0])
+    view = state.view()
+    assert (view.seen, view.reporting, view.power_watts) == (2, 1, 101.0)
+    assert {t: f.gpus for t, f in view.by_tenant.items() if f.gpus} == {"b": 1.0}
+    assert view.padding_gpus == {"burn_tool": 1}
+    # a new hello of the node: GPU 1 is another card now (its state starts afresh)
+    changed = hello("n1", 2)
+    changed.gpus[1].uuid, changed.gpus[1].model = "GPU-n1-9", "NVIDIA A100-SXM4-80GB"
+    session, *_ = state.open_session(changed)
+    view = state.view()
+    assert (view.seen, view.reporting) == (2, 0)
+    assert view.models == {hello().gpus[0].model: 1, "NVIDIA A100-SXM4-80GB": 1}
+    # node n2 takes GPU 0's card once n1 is down: n1 no longer counts it
+    state.close_session("n1", session)
+    now[0] = T0 + 20
+    taker = hello("n2", 1)
+    taker.gpus[0].uuid = "GPU-n1-0"
+    state.open_session(taker)
+    view = state.view()
+    assert view.seen == 2 and view.models == {hello().gpus[0].model: 1, "NVIDIA A100-SXM4-80GB": 1}

@@ -121,6 +121,18 @@ MAX_CADENCE_S = 60.0
 CADENCE_SHARE = 0.99
 
 
+class _Now(NamedTuple):
+    """What a node's GPUs say now, as a view adds them up: made again only after the node
+    reported or its GPUs changed (NodeState.now is reset then), not at every view."""
+
+    gpus: int
+    models: dict[str, int]
+    ok: list[GpuState]  # status OK: reporting, while the node is fresh
+    tenants: dict[str, float]  # tenant -> GPUs of the ok ones it holds (MIG shares by slices)
+    padding: dict[str, int]  # rule -> ok GPUs it flags
+    power: float  # of the ok ones
+
+
 class _Accounted(NamedTuple):
     """One GPU sample's numbers over its report's interval (ClusterState._accounted)."""
 
@@ -281,6 +293,9 @@ class NodeState:
     # Its GPU-seconds in the live window, by model and by tenant (see Series).
     by_model: dict[str, Series] = field(default_factory=dict)
     by_tenant: dict[str, Series] = field(default_factory=dict)
+    # What its GPUs say now, for the view (ClusterState._now); None once any GpuState of it,
+    # or its GPUs, changed: whatever changes them resets it.
+    now: _Now | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,6 +539,7 @@ class ClusterState:
             spans = hello.report_interval_seconds > hello.sample_interval_seconds
             node.cadence = min(hello.report_interval_seconds, MAX_CADENCE_S) if spans else 0.0
             self._slowest = max(self._slowest, node.cadence)
+            node.now = None
             for identity in hello.gpus:
                 gpu = node.gpus.get(identity.index)
                 if gpu is None or gpu.uuid != identity.uuid:
@@ -610,6 +626,7 @@ class ClusterState:
                 moving += [(other, i) for i in held]
         for other, index in moving:
             other.gpus.pop(index, None)
+            other.now = None
         for gpu in hello.gpus:
             self._cards[f"uuid:{card(gpu.uuid)}"] = hello.node
             if gpu.serial:
@@ -768,6 +785,7 @@ class ClusterState:
         flagged_counted: _Rows = ([], [])
         by_model: dict[str, _Rows] = {}  # (window vectors, their weight)
         by_tenant: dict[str, _Rows] = {}
+        node.now = None  # its GPUs' state changes below
         for proto in report.gpus:
             gpu = node.gpus[proto.index]
             gpu.status = proto.status
@@ -976,20 +994,18 @@ class ClusterState:
                     if self.nodes.get(node.name) is not node:
                         continue  # evicted meanwhile
                     fresh = self._fresh(node, now)
-                    gpus = list(node.gpus.values())
-                    seen += len(gpus)
-                    reporting = [g for g in gpus if fresh and g.status == pb.GPU_STATUS_OK]
-                    for gpu in gpus:
-                        models[gpu.model] = models.get(gpu.model, 0) + 1
-                    for gpu in reporting:
-                        for tenant, fraction in gpu.held.items():
-                            tenants[tenant] = tenants.get(tenant, 0.0) + fraction
-                        if not gpu.held and gpu.tenant != accounting.UNATTRIBUTED:
-                            tenants[gpu.tenant] = tenants.get(gpu.tenant, 0.0) + 1.0
-                        for rule in gpu.padding:
-                            padding_gpus[rule] = padding_gpus.get(rule, 0) + 1
+                    at = node.now or self._now(node)
+                    seen += at.gpus
+                    for model, count in at.models.items():
+                        models[model] = models.get(model, 0) + count
+                    reporting = at.ok if fresh else []
+                    if fresh:
+                        for tenant, share in at.tenants.items():
+                            tenants[tenant] = tenants.get(tenant, 0.0) + share
+                        for rule, count in at.padding.items():
+                            padding_gpus[rule] = padding_gpus.get(rule, 0) + count
+                        power += at.power
                     reporting_gpus += len(reporting)
-                    power += sum(g.power_watts or 0.0 for g in reporting)
                     self._trim(node, horizon)
                     own = [0.0] * _VECTOR
                     for model, series in node.by_model.items():
@@ -1051,6 +1067,27 @@ class ClusterState:
                 refusals=dict(self.refusals),
                 reports=dict(self.reports),
             )
+
+    @staticmethod
+    def _now(node: NodeState) -> _Now:
+        """The node's _Now, made and kept (under the lock)."""
+        gpus = list(node.gpus.values())
+        models: dict[str, int] = {}
+        for gpu in gpus:
+            models[gpu.model] = models.get(gpu.model, 0) + 1
+        ok = [g for g in gpus if g.status == pb.GPU_STATUS_OK]
+        tenants: dict[str, float] = {}
+        padding: dict[str, int] = {}
+        for gpu in ok:
+            for tenant, fraction in gpu.held.items():
+                tenants[tenant] = tenants.get(tenant, 0.0) + fraction
+            if not gpu.held and gpu.tenant != accounting.UNATTRIBUTED:
+                tenants[gpu.tenant] = tenants.get(gpu.tenant, 0.0) + 1.0
+            for rule in gpu.padding:
+                padding[rule] = padding.get(rule, 0) + 1
+        power = sum(g.power_watts or 0.0 for g in ok)
+        node.now = _Now(len(gpus), models, ok, tenants, padding, power)
+        return node.now
 
     def _node_view(
         self,
