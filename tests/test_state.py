@@ -378,10 +378,12 @@ def test_the_view_follows_every_change_of_a_nodes_gpus_between_views() -> None:
     until the node reports again or its GPUs change: each of those changes shows at the next
     view, however many views came before."""
     now = [T0]
-    state = ClusterState(expected_gpus=4, window=5.0, lag=1.0, stale_after=5.0, clock=lambda: now[0])
+    state = ClusterState(
+        expected_gpus=4, window=5.0, lag=1.0, stale_after=5.0, clock=lambda: now[0]
+    )
     state.open_session(hello("n1", 2))
 
-    def sample(index: int, tenant: str, status: int = pb.GPU_STATUS_OK) -> pb.GpuSample:
+    def sample(index: int, tenant: str, status: pb.GpuStatus = pb.GPU_STATUS_OK) -> pb.GpuSample:
         out = gpu(index, 0.5, 0.4)
         out.status = status
         out.power_watts = 100.0 + index
