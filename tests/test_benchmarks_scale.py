@@ -155,3 +155,27 @@ def test_the_live_path_benchmark_runs_small_on_the_agents_reports() -> None:
         "view and render of 4 nodes x 8 GPUs, best of 1",
         "view", "view without nodes", "render", "render without nodes",
     ]  # fmt: skip
+
+
+def test_the_memory_benchmark_finds_the_live_state_bounded_over_simulated_time() -> None:
+    """benchmarks/live_memory.py: 16 nodes (each shape twice) reporting every 10 s for 300
+    simulated seconds, a checkpoint a minute: the state holds the same sizes at every
+    checkpoint after the first (the live window is 30 s), and it says so."""
+    ran = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "live_memory.py"), "--nodes=16", "--seconds=300",
+         "--checkpoint=60", "--render-every=30"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stdout.splitlines()
+    assert lines[0].startswith("16 nodes x 8 GPUs, 30 reports each over 300 simulated s")
+    header = lines[1].split()
+    assert header[-7:] == ["nodes", "series", "entries", "most", "cards", "xids", "labels"]
+    rows = [line.split() for line in lines[2:7]]
+    assert [row[0] for row in rows] == ["60", "120", "180", "240", "300"]
+    assert {row[3] for row in rows} == {"16"}  # nodes
+    # every uncapped size, after the first (padding rules appear as the burn tool is found)
+    assert len({tuple(row[3:8]) for row in rows[1:]}) == 1
+    assert int(rows[-1][7]) == 16 * 8 * 3  # cards: each UUID and serial, each card's end
+    assert lines[7].startswith("480 reports ingested, ")  # 16 nodes x 30
+    assert lines[8].startswith("bounded: every size the same at each checkpoint after the first")
