@@ -37,7 +37,7 @@ from gputally.v1 import telemetry_pb2 as pb
 from gputally.v1.accounting import PADDING_RULES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from live_path import T0, shapes  # benchmarks/ is not a package: found by sys.path
+from live_path import T0, copied, shapes  # benchmarks/ is not a package: found by sys.path
 
 MIB = 2**20
 # The sizes that must not change once the live window is full; XID codes (per node) and label
@@ -100,11 +100,7 @@ def main() -> int:
     shape_of: dict[str, int] = {}
     for n in range(args.nodes):
         shape, copy = n % len(made), n // len(made)
-        hello = pb.Hello()
-        hello.CopyFrom(made[shape][0])
-        hello.node = f"{hello.node}-c{copy}"
-        for gpu in hello.gpus:
-            gpu.uuid, gpu.serial = f"{gpu.uuid}-c{copy}", f"{gpu.serial}-c{copy}"
+        hello = copied(made[shape][0], copy)
         state.open_session(hello)
         names[copy % args.report_every].append(hello.node)
         shape_of[hello.node] = shape

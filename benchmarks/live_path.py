@@ -77,11 +77,7 @@ def fleet(
     hellos, streams = [], []
     for copy in range(copies):
         for hello, reports in made:
-            named = pb.Hello()
-            named.CopyFrom(hello)
-            named.node = f"{hello.node}-c{copy}"
-            for gpu in named.gpus:
-                gpu.uuid, gpu.serial = f"{gpu.uuid}-c{copy}", f"{gpu.serial}-c{copy}"
+            named = copied(hello, copy)
             hellos.append(named)
             streams.append((named.node, reports))
     order = []
@@ -91,6 +87,17 @@ def fleet(
                 end = pb.Report.FromString(reports[i]).time_unix_nano / 1e9
                 order.append((name, reports[i], end + 0.01))
     return hellos, order
+
+
+def copied(hello: pb.Hello, copy: int) -> pb.Hello:
+    """A node shape's Hello as its copy number `copy`: a node name and GPU cards of its own
+    (a report names neither, so the shape's reports serve every copy)."""
+    named = pb.Hello()
+    named.CopyFrom(hello)
+    named.node = f"{hello.node}-c{copy}"
+    for gpu in named.gpus:
+        gpu.uuid, gpu.serial = f"{gpu.uuid}-c{copy}", f"{gpu.serial}-c{copy}"
+    return named
 
 
 def ingest_once(hellos: list[pb.Hello], order: list[tuple[str, bytes, float]]) -> float:
