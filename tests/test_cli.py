@@ -388,7 +388,7 @@ def test_a_second_collector_on_the_same_grpc_port_is_refused() -> None:
     )
 
 
-@pytest.mark.parametrize("option", ["--grpc-listen", "--metrics-listen"])
+@pytest.mark.parametrize("option", ["--grpc-listen", "--metrics-listen", "both"])
 def test_a_collector_that_cannot_listen_leaves_no_ledger_key_or_published_key(
     tmp_path: Path, option: str
 ) -> None:
@@ -407,18 +407,91 @@ def test_a_collector_that_cannot_listen_leaves_no_ledger_key_or_published_key(
         taken.listen()
         port = taken.getsockname()[1]
         listen = {"--grpc-listen": "127.0.0.1:0", "--metrics-listen": "127.0.0.1:0"}
-        listen[option] = f"127.0.0.1:{port}"
+        if option == "both":  # one free port given to both: the second cannot have it
+            taken.close()
+            listen = dict.fromkeys(listen, f"127.0.0.1:{port}")
+        else:
+            listen[option] = f"127.0.0.1:{port}"
         result = run(
             *("collector", f"--db={tmp_path / 'second.db'}", f"--keys={keys}"),
             *(f"{name}={at}" for name, at in listen.items()),
         )
+    refused = "--grpc-listen" if option == "both" else option
     assert result.returncode == 2 and "Traceback" not in result.stderr, result
     assert result.stderr.strip() == (
-        f"gputally collector: {option} 127.0.0.1:{port}: Address already in use"
+        f"gputally collector: {refused} 127.0.0.1:{port}: Address already in use"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keys"]
     assert sorted(p.name for p in keys.iterdir()) == ["collector.vkey"]
     assert (keys / "collector.vkey").read_text() == published
+
+
+def test_a_collector_is_ready_only_once_it_listens_and_has_published_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/metrics and /readyz answer before gRPC listens: until then /readyz says "starting",
+    so that whoever waits for it (the demo's witness, a load balancer) finds the checkpoint
+    key published and the gRPC port open. The gRPC start is held here until /readyz and the
+    key directory were looked at."""
+    import asyncio
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from gputally.cli.options import Address
+    from gputally.collector.live import server
+
+    from .conftest import free_port
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    held, real_start = threading.Event(), server.start
+
+    async def held_start(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.to_thread(held.wait, 30)
+        return await real_start(*args, **kwargs)
+
+    monkeypatch.setattr(server, "start", held_start)
+    metrics_port = free_port()
+    settings = server.Settings(
+        grpc_listen=Address("127.0.0.1", 0), metrics_listen=Address("127.0.0.1", metrics_port),
+        expected_gpus=8, window=30.0, lag=3.0, stale_after=10.0, grace=5.0,
+        db=str(tmp_path / "r.db"), keys=str(keys), trust_on_first_use=False, collector_key="",
+        origin="gputally/test", checkpoint_interval=60.0,
+    )  # fmt: skip
+
+    def readyz() -> str:
+        try:
+            url = f"http://127.0.0.1:{metrics_port}/readyz"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return str(response.read().decode().strip())
+        except urllib.error.HTTPError as error:  # 503: not ready, and why
+            return str(error.read().decode().strip())
+        except OSError:
+            return ""  # not listening yet
+
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    running = threading.Thread(target=loop.run_until_complete, args=(server.serve(settings, stop),))
+    running.start()
+    try:
+        for _ in range(300):  # bounded: 30 s
+            if readyz():
+                break
+            time.sleep(0.1)
+        assert readyz() == "not ready: starting"
+        assert not (keys / "collector.vkey").exists()
+        held.set()
+        for _ in range(300):  # bounded: 30 s
+            if readyz() == "ready":
+                break
+            time.sleep(0.1)
+        assert readyz() == "ready" and (keys / "collector.vkey").exists()
+    finally:
+        held.set()
+        loop.call_soon_threadsafe(stop.set)
+        running.join(timeout=60)
+        loop.close()
 
 
 def _reporting(metrics_port: int) -> float:

@@ -556,8 +556,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     # Before anything is made: a collector that cannot listen (another one holds the port)
     # must leave no ledger, key or published collector.vkey behind (that one would replace the
     # running collector's for its auditors).
-    _can_listen(s.metrics_listen, "--metrics-listen", shared=False)
-    _can_listen(s.grpc_listen, "--grpc-listen", shared=s.share_port)
+    _can_listen(s.metrics_listen, s.grpc_listen, s.share_port)
     latest = Path(s.checkpoint_state or f"{s.db}.checkpoint")
     if s.db and s.keys and latest.exists() and missing(s.db):
         raise LedgerStartError(
@@ -572,24 +571,48 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             record.close()
 
 
-def _can_listen(at: Address, option: str, shared: bool) -> None:
-    """OSError naming `option` when `at` cannot be bound now, as the collector's listeners
-    bind it (SO_REUSEADDR; SO_REUSEPORT only for --share-port). It leaves a race with another
-    process binding meanwhile, which the listeners themselves then refuse."""
-    if at.port == 0:
-        return
+def _can_listen(metrics: Address, grpc_at: Address, shared: bool) -> None:
+    """OSError naming the option when the listeners could not open now, each tried as it
+    binds: /metrics on one socket (IPv6 when its host has a ":", as serve_http binds it),
+    gRPC on any of its host's addresses (one is enough for grpc), SO_REUSEPORT only for
+    --share-port. The sockets listen and stay open until both are tried, so that one port
+    given to both is refused too. A process binding meanwhile is left to the listeners."""
+    held: list[socket.socket] = []
+
+    def probe(family: int, where: Any, reuse_port: bool) -> None:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        held.append(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as both listeners do
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(where)
+        sock.listen()
+
     try:
-        found = socket.getaddrinfo(
-            at.bind_host, at.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        for family, kind, proto, _, where in found:
-            with socket.socket(family, kind, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if shared:
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                probe.bind(where)
-    except OSError as error:
-        raise OSError(f"{option} {at}: {error.strerror or error}") from None
+        try:
+            family = socket.AF_INET6 if ":" in metrics.bind_host else socket.AF_INET
+            probe(family, (metrics.bind_host, metrics.port), False)
+        except OSError as error:
+            raise OSError(f"--metrics-listen {metrics}: {error.strerror or error}") from None
+        try:
+            found = socket.getaddrinfo(
+                grpc_at.bind_host, grpc_at.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            failed: OSError | None = None
+            for family, _, _, _, where in found:
+                try:
+                    probe(family, where, shared)
+                    failed = None
+                    break
+                except OSError as error:
+                    failed = failed or error
+            if failed is not None:
+                raise failed
+        except OSError as error:
+            raise OSError(f"--grpc-listen {grpc_at}: {error.strerror or error}") from None
+    finally:
+        for sock in held:
+            sock.close()
 
 
 async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> None:
@@ -635,10 +658,15 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
         sizes=s.limits,
     )
 
+    started = threading.Event()  # both listeners up, the checkpoint key published
+
     def ready() -> str:
-        """Why the collector is not ready ("" when it is): stopping, or not recording."""
+        """Why the collector is not ready ("" when it is): starting (/metrics answers before
+        gRPC listens), stopping, or not recording."""
         if stop.is_set():
             return "stopping"
+        if not started.is_set():
+            return "starting"
         if state.intake.stopped:
             return f"summaries are not being recorded: {state.intake.stopped}"
         return ""
@@ -671,6 +699,7 @@ async def _serve(s: Settings, record: Record | None, stop: asyncio.Event) -> Non
             raise OSError(f"--grpc-listen {s.grpc_listen}: {error}") from None
         if ledger is not None and key_dir is not None:  # only by a collector that is up
             publish_collector_key(ledger, Path(s.keys), key_dir)
+        started.set()
         grpc_at = Address(s.grpc_listen.bind_host, grpc_port)
         metrics_at = Address(s.metrics_listen.bind_host, http.server_port)
         scheme = "https" if s.web_config_file and _web_tls(s.web_config_file) else "http"
