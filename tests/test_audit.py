@@ -295,7 +295,7 @@ def test_the_checkpoint_key_is_published_even_when_the_key_directory_is_read_onl
         publish_collector_key(ledger, keys, state)
     assert (keys / COLLECTOR_KEY_FILE).read_text() == text
     assert [r.getMessage() for r in caplog.records] == [
-        "replacing a published checkpoint key that names another key"
+        "replaced a published checkpoint key that named another key"
     ]
     assert caplog.records[0].kv["was"] == "gputally/other+01234567+AQ=="  # type: ignore[attr-defined]
     caplog.clear()

@@ -27,6 +27,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -218,15 +219,24 @@ def publish_collector_key(ledger: Ledger, keys: Path, fallback: Path) -> None:
         path = directory / COLLECTOR_KEY_FILE
         try:
             held = path.read_text() if path.exists() else None
-            if held != text:
+            # the same key, whatever the line ending a person who copied it in left
+            if held is None or held.strip() != text.strip():
+                # whole or not at all: a shard starting beside another reads one key or the
+                # other, never an empty file
+                part = path.with_name(f".{path.name}.{os.getpid()}")
+                try:
+                    part.write_text(text)
+                    os.replace(part, path)
+                except OSError:
+                    part.unlink(missing_ok=True)
+                    raise
                 if held is not None and directory == keys:
                     # another ledger's (or a rotated) key: whoever checks the older
                     # checkpoints needs it, and should hold it out of band already
                     log.warning(
-                        "replacing a published checkpoint key that names another key",
+                        "replaced a published checkpoint key that named another key",
                         extra={"kv": {"path": str(path), "was": held.strip()}},
                     )
-                path.write_text(text)
         except OSError as error:
             log.info(
                 "cannot publish the checkpoint key here",
