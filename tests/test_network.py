@@ -466,6 +466,7 @@ def test_nodes_are_capped_and_idle_ones_evicted() -> None:
     now[0] = T0 + 602  # a and b have been silent 601 s: forgotten to make room for c
     state.open_session(hello("c", 1))
     assert set(state.nodes) == {"c"} and state.evicted == 2
+    assert set(state.intake.chains) == {"c"}  # nothing kept per node name ever seen
     view = state.view()
     assert view.seen == 1 and view.evicted == 2
     # their seconds stay in the cluster's counters

@@ -128,7 +128,9 @@ class _Now(NamedTuple):
     gpus: int
     models: dict[str, int]
     ok: list[GpuState]  # status OK: reporting, while the node is fresh
-    tenants: dict[str, float]  # tenant -> GPUs of the ok ones it holds (MIG shares by slices)
+    # (tenant, GPUs) of the ok ones, GPU by GPU (a MIG GPU's shares by slices): added up
+    # in the view in the order a view of every GPU adds them, so figures and ties are the same
+    tenants: tuple[tuple[str, float], ...]
     padding: dict[str, int]  # rule -> ok GPUs it flags
     power: float  # of the ok ones
 
@@ -589,6 +591,9 @@ class ClusterState:
         ]
         for node in idle:
             del self.nodes[node.name]
+            # its chain too (else one kept per node name ever seen): a node that comes back
+            # has it read back from the record (SummaryIntake.stream_opened)
+            self.intake.chains.pop(node.name, None)
             for key in [k for k, holder in self._cards.items() if holder == node.name]:
                 del self._cards[key]
             for key in [k for k, (holder, _) in self._card_end.items() if holder == node.name]:
@@ -1000,7 +1005,7 @@ class ClusterState:
                         models[model] = models.get(model, 0) + count
                     reporting = at.ok if fresh else []
                     if fresh:
-                        for tenant, share in at.tenants.items():
+                        for tenant, share in at.tenants:
                             tenants[tenant] = tenants.get(tenant, 0.0) + share
                         for rule, count in at.padding.items():
                             padding_gpus[rule] = padding_gpus.get(rule, 0) + count
@@ -1076,17 +1081,16 @@ class ClusterState:
         for gpu in gpus:
             models[gpu.model] = models.get(gpu.model, 0) + 1
         ok = [g for g in gpus if g.status == pb.GPU_STATUS_OK]
-        tenants: dict[str, float] = {}
+        tenants: list[tuple[str, float]] = []
         padding: dict[str, int] = {}
         for gpu in ok:
-            for tenant, fraction in gpu.held.items():
-                tenants[tenant] = tenants.get(tenant, 0.0) + fraction
+            tenants += gpu.held.items()
             if not gpu.held and gpu.tenant != accounting.UNATTRIBUTED:
-                tenants[gpu.tenant] = tenants.get(gpu.tenant, 0.0) + 1.0
+                tenants.append((gpu.tenant, 1.0))
             for rule in gpu.padding:
                 padding[rule] = padding.get(rule, 0) + 1
         power = sum(g.power_watts or 0.0 for g in ok)
-        node.now = _Now(len(gpus), models, ok, tenants, padding, power)
+        node.now = _Now(len(gpus), models, ok, tuple(tenants), padding, power)
         return node.now
 
     def _node_view(
