@@ -170,12 +170,14 @@ def test_the_memory_benchmark_finds_the_live_state_bounded_over_simulated_time()
     lines = ran.stdout.splitlines()
     assert lines[0].startswith("16 nodes x 8 GPUs, 30 reports each over 300 simulated s")
     header = lines[1].split()
-    assert header[-7:] == ["nodes", "series", "entries", "most", "cards", "xids", "labels"]
+    assert header[-8:] == [
+        "nodes", "series", "entries", "most", "cards", "chains", "xids", "labels"
+    ]  # fmt: skip
     rows = [line.split() for line in lines[2:7]]
     assert [row[0] for row in rows] == ["60", "120", "180", "240", "300"]
     assert {row[3] for row in rows} == {"16"}  # nodes
     # every uncapped size, after the first (padding rules appear as the burn tool is found)
-    assert len({tuple(row[3:8]) for row in rows[1:]}) == 1
+    assert len({tuple(row[3:9]) for row in rows[1:]}) == 1
     assert int(rows[-1][7]) == 16 * 8 * 3  # cards: each UUID and serial, each card's end
     assert lines[7].startswith("480 reports ingested, ")  # 16 nodes x 30
     assert lines[8].startswith("bounded: every size the same at each checkpoint after the first")
