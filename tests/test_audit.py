@@ -302,6 +302,15 @@ def test_the_checkpoint_key_is_published_even_when_the_key_directory_is_read_onl
     with caplog.at_level("WARNING", logger="gputally.collector"):
         publish_collector_key(ledger, keys, state)  # its own key again: nothing to say
     assert not caplog.records
+    # the same key copied in by hand without its line ending: left as it is, nothing said,
+    # and not published elsewhere as if the directory could not take it
+    (keys / COLLECTOR_KEY_FILE).write_text(text.strip())
+    (state / COLLECTOR_KEY_FILE).unlink()
+    with caplog.at_level("INFO", logger="gputally.collector"):
+        publish_collector_key(ledger, keys, state)
+    assert (keys / COLLECTOR_KEY_FILE).read_text() == text.strip()
+    assert not caplog.records and not (state / COLLECTOR_KEY_FILE).exists()
+    assert sorted(p.name for p in keys.iterdir()) == [COLLECTOR_KEY_FILE]  # no temporary left
 
 
 def rotated(tmp_path: Path, *, late_old_key: bool) -> tuple[Path, Path]:
